@@ -1,0 +1,5 @@
+import sys
+
+from pefsim.cli import main
+
+sys.exit(main())

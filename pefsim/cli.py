@@ -1,0 +1,198 @@
+"""The ``pefsim`` command.
+
+  pefsim demo [--json]             the life cycle on a fresh local stack (or --stack FILE)
+  pefsim up [--guests N]           UV, HV and N secure guests as local processes, until Ctrl-C
+  pefsim status --stack FILE       what the UV and the HV hold
+  pefsim keys --out DIR            an Ed25519 key pair for signing ESM blobs
+  pefsim blob --name G --mem-mib M --key K -o FILE   an ESM blob for a guest image
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pefsim.abi import PAGE_SIZE
+
+
+def _stack_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--run-dir", type=Path, help="where logs, keys, histories and guest RAM go "
+                    "(default: a new temporary directory)")
+    ap.add_argument("--pool-pages", type=int, default=4096,
+                    help="UV secure memory in 64 KiB pages (default 4096 = 256 MiB)")
+    ap.add_argument("--esm-copy", choices=["all", "measured"], default="all",
+                    help="ESM pages in every GFN (default) or only the measured regions")
+    ap.add_argument("--abort-return", choices=["guest", "uv"], default="guest",
+                    help="H_SVM_INIT_ABORT resumes the guest from the HV (merged kernel, "
+                         "default) or returns to the UV (the v10 proposal)")
+
+
+def _stack_config(a, **kw):
+    from pefsim.stack import StackConfig
+
+    run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="pefsim-"))
+    return StackConfig(run_dir=run_dir, pool_pages=a.pool_pages, esm_copy=a.esm_copy,
+                       abort_return=a.abort_return, **kw)
+
+
+def _mem_bytes(mib: float) -> int:
+    mem = int(mib * (1 << 20))
+    if mem <= 0 or mem % PAGE_SIZE:
+        raise SystemExit("--mem-mib must be a positive multiple of 64 KiB (0.0625 MiB)")
+    return mem
+
+
+def cmd_demo(a) -> int:
+    from pefsim import demo
+    from pefsim.stack import LocalStack, StackError
+
+    mem = _mem_bytes(a.mem_mib)
+    if a.stack:
+        info = json.loads(Path(a.stack).read_text())
+        stack = LocalStack(_stack_config(a))
+        stack.run_dir = Path(info["run_dir"])
+        stack.uv_addr, stack.hv_addr = info["uv"], info["hv"]
+        try:
+            summary = asyncio.run(demo.run_demo(stack, mem))
+        finally:
+            stack.stop()  # only the demo's own guests
+    else:
+        try:
+            with LocalStack(_stack_config(a)) as stack:
+                summary = asyncio.run(demo.run_demo(stack, mem))
+        except StackError as exc:
+            print(f"pefsim demo: the stack did not start: {exc}", file=sys.stderr)
+            return 2
+    print(demo.public(summary) if a.json else demo.render(summary))
+    return 0 if demo.succeeded(summary) else 1
+
+
+def cmd_up(a) -> int:
+    from pefsim.stack import LocalStack
+
+    stack = LocalStack(_stack_config(a, uv_port=a.uv_port, hv_port=a.hv_port))
+    stack.start()
+    try:
+        from pefsim.blob import make_blob
+        from pefsim.image import GuestImage
+
+        mem = _mem_bytes(a.mem_mib)
+        for i in range(a.guests):
+            name = f"guest{i}"
+            blob = make_blob(GuestImage.of_size(name, mem), stack.signing_key())
+            stack.add_guest(name, mem, blob, boot=True)
+        info = json.loads((stack.run_dir / "stack.json").read_text())
+        print(f"pefsim stack up (run dir {stack.run_dir})")
+        print(f"  ultravisor  {stack.uv_addr}   metrics http://{info['metrics'].get('uv', '-')}/metrics")
+        print(f"  hypervisor  {stack.hv_addr}   metrics http://{info['metrics'].get('hv', '-')}/metrics")
+        for name, addr in info["guests"].items():
+            print(f"  {name:<11} {addr}")
+        print(f"  stack file  {stack.run_dir / 'stack.json'}   (pefsim demo --stack / status --stack)")
+        print("Ctrl-C stops everything.", flush=True)
+        stop = False
+
+        def _stop(*_):
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+        while not stop:
+            dead = [n for n, p in stack.procs.items() if not p.alive]
+            if dead:
+                print(f"stopped: {', '.join(dead)} exited; see {stack.run_dir / 'logs'}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    finally:
+        codes = stack.stop()
+        print("stopped: " + ", ".join(f"{n} ({c})" for n, c in codes.items()), flush=True)
+    return 0
+
+
+def cmd_status(a) -> int:
+    from google.protobuf import json_format
+
+    from pefsim.demo import Operator
+    from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
+
+    info = json.loads(Path(a.stack).read_text())
+
+    async def fetch():
+        op = Operator(info["uv"], info["hv"])
+        try:
+            return (await op.uv.stub.UvStatus(upb.UvStatusRequest()),
+                    await op.hv.stub.HvStatus(hpb.HvStatusRequest()))
+        finally:
+            await op.close()
+
+    uv, hv = asyncio.run(fetch())
+    print(json.dumps({"uv": json_format.MessageToDict(uv), "hv": json_format.MessageToDict(hv)},
+                     indent=2))
+    return 0
+
+
+def cmd_keys(a) -> int:
+    from pefsim.blob import new_signing_key, save_keypair
+
+    priv, pub = save_keypair(new_signing_key(), Path(a.out))
+    print(f"{priv}\n{pub}")
+    return 0
+
+
+def cmd_blob(a) -> int:
+    from pefsim.blob import ITEMS, load_private_key, make_blob
+    from pefsim.image import GuestImage
+
+    for item in a.omit + a.tamper:
+        if item not in ITEMS:
+            raise SystemExit(f"unknown blob item {item!r}; items: {', '.join(ITEMS)}")
+    image = GuestImage.of_size(a.name, _mem_bytes(a.mem_mib))
+    blob = make_blob(image, load_private_key(a.key), omit=tuple(a.omit),
+                     override={item: "0" * 128 for item in a.tamper})
+    Path(a.output).write_bytes(blob)
+    print(f"{a.output}: {len(blob)} bytes for guest {a.name} ({image.npages} pages)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="pefsim", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("demo", help="run the life-cycle demo")
+    _stack_args(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--mem-mib", type=float, default=4.0, help="memory per guest (default 4 MiB)")
+    p.add_argument("--stack", help="stack.json of a running `pefsim up` (default: start one)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("up", help="start a local stack until Ctrl-C")
+    _stack_args(p)
+    p.add_argument("--guests", type=int, default=2, help="secure guests to boot (default 2)")
+    p.add_argument("--mem-mib", type=float, default=4.0, help="memory per guest (default 4 MiB)")
+    p.add_argument("--uv-port", type=int, default=0, help="UV port (default: a free one)")
+    p.add_argument("--hv-port", type=int, default=0, help="HV port (default: a free one)")
+    p.set_defaults(func=cmd_up)
+    p = sub.add_parser("status", help="show what the UV and the HV hold")
+    p.add_argument("--stack", required=True, help="stack.json of a running stack")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("keys", help="make an Ed25519 key pair for ESM blobs")
+    p.add_argument("--out", required=True, help="directory for esm-signing.key / .pub")
+    p.set_defaults(func=cmd_keys)
+    p = sub.add_parser("blob", help="make an ESM blob for a guest image")
+    p.add_argument("--name", required=True, help="guest name (seeds the image content)")
+    p.add_argument("--mem-mib", type=float, default=4.0)
+    p.add_argument("--key", required=True, type=Path, help="Ed25519 private key (PEM)")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--omit", action="append", default=[], help="leave an item out (tests)")
+    p.add_argument("--tamper", action="append", default=[], help="wrong digest for an item (tests)")
+    p.set_defaults(func=cmd_blob)
+    a = ap.parse_args(argv)
+    return a.func(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,379 @@
+"""gRPC plumbing shared by the three services: call tables, the dispatcher, channels, servers.
+
+A service declares its calls once, in its ``calltable.py``: one :class:`Call` row per RPC (who may
+make it, the argument checks in the ABI's order, where the state check falls in that order, the
+handler) and one allowed-calls-per-state table. The :class:`Dispatcher` turns those rows into gRPC
+method handlers; the conformance tests read the same rows.
+
+Two error channels stay apart:
+
+* a PEF result (``rc``: H_* / U_* values, or ``errno`` for the HV control surface) always travels
+  inside a successful RPC response;
+* gRPC status codes mean transport trouble (UNAVAILABLE, DEADLINE_EXCEEDED), a caller that never
+  reached a handler (UNAUTHENTICATED), or a bug in pefsim (INTERNAL, with the traceback logged).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable, Mapping
+
+import grpc
+
+from pefsim.abi import Role, rc_name
+
+log = logging.getLogger("pefsim.rpc")
+
+ROLE_HEADER = "pefsim-role"
+IDENTITY_HEADER = "pefsim-identity"
+
+# Page payloads go in single messages of up to a few MiB (batched VcpuStore/SvmLoad); raise the
+# 4 MiB default. (Measured by the bulk-transfer issue: window options change nothing; the max
+# message length is what matters.)
+MAX_MESSAGE_BYTES = 64 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+class _Allow:
+    def __repr__(self) -> str:
+        return "ALLOW"
+
+
+ALLOW: Any = _Allow()
+"""A state-table cell: the call proceeds to its handler in this state."""
+
+
+class _StateCheck:
+    def __repr__(self) -> str:
+        return "STATE"
+
+
+STATE: Any = _StateCheck()
+
+DENIED: Any = object()
+"""A precheck result: the caller may not make this call (no PEF result; PERMISSION_DENIED)."""
+"""Marks where, in a call's ordered checks, the allowed-calls-per-state table is consulted."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One argument check of a call, in the order the ABI's code performs it."""
+
+    arg: str  # the argument, as the ABI names it (R4 lpid, order, ...)
+    ok: Callable[[Any], bool]
+    rc: int  # the result when ``ok(request)`` is false
+    why: str  # one line for logs and docs/conformance.md
+
+
+@dataclass(frozen=True)
+class Call:
+    """One row of a service's call table."""
+
+    name: str  # the RPC name; for ucalls and hcalls exactly the ABI name
+    handler: Callable[..., Awaitable[Any]]  # async handler(service, request, caller) -> response
+    callers: frozenset  # roles that may make the call
+    wrong_caller: int | None  # result for any other caller (U_PERMISSION, ...); None: the call
+    # is not the caller's to make at all and it gets gRPC PERMISSION_DENIED
+    checks: tuple = (STATE,)  # ordered; STATE is the state table's turn
+    opcode: int | None = None  # Ucall/Hcall number, None for non-ABI RPCs
+    result: str | None = "rc"  # response field with the PEF result ("rc", "errno"; None: none)
+    family: Any = None  # enum of the result values (H, U, Errno): names for logs and metrics
+
+
+@dataclass(frozen=True)
+class Caller:
+    role: int
+    name: str = ""
+
+    @property
+    def role_name(self) -> str:
+        return Role(self.role).name
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> Caller:
+    """Who is calling, from the request metadata (insecure mode: asserted, not authenticated)."""
+    md = dict(context.invocation_metadata() or ())
+    role = md.get(ROLE_HEADER, "")
+    try:
+        role_value = Role[f"ROLE_{role.upper()}"] if role else Role.ROLE_UNSPECIFIED
+    except KeyError:
+        role_value = Role.ROLE_UNSPECIFIED
+    return Caller(int(role_value), md.get(IDENTITY_HEADER, ""))
+
+
+def request_lpid(request: Any) -> int | None:
+    """The lpid a request is about (its own field, or the calling vCPU's LPIDR)."""
+    fields = request.DESCRIPTOR.fields_by_name
+    if "lpid" in fields:
+        return request.lpid
+    if "vcpu" in fields:
+        return request.vcpu.lpid
+    return None
+
+
+class History:
+    """Append-only JSON-lines record of every call a service served (for checkers and debugging)."""
+
+    def __init__(self, path: str | None, service: str):
+        self.service = service
+        self._fh = open(path, "a", buffering=1) if path else None
+
+    def record(self, **event: Any) -> None:
+        if self._fh is not None:
+            event = {"t": time.time(), "svc": self.service, **event}
+            self._fh.write(json.dumps(event, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class CallObserver:
+    """Receives one observation per dispatched call (the service's metrics implement it)."""
+
+    def observe_call(self, call: str, result: str, seconds: float) -> None:  # pragma: no cover
+        pass
+
+
+class Dispatcher:
+    """Runs a service's calls from its call table: caller check, ordered checks, state table,
+    handler; then records the result in metrics and history."""
+
+    def __init__(self, *, service: Any, service_descriptor: Any, pb2: Any, calls: Iterable[Call],
+                 state_table: Mapping[str, Mapping[Any, Any]],
+                 state_of: Callable[[Any, Call, Any], Any] | None, observer: CallObserver,
+                 history: History):
+        self.service = service
+        self.descriptor = service_descriptor
+        self.pb2 = pb2
+        self.calls = {c.name: c for c in calls}
+        self.state_table = state_table
+        self.state_of = state_of
+        self.observer = observer
+        self.history = history
+        check_call_table(service_descriptor, self.calls.values(), state_table)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        handlers = {}
+        for method in self.descriptor.methods:
+            call = self.calls[method.name]
+            req_cls = getattr(self.pb2, method.input_type.name)
+            resp_cls = getattr(self.pb2, method.output_type.name)
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                self._bind(call, resp_cls),
+                request_deserializer=req_cls.FromString,
+                response_serializer=resp_cls.SerializeToString,
+            )
+        return grpc.method_handlers_generic_handler(self.descriptor.full_name, handlers)
+
+    def _bind(self, call: Call, resp_cls: Any) -> Callable[..., Awaitable[Any]]:
+        async def rpc(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            return await self.dispatch(call, resp_cls, request, caller_of(context), context)
+
+        rpc.__name__ = call.name
+        return rpc
+
+    def precheck(self, call: Call, request: Any, caller: Caller) -> tuple[int | None, Any]:
+        """The result the checks give before any handler runs (None: go to the handler), and the
+        state the table was consulted in (None if it was not reached)."""
+        if caller.role not in call.callers:
+            return (DENIED if call.wrong_caller is None else call.wrong_caller), None
+        state = None
+        for check in call.checks:
+            if check is STATE:
+                state = self.state_of(self.service, call, request) if self.state_of else None
+                cell = self.state_table[call.name][state]
+                if cell is not ALLOW:
+                    return cell, state
+            elif not check.ok(request):
+                return check.rc, state
+        return None, state
+
+    async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
+                       context: grpc.aio.ServicerContext | None = None) -> Any:
+        t0 = time.perf_counter()
+        rc, state = self.precheck(call, request, caller)
+        if rc is DENIED:
+            # not an ABI call: a refused caller is an authorization failure, not a PEF result
+            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                                denied=True)
+            if context is not None:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{call.name} is not for {caller.role_name}")
+            raise PermissionError(call.name)
+        try:
+            if rc is None:
+                response = await call.handler(self.service, request, caller)
+            else:
+                response = resp_cls(**{call.result: rc})
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in pefsim: log it whole and say so to the caller
+            log.exception("%s failed", call.name)
+            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                                lpid=request_lpid(request), error=repr(exc))
+            if context is not None:
+                await context.abort(grpc.StatusCode.INTERNAL, f"{call.name}: {exc!r}")
+            raise
+        result = 0 if call.result is None else int(getattr(response, call.result))
+        name = "OK" if call.result is None else result_name(call, result)
+        elapsed = time.perf_counter() - t0
+        self.observer.observe_call(call.name, name, elapsed)
+        self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                            lpid=request_lpid(request),
+                            state=None if state is None else state.name, rc=result, rc_name=name,
+                            dur_s=round(elapsed, 6))
+        return response
+
+
+def result_name(call: Call, result: int) -> str:
+    if call.family is not None:
+        try:
+            return call.family(result).name
+        except ValueError:
+            pass
+    return rc_name(result)
+
+
+def check_call_table(service_descriptor: Any, calls: Iterable[Call],
+                     state_table: Mapping[str, Mapping[Any, Any]]) -> None:
+    """Every RPC has exactly one row; every row that consults the state table has a complete row
+    in it. Raises at service start-up (and in the unit tests) instead of failing at call time."""
+    calls = list(calls)
+    names = [c.name for c in calls]
+    methods = {m.name for m in service_descriptor.methods}
+    dup = {n for n in names if names.count(n) > 1}
+    missing = methods - set(names)
+    extra = set(names) - methods
+    if dup or missing or extra:
+        raise ValueError(f"{service_descriptor.name} call table: duplicate {sorted(dup)}, "
+                         f"missing {sorted(missing)}, unknown {sorted(extra)}")
+    for call in calls:
+        if STATE in call.checks:
+            if call.name not in state_table:
+                raise ValueError(f"{call.name} consults the state table but has no row")
+        elif call.name in state_table:
+            raise ValueError(f"{call.name} has a state-table row but never consults it")
+    for name, row in state_table.items():
+        states = {type(s) for s in row}
+        if len(states) != 1:
+            raise ValueError(f"state table row {name} mixes state types")
+        (enum,) = states
+        if set(row) != set(enum):
+            raise ValueError(f"state table row {name} lacks {sorted(s.name for s in set(enum) - set(row))}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients
+
+
+class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self.metadata = metadata
+
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        md = tuple(client_call_details.metadata or ()) + self.metadata
+        details = client_call_details._replace(metadata=md)
+        return await continuation(details, request)
+
+
+def channel(target: str, role: int, identity: str = "") -> grpc.aio.Channel:
+    """An aio channel whose every call carries the caller's role (and identity)."""
+    md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
+    if identity:
+        md += ((IDENTITY_HEADER, identity),)
+    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS,
+                                     interceptors=[_MetadataInterceptor(md)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler]) -> tuple[grpc.aio.Server, int]:
+    """Build and start a server on ``host:port`` (port 0 picks a free one); return it and its port."""
+    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers(handlers)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot bind {listen}")
+    await server.start()
+    return server, port
+
+
+def host_of(listen: str) -> str:
+    return listen.rsplit(":", 1)[0]
+
+
+def write_ready_file(path: str | None, **info: Any) -> None:
+    """Tell the launcher where the service listens (atomically: write, then rename)."""
+    if not path:
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump({"pid": os.getpid(), **info}, fh)
+    os.replace(tmp, path)
+
+
+def run(main: Callable[[], Awaitable[Any]]) -> Any:
+    """Run a service's main coroutine on uvloop (plain asyncio if uvloop is not installed)."""
+    try:
+        import uvloop
+    except ImportError:  # documented fallback: same behaviour, slower loop
+        log.warning("uvloop not installed; using the default asyncio event loop")
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then stop accepting, finish in-flight calls briefly, clean up."""
+    import signal
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(server.wait_for_termination())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    await server.stop(grace=1.0)
+    for task in (waiter, stopper):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    if on_stop is not None:
+        await on_stop()
+
+
+@dataclass
+class Peer:
+    """A lazily connected stub to another service."""
+
+    target: str
+    role: int
+    stub_cls: Any
+    identity: str = ""
+    _channel: grpc.aio.Channel | None = field(default=None, repr=False)
+    _stub: Any = field(default=None, repr=False)
+
+    @property
+    def stub(self) -> Any:
+        if self._stub is None:
+            self._channel = channel(self.target, self.role, self.identity)
+            self._stub = self.stub_cls(self._channel)
+        return self._stub
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub = None

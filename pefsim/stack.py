@@ -1,0 +1,201 @@
+"""The local stack: UV, HV and guests as separate OS processes on 127.0.0.1.
+
+Used by ``pefsim up``, ``pefsim demo`` and the integration tests. Each service writes a ready
+file (its pid and bound ports) once it serves; the launcher waits for it, and shows the tail of
+the service's log if it dies first. ``stack.json`` in the run directory lets other commands
+(``pefsim demo --stack``, ``pefsim status``) find a running stack.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pefsim.blob import load_private_key, new_signing_key, save_keypair
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class StackError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    ready_path: Path
+    popen: subprocess.Popen | None = None
+    ready: dict = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.ready_path.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                   PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=ROOT, env=env, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_path.exists():
+                self.ready = json.loads(self.ready_path.read_text())
+                return self.ready
+            if self.popen.poll() is not None:
+                raise StackError(f"{self.name} exited with {self.popen.returncode}:\n{self.log_tail()}")
+            time.sleep(0.02)
+        raise StackError(f"{self.name} not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+@dataclass
+class StackConfig:
+    run_dir: Path
+    host: str = "127.0.0.1"
+    uv_port: int = 0
+    hv_port: int = 0
+    pool_pages: int = 4096
+    esm_copy: str = "all"
+    abort_return: str = "guest"
+    metrics: bool = True
+
+
+class LocalStack:
+    """Start and stop UV, HV and guests; ``with LocalStack(cfg) as stack: ...``."""
+
+    def __init__(self, cfg: StackConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir)
+        self.procs: dict[str, Proc] = {}
+        self.uv_addr = self.hv_addr = ""
+
+    # -- keys -----------------------------------------------------------------------------------
+
+    @property
+    def key_dir(self) -> Path:
+        return self.run_dir / "keys"
+
+    def signing_key(self):
+        priv = self.key_dir / "esm-signing.key"
+        if not priv.exists():
+            save_keypair(new_signing_key(), self.key_dir)
+        return load_private_key(priv)
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def _proc(self, name: str, module: str, args: list[str]) -> Proc:
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        ready = self.run_dir / f"{name}.ready"
+        argv = [sys.executable, "-m", module, *args, "--ready-file", str(ready),
+                "--history", str(self.run_dir / f"{name}.history.jsonl")]
+        if self.cfg.metrics:
+            argv += ["--metrics-listen", f"{self.cfg.host}:0"]
+        proc = self.procs[name] = Proc(name, argv, logs / f"{name}.log", ready)
+        return proc
+
+    def start(self) -> "LocalStack":
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.signing_key()
+        host = self.cfg.host
+        uv_port = self.cfg.uv_port or free_port(host)
+        hv_port = self.cfg.hv_port or free_port(host)
+        self.uv_addr, self.hv_addr = f"{host}:{uv_port}", f"{host}:{hv_port}"
+        uv = self._proc("uv", "services.ultravisor", [
+            "--listen", self.uv_addr, "--hv", self.hv_addr, "--pool-pages", str(self.cfg.pool_pages),
+            "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub")])
+        hv = self._proc("hv", "services.hypervisor", [
+            "--listen", self.hv_addr, "--uv", self.uv_addr, "--data-dir", str(self.run_dir / "hv-data"),
+            "--abort-return", self.cfg.abort_return])
+        try:
+            for proc in (uv, hv):
+                proc.start()
+            for proc in (uv, hv):
+                proc.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self.write_stack_file()
+        return self
+
+    def add_guest(self, name: str, mem_bytes: int, blob: bytes | None, svm: bool = True,
+                  boot: bool = False) -> str:
+        """Start a guest process; returns its Guest service address."""
+        args = ["--name", name, "--mem-mib", str(mem_bytes / (1 << 20)), "--hv", self.hv_addr,
+                "--uv", self.uv_addr, "--listen", f"{self.cfg.host}:0"]
+        if blob is not None:
+            path = self.run_dir / f"{name}.blob"
+            path.write_bytes(blob)
+            args += ["--blob", str(path)]
+        if not svm:
+            args.append("--no-svm")
+        if boot:
+            args.append("--boot")
+        proc = self._proc(f"guest-{name}", "services.guest", args)
+        proc.start()
+        ready = proc.wait_ready()
+        self.write_stack_file()
+        return f"{self.cfg.host}:{ready['port']}"
+
+    def guest_addr(self, name: str) -> str:
+        return f"{self.cfg.host}:{self.procs[f'guest-{name}'].ready['port']}"
+
+    def metrics_targets(self) -> dict[str, str]:
+        return {name: f"{self.cfg.host}:{p.ready['metrics_port']}" for name, p in self.procs.items()
+                if p.ready.get("metrics_port")}
+
+    def write_stack_file(self) -> None:
+        doc = {"uv": self.uv_addr, "hv": self.hv_addr, "run_dir": str(self.run_dir),
+               "guests": {n.removeprefix("guest-"): f"{self.cfg.host}:{p.ready.get('port')}"
+                          for n, p in self.procs.items() if n.startswith("guest-")},
+               "metrics": self.metrics_targets(),
+               "pids": {n: p.popen.pid for n, p in self.procs.items() if p.popen}}
+        tmp = self.run_dir / "stack.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
+        os.replace(tmp, self.run_dir / "stack.json")
+
+    def stop(self) -> dict[str, int | None]:
+        """Stop guests first, then the HV, then the UV; returns each exit code."""
+        order = sorted(self.procs, key=lambda n: (n == "uv", n == "hv"))
+        return {name: self.procs[name].stop() for name in order}
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,3 @@
+from services.guest.server import main
+
+main()

@@ -1,0 +1,53 @@
+"""The guest's call table and its allowed-calls-per-vCPU-state table (see program.py)."""
+from __future__ import annotations
+
+import asyncio
+
+from pefsim.abi import H, Role, VcpuState
+from pefsim.rpc import ALLOW, STATE, Call
+from pefsim.v1 import guest_pb2 as pb
+from services.guest.program import Resume
+
+
+async def vcpu_resume(guest, req: pb.VcpuResumeRequest, caller) -> pb.VcpuResumeResponse:
+    rc = guest.resume(Resume(r3=req.r3, msr_s=req.msr_s, nip=req.nip, by=req.resumed_by or caller.role,
+                             abort_issued_ns=req.trace.abort_issued_unix_ns))
+    return pb.VcpuResumeResponse(rc=rc)
+
+
+async def boot(guest, req: pb.BootRequest, caller) -> pb.BootResponse:
+    """Run the boot program once; a second Boot waits for (or returns) the first one's report."""
+    if guest.booting is None:
+        guest.booting = asyncio.ensure_future(guest.boot())
+    return pb.BootResponse(report=await asyncio.shield(guest.booting))
+
+
+async def verify(guest, req: pb.VerifyRequest, caller) -> pb.VerifyResponse:
+    return pb.VerifyResponse(report=await guest.verify())
+
+
+async def exercise(guest, req: pb.ExerciseRequest, caller) -> pb.ExerciseResponse:
+    return await guest.exercise()
+
+
+async def guest_status(guest, req: pb.GuestStatusRequest, caller) -> pb.GuestStatusResponse:
+    return pb.GuestStatusResponse(report=guest.report)
+
+
+OPERATOR = frozenset({Role.ROLE_OPERATOR})
+CALLS = [
+    Call("VcpuResume", vcpu_resume, frozenset({Role.ROLE_HV, Role.ROLE_UV}), H.H_PERMISSION, family=H),
+    Call("Boot", boot, OPERATOR, None, checks=(), result=None),
+    Call("Verify", verify, OPERATOR, None, checks=(), result=None),
+    Call("Exercise", exercise, OPERATOR, None, checks=(), result=None),
+    Call("GuestStatus", guest_status, frozenset(Role), None, checks=(), result=None),
+]
+
+STATE_TABLE = {
+    "VcpuResume": {VcpuState.VCPU_STOPPED: H.H_STATE, VcpuState.VCPU_RUNNING: H.H_STATE,
+                   VcpuState.VCPU_IN_UCALL: ALLOW, VcpuState.VCPU_SECURE: H.H_STATE},
+}
+
+
+def state_of(guest, call, request) -> VcpuState:
+    return VcpuState(guest.vcpu_state)

@@ -1,0 +1,269 @@
+"""The guest's boot program and its vCPU.
+
+The guest process is the VM's VMM (it creates the VM and its memslot at the HV, as QEMU would)
+and its single vCPU (it loads the image into memory, then enters secure mode with UV_ESM and
+checks its memory whichever way it comes back).
+
+A vCPU that made `sc 2` waits in VCPU_IN_UCALL until exactly one resume arrives: the UV_ESM
+response when the UV returns to it (success, a synchronous failure, or an abort with the v10
+design), or the HV's VcpuResume (HRFID after H_SVM_INIT_ABORT, merged design).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+
+from pefsim import rpc
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, U, VcpuState, gpa_of, rc_name
+from pefsim.image import GuestImage
+from pefsim.v1 import common_pb2, guest_pb2 as pb, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
+from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
+
+log = logging.getLogger("pefsim.guest")
+
+BATCH_PAGES = 64  # pages per VcpuStore/VcpuLoad/SvmLoad (4 MiB messages)
+UCALL_OFFSET = 0x1000  # where in the kernel image prom_init's `sc 2` sits
+
+
+@dataclass
+class Resume:
+    r3: int
+    msr_s: bool
+    nip: int
+    by: int
+    abort_issued_ns: int = 0
+    at_ns: int = field(default_factory=time.time_ns)
+
+
+class GuestFailure(Exception):
+    """The boot program could not continue (an errno or a transport failure), with why."""
+
+
+@dataclass
+class GuestConfig:
+    name: str
+    mem_bytes: int
+    hv: str
+    uv: str
+    blob: bytes = b""
+    svm: bool = True  # `svm=on` on the kernel command line: enter secure mode
+    resume_timeout_s: float = 120.0
+
+
+class GuestProgram:
+    def __init__(self, cfg: GuestConfig, endpoint: str):
+        self.cfg = cfg
+        self.endpoint = endpoint
+        self.image = GuestImage.of_size(cfg.name, cfg.mem_bytes)
+        self.hv = rpc.Peer(cfg.hv, Role.ROLE_GUEST, hypervisor_pb2_grpc.HypervisorServiceStub, cfg.name)
+        self.uv = rpc.Peer(cfg.uv, Role.ROLE_GUEST, ultravisor_pb2_grpc.UltravisorServiceStub, cfg.name)
+        self.vcpu_state = VcpuState.VCPU_STOPPED
+        self.lpid = 0
+        self._resume: asyncio.Future | None = None
+        self.written: dict[int, bytes] = {}  # pages changed after boot: gfn -> content
+        self.report = pb.GuestReport(name=cfg.name, outcome="created", abort_latency_s=-1.0)
+        self.booting: asyncio.Task | None = None
+
+    # -- timeline -------------------------------------------------------------------------------
+
+    def event(self, what: str) -> None:
+        self.report.timeline.add(unix_ns=time.time_ns(), what=what)
+        log.info("%s: %s", self.cfg.name, what)
+
+    @property
+    def sc2_nip(self) -> int:
+        """The address after the `sc 2` of UV_ESM: where a failed UV_ESM returns."""
+        return self.image.kbase + UCALL_OFFSET + 4
+
+    def vcpu_context(self) -> common_pb2.VcpuContext:
+        return common_pb2.VcpuContext(lpid=self.lpid, msr_s=self.vcpu_state == VcpuState.VCPU_SECURE,
+                                      nip=self.sc2_nip)
+
+    def expected(self, gfn: int) -> bytes:
+        page = self.written.get(gfn)
+        return page if page is not None else self.image.page(gfn, self.cfg.blob)
+
+    # -- the vCPU's resume ----------------------------------------------------------------------
+
+    def resume(self, res: Resume) -> int:
+        """Deliver a resume to the vCPU: H_SUCCESS if it was waiting after `sc 2`, else H_STATE."""
+        if self.vcpu_state != VcpuState.VCPU_IN_UCALL or self._resume is None or self._resume.done():
+            self.event(f"unexpected resume r3={rc_name(res.r3)} by {Role(res.by).name} (not waiting)")
+            return H.H_STATE
+        self.vcpu_state = VcpuState.VCPU_SECURE if res.msr_s else VcpuState.VCPU_RUNNING
+        self.report.resumes += 1
+        self._resume.set_result(res)
+        return H.H_SUCCESS
+
+    # -- boot -----------------------------------------------------------------------------------
+
+    async def boot(self) -> pb.GuestReport:
+        try:
+            await self._boot()
+        except GuestFailure as exc:
+            self.report.outcome, self.report.detail = "failed", str(exc)
+            self.event(f"boot failed: {exc}")
+        return self.report
+
+    async def _hv(self, name: str, request):
+        try:
+            resp = await getattr(self.hv.stub, name)(request)
+        except grpc.aio.AioRpcError as exc:
+            raise GuestFailure(f"{name}: HV unreachable ({exc.code().name})") from None
+        errno = getattr(resp, "errno", Errno.OK)
+        if errno != Errno.OK:
+            raise GuestFailure(f"{name}: {Errno(errno).name}")
+        return resp
+
+    async def _boot(self) -> None:
+        self.report.outcome = "booting"
+        npages = self.image.npages
+        resp = await self._hv("CreateVm", hpb.CreateVmRequest(
+            name=self.cfg.name, memslots=[common_pb2.Memslot(slot_id=0, base_gfn=0, npages=npages)],
+            vcpu_endpoint=self.endpoint, secure_capable=True))
+        self.lpid = self.report.lpid = resp.lpid
+        self.event(f"VM created: lpid {self.lpid}, {npages} pages of 64 KiB")
+        await self._hv("RunVm", hpb.RunVmRequest(lpid=self.lpid))
+        self.vcpu_state = VcpuState.VCPU_RUNNING
+        pages = list(self.image.pages(self.cfg.blob))
+        for first in range(0, npages, BATCH_PAGES):
+            await self._hv("VcpuStore", hpb.VcpuStoreRequest(
+                lpid=self.lpid, gpa=gpa_of(first), data=b"".join(pages[first:first + BATCH_PAGES])))
+        self.event("image loaded: kernel, initrd, FDT, ESM blob, data")
+        if not self.cfg.svm:
+            self.report.outcome = "normal"
+            await self.verify()
+            return
+        res = await self.enter_secure_mode()
+        self.report.esm_rc, self.report.msr_s, self.report.resumed_by = res.r3, res.msr_s, res.by
+        if res.abort_issued_ns:
+            self.report.abort_latency_s = (res.at_ns - res.abort_issued_ns) / 1e9
+        if res.msr_s and res.r3 == U.U_SUCCESS:
+            self.report.outcome = "secure"
+            self.event(f"resumed in secure mode at 0x{res.nip:x}")
+        else:
+            self.report.outcome = "aborted" if res.r3 == H.H_PARAMETER else "failed"
+            where = "" if res.nip == self.sc2_nip else f" at WRONG address 0x{res.nip:x}"
+            self.event(f"UV_ESM failed: {rc_name(res.r3, H)}, resumed by {Role(res.by).name} "
+                       f"as a normal VM{where}")
+            if res.nip != self.sc2_nip:
+                self.report.detail = f"resumed at 0x{res.nip:x}, expected 0x{self.sc2_nip:x}"
+        await self.verify()
+
+    async def enter_secure_mode(self) -> Resume:
+        """`sc 2` UV_ESM(kbase, fdt), then wait for the one resume."""
+        loop = asyncio.get_running_loop()
+        self._resume = loop.create_future()
+        self.vcpu_state = VcpuState.VCPU_IN_UCALL
+        self.event("sc 2: UV_ESM")
+        ucall = asyncio.ensure_future(self._uv_esm())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._resume), self.cfg.resume_timeout_s)
+        except asyncio.TimeoutError:
+            raise GuestFailure(f"vCPU not resumed within {self.cfg.resume_timeout_s} s") from None
+        finally:
+            if ucall.done() and not ucall.cancelled() and ucall.exception():
+                log.error("UV_ESM task failed: %r", ucall.exception())
+
+    async def _uv_esm(self) -> None:
+        try:
+            resp = await self.uv.stub.UV_ESM(upb.UvEsmRequest(
+                vcpu=self.vcpu_context(), kbase=self.image.kbase, fdt=self.image.fdt))
+        except grpc.aio.AioRpcError as exc:
+            self.event(f"UV_ESM: UV unreachable ({exc.code().name}); waiting for a resume")
+            return
+        if resp.resumed:
+            self.resume(Resume(r3=resp.rc, msr_s=resp.msr_s, nip=resp.nip, by=Role.ROLE_UV,
+                               abort_issued_ns=resp.trace.abort_issued_unix_ns))
+        else:
+            self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, H)}): "
+                       "control went to the HV")
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    async def load(self, first: int, count: int) -> bytes:
+        if self.vcpu_state == VcpuState.VCPU_SECURE:
+            try:
+                resp = await self.uv.stub.SvmLoad(upb.SvmLoadRequest(
+                    vcpu=self.vcpu_context(), gpa=gpa_of(first), npages=count))
+            except grpc.aio.AioRpcError as exc:
+                raise GuestFailure(f"SvmLoad: UV unreachable ({exc.code().name})") from None
+            if resp.rc != U.U_SUCCESS:
+                raise GuestFailure(f"SvmLoad(gfn {first}): {rc_name(resp.rc, U)}")
+            return resp.data
+        resp = await self._hv("VcpuLoad", hpb.VcpuLoadRequest(lpid=self.lpid, gpa=gpa_of(first),
+                                                              npages=count))
+        return resp.data
+
+    async def store(self, gfn: int, page: bytes) -> None:
+        if self.vcpu_state == VcpuState.VCPU_SECURE:
+            resp = await self.uv.stub.SvmStore(upb.SvmStoreRequest(
+                vcpu=self.vcpu_context(), gpa=gpa_of(gfn), data=page))
+            if resp.rc != U.U_SUCCESS:
+                raise GuestFailure(f"SvmStore(gfn {gfn}): {rc_name(resp.rc, U)}")
+        else:
+            await self._hv("VcpuStore", hpb.VcpuStoreRequest(lpid=self.lpid, gpa=gpa_of(gfn), data=page))
+        self.written[gfn] = page
+
+    async def verify(self) -> pb.GuestReport:
+        """Read every page back and compare it with what this guest wrote."""
+        bad, npages = [], self.image.npages
+        try:
+            for first in range(0, npages, BATCH_PAGES):
+                count = min(BATCH_PAGES, npages - first)
+                data = await self.load(first, count)
+                for i in range(count):
+                    if data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE] != self.expected(first + i):
+                        bad.append(first + i)
+        except GuestFailure as exc:
+            self.report.memory_intact = False
+            self.report.detail = f"verify: {exc}"
+            self.event(f"memory check failed: {exc}")
+            return self.report
+        self.report.memory_intact, self.report.pages_checked = not bad, npages
+        mode = "through the UV" if self.vcpu_state == VcpuState.VCPU_SECURE else "through the HV"
+        if bad:
+            self.report.detail = f"{len(bad)} pages differ, first gfn {bad[0]}"
+        self.event(f"memory check {mode}: {npages - len(bad)}/{npages} pages intact")
+        return self.report
+
+    # -- exercise the SVM's calls ---------------------------------------------------------------
+
+    async def exercise(self) -> pb.ExerciseResponse:
+        """Secure stores, share / unshare, and a look at a shared page from the host."""
+        steps: list[str] = []
+        if self.vcpu_state != VcpuState.VCPU_SECURE:
+            return pb.ExerciseResponse(steps=["not secure: nothing to exercise"], ok=False)
+        data_gfn = self.image.data_start >> PAGE_SHIFT
+        last = self.image.npages - 1
+        try:
+            await self.store(data_gfn, bytes([0xA5]) * PAGE_SIZE)
+            steps.append(f"SvmStore gfn {data_gfn}: U_SUCCESS")
+            ctx = self.vcpu_context()
+            rc = (await self.uv.stub.UV_SHARE_PAGE(upb.UvSharePageRequest(vcpu=ctx, gfn=last, npages=1))).rc
+            steps.append(f"UV_SHARE_PAGE gfn {last}: {rc_name(rc, U)}")
+            if rc == U.U_SUCCESS:
+                self.written[last] = bytes(PAGE_SIZE)  # shared pages start zeroed
+                message = b"hello from the SVM through a shared page".ljust(PAGE_SIZE, b"\0")
+                await self.store(last, message)
+                seen = (await self._hv("HostReadPage", hpb.HostReadPageRequest(
+                    lpid=self.lpid, gpa=gpa_of(last)))).data
+                steps.append(f"host reads the shared page: {'same bytes' if seen == message else 'DIFFERENT'}")
+                rc = (await self.uv.stub.UV_UNSHARE_PAGE(upb.UvUnsharePageRequest(
+                    vcpu=ctx, gfn=last, npages=1))).rc
+                steps.append(f"UV_UNSHARE_PAGE gfn {last}: {rc_name(rc, U)}")
+                if rc == U.U_SUCCESS:
+                    self.written[last] = bytes(PAGE_SIZE)  # unshare zeroes too
+        except (GuestFailure, grpc.aio.AioRpcError) as exc:
+            steps.append(f"failed: {exc}")
+            return pb.ExerciseResponse(steps=steps, ok=False)
+        ok = all(("U_SUCCESS" in s or "same bytes" in s) for s in steps)
+        return pb.ExerciseResponse(steps=steps, ok=ok)
+
+    async def close(self) -> None:
+        await self.hv.close()
+        await self.uv.close()

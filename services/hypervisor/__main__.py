@@ -1,0 +1,3 @@
+from services.hypervisor.server import main
+
+main()

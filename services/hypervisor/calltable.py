@@ -1,0 +1,89 @@
+"""The Hypervisor's call table: one row per RPC, and the allowed-calls-per-VM-state table.
+
+Read by the dispatcher (pefsim/rpc.py), the conformance tests and tools/gen_conformance.py.
+Checks are in the kernel's order: for H_SVM_PAGE_IN/OUT the caller (MSR[S] in SRR1: only the UV
+may make them, else H_UNSUPPORTED), then the VM state, then order (H_P3), then flags (H_P2).
+"""
+from __future__ import annotations
+
+from pefsim.abi import PAGE_SHIFT, Errno, H, Hcall, PageInFlag, Role, VmState, page_aligned
+from pefsim.rpc import ALLOW, STATE, Call, Check, request_lpid
+from services.hypervisor.control import memory, vm
+from services.hypervisor.hcalls import page, svm
+
+UV = frozenset({Role.ROLE_UV})
+# e3326ae3d59e dropped the MSR[S] caller check for H_SVM_INIT_ABORT (the UV makes it in the
+# guest's context, with the guest's SRR1): any vCPU may issue it and the VM state decides.
+UV_OR_GUEST = frozenset({Role.ROLE_UV, Role.ROLE_GUEST})
+VMM = frozenset({Role.ROLE_GUEST, Role.ROLE_OPERATOR})  # QEMU's part: the guest's VMM, operators
+ANYONE = frozenset(Role)
+
+ORDER_P3 = Check("order", lambda r: r.order == PAGE_SHIFT, H.H_P3, "order is not 16 (64 KiB)")
+
+
+
+ALIGNED = Check("gpa", lambda r: page_aligned(r.gpa), Errno.EINVAL, "gpa not 64 KiB aligned")
+
+CALLS = [
+    Call("H_SVM_PAGE_IN", page.h_svm_page_in, UV, H.H_UNSUPPORTED, opcode=Hcall.H_SVM_PAGE_IN,
+         family=H, checks=(STATE, ORDER_P3,
+                           Check("flags", lambda r: r.flags & ~PageInFlag.H_PAGE_IN_SHARED == 0,
+                                 H.H_P2, "a flag other than H_PAGE_IN_SHARED"))),
+    Call("H_SVM_PAGE_OUT", page.h_svm_page_out, UV, H.H_UNSUPPORTED, opcode=Hcall.H_SVM_PAGE_OUT,
+         family=H, checks=(STATE, ORDER_P3,
+                           Check("flags", lambda r: r.flags == 0, H.H_P2, "flags not 0"))),
+    Call("H_SVM_INIT_START", svm.h_svm_init_start, UV, H.H_UNSUPPORTED,
+         opcode=Hcall.H_SVM_INIT_START, family=H),
+    Call("H_SVM_INIT_DONE", svm.h_svm_init_done, UV, H.H_UNSUPPORTED,
+         opcode=Hcall.H_SVM_INIT_DONE, family=H),
+    Call("H_SVM_INIT_ABORT", svm.h_svm_init_abort, UV_OR_GUEST, H.H_UNSUPPORTED,
+         opcode=Hcall.H_SVM_INIT_ABORT, family=H),
+    Call("CreateVm", vm.create_vm, VMM, None, checks=(), result="errno", family=Errno),
+    Call("RunVm", vm.run_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
+    Call("StopVm", vm.stop_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
+    Call("ResetVm", vm.reset_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
+    Call("DestroyVm", vm.destroy_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
+    Call("SetMemslot", vm.set_memslot, VMM, None, checks=(STATE,), result="errno", family=Errno),
+    Call("VcpuLoad", memory.vcpu_load, frozenset({Role.ROLE_GUEST, Role.ROLE_UV}), None,
+         checks=(STATE, ALIGNED,
+                 Check("npages", lambda r: 0 < r.npages <= memory.MAX_ACCESS_PAGES, Errno.EINVAL,
+                       "npages 0 or above the per-call limit")),
+         result="errno", family=Errno),
+    Call("VcpuStore", memory.vcpu_store, frozenset({Role.ROLE_GUEST, Role.ROLE_UV}), None,
+         checks=(STATE, ALIGNED,
+                 Check("data", lambda r: 0 < len(r.data) <= memory.MAX_ACCESS_PAGES << PAGE_SHIFT
+                       and page_aligned(len(r.data)), Errno.EINVAL,
+                       "data not a whole number of pages")),
+         result="errno", family=Errno),
+    Call("HostReadPage", memory.host_read_page, VMM, None, checks=(STATE, ALIGNED),
+         result="errno", family=Errno),
+    Call("HostUnmapPage", memory.host_unmap_page, VMM, None, checks=(STATE, ALIGNED),
+         result="errno", family=Errno),
+    Call("HvStatus", vm.hv_status, ANYONE, None, checks=(), result=None),
+]
+
+A = ALLOW
+ABSENT, NORMAL, TRANSIENT, SECURE, ABORTING = (VmState.VM_ABSENT, VmState.VM_NORMAL,
+                                               VmState.VM_TRANSIENT, VmState.VM_SECURE,
+                                               VmState.VM_ABORTING)
+_ANY_VM = {ABSENT: Errno.ENOENT, NORMAL: A, TRANSIENT: A, SECURE: A, ABORTING: A}
+
+# call -> VM state -> ALLOW or the result. Sources in docs/conformance.md.
+STATE_TABLE = {
+    "H_SVM_PAGE_IN": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A, SECURE: A,
+                      ABORTING: H.H_UNSUPPORTED},
+    "H_SVM_PAGE_OUT": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A, SECURE: A,
+                       ABORTING: H.H_UNSUPPORTED},
+    "H_SVM_INIT_START": {ABSENT: H.H_PARAMETER, NORMAL: A, TRANSIENT: A, SECURE: A, ABORTING: A},
+    "H_SVM_INIT_DONE": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A, SECURE: A,
+                        ABORTING: H.H_UNSUPPORTED},
+    "H_SVM_INIT_ABORT": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A,
+                         SECURE: H.H_STATE, ABORTING: H.H_UNSUPPORTED},
+    "RunVm": _ANY_VM, "StopVm": _ANY_VM, "ResetVm": _ANY_VM, "DestroyVm": _ANY_VM,
+    "SetMemslot": _ANY_VM, "VcpuLoad": _ANY_VM, "VcpuStore": _ANY_VM, "HostReadPage": _ANY_VM,
+    "HostUnmapPage": _ANY_VM,
+}
+
+
+def state_of(hv, call: Call, request) -> VmState:
+    return hv.state.vm_state(request_lpid(request))

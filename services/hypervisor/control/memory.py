@@ -1,0 +1,83 @@
+"""Guest memory as the vCPU and the host see it: VcpuLoad/VcpuStore (a normal VM's loads and
+stores; the UV's accesses to shared pages), HostReadPage (the host touches a page: a secure one
+is paged out first, so the host only sees ciphertext) and HostUnmapPage (MMU notifier)."""
+from __future__ import annotations
+
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, GfnState, Role, SecureGuest, gfn_of, gpa_of
+from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
+from services.hypervisor.control.vm import vcpu_entry
+from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.hcalls.page import take_page
+
+MAX_ACCESS_PAGES = 64  # pages per VcpuLoad/VcpuStore (4 MiB)
+
+
+def _accessible(caller) -> int:
+    """The GFN state a caller may touch directly: the vCPU of a normal VM touches normal pages;
+    the UV touches shared pages on the SVM's behalf."""
+    return GfnState.GFN_SHARED if caller.role == Role.ROLE_UV else GfnState.GFN_NORMAL
+
+
+def _pages(vm, gpa: int, npages: int, caller):
+    """(slot, idx) of each page, or None if any is outside memory or not the caller's to touch."""
+    out = []
+    for gfn in range(gfn_of(gpa), gfn_of(gpa) + npages):
+        where = vm.locate(gpa_of(gfn))
+        if where is None or where[0].state(where[1]) != _accessible(caller):
+            return None
+        out.append(where)
+    return out
+
+
+async def vcpu_load(hv, req: pb.VcpuLoadRequest, caller) -> pb.VcpuLoadResponse:
+    vm = hv.state.vms[req.lpid]
+    if caller.role != Role.ROLE_UV:
+        vcpu_entry(hv, vm)
+    pages = _pages(vm, req.gpa, req.npages, caller)
+    if pages is None:
+        return pb.VcpuLoadResponse(errno=Errno.EFAULT)
+    return pb.VcpuLoadResponse(errno=Errno.OK, data=b"".join(slot.page(i) for slot, i in pages))
+
+
+async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreResponse:
+    vm = hv.state.vms[req.lpid]
+    if caller.role != Role.ROLE_UV:
+        vcpu_entry(hv, vm)
+    pages = _pages(vm, req.gpa, len(req.data) >> PAGE_SHIFT, caller)
+    if pages is None:
+        return pb.VcpuStoreResponse(errno=Errno.EFAULT)
+    data = memoryview(req.data)
+    for n, (slot, idx) in enumerate(pages):
+        slot.page(idx)[:] = data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
+    return pb.VcpuStoreResponse(errno=Errno.OK)
+
+
+async def host_read_page(hv, req: pb.HostReadPageRequest, caller) -> pb.HostReadPageResponse:
+    vm = hv.state.vms[req.lpid]
+    where = vm.locate(req.gpa)
+    if where is None:
+        return pb.HostReadPageResponse(errno=Errno.EFAULT)
+    slot, idx = where
+    async with vm.lock:
+        if slot.state(idx) == GfnState.GFN_SECURE_IN:  # migrate_to_ram: UV_PAGE_OUT first
+            data = await take_page(hv, vm, slot, idx)
+            if data is None:
+                return pb.HostReadPageResponse(errno=Errno.EFAULT)  # SIGBUS to the host
+            hv.state.mark_secure_out(slot, idx, data)
+        return pb.HostReadPageResponse(errno=Errno.OK, data=bytes(slot.page(idx)),
+                                       state=slot.state(idx))
+
+
+async def host_unmap_page(hv, req: pb.HostUnmapPageRequest, caller) -> pb.HostUnmapPageResponse:
+    """kvm_unmap_radix for a VM past INIT_DONE: UV_PAGE_INVAL, result ignored."""
+    vm = hv.state.vms[req.lpid]
+    where = vm.locate(req.gpa)
+    if where is None:
+        return pb.HostUnmapPageResponse(errno=Errno.EFAULT)
+    if vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_DONE:
+        try:
+            await hv.ucall("UV_PAGE_INVAL", upb.UvPageInvalRequest(
+                lpid=vm.lpid, guest_pa=where[0].gpa(where[1]), order=PAGE_SHIFT))
+        except UvUnreachable:
+            return pb.HostUnmapPageResponse(errno=Errno.EIO)
+    return pb.HostUnmapPageResponse(errno=Errno.OK)

@@ -1,0 +1,138 @@
+"""The VMM's control surface for VMs (what QEMU does through KVM ioctls): CreateVm, RunVm,
+StopVm, ResetVm (KVM_PPC_SVM_OFF), DestroyVm, SetMemslot and HvStatus. Results are errnos."""
+from __future__ import annotations
+
+import logging
+import time
+
+from pefsim.abi import Errno, SecureGuest, U, VmState, gpa_of
+from pefsim.v1 import common_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
+from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.hcalls.svm import _unregister, drop_pages
+from services.hypervisor.state import MAX_SLOT_ID
+
+log = logging.getLogger("pefsim.hv")
+MAX_VM_PAGES = 1 << 20  # 64 GiB of guest memory per VM
+
+
+def _slots_valid(slots) -> bool:
+    ranges = sorted((s.base_gfn, s.base_gfn + s.npages) for s in slots)
+    ids = [s.slot_id for s in slots]
+    return (all(0 < s.npages and s.slot_id <= MAX_SLOT_ID for s in slots)
+            and len(set(ids)) == len(ids)
+            and all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:]))
+            and sum(s.npages for s in slots) <= MAX_VM_PAGES)
+
+
+async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
+    if not req.memslots or not _slots_valid(req.memslots) or not req.vcpu_endpoint:
+        return pb.CreateVmResponse(errno=Errno.EINVAL)
+    vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable)
+    for s in req.memslots:
+        hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
+    log.info("lpid %d created for %s: %d pages", vm.lpid, vm.name, vm.npages)
+    return pb.CreateVmResponse(errno=Errno.OK, lpid=vm.lpid)
+
+
+def vcpu_entry(hv, vm) -> None:
+    """The vCPU enters the HV: with the v10 design this return path clears INIT_ABORT."""
+    if vm.secure_guest == SecureGuest.KVMPPC_SECURE_INIT_ABORT:
+        hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE)
+
+
+async def run_vm(hv, req: pb.RunVmRequest, caller) -> pb.RunVmResponse:
+    vm = hv.state.vms[req.lpid]
+    vcpu_entry(hv, vm)
+    vm.running = True
+    return pb.RunVmResponse(errno=Errno.OK)
+
+
+async def stop_vm(hv, req: pb.StopVmRequest, caller) -> pb.StopVmResponse:
+    hv.state.vms[req.lpid].running = False
+    return pb.StopVmResponse(errno=Errno.OK)
+
+
+async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
+    """KVM_PPC_SVM_OFF: 0 at once if INIT_START is clear; EBUSY with a vCPU running; otherwise
+    drop every secure page without page-out, unregister every memslot, UV_SVM_TERMINATE
+    (non-zero -> EINVAL), secure_guest = 0."""
+    vm = hv.state.vms[req.lpid]
+    if not vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_START:
+        return pb.ResetVmResponse(errno=Errno.OK)
+    if vm.running:
+        return pb.ResetVmResponse(errno=Errno.EBUSY)
+    async with vm.lock:
+        for slot in sorted(vm.slots.values(), key=lambda s: s.slot_id):
+            await drop_pages(hv, vm, [slot], page_out=False)
+            await _unregister(hv, vm, slot.slot_id)
+        rc = await hv.terminate(vm, "reset")
+        if rc != U.U_SUCCESS:
+            return pb.ResetVmResponse(errno=Errno.EINVAL)
+        hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE)
+    log.info("lpid %d reset to a normal VM (secure contents dropped)", vm.lpid)
+    return pb.ResetVmResponse(errno=Errno.OK)
+
+
+async def destroy_vm(hv, req: pb.DestroyVmRequest, caller) -> pb.DestroyVmResponse:
+    """Destroy the VM; UV_SVM_TERMINATE first if secure_guest != 0."""
+    vm = hv.state.vms[req.lpid]
+    async with vm.lock:
+        terminated, rc, seconds = False, 0, 0.0
+        if vm.secure_guest != 0:
+            t0 = time.perf_counter()
+            rc = await hv.terminate(vm, "destroy")
+            seconds, terminated = time.perf_counter() - t0, True
+        hv.state.destroy_vm(vm)
+    await hv.forget_vcpu(vm.lpid)
+    log.info("lpid %d destroyed%s", vm.lpid, f" (UV_SVM_TERMINATE -> {rc})" if terminated else "")
+    return pb.DestroyVmResponse(errno=Errno.OK, terminated=terminated, terminate_rc=rc,
+                                terminate_latency_s=seconds)
+
+
+async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotResponse:
+    """Add or delete a memslot. While secure_guest != 0 a new slot is registered with the UV and
+    its GFNs made secure without copy; a deleted one is dropped and unregistered. pefsim reports
+    a UV refusal as ENOSPC and undoes the add (the kernel ignores it: a TODO there)."""
+    vm = hv.state.vms[req.lpid]
+    s = req.slot
+    async with vm.lock:
+        if req.delete:
+            slot = vm.slots.get(s.slot_id)
+            if slot is None:
+                return pb.SetMemslotResponse(errno=Errno.ENOENT)
+            if vm.secure_guest != 0:
+                await drop_pages(hv, vm, [slot], page_out=False)
+                await _unregister(hv, vm, slot.slot_id)
+            hv.state.remove_slot(vm, slot.slot_id)
+            return pb.SetMemslotResponse(errno=Errno.OK)
+        if s.slot_id in vm.slots:
+            return pb.SetMemslotResponse(errno=Errno.EEXIST)
+        if not _slots_valid(list(_infos(vm)) + [s]):
+            return pb.SetMemslotResponse(errno=Errno.EINVAL)
+        slot = hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
+        if vm.secure_guest != 0:
+            try:
+                rc = (await hv.ucall("UV_REGISTER_MEM_SLOT", upb.UvRegisterMemSlotRequest(
+                    lpid=vm.lpid, start_gpa=gpa_of(s.base_gfn), size=gpa_of(s.npages), flags=0,
+                    slotid=s.slot_id))).rc
+            except UvUnreachable:
+                rc = U.U_FUNCTION
+            if rc != U.U_SUCCESS:
+                hv.state.remove_slot(vm, s.slot_id)
+                return pb.SetMemslotResponse(errno=Errno.ENOSPC)
+            for idx in range(slot.npages):
+                hv.state.mark_secure_in(slot, idx)
+    return pb.SetMemslotResponse(errno=Errno.OK)
+
+
+def _infos(vm):
+    for slot in vm.slots.values():
+        yield common_pb2.Memslot(slot_id=slot.slot_id, base_gfn=slot.base_gfn, npages=slot.npages)
+
+
+async def hv_status(hv, req: pb.HvStatusRequest, caller) -> pb.HvStatusResponse:
+    vms = [pb.VmInfo(lpid=vm.lpid, name=vm.name, secure_guest=vm.secure_guest,
+                     state=VmState(vm.state).name, running=vm.running, npages=vm.npages,
+                     gfns_by_state=vm.gfn_counts(), memslots=list(_infos(vm)))
+           for vm in sorted(hv.state.vms.values(), key=lambda v: v.lpid)]
+    return pb.HvStatusResponse(vms=vms)

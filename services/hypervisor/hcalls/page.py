@@ -1,0 +1,81 @@
+"""H_SVM_PAGE_IN and H_SVM_PAGE_OUT (UV -> HV): one page between HV memory and the UV.
+
+Caller, state, order and flags are checked in calltable.py (H_UNSUPPORTED, H_P3, H_P2); the GPA
+and GFN-state cases are here (H_PARAMETER), as in kvmppc_h_svm_page_in/_out.
+"""
+from __future__ import annotations
+
+import logging
+
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, GfnState, H, PageInFlag, U, rc_name
+from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
+from services.hypervisor.errors import UvUnreachable
+
+log = logging.getLogger("pefsim.hv")
+
+
+async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInResponse:
+    vm = hv.state.vms[req.lpid]
+    where = vm.locate(req.guest_pa)
+    if where is None:
+        return pb.HSvmPageInResponse(rc=H.H_PARAMETER)  # no memslot: no host virtual address
+    slot, idx = where
+    shared = req.flags == PageInFlag.H_PAGE_IN_SHARED
+    async with vm.lock:
+        before = slot.state(idx)
+        if shared:
+            # skip_page_out: a device-backed page's secure content is abandoned, not paged out;
+            # the UV maps the HV's (fresh) page. The UV_PAGE_IN carries no data.
+            data = b""
+        elif before == GfnState.GFN_SECURE_IN:
+            return pb.HSvmPageInResponse(rc=H.H_PARAMETER)  # already paged in
+        else:
+            data = bytes(slot.page(idx))  # plaintext (normal/shared) or ciphertext (paged out)
+        try:
+            # the kernel passes the caller's gpa unchanged (no alignment check of its own)
+            rc = (await hv.ucall("UV_PAGE_IN", upb.UvPageInRequest(
+                lpid=vm.lpid, src_ra=slot.ra(idx), dest_gpa=req.guest_pa, flags=0,
+                order=PAGE_SHIFT, data=data))).rc
+        except UvUnreachable:
+            return pb.HSvmPageInResponse(rc=H.H_PARAMETER)
+        if rc != U.U_SUCCESS:
+            return pb.HSvmPageInResponse(rc=H.H_PARAMETER)
+        if shared:
+            hv.state.mark_shared(slot, idx)
+        else:
+            hv.state.mark_secure_in(slot, idx)
+            hv.metrics.pages.labels("in").inc()
+    return pb.HSvmPageInResponse(rc=H.H_SUCCESS)
+
+
+async def h_svm_page_out(hv, req: pb.HSvmPageOutRequest, caller) -> pb.HSvmPageOutResponse:
+    vm = hv.state.vms[req.lpid]
+    where = vm.locate(req.guest_pa)
+    if where is None:
+        return pb.HSvmPageOutResponse(rc=H.H_PARAMETER)
+    slot, idx = where
+    async with vm.lock:
+        if slot.state(idx) != GfnState.GFN_SECURE_IN:
+            return pb.HSvmPageOutResponse(rc=H.H_SUCCESS)  # not device-backed: nothing to do
+        data = await take_page(hv, vm, slot, idx)
+        if data is None:
+            return pb.HSvmPageOutResponse(rc=H.H_PARAMETER)
+        hv.state.mark_secure_out(slot, idx, data)
+    return pb.HSvmPageOutResponse(rc=H.H_SUCCESS)
+
+
+async def take_page(hv, vm, slot, idx: int) -> bytes | None:
+    """UV_PAGE_OUT of a GFN_SECURE_IN page: its content (ciphertext, or plaintext while the SVM
+    is aborting), or None if the UV refused, was unreachable or sent no whole page (logged).
+    Called with vm.lock held; the caller decides the GFN's next state."""
+    try:
+        resp = await hv.ucall("UV_PAGE_OUT", upb.UvPageOutRequest(
+            lpid=vm.lpid, dest_ra=slot.ra(idx), src_gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT))
+    except UvUnreachable:
+        return None
+    if resp.rc != U.U_SUCCESS or len(resp.data) != PAGE_SIZE:
+        log.error("lpid %d: UV_PAGE_OUT(0x%x) -> %s, %d bytes", vm.lpid, slot.gpa(idx),
+                  rc_name(resp.rc, U), len(resp.data))
+        return None
+    hv.metrics.pages.labels("out").inc()
+    return resp.data

@@ -1,0 +1,27 @@
+"""The Hypervisor's metrics (on top of the per-call ones in pefsim/metrics.py)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from pefsim.abi import VmState
+from pefsim.metrics import LATENCY_BUCKETS, ServiceMetrics
+
+
+class HvMetrics(ServiceMetrics):
+    def __init__(self, state) -> None:
+        super().__init__()
+        r = self.registry
+        self.abort_seconds = Histogram(
+            "pefsim_hv_abort_duration_seconds",
+            "H_SVM_INIT_ABORT from entry to the guest's resume (or the return to the UV), by outcome.",
+            ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.terminate_seconds = Histogram(
+            "pefsim_hv_terminate_duration_seconds",
+            "UV_SVM_TERMINATE as issued by the HV, by trigger (abort, reset, destroy) and result.",
+            ["trigger", "result"], buckets=LATENCY_BUCKETS, registry=r)
+        self.pages = Counter("pefsim_hv_pages_total", "Pages moved by the HV, by direction.",
+                             ["direction"], registry=r)
+        vms = Gauge("pefsim_hv_vms", "VMs, by state.", ["state"], registry=r)
+        for st in (VmState.VM_NORMAL, VmState.VM_TRANSIENT, VmState.VM_SECURE, VmState.VM_ABORTING):
+            vms.labels(st.name).set_function(
+                lambda st=st: sum(1 for vm in state.vms.values() if vm.state == st))

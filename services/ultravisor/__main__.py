@@ -1,0 +1,3 @@
+from services.ultravisor.server import main
+
+main()

@@ -1,0 +1,29 @@
+"""UV_ESM (guest -> UV) and UV_SVM_TERMINATE (HV -> UV): the SVM object's birth and death."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from pefsim.abi import U
+from pefsim.v1 import ultravisor_pb2 as pb
+from services.ultravisor import esm
+
+log = logging.getLogger("pefsim.uv")
+
+
+async def uv_esm(uv, req: pb.UvEsmRequest, caller) -> pb.UvEsmResponse:
+    """Create the SVM (SVM_ACTIVE) and run the ESM context (esm.py) to its end. The context is
+    its own task, shielded from the caller: a guest that hangs up does not stop it half-way."""
+    svm = uv.state.create_svm(req.vcpu.lpid, caller.name)
+    task = asyncio.ensure_future(esm.run_esm(uv, svm, req))
+    svm.esm_task = task
+    return await asyncio.shield(task)
+
+
+async def uv_svm_terminate(uv, req: pb.UvSvmTerminateRequest, caller) -> pb.UvSvmTerminateResponse:
+    """Destroy the SVM: every secure page scrubbed and freed, slots, GPF map and key dropped."""
+    svm = uv.state.svms[req.lpid]
+    async with svm.lock:
+        freed = uv.state.destroy_svm(req.lpid)
+    log.info("lpid %d terminated, %d secure pages scrubbed and freed", req.lpid, freed)
+    return pb.UvSvmTerminateResponse(rc=U.U_SUCCESS, pages_freed=freed)

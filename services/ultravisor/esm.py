@@ -1,0 +1,172 @@
+"""The UV's ESM context: what runs after UV_ESM's synchronous checks (protocol reference 3.3).
+
+  1. H_SVM_INIT_START            (the HV registers every memslot with UV_REGISTER_MEM_SLOT)
+  2. page-in with H_SVM_PAGE_IN  (ESM_COPY_ALL: every GFN; ESM_COPY_MEASURED: FDT, blob, kernel,
+                                  initrd only)
+  3. read the FDT, check the ESM blob (signature, kernel / initrd / bootargs digests)
+  4. H_SVM_INIT_DONE
+  5. SVM_SECURE: the guest resumes at kbase with MSR[S] = 1
+
+Any failure after step 1 is a full abort: SVM_ABORT, then H_SVM_INIT_ABORT in the guest's UV_ESM
+context. With the merged design the HV pages everything out, terminates the SVM and resumes the
+guest itself with H_PARAMETER; the UV's context simply ends. With the v10 proposal
+(``abort_return = uv``) the HV answers H_SUCCESS and the UV terminates the SVM and resumes the
+guest with H_PARAMETER.
+
+The context runs as its own task: a guest that goes away does not cancel it half-way.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import grpc
+
+from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, AbortReturn, EsmCopy, GpfState, H, PageInFlag,
+                        SvmState, U, gfn_of, gpa_of, rc_name)
+from pefsim.blob import BlobError, kernel_size, verify_blob
+from pefsim.image import FDT_MAGIC
+from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as pb
+
+log = logging.getLogger("pefsim.uv.esm")
+
+
+class EsmFailed(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason} {detail}".strip())
+        self.reason = reason
+
+
+async def hcall(uv, name: str, request):
+    """Make an hcall to the HV; a transport failure is an ESM failure (HV unreachable)."""
+    try:
+        return await getattr(uv.hv.stub, name)(request)
+    except grpc.aio.AioRpcError as exc:
+        raise EsmFailed("hv-unreachable", f"{name}: {exc.code().name}") from None
+
+
+async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:
+    t0 = time.perf_counter()
+    try:
+        resp = await _secure(uv, svm, req)
+        uv.metrics.esm_seconds.labels("secure").observe(time.perf_counter() - t0)
+        log.info("lpid %d went secure", svm.lpid)
+        return resp
+    except EsmFailed as failure:
+        uv.metrics.esm_failures.labels(failure.reason).inc()
+        log.warning("lpid %d: ESM failed (%s); aborting", svm.lpid, failure)
+        resp = await abort(uv, svm, req, failure)
+        uv.metrics.esm_seconds.labels("aborted").observe(time.perf_counter() - t0)
+        return resp
+
+
+async def _secure(uv, svm, req) -> pb.UvEsmResponse:
+    lpid = svm.lpid
+    rc = (await hcall(uv, "H_SVM_INIT_START", hpb.HSvmInitStartRequest(lpid=lpid))).rc
+    if rc != H.H_SUCCESS:
+        raise EsmFailed("init-start", rc_name(rc, H))
+    measured_only = uv.cfg.esm_copy == EsmCopy.ESM_COPY_MEASURED
+    if not measured_only:
+        for gfn in sorted(svm.gfns()):
+            await page_in(uv, svm, gfn)
+    fdt = await read_fdt(uv, svm, req.fdt)
+    chosen = fdt["chosen"]
+    blob_start, blob_end = chosen["linux,esm-blob-start"], chosen["linux,esm-blob-end"]
+    blob = await read_region(uv, svm, blob_start, blob_end - blob_start)
+    try:
+        ksize = kernel_size(blob)
+        kernel = await read_region(uv, svm, req.kbase, ksize)
+        initrd_start, initrd_end = chosen["linux,initrd-start"], chosen["linux,initrd-end"]
+        initrd = await read_region(uv, svm, initrd_start, initrd_end - initrd_start)
+        if uv.trusted is None:
+            raise BlobError("no-trusted-key")
+        verify_blob(blob, uv.trusted, {"kernel": kernel, "initrd": initrd,
+                                       "bootargs": str(chosen.get("bootargs", "")).encode()})
+    except BlobError as bad:
+        raise EsmFailed(f"blob-{bad.reason}") from None
+    rc = (await hcall(uv, "H_SVM_INIT_DONE", hpb.HSvmInitDoneRequest(lpid=lpid))).rc
+    if rc != H.H_SUCCESS:
+        raise EsmFailed("init-done", rc_name(rc, H))
+    if svm.destroyed:
+        raise EsmFailed("terminated")
+    uv.state.set_svm_state(svm, SvmState.SVM_SECURE)
+    return pb.UvEsmResponse(rc=U.U_SUCCESS, resumed=True, msr_s=True, nip=req.kbase)
+
+
+async def page_in(uv, svm, gfn: int) -> None:
+    """Have the HV move one page in (H_SVM_PAGE_IN -> UV_PAGE_IN), unless it is already here."""
+    if svm.destroyed:
+        raise EsmFailed("terminated")
+    gpf = svm.gpfs.get(gfn)
+    if gpf is not None and gpf.state == GpfState.GPF_SECURE:
+        return
+    rc = (await hcall(uv, "H_SVM_PAGE_IN", hpb.HSvmPageInRequest(
+        lpid=svm.lpid, guest_pa=gpa_of(gfn), flags=PageInFlag.H_PAGE_IN_NONSHARED,
+        order=PAGE_SHIFT))).rc
+    if rc != H.H_SUCCESS:
+        raise EsmFailed("page-in", f"gfn {gfn}: {rc_name(rc, H)}")
+
+
+async def read_region(uv, svm, gpa: int, length: int) -> bytes:
+    """Bytes of guest memory from secure pages (paging in what is missing)."""
+    if length < 0 or length > (64 << 20):
+        raise EsmFailed("fdt", f"bad region length {length}")
+    out = bytearray()
+    first, last = gfn_of(gpa), gfn_of(gpa + max(length, 1) - 1)
+    for gfn in range(first, last + 1):
+        if svm.slot_of(gfn) is None:
+            raise EsmFailed("fdt", f"region outside memory at gfn {gfn}")
+        await page_in(uv, svm, gfn)
+        gpf = svm.gpfs[gfn]
+        out += uv.state.pool.view(gpf.frame)
+    start = gpa - gpa_of(first)
+    return bytes(out[start:start + length])
+
+
+async def read_fdt(uv, svm, fdt_gpa: int) -> dict:
+    raw = await read_region(uv, svm, fdt_gpa, PAGE_SIZE)
+    try:
+        doc = json.loads(raw.rstrip(b"\0"))
+        if doc.get("magic") != FDT_MAGIC:
+            raise ValueError("no FDT magic")
+        chosen = doc["chosen"]
+        for key in ("linux,esm-blob-start", "linux,esm-blob-end", "linux,initrd-start",
+                    "linux,initrd-end"):
+            if not isinstance(chosen[key], int):
+                raise ValueError(f"{key} is not a number")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise EsmFailed("fdt", str(exc)) from None
+    return doc
+
+
+async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmResponse:
+    """SVM_ABORT, then H_SVM_INIT_ABORT in the guest's context (protocol reference 3.4)."""
+    lpid, resume_at = svm.lpid, req.vcpu.nip
+    if svm.destroyed:  # terminated under us (the VM was destroyed): nobody resumes this vCPU
+        return pb.UvEsmResponse(rc=U.U_STATE, resumed=False)
+    uv.state.set_svm_state(svm, SvmState.SVM_ABORT)
+    trace = common_pb2.Trace(abort_issued_unix_ns=svm.abort_issued_ns)
+    t0 = time.perf_counter()
+    try:
+        resp = await uv.hv.stub.H_SVM_INIT_ABORT(hpb.HSvmInitAbortRequest(
+            lpid=lpid, srr0=resume_at, srr1_msr_s=False, trace=trace))
+    except grpc.aio.AioRpcError as exc:
+        # The HV is gone. The SVM stays in SVM_ABORT with all its pages until UV_SVM_TERMINATE:
+        # a restarted HV can still take them back. Nobody resumes the vCPU from here.
+        uv.metrics.abort_seconds.labels("hv-unreachable").observe(time.perf_counter() - t0)
+        log.error("lpid %d: H_SVM_INIT_ABORT failed in transport (%s); SVM kept in SVM_ABORT",
+                  lpid, exc.code().name)
+        return pb.UvEsmResponse(rc=U.U_STATE, resumed=False)
+    if resp.rc == H.H_PARAMETER and resp.returned_to == AbortReturn.ABORT_RETURN_GUEST:
+        uv.metrics.abort_seconds.labels("resumed-by-hv").observe(time.perf_counter() - t0)
+        return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
+    # v10 (the HV returned H_SUCCESS to us), or the HV refused the abort: either way the UV
+    # finishes the cleanup itself and resumes the guest as a normal VM with H_PARAMETER.
+    outcome = "returned-to-uv" if resp.rc == H.H_SUCCESS else "refused"
+    if outcome == "refused":
+        log.error("lpid %d: HV answered H_SVM_INIT_ABORT with %s", lpid, resp.rc)
+    async with svm.lock:
+        uv.state.destroy_svm(lpid)
+    uv.metrics.abort_seconds.labels(outcome).observe(time.perf_counter() - t0)
+    return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=True, msr_s=False, nip=resume_at, trace=trace)

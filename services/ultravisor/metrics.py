@@ -1,0 +1,35 @@
+"""The Ultravisor's metrics (on top of the per-call ones in pefsim/metrics.py)."""
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from pefsim.abi import SvmState
+from pefsim.metrics import LATENCY_BUCKETS, ServiceMetrics
+
+
+class UvMetrics(ServiceMetrics):
+    def __init__(self, state) -> None:
+        super().__init__()
+        r = self.registry
+        self.abort_seconds = Histogram(
+            "pefsim_uv_abort_duration_seconds",
+            "From issuing H_SVM_INIT_ABORT to the HV's answer, by outcome.", ["outcome"],
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.esm_seconds = Histogram(
+            "pefsim_uv_esm_duration_seconds", "UV_ESM from entry to its end, by outcome.",
+            ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.esm_failures = Counter(
+            "pefsim_uv_esm_failures_total", "ESM attempts that went to the abort path, by reason.",
+            ["reason"], registry=r)
+        self.pages = Counter("pefsim_uv_pages_total", "Pages moved by the UV, by direction.",
+                             ["direction"], registry=r)
+        pool = Gauge("pefsim_uv_secure_pages", "Secure memory pool, in 64 KiB pages, by kind.",
+                     ["kind"], registry=r)
+        pool.labels("total").set_function(lambda: state.pool.total)
+        pool.labels("in_use").set_function(lambda: state.pool.in_use)
+        pool.labels("reserved").set_function(lambda: state.pool.reserved)
+        pool.labels("free").set_function(lambda: state.pool.total - state.pool.in_use)
+        svms = Gauge("pefsim_uv_svms", "SVM objects, by state.", ["state"], registry=r)
+        for st in (SvmState.SVM_ACTIVE, SvmState.SVM_SECURE, SvmState.SVM_ABORT):
+            svms.labels(st.name).set_function(
+                lambda st=st: sum(1 for s in state.svms.values() if s.state == st))

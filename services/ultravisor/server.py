@@ -1,0 +1,97 @@
+"""The Ultravisor process: build_server() and main().
+
+    python -m services.ultravisor --listen 127.0.0.1:7101 --hv 127.0.0.1:7102 \\
+        --pool-pages 4096 --trusted-key esm-signing.pub
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from pefsim import rpc
+from pefsim.abi import EsmCopy, Role
+from pefsim.blob import load_public_key
+from pefsim.v1 import hypervisor_pb2_grpc, ultravisor_pb2
+from services.ultravisor import calltable
+from services.ultravisor.metrics import UvMetrics
+from services.ultravisor.state import UvState
+
+log = logging.getLogger("pefsim.uv")
+
+
+@dataclass
+class UvConfig:
+    listen: str = "127.0.0.1:0"
+    hv: str = ""
+    pool_pages: int = 4096
+    esm_copy: int = EsmCopy.ESM_COPY_ALL
+    trusted_key: Path | None = None
+    history: str | None = None
+    metrics_listen: str | None = None
+    ready_file: str | None = None
+
+
+class Ultravisor:
+    """The UV's state, its peer (the HV) and its configuration; handlers take it first."""
+
+    def __init__(self, cfg: UvConfig):
+        self.cfg = cfg
+        self.state = UvState(cfg.pool_pages)
+        self.hv = rpc.Peer(cfg.hv, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub)
+        self.trusted = load_public_key(cfg.trusted_key) if cfg.trusted_key else None
+        self.metrics = UvMetrics(self.state)
+        self.history = rpc.History(cfg.history, "uv")
+        self.dispatcher = rpc.Dispatcher(
+            service=self, service_descriptor=ultravisor_pb2.DESCRIPTOR.services_by_name["UltravisorService"],
+            pb2=ultravisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
+            state_of=calltable.state_of, observer=self.metrics, history=self.history)
+
+    async def close(self) -> None:
+        await self.hv.close()
+        self.history.close()
+
+
+async def build_server(cfg: UvConfig) -> tuple[grpc.aio.Server, int, Ultravisor]:
+    uv = Ultravisor(cfg)
+    server, port = await rpc.start_server(cfg.listen, [uv.dispatcher.generic_handler()])
+    return server, port, uv
+
+
+def parse_args(argv=None) -> UvConfig:
+    ap = argparse.ArgumentParser(prog="pefsim-uv", description="pefsim Ultravisor service")
+    ap.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve gRPC on")
+    ap.add_argument("--hv", required=True, help="host:port of the Hypervisor service")
+    ap.add_argument("--pool-pages", type=int, default=4096,
+                    help="secure memory pool size in 64 KiB pages (default 4096 = 256 MiB)")
+    ap.add_argument("--esm-copy", choices=["all", "measured"], default="all",
+                    help="pages ESM copies: every GFN (default) or the measured regions only")
+    ap.add_argument("--trusted-key", type=Path, required=True,
+                    help="Ed25519 public key (PEM) that ESM blobs must be signed with")
+    ap.add_argument("--history", help="append a JSON line per served call to this file")
+    ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
+    ap.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
+    a = ap.parse_args(argv)
+    if a.pool_pages < 0:
+        ap.error("--pool-pages must be >= 0")
+    return UvConfig(listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
+                    esm_copy=EsmCopy[f"ESM_COPY_{a.esm_copy.upper()}"], trusted_key=a.trusted_key,
+                    history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file)
+
+
+async def serve(cfg: UvConfig) -> None:
+    server, port, uv = await build_server(cfg)
+    metrics_port = uv.metrics.serve(cfg.metrics_listen)
+    log.info("ultravisor serving on %s (port %d), pool %d pages, hv %s", cfg.listen, port,
+             cfg.pool_pages, cfg.hv)
+    rpc.write_ready_file(cfg.ready_file, port=port, metrics_port=metrics_port)
+    await rpc.serve_until_signalled(server, uv.close)
+
+
+def main(argv=None) -> None:
+    cfg = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s uv %(levelname)s %(message)s")
+    rpc.run(lambda: serve(cfg))

@@ -1,0 +1,294 @@
+"""Ultravisor state: the secure-memory pool, SVM objects and their per-GPF pages.
+
+SVM states (SvmState, the UV's ``enum svm_state``)
+-------------------------------------------------
+
+  SVM_ABSENT   no SVM object for the lpid (pefsim's name for "not found")
+  SVM_ACTIVE   created by UV_ESM; the ESM context is paging the guest in and checking its blob
+  SVM_SECURE   ESM committed; the guest runs with MSR[S] = 1
+  SVM_ABORT    ESM failed after H_SVM_INIT_START; H_SVM_INIT_ABORT issued. The SVM keeps every
+               page, memslot and its key until UV_SVM_TERMINATE, and serves UV_PAGE_OUT (with
+               the plaintext: the guest resumes as a normal VM) so the HV can take its pages back.
+
+  event                 ABSENT        ACTIVE           SECURE           ABORT
+  UV_ESM                -> ACTIVE     U_RETRY          U_RETRY          U_RETRY
+  ESM commits           N/A           -> SECURE        N/A              N/A
+  ESM fails             N/A           -> ABORT         (os-term)        N/A
+  UV_SVM_TERMINATE      U_SUCCESS     -> ABSENT        -> ABSENT        -> ABSENT
+
+  The per-call legality of every ucall in each state is the table in calltable.py.
+
+GPF states (GpfState, the UV's per-guest-page-frame states; the subset pefsim uses)
+------------------------------------------------------------------------------------
+
+  GPF_UNBACKED      inside a registered slot, no pool frame yet (reads as zeros on first touch)
+  GPF_SECURE        content in a pool frame
+  GPF_PAGEDOUT      the HV holds AES-GCM ciphertext; the UV keeps key, nonce, tag and version
+  GPF_HV_SHARING    transient: H_SVM_PAGE_IN(H_PAGE_IN_SHARED) in flight
+  GPF_SHARED        shared with the HV: the HV page is the page (the UV reaches it through the HV)
+  GPF_SHARED_INV    shared, but the HV dropped its mapping (UV_PAGE_INVAL); refaulted on access
+  GPF_HV_UNSHARING  transient: the unshare page-in (H_SVM_PAGE_IN flags 0) in flight
+
+  event                      UNBACKED   SECURE         PAGEDOUT     SHARED(_INV)  HV_SHARING  HV_UNSHARING
+  UV_PAGE_IN (ESM / fault)   ->SECURE   copy (ESM) /   decrypt ->   ->SHARED      ->SHARED    ->SECURE (zero,
+                                        U_P2 (secure)  SECURE / U_P3                           no copy)
+  UV_PAGE_OUT (secure)       U_PARAM    ->PAGEDOUT     U_PARAMETER  U_PARAMETER   U_PARAMETER U_RETRY
+  UV_PAGE_OUT (ABORT)        U_PARAM    plaintext, kept U_PARAMETER U_PARAMETER   U_PARAMETER U_RETRY
+  UV_PAGE_INVAL              U_P2       U_P2           U_P2         ->SHARED_INV  U_P2        U_P2
+  share                      ->HV_SHARING (after paging a PAGEDOUT page back in)
+  unshare                    SHARED(_INV) -> HV_UNSHARING
+  UV_SVM_TERMINATE           every frame scrubbed and freed, reservation returned, key dropped
+
+Invariants (checked by tests and the chaos checkers)
+  * a free pool frame holds zeros (frames are scrubbed when released);
+  * a frame belongs to at most one GPF of one SVM;
+  * pages in use <= pages reserved <= pages total; an SVM's frames <= its reservation.
+
+Locking: one asyncio.Lock per SVM (``Svm.lock``, the UV's page_lock) around every change of its
+GPF map. It is never held across an outgoing hcall: H_SVM_PAGE_IN calls back with UV_PAGE_IN,
+which takes it.
+"""
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from pefsim.abi import PAGE_SIZE, SECURE_RA_BASE, GpfState, SvmState, gfn_of
+
+SVM_MEM_SLOTS_NUM = 32  # slot ids the UV accepts per SVM (firmware's SVM_MEM_SLOTS_NUM)
+
+
+class SecurePool:
+    """The UV's fixed-size secure memory: an anonymous mmap of 64 KiB frames."""
+
+    def __init__(self, pages: int):
+        self.total = pages
+        self.mem = mmap.mmap(-1, max(pages, 1) * PAGE_SIZE)
+        self._free = list(range(pages - 1, -1, -1))
+        self.reserved = 0
+
+    @property
+    def in_use(self) -> int:
+        return self.total - len(self._free)
+
+    def reserve(self, n: int) -> bool:
+        if self.reserved + n > self.total:
+            return False
+        self.reserved += n
+        return True
+
+    def unreserve(self, n: int) -> None:
+        assert n <= self.reserved, "unreserving more than reserved"
+        self.reserved -= n
+
+    def alloc(self) -> int:
+        """A zeroed frame (free frames are always zero)."""
+        return self._free.pop()
+
+    def release(self, frame: int) -> None:
+        """Scrub a frame and return it to the pool."""
+        off = frame * PAGE_SIZE
+        self.mem[off:off + PAGE_SIZE] = bytes(PAGE_SIZE)
+        self._free.append(frame)
+
+    def view(self, frame: int) -> memoryview:
+        off = frame * PAGE_SIZE
+        return memoryview(self.mem)[off:off + PAGE_SIZE]
+
+    def ra(self, frame: int) -> int:
+        return SECURE_RA_BASE + frame * PAGE_SIZE
+
+
+@dataclass
+class Gpf:
+    state: int = GpfState.GPF_UNBACKED
+    frame: int | None = None
+    version: int = 0  # page-out count: bound into the AAD so an older ciphertext never decrypts
+    nonce: bytes = b""
+    tag: bytes = b""
+
+
+@dataclass
+class Svm:
+    lpid: int
+    owner: str  # identity of the guest that made UV_ESM
+    state: int = SvmState.SVM_ACTIVE
+    slots: dict[int, tuple[int, int]] = field(default_factory=dict)  # slotid -> (base_gfn, npages)
+    gpfs: dict[int, Gpf] = field(default_factory=dict)
+    key: bytes = field(default_factory=lambda: AESGCM.generate_key(bit_length=256))
+    nonce_prefix: bytes = field(default_factory=lambda: os.urandom(4))
+    nonce_counter: int = 0
+    reserved: int = 0
+    abort_issued_ns: int = 0
+    created_ns: int = field(default_factory=time.time_ns)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    destroyed: bool = False
+    esm_task: Any = None  # the ESM context (esm.py) while it runs
+
+    def slot_of(self, gfn: int) -> int | None:
+        for slotid, (base, npages) in self.slots.items():
+            if base <= gfn < base + npages:
+                return slotid
+        return None
+
+    def in_slots(self, gpa: int) -> bool:
+        return self.slot_of(gfn_of(gpa)) is not None
+
+    def gfns(self):
+        for base, npages in self.slots.values():
+            yield from range(base, base + npages)
+
+    def gpf(self, gfn: int) -> Gpf:
+        """The GPF record of a gfn inside a slot (created UNBACKED on first use)."""
+        rec = self.gpfs.get(gfn)
+        if rec is None:
+            rec = self.gpfs[gfn] = Gpf()
+        return rec
+
+    def count(self, state: int) -> int:
+        return sum(1 for g in self.gpfs.values() if g.state == state)
+
+    @property
+    def frames(self) -> int:
+        return sum(1 for g in self.gpfs.values() if g.frame is not None)
+
+
+def _aad(lpid: int, gfn: int, version: int) -> bytes:
+    return struct.pack(">IQQ", lpid, gfn, version)
+
+
+class UvState:
+    """Every SVM of this UV and the pool they draw from. All GPF transitions go through the
+    helpers below; nothing else assigns ``Gpf.state`` or ``Svm.state``."""
+
+    def __init__(self, pool_pages: int):
+        self.pool = SecurePool(pool_pages)
+        self.svms: dict[int, Svm] = {}
+        self.terminated: list[int] = []
+
+    def svm_state(self, lpid: int) -> int:
+        svm = self.svms.get(lpid)
+        return SvmState.SVM_ABSENT if svm is None else SvmState(svm.state)
+
+    # -- SVM life cycle ------------------------------------------------------------------------
+
+    def create_svm(self, lpid: int, owner: str) -> Svm:
+        assert lpid not in self.svms
+        svm = self.svms[lpid] = Svm(lpid=lpid, owner=owner)
+        return svm
+
+    def set_svm_state(self, svm: Svm, state: int) -> None:
+        svm.state = state
+        if state == SvmState.SVM_ABORT:
+            svm.abort_issued_ns = time.time_ns()
+
+    def destroy_svm(self, lpid: int) -> int:
+        """UV_SVM_TERMINATE's work: scrub and free every frame, return the reservation, forget
+        slots, GPFs and key. Returns the number of frames freed."""
+        svm = self.svms.pop(lpid, None)
+        if svm is None:
+            return 0
+        freed = 0
+        for gpf in svm.gpfs.values():
+            if gpf.frame is not None:
+                self.pool.release(gpf.frame)
+                freed += 1
+        self.pool.unreserve(svm.reserved)
+        svm.gpfs.clear()
+        svm.slots.clear()
+        svm.reserved = 0
+        svm.key = b""
+        svm.destroyed = True
+        self.terminated.append(lpid)
+        return freed
+
+    # -- memslots ------------------------------------------------------------------------------
+
+    def add_slot(self, svm: Svm, slotid: int, base_gfn: int, npages: int) -> bool:
+        if not self.pool.reserve(npages):
+            return False
+        svm.slots[slotid] = (base_gfn, npages)
+        svm.reserved += npages
+        return True
+
+    def remove_slot(self, svm: Svm, slotid: int) -> None:
+        base, npages = svm.slots.pop(slotid)
+        for gfn in range(base, base + npages):
+            gpf = svm.gpfs.pop(gfn, None)
+            if gpf is not None and gpf.frame is not None:
+                self.pool.release(gpf.frame)
+        svm.reserved -= npages
+        self.pool.unreserve(npages)
+
+    # -- GPF transitions -----------------------------------------------------------------------
+
+    def _take_frame(self, gpf: Gpf) -> int:
+        if gpf.frame is None:
+            gpf.frame = self.pool.alloc()
+        return gpf.frame
+
+    def _drop_frame(self, gpf: Gpf) -> None:
+        if gpf.frame is not None:
+            self.pool.release(gpf.frame)
+            gpf.frame = None
+
+    def mark_secure(self, gpf: Gpf, data: bytes | memoryview | None) -> None:
+        """-> GPF_SECURE holding ``data`` (or zeros)."""
+        frame = self._take_frame(gpf)
+        view = self.pool.view(frame)
+        if data is None:
+            view[:] = bytes(PAGE_SIZE)
+        else:
+            view[:] = data
+        gpf.state = GpfState.GPF_SECURE
+
+    def page_out(self, svm: Svm, gfn: int, gpf: Gpf) -> bytes:
+        """GPF_SECURE -> GPF_PAGEDOUT: encrypt under the SVM key, free the frame, hand back the
+        ciphertext (the tag stays here)."""
+        svm.nonce_counter += 1
+        gpf.version += 1
+        nonce = svm.nonce_prefix + struct.pack(">Q", svm.nonce_counter)
+        sealed = AESGCM(svm.key).encrypt(nonce, bytes(self.pool.view(gpf.frame)),
+                                         _aad(svm.lpid, gfn, gpf.version))
+        gpf.nonce, gpf.tag = nonce, sealed[PAGE_SIZE:]
+        self._drop_frame(gpf)
+        gpf.state = GpfState.GPF_PAGEDOUT
+        return sealed[:PAGE_SIZE]
+
+    def page_in_sealed(self, svm: Svm, gfn: int, gpf: Gpf, ciphertext: bytes) -> bool:
+        """GPF_PAGEDOUT -> GPF_SECURE if the ciphertext is the latest one the UV produced for the
+        page and untouched; otherwise nothing changes and the caller answers U_P3."""
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            plain = AESGCM(svm.key).decrypt(gpf.nonce, bytes(ciphertext) + gpf.tag,
+                                            _aad(svm.lpid, gfn, gpf.version))
+        except InvalidTag:
+            return False
+        self.mark_secure(gpf, plain)
+        return True
+
+    def mark_sharing(self, gpf: Gpf) -> None:
+        gpf.state = GpfState.GPF_HV_SHARING
+
+    def mark_shared(self, gpf: Gpf) -> None:
+        """-> GPF_SHARED: the secure frame (if any) is scrubbed and freed."""
+        self._drop_frame(gpf)
+        gpf.state = GpfState.GPF_SHARED
+
+    def mark_shared_inv(self, gpf: Gpf) -> None:
+        gpf.state = GpfState.GPF_SHARED_INV
+
+    def mark_unsharing(self, gpf: Gpf) -> None:
+        gpf.state = GpfState.GPF_HV_UNSHARING
+
+    def revert_sharing(self, gpf: Gpf) -> None:
+        """A share that did not complete: the page is secure (and zero) again."""
+        self.mark_secure(gpf, None)
