@@ -154,7 +154,7 @@ class LocalStack:
         return self
 
     def add_guest(self, name: str, mem_bytes: int, blob: bytes | None, svm: bool = True,
-                  boot: bool = False) -> str:
+                  boot: bool = False, extra: tuple[str, ...] = ()) -> str:
         """Start a guest process; returns its Guest service address."""
         args = ["--name", name, "--mem-mib", str(mem_bytes / (1 << 20)), "--hv", self.hv_addr,
                 "--uv", self.uv_addr, "--listen", f"{self.cfg.host}:0"]
@@ -166,6 +166,9 @@ class LocalStack:
             args.append("--no-svm")
         if boot:
             args.append("--boot")
+        if self.cfg.esm_copy == "measured":
+            args.append("--measured-only")
+        args += list(extra)
         proc = self._proc(f"guest-{name}", "services.guest", args)
         proc.start()
         ready = proc.wait_ready()

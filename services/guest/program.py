@@ -51,6 +51,9 @@ class GuestConfig:
     uv: str
     blob: bytes = b""
     svm: bool = True  # `svm=on` on the kernel command line: enter secure mode
+    secure_capable: bool = True  # QEMU's pef-guest object: KVM_CAP_PPC_SECURE_GUEST enabled
+    measured_only: bool = False  # the UV pages in only the measured regions (ESM_COPY_MEASURED):
+    # once secure, every other page reads as zeros (the INIT_DONE sweep does not copy)
     resume_timeout_s: float = 120.0
 
 
@@ -124,7 +127,7 @@ class GuestProgram:
         npages = self.image.npages
         resp = await self._hv("CreateVm", hpb.CreateVmRequest(
             name=self.cfg.name, memslots=[common_pb2.Memslot(slot_id=0, base_gfn=0, npages=npages)],
-            vcpu_endpoint=self.endpoint, secure_capable=True))
+            vcpu_endpoint=self.endpoint, secure_capable=self.cfg.secure_capable))
         self.lpid = self.report.lpid = resp.lpid
         self.event(f"VM created: lpid {self.lpid}, {npages} pages of 64 KiB")
         await self._hv("RunVm", hpb.RunVmRequest(lpid=self.lpid))
@@ -144,6 +147,8 @@ class GuestProgram:
             self.report.abort_latency_s = (res.at_ns - res.abort_issued_ns) / 1e9
         if res.msr_s and res.r3 == U.U_SUCCESS:
             self.report.outcome = "secure"
+            if self.cfg.measured_only:
+                self._forget_unmeasured()
             self.event(f"resumed in secure mode at 0x{res.nip:x}")
         else:
             self.report.outcome = "aborted" if res.r3 == H.H_PARAMETER else "failed"
@@ -153,6 +158,14 @@ class GuestProgram:
             if res.nip != self.sc2_nip:
                 self.report.detail = f"resumed at 0x{res.nip:x}, expected 0x{self.sc2_nip:x}"
         await self.verify()
+
+    def _forget_unmeasured(self) -> None:
+        """With ESM_COPY_MEASURED only the FDT, blob, kernel and initrd pages were copied."""
+        img = self.image
+        keep = set(range(1, img.data_start >> PAGE_SHIFT))  # kernel, initrd, FDT, blob
+        for gfn in range(img.npages):
+            if gfn not in keep:
+                self.written.setdefault(gfn, bytes(PAGE_SIZE))
 
     async def enter_secure_mode(self) -> Resume:
         """`sc 2` UV_ESM(kbase, fdt), then wait for the one resume."""

@@ -47,6 +47,10 @@ def parse_args(argv=None):
     ap.add_argument("--uv", required=True, help="host:port of the Ultravisor service")
     ap.add_argument("--blob", type=Path, help="ESM blob file (placed in guest memory)")
     ap.add_argument("--no-svm", action="store_true", help="boot as a normal VM (no UV_ESM)")
+    ap.add_argument("--no-secure-capable", action="store_true",
+                    help="do not enable KVM_CAP_PPC_SECURE_GUEST (INIT_START -> H_AUTHORITY)")
+    ap.add_argument("--measured-only", action="store_true",
+                    help="the UV runs with --esm-copy measured: expect unmeasured pages zeroed")
     ap.add_argument("--listen", default="127.0.0.1:0", help="host:port for the Guest service")
     ap.add_argument("--advertise", help="host:port the HV should use to reach this guest")
     ap.add_argument("--resume-timeout", type=float, default=120.0,
@@ -61,7 +65,8 @@ def parse_args(argv=None):
         ap.error("--mem-mib must be a multiple of 64 KiB")
     blob = a.blob.read_bytes() if a.blob else b""
     return a, GuestConfig(name=a.name, mem_bytes=mem_bytes, hv=a.hv, uv=a.uv, blob=blob,
-                          svm=not a.no_svm, resume_timeout_s=a.resume_timeout)
+                          svm=not a.no_svm, secure_capable=not a.no_secure_capable,
+                          measured_only=a.measured_only, resume_timeout_s=a.resume_timeout)
 
 
 async def serve(a, cfg: GuestConfig) -> None:

@@ -1,0 +1,33 @@
+# pefsim: `make demo` runs the life-cycle demo on a local stack, `make test` runs the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test protos check-protos lint-protos conformance-doc clean
+
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/pefsim demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+protos: $(STAMP)  ## regenerate pefsim/v1 from protos/
+	$(PY) tools/gen_protos.py
+
+check-protos: $(STAMP)
+	$(PY) tools/gen_protos.py --check
+
+lint-protos:  ## buf from the npm registry (package.json)
+	npm ci --silent && npx buf lint
+
+conformance-doc: $(STAMP)  ## regenerate docs/conformance.md from the call tables
+	$(PY) tools/gen_conformance.py
+
+clean:
+	rm -rf $(VENV) node_modules

@@ -1,0 +1,66 @@
+"""Fixtures: real service processes on 127.0.0.1, layered by life-cycle stage.
+
+* ``stack_factory`` starts a LocalStack (UV + HV as separate processes) with a given config and
+  owns it: at teardown it stops every process and asserts that each exited cleanly and that no
+  log holds a traceback. On a failed test the logs and histories stay in the run directory,
+  whose path the failure report shows.
+* ``stack`` is one default stack per test module.
+* ``run`` runs a coroutine (each test makes its own gRPC channels inside it).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+import pytest
+
+from pefsim.stack import LocalStack, StackConfig
+
+_names = itertools.count()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{next(_names)}"
+
+
+def assert_clean_exit(stack: LocalStack) -> None:
+    codes = stack.stop()
+    problems = [f"{name} exited {code}" for name, code in codes.items() if code not in (0, None)]
+    for name, proc in stack.procs.items():
+        text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
+        if "Traceback" in text:
+            problems.append(f"{name} logged a traceback:\n{proc.log_tail(40)}")
+    assert not problems, "\n".join(problems) + f"\n(run dir {stack.run_dir})"
+
+
+@pytest.fixture(scope="module")
+def stack_factory(tmp_path_factory):
+    stacks: list[LocalStack] = []
+
+    def make(**kw) -> LocalStack:
+        run_dir = tmp_path_factory.mktemp("stack")
+        stack = LocalStack(StackConfig(run_dir=run_dir, **kw)).start()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        assert_clean_exit(stack)
+
+
+@pytest.fixture(scope="module")
+def stack(stack_factory) -> LocalStack:
+    return stack_factory()
+
+
+@pytest.fixture
+def run():
+    return lambda coro: asyncio.run(coro)
+
+
+def history(stack: LocalStack, service: str) -> list[dict]:
+    import json
+
+    path = Path(stack.run_dir) / f"{service}.history.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

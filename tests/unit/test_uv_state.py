@@ -1,0 +1,107 @@
+"""The UV's pool and GPF transitions, driven directly (no processes)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pefsim.abi import PAGE_SIZE, GpfState
+from services.ultravisor.state import UvState
+
+
+@pytest.fixture
+def uv():
+    return UvState(pool_pages=8)
+
+
+def secure_svm(uv, lpid=1, npages=4):
+    svm = uv.create_svm(lpid, "g")
+    assert uv.add_slot(svm, 0, 0, npages)
+    return svm
+
+
+def test_reservation_is_bounded_by_the_pool(uv):
+    a = uv.create_svm(1, "a")
+    assert uv.add_slot(a, 0, 0, 6)
+    b = uv.create_svm(2, "b")
+    assert not uv.add_slot(b, 0, 0, 3)
+    assert uv.pool.reserved == 6
+
+
+def test_terminate_scrubs_frees_and_unreserves(uv):
+    svm = secure_svm(uv)
+    for gfn in range(4):
+        uv.mark_secure(svm.gpf(gfn), bytes([gfn + 1]) * PAGE_SIZE)
+    frames = [svm.gpf(g).frame for g in range(4)]
+    assert uv.pool.in_use == 4
+    assert uv.destroy_svm(1) == 4
+    assert (uv.pool.in_use, uv.pool.reserved) == (0, 0)
+    for f in frames:
+        assert bytes(uv.pool.view(f)) == bytes(PAGE_SIZE)
+    assert uv.terminated == [1] and 1 not in uv.svms and svm.key == b""
+
+
+def test_page_out_encrypts_and_page_in_decrypts(uv):
+    svm = secure_svm(uv)
+    page = bytes(range(256)) * (PAGE_SIZE // 256)
+    gpf = svm.gpf(2)
+    uv.mark_secure(gpf, page)
+    sealed = uv.page_out(svm, 2, gpf)
+    assert len(sealed) == PAGE_SIZE and sealed != page
+    assert gpf.state == GpfState.GPF_PAGEDOUT and gpf.frame is None and uv.pool.in_use == 0
+    assert uv.page_in_sealed(svm, 2, gpf, sealed)
+    assert gpf.state == GpfState.GPF_SECURE and bytes(uv.pool.view(gpf.frame)) == page
+
+
+def test_tampered_and_replayed_ciphertext_refused_page_kept(uv):
+    svm = secure_svm(uv)
+    gpf = svm.gpf(1)
+    uv.mark_secure(gpf, b"\x01" * PAGE_SIZE)
+    first = uv.page_out(svm, 1, gpf)
+    tampered = bytes([first[0] ^ 1]) + first[1:]
+    assert not uv.page_in_sealed(svm, 1, gpf, tampered)
+    assert gpf.state == GpfState.GPF_PAGEDOUT
+    assert uv.page_in_sealed(svm, 1, gpf, first)
+    uv.pool.view(gpf.frame)[:] = b"\x02" * PAGE_SIZE
+    second = uv.page_out(svm, 1, gpf)
+    assert not uv.page_in_sealed(svm, 1, gpf, first)  # replay of the older version
+    assert uv.page_in_sealed(svm, 1, gpf, second)
+    assert bytes(uv.pool.view(gpf.frame)) == b"\x02" * PAGE_SIZE
+
+
+def test_ciphertext_is_bound_to_its_gpa(uv):
+    """A ciphertext of one page offered for another page is refused."""
+    svm = secure_svm(uv)
+    a, b = svm.gpf(0), svm.gpf(1)
+    uv.mark_secure(a, b"A" * PAGE_SIZE)
+    uv.mark_secure(b, b"B" * PAGE_SIZE)
+    sa, sb = uv.page_out(svm, 0, a), uv.page_out(svm, 1, b)
+    assert not uv.page_in_sealed(svm, 1, b, sa)
+    assert uv.page_in_sealed(svm, 1, b, sb)
+
+
+def test_share_frees_the_frame(uv):
+    svm = secure_svm(uv)
+    gpf = svm.gpf(3)
+    uv.mark_secure(gpf, b"S" * PAGE_SIZE)
+    frame = gpf.frame
+    uv.mark_sharing(gpf)
+    uv.mark_shared(gpf)
+    assert gpf.frame is None and bytes(uv.pool.view(frame)) == bytes(PAGE_SIZE)
+
+
+def test_remove_slot_releases_its_pages(uv):
+    svm = secure_svm(uv)
+    assert uv.add_slot(svm, 1, 100, 2)
+    uv.mark_secure(svm.gpf(100), b"x" * PAGE_SIZE)
+    uv.remove_slot(svm, 1)
+    assert uv.pool.in_use == 0 and svm.reserved == 4 and uv.pool.reserved == 4
+
+
+def test_svm_lock_is_per_svm(uv):
+    a, b = secure_svm(uv, 1), uv.create_svm(2, "b")
+
+    async def both():
+        async with a.lock:
+            assert not b.lock.locked()
+    asyncio.run(both())
