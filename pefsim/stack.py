@@ -133,25 +133,36 @@ class LocalStack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.signing_key()
         host = self.cfg.host
-        uv_port = self.cfg.uv_port or free_port(host)
-        hv_port = self.cfg.hv_port or free_port(host)
-        self.uv_addr, self.hv_addr = f"{host}:{uv_port}", f"{host}:{hv_port}"
-        uv = self._proc("uv", "services.ultravisor", [
-            "--listen", self.uv_addr, "--hv", self.hv_addr, "--pool-pages", str(self.cfg.pool_pages),
-            "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub")])
-        hv = self._proc("hv", "services.hypervisor", [
-            "--listen", self.hv_addr, "--uv", self.uv_addr, "--data-dir", str(self.run_dir / "hv-data"),
-            "--abort-return", self.cfg.abort_return])
+        self.uv_addr = f"{host}:{self.cfg.uv_port or free_port(host)}"
+        self.hv_addr = f"{host}:{self.cfg.hv_port or free_port(host)}"
         try:
-            for proc in (uv, hv):
-                proc.start()
-            for proc in (uv, hv):
-                proc.wait_ready()
+            self.start_service("uv", peer=self.hv_addr, listen=self.uv_addr)
+            self.start_service("hv", peer=self.uv_addr, listen=self.hv_addr)
         except BaseException:
             self.stop()
             raise
-        self.write_stack_file()
         return self
+
+    def start_service(self, kind: str, peer: str, listen: str | None = None, name: str | None = None,
+                      abort_return: str | None = None) -> str:
+        """Start one UV ("uv") or HV ("hv") process talking to ``peer``; returns its address.
+        (The conformance tests run a real service against a scripted peer this way.)"""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        listen = listen or f"{self.cfg.host}:{free_port(self.cfg.host)}"
+        name = name or kind
+        if kind == "uv":
+            self.signing_key()
+            proc = self._proc(name, "services.ultravisor", [
+                "--listen", listen, "--hv", peer, "--pool-pages", str(self.cfg.pool_pages),
+                "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub")])
+        else:
+            proc = self._proc(name, "services.hypervisor", [
+                "--listen", listen, "--uv", peer, "--data-dir", str(self.run_dir / f"{name}-data"),
+                "--abort-return", abort_return or self.cfg.abort_return])
+        proc.start()
+        proc.wait_ready()
+        self.write_stack_file()
+        return listen
 
     def add_guest(self, name: str, mem_bytes: int, blob: bytes | None, svm: bool = True,
                   boot: bool = False, extra: tuple[str, ...] = ()) -> str:

@@ -1,0 +1,251 @@
+"""Scripted peers: a test-process HV that drives a real UV process into any SVM state, and a
+test-process UV (and guest vCPU) that a real HV process calls back.
+
+They serve the real gRPC services on real sockets. The scripted HV behaves like an honest HV by
+default (it keeps the guest's pages, registers the memslot, hands pages over with UV_PAGE_IN)
+but can hold any hcall open, or answer it differently, so the UV can be observed mid-ESM
+(SVM_ACTIVE) or mid-abort (SVM_ABORT).
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import grpc
+
+from pefsim import rpc
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, AbortReturn, Errno, H, HV_RA_BASE, PageInFlag, Role, U, gfn_of, gpa_of
+from pefsim.image import GuestImage
+from pefsim.v1 import common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
+from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
+
+
+def _handlers(service_cls, impl) -> grpc.GenericRpcHandler:
+    """Generic handlers for every RPC ``impl`` defines (others: UNIMPLEMENTED)."""
+    desc = service_cls
+    pb2 = impl.pb2
+    methods = {}
+    for m in desc.methods:
+        fn = getattr(impl, m.name, None)
+        if fn is None:
+            continue
+        methods[m.name] = grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=getattr(pb2, m.input_type.name).FromString,
+            response_serializer=getattr(pb2, m.output_type.name).SerializeToString)
+    return grpc.method_handlers_generic_handler(desc.full_name, methods)
+
+
+@dataclass
+class Guest:
+    image: GuestImage
+    blob: bytes
+    pages: dict[int, bytes] = field(default_factory=dict)  # gfn -> what the HV holds
+
+    def __post_init__(self) -> None:
+        self.pages = {g: self.image.page(g, self.blob) for g in range(self.image.npages)}
+
+
+class ScriptedHv:
+    """A HypervisorService in the test process, for one real UV process."""
+
+    pb2 = hpb
+
+    def __init__(self, listen: str, uv_addr: str):
+        self.listen = listen
+        self.uv = rpc.Peer(uv_addr, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub)
+        self.guests: dict[int, Guest] = {}
+        self.seen: list[tuple[str, Any]] = []
+        self.events: dict[tuple[str, int], asyncio.Event] = {}
+        self.gates: dict[tuple[str, int], asyncio.Event] = {}
+        self.answers: dict[tuple[str, int], Callable] = {}
+        self.server: grpc.aio.Server | None = None
+
+    async def __aenter__(self) -> "ScriptedHv":
+        self.server, _ = await rpc.start_server(self.listen, [
+            _handlers(hpb.DESCRIPTOR.services_by_name["HypervisorService"], self)])
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for gate in self.gates.values():
+            gate.set()
+        await self.server.stop(grace=0.5)
+        await self.uv.close()
+
+    # -- scripting ------------------------------------------------------------------------------
+
+    def hold(self, call: str, lpid: int) -> asyncio.Event:
+        """Hold ``call`` for ``lpid`` open until the returned event is set."""
+        gate = self.gates[(call, lpid)] = asyncio.Event()
+        return gate
+
+    def answer(self, call: str, lpid: int, fn: Callable) -> None:
+        """Answer ``call`` for ``lpid`` with ``await fn(request)`` instead of the default."""
+        self.answers[(call, lpid)] = fn
+
+    def reached(self, call: str, lpid: int) -> asyncio.Event:
+        return self.events.setdefault((call, lpid), asyncio.Event())
+
+    async def _enter(self, call: str, req) -> Callable | None:
+        self.seen.append((call, req))
+        self.reached(call, req.lpid).set()
+        gate = self.gates.get((call, req.lpid))
+        if gate is not None:
+            await gate.wait()
+        return self.answers.get((call, req.lpid))
+
+    # -- hcalls ---------------------------------------------------------------------------------
+
+    async def H_SVM_INIT_START(self, req, context):
+        custom = await self._enter("H_SVM_INIT_START", req)
+        if custom:
+            return await custom(req)
+        g = self.guests[req.lpid]
+        rc = (await self.uv.stub.UV_REGISTER_MEM_SLOT(upb.UvRegisterMemSlotRequest(
+            lpid=req.lpid, start_gpa=0, size=g.image.mem_bytes, flags=0, slotid=0))).rc
+        return hpb.HSvmInitStartResponse(rc=H.H_SUCCESS if rc == U.U_SUCCESS else H.H_PARAMETER)
+
+    async def H_SVM_PAGE_IN(self, req, context):
+        custom = await self._enter("H_SVM_PAGE_IN", req)
+        if custom:
+            return await custom(req)
+        g = self.guests[req.lpid]
+        gfn = gfn_of(req.guest_pa)
+        data = b"" if req.flags == PageInFlag.H_PAGE_IN_SHARED else g.pages[gfn]
+        rc = (await self.uv.stub.UV_PAGE_IN(upb.UvPageInRequest(
+            lpid=req.lpid, src_ra=HV_RA_BASE + req.guest_pa, dest_gpa=req.guest_pa, flags=0,
+            order=PAGE_SHIFT, data=data))).rc
+        if rc == U.U_SUCCESS and req.flags == PageInFlag.H_PAGE_IN_SHARED:
+            g.pages[gfn] = bytes(PAGE_SIZE)
+        return hpb.HSvmPageInResponse(rc=H.H_SUCCESS if rc == U.U_SUCCESS else H.H_PARAMETER)
+
+    async def H_SVM_PAGE_OUT(self, req, context):
+        custom = await self._enter("H_SVM_PAGE_OUT", req)
+        if custom:
+            return await custom(req)
+        resp = await self.page_out(req.lpid, gfn_of(req.guest_pa))
+        return hpb.HSvmPageOutResponse(rc=H.H_SUCCESS if resp.rc == U.U_SUCCESS else H.H_PARAMETER)
+
+    async def H_SVM_INIT_DONE(self, req, context):
+        custom = await self._enter("H_SVM_INIT_DONE", req)
+        if custom:
+            return await custom(req)
+        return hpb.HSvmInitDoneResponse(rc=H.H_SUCCESS)
+
+    async def H_SVM_INIT_ABORT(self, req, context):
+        custom = await self._enter("H_SVM_INIT_ABORT", req)
+        if custom:
+            return await custom(req)
+        return hpb.HSvmInitAbortResponse(rc=H.H_PARAMETER, returned_to=AbortReturn.ABORT_RETURN_GUEST)
+
+    async def VcpuLoad(self, req, context):
+        g = self.guests[req.lpid]
+        return hpb.VcpuLoadResponse(errno=Errno.OK, data=b"".join(
+            g.pages[gfn_of(req.gpa) + i] for i in range(req.npages)))
+
+    async def VcpuStore(self, req, context):
+        g = self.guests[req.lpid]
+        for i in range(len(req.data) // PAGE_SIZE):
+            g.pages[gfn_of(req.gpa) + i] = req.data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        return hpb.VcpuStoreResponse(errno=Errno.OK)
+
+    # -- what the test does as the HV -----------------------------------------------------------
+
+    async def page_out(self, lpid: int, gfn: int):
+        resp = await self.uv.stub.UV_PAGE_OUT(upb.UvPageOutRequest(
+            lpid=lpid, dest_ra=HV_RA_BASE + gpa_of(gfn), src_gpa=gpa_of(gfn), flags=0, order=PAGE_SHIFT))
+        if resp.rc == U.U_SUCCESS:
+            self.guests[lpid].pages[gfn] = resp.data
+        return resp
+
+
+class ScriptedUv:
+    """An UltravisorService in the test process, for one real HV process: accepts every ucall
+    (or answers as scripted) and keeps the pages the HV hands over."""
+
+    pb2 = upb
+
+    def __init__(self, listen: str):
+        self.listen = listen
+        self.pages: dict[tuple[int, int], bytes] = {}
+        self.sent: dict[tuple[int, int], bytes] = {}  # (lpid, gfn) -> what UV_PAGE_OUT handed out
+        self.seen: list[tuple[str, Any]] = []
+        self.answers: dict[str, Callable] = {}
+        self.server: grpc.aio.Server | None = None
+
+    async def __aenter__(self) -> "ScriptedUv":
+        self.server, _ = await rpc.start_server(self.listen, [
+            _handlers(upb.DESCRIPTOR.services_by_name["UltravisorService"], self)])
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop(grace=0.5)
+
+    def _answer(self, call: str, req):
+        self.seen.append((call, req))
+        return self.answers.get(call)
+
+    async def UV_REGISTER_MEM_SLOT(self, req, context):
+        fn = self._answer("UV_REGISTER_MEM_SLOT", req)
+        return fn(req) if fn else upb.UvRegisterMemSlotResponse(rc=U.U_SUCCESS)
+
+    async def UV_UNREGISTER_MEM_SLOT(self, req, context):
+        fn = self._answer("UV_UNREGISTER_MEM_SLOT", req)
+        return fn(req) if fn else upb.UvUnregisterMemSlotResponse(rc=U.U_SUCCESS)
+
+    async def UV_PAGE_IN(self, req, context):
+        fn = self._answer("UV_PAGE_IN", req)
+        if fn:
+            return fn(req)
+        self.pages[(req.lpid, gfn_of(req.dest_gpa))] = req.data
+        return upb.UvPageInResponse(rc=U.U_SUCCESS)
+
+    async def UV_PAGE_OUT(self, req, context):
+        fn = self._answer("UV_PAGE_OUT", req)
+        if fn:
+            return fn(req)
+        data = self.pages.pop((req.lpid, gfn_of(req.src_gpa)), bytes(PAGE_SIZE))
+        self.sent[(req.lpid, gfn_of(req.src_gpa))] = data
+        return upb.UvPageOutResponse(rc=U.U_SUCCESS, data=data)
+
+    async def UV_PAGE_INVAL(self, req, context):
+        fn = self._answer("UV_PAGE_INVAL", req)
+        return fn(req) if fn else upb.UvPageInvalResponse(rc=U.U_SUCCESS)
+
+    async def UV_SVM_TERMINATE(self, req, context):
+        fn = self._answer("UV_SVM_TERMINATE", req)
+        return fn(req) if fn else upb.UvSvmTerminateResponse(rc=U.U_SUCCESS)
+
+    def calls(self, name: str, lpid: int | None = None) -> list:
+        return [r for c, r in self.seen if c == name and (lpid is None or r.lpid == lpid)]
+
+
+class ScriptedVcpu:
+    """A GuestService in the test process: records every VcpuResume and accepts the first."""
+
+    pb2 = guest_pb2
+
+    def __init__(self, listen: str):
+        self.listen = listen
+        self.resumes: list[guest_pb2.VcpuResumeRequest] = []
+        self.server: grpc.aio.Server | None = None
+
+    async def __aenter__(self) -> "ScriptedVcpu":
+        self.server, _ = await rpc.start_server(self.listen, [
+            _handlers(guest_pb2.DESCRIPTOR.services_by_name["GuestService"], self)])
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.server.stop(grace=0.5)
+
+    async def VcpuResume(self, req, context):
+        self.resumes.append(req)
+        return guest_pb2.VcpuResumeResponse(rc=H.H_SUCCESS)
+
+
+def caller(addr: str, role: int, stub_cls, name: str = "conformance") -> rpc.Peer:
+    return rpc.Peer(addr, role, stub_cls, name)
+
+
+__all__ = ["ScriptedHv", "ScriptedUv", "ScriptedVcpu", "Guest", "caller", "common_pb2",
+           "guest_pb2_grpc", "hypervisor_pb2_grpc"]

@@ -1,0 +1,64 @@
+"""The conformance table covers the call tables: every call x state cell, every argument check,
+and a wrong caller for every ucall and hcall."""
+from __future__ import annotations
+
+import pytest
+
+from pefsim.conformance import ROWS
+from pefsim.rpc import STATE, result_name
+from services.hypervisor import calltable as hv_table
+from services.ultravisor import calltable as uv_table
+
+SERVICES = [("UV", uv_table), ("HV", hv_table)]
+
+
+@pytest.mark.parametrize("svc, table", SERVICES, ids=["uv", "hv"])
+def test_every_call_state_cell_has_a_row(svc, table):
+    have = {(r.call, r.state) for r in ROWS if r.service == svc}
+    missing = [f"{call} x {state.name}" for call, row in table.STATE_TABLE.items()
+               for state in row if (call, state.name) not in have]
+    assert not missing, "no conformance row for:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("svc, table", SERVICES, ids=["uv", "hv"])
+def test_every_argument_check_has_a_row(svc, table):
+    have = {(r.call, r.check, r.expect) for r in ROWS if r.service == svc and r.check}
+    missing = [f"{c.name}: {chk.arg} -> {result_name(c, chk.rc)} ({chk.why})"
+               for c in table.CALLS for chk in c.checks
+               if chk is not STATE and (c.name, chk.arg, result_name(c, chk.rc)) not in have]
+    assert not missing, "no conformance row for:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize("svc, table", SERVICES, ids=["uv", "hv"])
+def test_every_abi_call_has_a_wrong_caller_row(svc, table):
+    legit = {"UV": {}, "HV": {}}
+    missing = []
+    for c in table.CALLS:
+        if c.opcode is None:
+            continue
+        rows = [r for r in ROWS if r.service == svc and r.call == c.name and r.caller
+                and r.expect == result_name(c, c.wrong_caller)]
+        if not rows:
+            missing.append(c.name)
+    assert not missing and legit, f"no wrong-caller row for {missing}"
+
+
+def test_rows_name_real_calls_and_states():
+    for r in ROWS:
+        table = uv_table if r.service == "UV" else hv_table
+        assert r.call in {c.name for c in table.CALLS}, r
+        if r.call in table.STATE_TABLE:
+            assert r.state in {s.name for s in table.STATE_TABLE[r.call]}, r
+        assert r.source, r
+
+
+def test_conformance_doc_is_up_to_date():
+    """docs/conformance.md is what tools/gen_conformance.py writes from the tables."""
+    import subprocess
+    import sys
+
+    from pefsim.stack import ROOT
+
+    out = subprocess.run([sys.executable, "tools/gen_conformance.py", "--check"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr

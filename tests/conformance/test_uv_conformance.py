@@ -1,0 +1,200 @@
+"""Every UV row of the conformance table (pefsim/conformance.py), run against a real UV process.
+
+For each row a fresh SVM is put in the row's state by a scripted HV in this process (mid-ESM
+with INIT_START held open for SVM_ACTIVE, a full ESM for SVM_SECURE, H_SVM_INIT_ABORT held open
+for SVM_ABORT), the call is made over gRPC as the row's caller, and the result compared by name.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, H, Role, U, gpa_of
+from pefsim.blob import make_blob
+from pefsim.conformance import UV_ROWS, Row
+from pefsim.image import GuestImage
+from pefsim.rpc import result_name
+from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb, ultravisor_pb2_grpc
+from services.ultravisor.calltable import CALLS
+from tests.conformance.peers import Guest, ScriptedHv, caller
+
+NPAGES = 16
+CALL = {c.name: c for c in CALLS}
+ROLES = {"hv": Role.ROLE_HV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR, "uv": Role.ROLE_UV}
+_lpids = itertools.count(100)
+
+
+def default_caller(call) -> str:
+    for name, role in ROLES.items():
+        if role in call.callers:
+            return name
+    raise AssertionError(call.name)
+
+
+@dataclass
+class UvCtx:
+    lpid: int
+    npages: int = NPAGES
+    secure_gfn: int = 10
+    pagedout_gfn: int = 11
+    shared_gfn: int = 12
+    unbacked_gfn: int = 13
+    plain: bytes = b""
+    pagedout_plain: bytes = b""
+    cipher: bytes = b""
+    frames: int = 0
+    # observed after the call
+    status: upb.SvmInfo | None = None
+    terminated: bool = False
+    loads: dict[int, bytes] = field(default_factory=dict)
+    page_in_again_ok: bool = False
+
+    def gpa(self, gfn: int) -> int:
+        return gpa_of(gfn)
+
+    def gone(self) -> bool:
+        return self.status is None and self.terminated
+
+    def reads_zero(self, gfn: int) -> bool:
+        return self.loads.get(gfn) == bytes(PAGE_SIZE)
+
+    def shared_count(self) -> int:
+        return self.status.shared_pages if self.status else -1
+
+
+def esm_request(c: UvCtx, image: GuestImage) -> upb.UvEsmRequest:
+    return upb.UvEsmRequest(vcpu=common_pb2.VcpuContext(lpid=c.lpid, nip=image.kbase + 0x1004),
+                            kbase=image.kbase, fdt=image.fdt)
+
+
+class Side:
+    """The UV under test and its callers, for one row."""
+
+    def __init__(self, stack, uv_addr: str, hv: ScriptedHv):
+        self.stack, self.hv = stack, hv
+        self.peers = {name: caller(uv_addr, role, ultravisor_pb2_grpc.UltravisorServiceStub)
+                      for name, role in ROLES.items()}
+        self.teardown: list = []
+
+    def stub(self, who: str):
+        return self.peers[who].stub
+
+    async def close(self) -> None:
+        for step in reversed(self.teardown):
+            await step()
+        for p in self.peers.values():
+            await p.close()
+
+    async def setup(self, row: Row) -> UvCtx:
+        c = UvCtx(lpid=next(_lpids))
+        if row.state == "SVM_ABSENT":
+            return c
+        image = GuestImage.of_size(f"conf{c.lpid}", NPAGES * PAGE_SIZE)
+        bad = row.state == "SVM_ABORT"
+        blob = make_blob(image, self.stack.signing_key(),
+                         override={"kernel": "0" * 128} if bad else None)
+        self.hv.guests[c.lpid] = Guest(image, blob)
+        c.plain = image.page(c.secure_gfn)
+        c.pagedout_plain = image.page(c.pagedout_gfn)
+        self.teardown.append(lambda: self.stub("hv").UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=c.lpid)))
+        if row.state == "SVM_ACTIVE":
+            registered, release = asyncio.Event(), asyncio.Event()
+
+            async def init_start(req):
+                rc = (await self.hv.uv.stub.UV_REGISTER_MEM_SLOT(upb.UvRegisterMemSlotRequest(
+                    lpid=req.lpid, start_gpa=0, size=image.mem_bytes, flags=0, slotid=0))).rc
+                assert rc == U.U_SUCCESS
+                registered.set()
+                await release.wait()
+                return hpb.HSvmInitStartResponse(rc=H.H_PARAMETER)
+
+            self.hv.answer("H_SVM_INIT_START", c.lpid, init_start)
+            esm = asyncio.ensure_future(self.stub("guest").UV_ESM(esm_request(c, image)))
+            await asyncio.wait_for(registered.wait(), 10)
+
+            async def finish():
+                release.set()
+                await asyncio.wait_for(esm, 10)
+            self.teardown.append(finish)
+        elif row.state == "SVM_SECURE":
+            resp = await self.stub("guest").UV_ESM(esm_request(c, image))
+            assert (resp.rc, resp.msr_s) == (U.U_SUCCESS, True), resp
+            out = await self.hv.page_out(c.lpid, c.pagedout_gfn)
+            assert out.rc == U.U_SUCCESS
+            c.cipher = out.data
+            share = await self.stub("guest").UV_SHARE_PAGE(upb.UvSharePageRequest(
+                vcpu=common_pb2.VcpuContext(lpid=c.lpid, msr_s=True), gfn=c.shared_gfn, npages=1))
+            assert share.rc == U.U_SUCCESS
+            if row.setup == "invalidated":
+                inval = await self.stub("hv").UV_PAGE_INVAL(upb.UvPageInvalRequest(
+                    lpid=c.lpid, guest_pa=gpa_of(c.shared_gfn), order=PAGE_SHIFT))
+                assert inval.rc == U.U_SUCCESS
+            c.frames = (await self.svm_info(c.lpid)).secure_pages
+        elif row.state == "SVM_ABORT":
+            gate = self.hv.hold("H_SVM_INIT_ABORT", c.lpid)
+            esm = asyncio.ensure_future(self.stub("guest").UV_ESM(esm_request(c, image)))
+            await asyncio.wait_for(self.hv.reached("H_SVM_INIT_ABORT", c.lpid).wait(), 10)
+            if row.setup == "paged-out-once":
+                first = await self.stub("hv").UV_PAGE_OUT(upb.UvPageOutRequest(
+                    lpid=c.lpid, dest_ra=HV_RA_BASE, src_gpa=gpa_of(c.secure_gfn), order=PAGE_SHIFT))
+                assert first.rc == U.U_SUCCESS and first.data == c.plain
+
+            async def finish():
+                gate.set()
+                await asyncio.wait_for(esm, 10)
+            self.teardown.append(finish)
+        return c
+
+    async def svm_info(self, lpid: int):
+        status = await self.stub("operator").UvStatus(upb.UvStatusRequest())
+        return next((s for s in status.svms if s.lpid == lpid), None)
+
+    async def observe(self, c: UvCtx) -> None:
+        status = await self.stub("operator").UvStatus(upb.UvStatusRequest())
+        c.status = next((s for s in status.svms if s.lpid == c.lpid), None)
+        c.terminated = c.lpid in status.terminated_lpids
+        if c.status is not None and c.status.state == "SVM_SECURE":
+            for gfn in (c.secure_gfn, c.shared_gfn, c.pagedout_gfn):
+                load = await self.stub("guest").SvmLoad(upb.SvmLoadRequest(
+                    vcpu=common_pb2.VcpuContext(lpid=c.lpid, msr_s=True), gpa=gpa_of(gfn), npages=1))
+                if load.rc == U.U_SUCCESS:
+                    c.loads[gfn] = load.data
+
+
+async def run_row(stack, uv_addr: str, hv_listen: str, row: Row) -> None:
+    async with ScriptedHv(hv_listen, uv_addr) as hv:
+        side = Side(stack, uv_addr, hv)
+        try:
+            c = await side.setup(row)
+            call = CALL[row.call]
+            try:
+                resp = await getattr(side.stub(row.caller or default_caller(call)), row.call)(row.request(c))
+                got = result_name(call, getattr(resp, call.result))
+            except grpc.aio.AioRpcError as exc:
+                resp, got = None, exc.code().name
+            assert got == row.expect, f"{row.call} in {row.state} ({row.case}): got {got}, want {row.expect}"
+            if row.then:
+                words, test = row.then
+                if "page_in_again_ok" in test.__code__.co_names:
+                    again = await side.stub("hv").UV_PAGE_IN(upb.UvPageInRequest(
+                        lpid=c.lpid, src_ra=HV_RA_BASE, dest_gpa=gpa_of(c.pagedout_gfn), order=PAGE_SHIFT,
+                        data=c.cipher))
+                    c.page_in_again_ok = again.rc == U.U_SUCCESS
+                await side.observe(c)
+                assert test(c, resp), f"{row.call} in {row.state} ({row.case}): not true that {words}"
+        finally:
+            await side.close()
+
+
+def row_id(row: Row) -> str:
+    return f"{row.call}-{row.state.removeprefix('SVM_')}-{row.case}".replace(" ", "_")
+
+
+@pytest.mark.parametrize("row", UV_ROWS, ids=row_id)
+def test_uv_row(uv_side, row):
+    stack, uv_addr, hv_listen = uv_side
+    asyncio.run(run_row(stack, uv_addr, hv_listen, row))
