@@ -53,10 +53,7 @@ def cmd_demo(a) -> int:
 
     mem = _mem_bytes(a.mem_mib)
     if a.stack:
-        info = json.loads(Path(a.stack).read_text())
-        stack = LocalStack(_stack_config(a))
-        stack.run_dir = Path(info["run_dir"])
-        stack.uv_addr, stack.hv_addr = info["uv"], info["hv"]
+        stack = LocalStack.attach(Path(a.stack))
         try:
             summary = asyncio.run(demo.run_demo(stack, mem))
         finally:

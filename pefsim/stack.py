@@ -103,12 +103,21 @@ class LocalStack:
         self.run_dir = Path(cfg.run_dir)
         self.procs: dict[str, Proc] = {}
         self.uv_addr = self.hv_addr = ""
+        self.key_dir = self.run_dir / "keys"
+        self.attached = False
+
+    @classmethod
+    def attach(cls, stack_file: Path) -> "LocalStack":
+        """Another process's running stack (``pefsim up``): use its UV, HV and signing key; guests
+        started here are this object's own, with logs in a subdirectory of that run directory."""
+        info = json.loads(Path(stack_file).read_text())
+        base = Path(info["run_dir"])
+        stack = cls(StackConfig(run_dir=base / f"attached-{os.getpid()}"))
+        stack.key_dir, stack.attached = base / "keys", True
+        stack.uv_addr, stack.hv_addr = info["uv"], info["hv"]
+        return stack
 
     # -- keys -----------------------------------------------------------------------------------
-
-    @property
-    def key_dir(self) -> Path:
-        return self.run_dir / "keys"
 
     def signing_key(self):
         priv = self.key_dir / "esm-signing.key"
@@ -167,6 +176,7 @@ class LocalStack:
     def add_guest(self, name: str, mem_bytes: int, blob: bytes | None, svm: bool = True,
                   boot: bool = False, extra: tuple[str, ...] = ()) -> str:
         """Start a guest process; returns its Guest service address."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         args = ["--name", name, "--mem-mib", str(mem_bytes / (1 << 20)), "--hv", self.hv_addr,
                 "--uv", self.uv_addr, "--listen", f"{self.cfg.host}:0"]
         if blob is not None:
@@ -194,6 +204,8 @@ class LocalStack:
                 if p.ready.get("metrics_port")}
 
     def write_stack_file(self) -> None:
+        if self.attached:
+            return
         doc = {"uv": self.uv_addr, "hv": self.hv_addr, "run_dir": str(self.run_dir),
                "guests": {n.removeprefix("guest-"): f"{self.cfg.host}:{p.ready.get('port')}"
                           for n, p in self.procs.items() if n.startswith("guest-")},
