@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 
 from pefsim.abi import H, Role, VcpuState
-from pefsim.rpc import ALLOW, STATE, Call
+from pefsim.rpc import ALLOW, Call
 from pefsim.v1 import guest_pb2 as pb
 from services.guest.program import Resume
 

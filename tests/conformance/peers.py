@@ -17,7 +17,7 @@ import grpc
 from pefsim import rpc
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, AbortReturn, Errno, H, HV_RA_BASE, PageInFlag, Role, U, gfn_of, gpa_of
 from pefsim.image import GuestImage
-from pefsim.v1 import common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
+from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb
 from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
 
 
@@ -247,5 +247,27 @@ def caller(addr: str, role: int, stub_cls, name: str = "conformance") -> rpc.Pee
     return rpc.Peer(addr, role, stub_cls, name)
 
 
-__all__ = ["ScriptedHv", "ScriptedUv", "ScriptedVcpu", "Guest", "caller", "common_pb2",
-           "guest_pb2_grpc", "hypervisor_pb2_grpc"]
+ROLES = {"uv": Role.ROLE_UV, "hv": Role.ROLE_HV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR}
+
+
+def default_caller(call) -> str:
+    """The role that legitimately makes ``call`` (the first of its callers, in ROLES order)."""
+    for name, role in ROLES.items():
+        if role in call.callers:
+            return name
+    raise AssertionError(call.name)
+
+
+async def make_call(stub_for: Callable, call, row, ctx):
+    """Make a conformance row's call as its caller; assert the result's name; return the response
+    (None when the answer was a gRPC status)."""
+    from pefsim.rpc import result_name
+
+    try:
+        resp = await getattr(stub_for(row.caller or default_caller(call)), row.call)(row.request(ctx))
+        got = result_name(call, getattr(resp, call.result))
+    except grpc.aio.AioRpcError as exc:
+        resp, got = None, exc.code().name
+    assert got == row.expect, f"{row.call} in {row.state} ({row.case}): got {got}, want {row.expect}"
+    return resp
+

@@ -10,28 +10,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import grpc
 import pytest
 
-from pefsim.abi import PAGE_SIZE, GfnState, H, PageInFlag, Role, U, gpa_of
+from pefsim.abi import PAGE_SIZE, GfnState, H, PageInFlag, U, gpa_of
 from pefsim.conformance import HV_ROWS, Row
-from pefsim.rpc import result_name
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, hypervisor_pb2_grpc, ultravisor_pb2 as upb
 from services.hypervisor.calltable import CALLS
-from tests.conformance.peers import ScriptedUv, ScriptedVcpu, caller
+from tests.conformance.peers import ROLES, ScriptedUv, ScriptedVcpu, caller, make_call
 
 NPAGES = 16
 CALL = {c.name: c for c in CALLS}
-ROLES = {"uv": Role.ROLE_UV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR, "hv": Role.ROLE_HV}
-
-
-def default_caller(call) -> str:
-    for name, role in ROLES.items():
-        if role in call.callers:
-            return name
-    raise AssertionError(call.name)
-
-
 def content(gfn: int) -> bytes:
     return bytes([gfn + 1]) * PAGE_SIZE
 
@@ -153,13 +141,7 @@ async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) 
             uv.seen.clear()
             vcpu.resumes.clear()
 
-            call = CALL[row.call]
-            try:
-                resp = await getattr(stub(row.caller or default_caller(call)), row.call)(row.request(c))
-                got = result_name(call, getattr(resp, call.result))
-            except grpc.aio.AioRpcError as exc:
-                resp, got = None, exc.code().name
-            assert got == row.expect, f"{row.call} in {row.state} ({row.case}): got {got}, want {row.expect}"
+            resp = await make_call(stub, CALL[row.call], row, c)
             if row.then:
                 words, test = row.then
                 status = await stub("operator").HvStatus(hpb.HvStatusRequest())

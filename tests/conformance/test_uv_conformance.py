@@ -10,29 +10,19 @@ import asyncio
 import itertools
 from dataclasses import dataclass, field
 
-import grpc
 import pytest
 
-from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, H, Role, U, gpa_of
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, H, U, gpa_of
 from pefsim.blob import make_blob
 from pefsim.conformance import UV_ROWS, Row
 from pefsim.image import GuestImage
-from pefsim.rpc import result_name
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb, ultravisor_pb2_grpc
 from services.ultravisor.calltable import CALLS
-from tests.conformance.peers import Guest, ScriptedHv, caller
+from tests.conformance.peers import ROLES, Guest, ScriptedHv, caller, make_call
 
 NPAGES = 16
 CALL = {c.name: c for c in CALLS}
-ROLES = {"hv": Role.ROLE_HV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR, "uv": Role.ROLE_UV}
 _lpids = itertools.count(100)
-
-
-def default_caller(call) -> str:
-    for name, role in ROLES.items():
-        if role in call.callers:
-            return name
-    raise AssertionError(call.name)
 
 
 @dataclass
@@ -170,13 +160,7 @@ async def run_row(stack, uv_addr: str, hv_listen: str, row: Row) -> None:
         side = Side(stack, uv_addr, hv)
         try:
             c = await side.setup(row)
-            call = CALL[row.call]
-            try:
-                resp = await getattr(side.stub(row.caller or default_caller(call)), row.call)(row.request(c))
-                got = result_name(call, getattr(resp, call.result))
-            except grpc.aio.AioRpcError as exc:
-                resp, got = None, exc.code().name
-            assert got == row.expect, f"{row.call} in {row.state} ({row.case}): got {got}, want {row.expect}"
+            resp = await make_call(side.stub, CALL[row.call], row, c)
             if row.then:
                 words, test = row.then
                 if "page_in_again_ok" in test.__code__.co_names:

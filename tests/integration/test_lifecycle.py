@@ -24,6 +24,11 @@ def uv_status(op):
     return op.uv.stub.UvStatus(upb.UvStatusRequest())
 
 
+def hv_ram(stack, lpid: int) -> bytes:
+    """The HV's copy of a VM's slot-0 RAM, from its data directory."""
+    return (stack.run_dir / "hv-data" / f"vm-{lpid}" / "slot-0.ram").read_bytes()
+
+
 def vm_info(status, lpid):
     return next(v for v in status.vms if v.lpid == lpid)
 
@@ -57,7 +62,7 @@ def test_secure_guest_runs_from_uv_memory(stack, run):
             svm = next(s for s in (await uv_status(op)).svms if s.lpid == rep.lpid)
             assert (svm.state, svm.secure_pages) == ("SVM_SECURE", MEM // PAGE_SIZE)
             # the HV's copy of guest RAM holds no plaintext: every page is zero
-            ram = (stack.run_dir / "hv-data" / f"vm-{rep.lpid}" / "slot-0.ram").read_bytes()
+            ram = hv_ram(stack, rep.lpid)
             assert ram == bytes(len(ram))
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
         finally:
@@ -328,7 +333,7 @@ def test_reset_needs_stopped_vcpus_and_drops_secure_content(stack, run):
             uv_calls = [e["call"] for e in history(stack, "uv") if e.get("lpid") == rep.lpid]
             assert "UV_UNREGISTER_MEM_SLOT" in uv_calls and uv_calls[-1] == "UV_SVM_TERMINATE"
             assert "UV_PAGE_OUT" not in uv_calls
-            ram = (stack.run_dir / "hv-data" / f"vm-{rep.lpid}" / "slot-0.ram").read_bytes()
+            ram = hv_ram(stack, rep.lpid)
             assert ram == bytes(len(ram))
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
         finally:

@@ -52,3 +52,9 @@ def test_no_abi_number_outside_the_protos():
             if NUMBER.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_ruff():
+    """ruff (pinned in requirements-dev.txt) finds no unused names, undefined names or syntax errors."""
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
