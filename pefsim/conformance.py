@@ -534,6 +534,7 @@ def _control_rows() -> list[Row]:
         "VcpuStore": (lambda c: hpb.VcpuStoreRequest(lpid=c.lpid, gpa=0, data=bytes(PAGE_SIZE)), "guest"),
         "HostReadPage": (lambda c: hpb.HostReadPageRequest(lpid=c.lpid, gpa=0), "operator"),
         "HostUnmapPage": (lambda c: hpb.HostUnmapPageRequest(lpid=c.lpid, gpa=0), "operator"),
+        "VmSession": (lambda c: hpb.VmSessionRequest(lpid=c.lpid), "guest"),
     }
     # what differs from OK; a secure VM's pages are secure, so the vCPU's normal-mode access faults
     special = {("VcpuLoad", SEC): "EFAULT", ("VcpuStore", SEC): "EFAULT"}

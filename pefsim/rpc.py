@@ -40,6 +40,22 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# Clients ping an idle connection so a peer that vanished (killed, frozen, blackholed) is noticed
+# in seconds rather than at the TCP timeout; servers accept those pings.
+# A restarted peer is reconnected to within a second (the default backoff grows to 120 s).
+CLIENT_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 5000),
+    ("grpc.keepalive_timeout_ms", 3000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+SERVER_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ("grpc.http2.max_ping_strikes", 0),
+]
 
 
 class _Allow:
@@ -168,16 +184,37 @@ class Dispatcher:
             call = self.calls[method.name]
             req_cls = getattr(self.pb2, method.input_type.name)
             resp_cls = getattr(self.pb2, method.output_type.name)
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                self._bind(call, resp_cls),
-                request_deserializer=req_cls.FromString,
-                response_serializer=resp_cls.SerializeToString,
-            )
+            make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                    else grpc.unary_unary_rpc_method_handler)
+            bind = self._bind_stream if method.server_streaming else self._bind
+            handlers[method.name] = make(bind(call, resp_cls), request_deserializer=req_cls.FromString,
+                                         response_serializer=resp_cls.SerializeToString)
         return grpc.method_handlers_generic_handler(self.descriptor.full_name, handlers)
 
     def _bind(self, call: Call, resp_cls: Any) -> Callable[..., Awaitable[Any]]:
         async def rpc(request: Any, context: grpc.aio.ServicerContext) -> Any:
             return await self.dispatch(call, resp_cls, request, caller_of(context), context)
+
+        rpc.__name__ = call.name
+        return rpc
+
+    def _bind_stream(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
+        """A server-streaming call: the checks answer with one message carrying the result; a
+        call that passes them streams what its handler (an async generator) yields."""
+        async def rpc(request: Any, context: grpc.aio.ServicerContext):
+            caller = caller_of(context)
+            rc, state = self.precheck(call, request, caller)
+            if rc is DENIED:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{call.name} is not for {caller.role_name}")
+            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                                lpid=request_lpid(request), state=None if state is None else state.name,
+                                rc=0 if rc is None else int(rc), stream="start")
+            if rc is not None:
+                yield resp_cls(**{call.result: rc})
+                return
+            async for item in call.handler(self.service, request, caller):
+                yield item
 
         rpc.__name__ = call.name
         return rpc
@@ -286,13 +323,22 @@ class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         return await continuation(details, request)
 
 
+class _StreamMetadataInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self.metadata = metadata
+
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        md = tuple(client_call_details.metadata or ()) + self.metadata
+        return await continuation(client_call_details._replace(metadata=md), request)
+
+
 def channel(target: str, role: int, identity: str = "") -> grpc.aio.Channel:
     """An aio channel whose every call carries the caller's role (and identity)."""
     md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
     if identity:
         md += ((IDENTITY_HEADER, identity),)
-    return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS,
-                                     interceptors=[_MetadataInterceptor(md)])
+    return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS,
+                                     interceptors=[_MetadataInterceptor(md), _StreamMetadataInterceptor(md)])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +347,7 @@ def channel(target: str, role: int, identity: str = "") -> grpc.aio.Channel:
 
 async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler]) -> tuple[grpc.aio.Server, int]:
     """Build and start a server on ``host:port`` (port 0 picks a free one); return it and its port."""
-    server = grpc.aio.server(options=CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers(handlers)
     port = server.add_insecure_port(listen)
     if port == 0:
@@ -334,7 +380,8 @@ def run(main: Callable[[], Awaitable[Any]]) -> Any:
     return uvloop.run(main())
 
 
-async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None,
+                                before_stop: Callable[[], None] | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting, finish in-flight calls briefly, clean up."""
     import signal
 
@@ -345,6 +392,8 @@ async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], A
     waiter = asyncio.ensure_future(server.wait_for_termination())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if before_stop is not None:
+        before_stop()
     await server.stop(grace=1.0)
     for task in (waiter, stopper):
         task.cancel()

@@ -27,37 +27,41 @@ from pefsim.v1 import abi_pb2 as pefsim_dot_v1_dot_abi__pb2
 from pefsim.v1 import common_pb2 as pefsim_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pefsim/v1/guest.proto\x12\tpefsim.v1\x1a\x13pefsim/v1/abi.proto\x1a\x16pefsim/v1/common.proto\"\x8f\x01\n\x11VcpuResumeRequest\x12\x0c\n\x04lpid\x18\x01 \x01(\r\x12\n\n\x02r3\x18\x02 \x01(\x11\x12\r\n\x05msr_s\x18\x03 \x01(\x08\x12\x0b\n\x03nip\x18\x04 \x01(\x04\x12#\n\nresumed_by\x18\x05 \x01(\x0e\x32\x0f.pefsim.v1.Role\x12\x1f\n\x05trace\x18\x06 \x01(\x0b\x32\x10.pefsim.v1.Trace\" \n\x12VcpuResumeResponse\x12\n\n\x02rc\x18\x01 \x01(\x11\"\r\n\x0b\x42ootRequest\"6\n\x0c\x42ootResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.pefsim.v1.GuestReport\"\x0f\n\rVerifyRequest\"8\n\x0eVerifyResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.pefsim.v1.GuestReport\"\x11\n\x0f\x45xerciseRequest\"-\n\x10\x45xerciseResponse\x12\r\n\x05steps\x18\x01 \x03(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\"\x14\n\x12GuestStatusRequest\"=\n\x13GuestStatusResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.pefsim.v1.GuestReport\".\n\rTimelineEvent\x12\x0f\n\x07unix_ns\x18\x01 \x01(\x03\x12\x0c\n\x04what\x18\x02 \x01(\t\"\x92\x02\n\x0bGuestReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04lpid\x18\x02 \x01(\r\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\x0e\n\x06\x65sm_rc\x18\x04 \x01(\x11\x12\r\n\x05msr_s\x18\x05 \x01(\x08\x12\x15\n\rmemory_intact\x18\x06 \x01(\x08\x12\x15\n\rpages_checked\x18\x07 \x01(\x04\x12\x17\n\x0f\x61\x62ort_latency_s\x18\x08 \x01(\x01\x12\x0f\n\x07resumes\x18\t \x01(\r\x12#\n\nresumed_by\x18\n \x01(\x0e\x32\x0f.pefsim.v1.Role\x12*\n\x08timeline\x18\x0b \x03(\x0b\x32\x18.pefsim.v1.TimelineEvent\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t2\xe4\x02\n\x0cGuestService\x12I\n\nVcpuResume\x12\x1c.pefsim.v1.VcpuResumeRequest\x1a\x1d.pefsim.v1.VcpuResumeResponse\x12\x37\n\x04\x42oot\x12\x16.pefsim.v1.BootRequest\x1a\x17.pefsim.v1.BootResponse\x12=\n\x06Verify\x12\x18.pefsim.v1.VerifyRequest\x1a\x19.pefsim.v1.VerifyResponse\x12\x43\n\x08\x45xercise\x12\x1a.pefsim.v1.ExerciseRequest\x1a\x1b.pefsim.v1.ExerciseResponse\x12L\n\x0bGuestStatus\x12\x1d.pefsim.v1.GuestStatusRequest\x1a\x1e.pefsim.v1.GuestStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pefsim/v1/guest.proto\x12\tpefsim.v1\x1a\x13pefsim/v1/abi.proto\x1a\x16pefsim/v1/common.proto\"3\n\x13MachineCheckRequest\x12\x0c\n\x04lpid\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x16\n\x14MachineCheckResponse\"\x9e\x01\n\x11VcpuResumeRequest\x12\x0c\n\x04lpid\x18\x01 \x01(\r\x12\n\n\x02r3\x18\x02 \x01(\x11\x12\r\n\x05msr_s\x18\x03 \x01(\x08\x12\x0b\n\x03nip\x18\x04 \x01(\x04\x12#\n\nresumed_by\x18\x05 \x01(\x0e\x32\x0f.pefsim.v1.Role\x12\x1f\n\x05trace\x18\x06 \x01(\x0b\x32\x10.pefsim.v1.Trace\x12\r\n\x05token\x18\x07 \x01(\x04\"3\n\x12VcpuResumeResponse\x12\n\n\x02rc\x18\x01 \x01(\x11\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"\r\n\x0b\x42ootRequest\"6\n\x0c\x42ootResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.pefsim.v1.GuestReport\"\x0f\n\rVerifyRequest\"8\n\x0eVerifyResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.pefsim.v1.GuestReport\"\x11\n\x0f\x45xerciseRequest\"-\n\x10\x45xerciseResponse\x12\r\n\x05steps\x18\x01 \x03(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\"\x14\n\x12GuestStatusRequest\"=\n\x13GuestStatusResponse\x12&\n\x06report\x18\x01 \x01(\x0b\x32\x16.pefsim.v1.GuestReport\".\n\rTimelineEvent\x12\x0f\n\x07unix_ns\x18\x01 \x01(\x03\x12\x0c\n\x04what\x18\x02 \x01(\t\"\xc6\x02\n\x0bGuestReport\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04lpid\x18\x02 \x01(\r\x12\x0f\n\x07outcome\x18\x03 \x01(\t\x12\x0e\n\x06\x65sm_rc\x18\x04 \x01(\x11\x12\r\n\x05msr_s\x18\x05 \x01(\x08\x12\x15\n\rmemory_intact\x18\x06 \x01(\x08\x12\x15\n\rpages_checked\x18\x07 \x01(\x04\x12\x17\n\x0f\x61\x62ort_latency_s\x18\x08 \x01(\x01\x12\x0f\n\x07resumes\x18\t \x01(\r\x12#\n\nresumed_by\x18\n \x01(\x0e\x32\x0f.pefsim.v1.Role\x12*\n\x08timeline\x18\x0b \x03(\x0b\x32\x18.pefsim.v1.TimelineEvent\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\x12\x19\n\x11\x64uplicate_resumes\x18\r \x01(\r\x12\x17\n\x0frefused_resumes\x18\x0e \x01(\r2\xb5\x03\n\x0cGuestService\x12I\n\nVcpuResume\x12\x1c.pefsim.v1.VcpuResumeRequest\x1a\x1d.pefsim.v1.VcpuResumeResponse\x12\x37\n\x04\x42oot\x12\x16.pefsim.v1.BootRequest\x1a\x17.pefsim.v1.BootResponse\x12=\n\x06Verify\x12\x18.pefsim.v1.VerifyRequest\x1a\x19.pefsim.v1.VerifyResponse\x12\x43\n\x08\x45xercise\x12\x1a.pefsim.v1.ExerciseRequest\x1a\x1b.pefsim.v1.ExerciseResponse\x12L\n\x0bGuestStatus\x12\x1d.pefsim.v1.GuestStatusRequest\x1a\x1e.pefsim.v1.GuestStatusResponse\x12O\n\x0cMachineCheck\x12\x1e.pefsim.v1.MachineCheckRequest\x1a\x1f.pefsim.v1.MachineCheckResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pefsim.v1.guest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VCPURESUMEREQUEST']._serialized_start=82
-  _globals['_VCPURESUMEREQUEST']._serialized_end=225
-  _globals['_VCPURESUMERESPONSE']._serialized_start=227
-  _globals['_VCPURESUMERESPONSE']._serialized_end=259
-  _globals['_BOOTREQUEST']._serialized_start=261
-  _globals['_BOOTREQUEST']._serialized_end=274
-  _globals['_BOOTRESPONSE']._serialized_start=276
-  _globals['_BOOTRESPONSE']._serialized_end=330
-  _globals['_VERIFYREQUEST']._serialized_start=332
-  _globals['_VERIFYREQUEST']._serialized_end=347
-  _globals['_VERIFYRESPONSE']._serialized_start=349
-  _globals['_VERIFYRESPONSE']._serialized_end=405
-  _globals['_EXERCISEREQUEST']._serialized_start=407
-  _globals['_EXERCISEREQUEST']._serialized_end=424
-  _globals['_EXERCISERESPONSE']._serialized_start=426
-  _globals['_EXERCISERESPONSE']._serialized_end=471
-  _globals['_GUESTSTATUSREQUEST']._serialized_start=473
-  _globals['_GUESTSTATUSREQUEST']._serialized_end=493
-  _globals['_GUESTSTATUSRESPONSE']._serialized_start=495
-  _globals['_GUESTSTATUSRESPONSE']._serialized_end=556
-  _globals['_TIMELINEEVENT']._serialized_start=558
-  _globals['_TIMELINEEVENT']._serialized_end=604
-  _globals['_GUESTREPORT']._serialized_start=607
-  _globals['_GUESTREPORT']._serialized_end=881
-  _globals['_GUESTSERVICE']._serialized_start=884
-  _globals['_GUESTSERVICE']._serialized_end=1240
+  _globals['_MACHINECHECKREQUEST']._serialized_start=81
+  _globals['_MACHINECHECKREQUEST']._serialized_end=132
+  _globals['_MACHINECHECKRESPONSE']._serialized_start=134
+  _globals['_MACHINECHECKRESPONSE']._serialized_end=156
+  _globals['_VCPURESUMEREQUEST']._serialized_start=159
+  _globals['_VCPURESUMEREQUEST']._serialized_end=317
+  _globals['_VCPURESUMERESPONSE']._serialized_start=319
+  _globals['_VCPURESUMERESPONSE']._serialized_end=370
+  _globals['_BOOTREQUEST']._serialized_start=372
+  _globals['_BOOTREQUEST']._serialized_end=385
+  _globals['_BOOTRESPONSE']._serialized_start=387
+  _globals['_BOOTRESPONSE']._serialized_end=441
+  _globals['_VERIFYREQUEST']._serialized_start=443
+  _globals['_VERIFYREQUEST']._serialized_end=458
+  _globals['_VERIFYRESPONSE']._serialized_start=460
+  _globals['_VERIFYRESPONSE']._serialized_end=516
+  _globals['_EXERCISEREQUEST']._serialized_start=518
+  _globals['_EXERCISEREQUEST']._serialized_end=535
+  _globals['_EXERCISERESPONSE']._serialized_start=537
+  _globals['_EXERCISERESPONSE']._serialized_end=582
+  _globals['_GUESTSTATUSREQUEST']._serialized_start=584
+  _globals['_GUESTSTATUSREQUEST']._serialized_end=604
+  _globals['_GUESTSTATUSRESPONSE']._serialized_start=606
+  _globals['_GUESTSTATUSRESPONSE']._serialized_end=667
+  _globals['_TIMELINEEVENT']._serialized_start=669
+  _globals['_TIMELINEEVENT']._serialized_end=715
+  _globals['_GUESTREPORT']._serialized_start=718
+  _globals['_GUESTREPORT']._serialized_end=1044
+  _globals['_GUESTSERVICE']._serialized_start=1047
+  _globals['_GUESTSERVICE']._serialized_end=1484
 # @@protoc_insertion_point(module_scope)

@@ -9,27 +9,43 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MachineCheckRequest(_message.Message):
+    __slots__ = ("lpid", "reason")
+    LPID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    lpid: int
+    reason: str
+    def __init__(self, lpid: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class MachineCheckResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class VcpuResumeRequest(_message.Message):
-    __slots__ = ("lpid", "r3", "msr_s", "nip", "resumed_by", "trace")
+    __slots__ = ("lpid", "r3", "msr_s", "nip", "resumed_by", "trace", "token")
     LPID_FIELD_NUMBER: _ClassVar[int]
     R3_FIELD_NUMBER: _ClassVar[int]
     MSR_S_FIELD_NUMBER: _ClassVar[int]
     NIP_FIELD_NUMBER: _ClassVar[int]
     RESUMED_BY_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     lpid: int
     r3: int
     msr_s: bool
     nip: int
     resumed_by: _abi_pb2.Role
     trace: _common_pb2.Trace
-    def __init__(self, lpid: _Optional[int] = ..., r3: _Optional[int] = ..., msr_s: _Optional[bool] = ..., nip: _Optional[int] = ..., resumed_by: _Optional[_Union[_abi_pb2.Role, str]] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ...) -> None: ...
+    token: int
+    def __init__(self, lpid: _Optional[int] = ..., r3: _Optional[int] = ..., msr_s: _Optional[bool] = ..., nip: _Optional[int] = ..., resumed_by: _Optional[_Union[_abi_pb2.Role, str]] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ..., token: _Optional[int] = ...) -> None: ...
 
 class VcpuResumeResponse(_message.Message):
-    __slots__ = ("rc",)
+    __slots__ = ("rc", "duplicate")
     RC_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     rc: int
-    def __init__(self, rc: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, rc: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class BootRequest(_message.Message):
     __slots__ = ()
@@ -82,7 +98,7 @@ class TimelineEvent(_message.Message):
     def __init__(self, unix_ns: _Optional[int] = ..., what: _Optional[str] = ...) -> None: ...
 
 class GuestReport(_message.Message):
-    __slots__ = ("name", "lpid", "outcome", "esm_rc", "msr_s", "memory_intact", "pages_checked", "abort_latency_s", "resumes", "resumed_by", "timeline", "detail")
+    __slots__ = ("name", "lpid", "outcome", "esm_rc", "msr_s", "memory_intact", "pages_checked", "abort_latency_s", "resumes", "resumed_by", "timeline", "detail", "duplicate_resumes", "refused_resumes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LPID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +111,8 @@ class GuestReport(_message.Message):
     RESUMED_BY_FIELD_NUMBER: _ClassVar[int]
     TIMELINE_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_RESUMES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_RESUMES_FIELD_NUMBER: _ClassVar[int]
     name: str
     lpid: int
     outcome: str
@@ -107,4 +125,6 @@ class GuestReport(_message.Message):
     resumed_by: _abi_pb2.Role
     timeline: _containers.RepeatedCompositeFieldContainer[TimelineEvent]
     detail: str
-    def __init__(self, name: _Optional[str] = ..., lpid: _Optional[int] = ..., outcome: _Optional[str] = ..., esm_rc: _Optional[int] = ..., msr_s: _Optional[bool] = ..., memory_intact: _Optional[bool] = ..., pages_checked: _Optional[int] = ..., abort_latency_s: _Optional[float] = ..., resumes: _Optional[int] = ..., resumed_by: _Optional[_Union[_abi_pb2.Role, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., detail: _Optional[str] = ...) -> None: ...
+    duplicate_resumes: int
+    refused_resumes: int
+    def __init__(self, name: _Optional[str] = ..., lpid: _Optional[int] = ..., outcome: _Optional[str] = ..., esm_rc: _Optional[int] = ..., msr_s: _Optional[bool] = ..., memory_intact: _Optional[bool] = ..., pages_checked: _Optional[int] = ..., abort_latency_s: _Optional[float] = ..., resumes: _Optional[int] = ..., resumed_by: _Optional[_Union[_abi_pb2.Role, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., detail: _Optional[str] = ..., duplicate_resumes: _Optional[int] = ..., refused_resumes: _Optional[int] = ...) -> None: ...

@@ -60,6 +60,11 @@ class GuestServiceStub:
                 request_serializer=pefsim_dot_v1_dot_guest__pb2.GuestStatusRequest.SerializeToString,
                 response_deserializer=pefsim_dot_v1_dot_guest__pb2.GuestStatusResponse.FromString,
                 _registered_method=True)
+        self.MachineCheck = channel.unary_unary(
+                '/pefsim.v1.GuestService/MachineCheck',
+                request_serializer=pefsim_dot_v1_dot_guest__pb2.MachineCheckRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_guest__pb2.MachineCheckResponse.FromString,
+                _registered_method=True)
 
 
 class GuestServiceServicer:
@@ -100,6 +105,14 @@ class GuestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MachineCheck(self, request, context):
+        """The machine failed under the guest (the UV was reset: its secure memory is gone). The guest
+        stops; a vCPU waiting after `sc 2` stops waiting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GuestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +140,11 @@ def add_GuestServiceServicer_to_server(servicer, server):
                     servicer.GuestStatus,
                     request_deserializer=pefsim_dot_v1_dot_guest__pb2.GuestStatusRequest.FromString,
                     response_serializer=pefsim_dot_v1_dot_guest__pb2.GuestStatusResponse.SerializeToString,
+            ),
+            'MachineCheck': grpc.unary_unary_rpc_method_handler(
+                    servicer.MachineCheck,
+                    request_deserializer=pefsim_dot_v1_dot_guest__pb2.MachineCheckRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_guest__pb2.MachineCheckResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +282,33 @@ class GuestService:
             '/pefsim.v1.GuestService/GuestStatus',
             pefsim_dot_v1_dot_guest__pb2.GuestStatusRequest.SerializeToString,
             pefsim_dot_v1_dot_guest__pb2.GuestStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MachineCheck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pefsim.v1.GuestService/MachineCheck',
+            pefsim_dot_v1_dot_guest__pb2.MachineCheckRequest.SerializeToString,
+            pefsim_dot_v1_dot_guest__pb2.MachineCheckResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,16 +70,18 @@ class HSvmInitDoneResponse(_message.Message):
     def __init__(self, rc: _Optional[int] = ...) -> None: ...
 
 class HSvmInitAbortRequest(_message.Message):
-    __slots__ = ("lpid", "srr0", "srr1_msr_s", "trace")
+    __slots__ = ("lpid", "srr0", "srr1_msr_s", "trace", "token")
     LPID_FIELD_NUMBER: _ClassVar[int]
     SRR0_FIELD_NUMBER: _ClassVar[int]
     SRR1_MSR_S_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     lpid: int
     srr0: int
     srr1_msr_s: bool
     trace: _common_pb2.Trace
-    def __init__(self, lpid: _Optional[int] = ..., srr0: _Optional[int] = ..., srr1_msr_s: _Optional[bool] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ...) -> None: ...
+    token: int
+    def __init__(self, lpid: _Optional[int] = ..., srr0: _Optional[int] = ..., srr1_msr_s: _Optional[bool] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ..., token: _Optional[int] = ...) -> None: ...
 
 class HSvmInitAbortResponse(_message.Message):
     __slots__ = ("rc", "returned_to", "pages_recovered")
@@ -247,12 +249,26 @@ class HostUnmapPageResponse(_message.Message):
     errno: _abi_pb2.Errno
     def __init__(self, errno: _Optional[_Union[_abi_pb2.Errno, str]] = ...) -> None: ...
 
+class VmSessionRequest(_message.Message):
+    __slots__ = ("lpid",)
+    LPID_FIELD_NUMBER: _ClassVar[int]
+    lpid: int
+    def __init__(self, lpid: _Optional[int] = ...) -> None: ...
+
+class VmSessionEvent(_message.Message):
+    __slots__ = ("errno", "hv_boot_id")
+    ERRNO_FIELD_NUMBER: _ClassVar[int]
+    HV_BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    errno: _abi_pb2.Errno
+    hv_boot_id: str
+    def __init__(self, errno: _Optional[_Union[_abi_pb2.Errno, str]] = ..., hv_boot_id: _Optional[str] = ...) -> None: ...
+
 class HvStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class VmInfo(_message.Message):
-    __slots__ = ("lpid", "name", "secure_guest", "state", "running", "npages", "gfns_by_state", "memslots")
+    __slots__ = ("lpid", "name", "secure_guest", "state", "running", "npages", "gfns_by_state", "memslots", "aborting", "failed", "session")
     class GfnsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +284,9 @@ class VmInfo(_message.Message):
     NPAGES_FIELD_NUMBER: _ClassVar[int]
     GFNS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
     MEMSLOTS_FIELD_NUMBER: _ClassVar[int]
+    ABORTING_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     lpid: int
     name: str
     secure_guest: int
@@ -276,10 +295,17 @@ class VmInfo(_message.Message):
     npages: int
     gfns_by_state: _containers.ScalarMap[str, int]
     memslots: _containers.RepeatedCompositeFieldContainer[_common_pb2.Memslot]
-    def __init__(self, lpid: _Optional[int] = ..., name: _Optional[str] = ..., secure_guest: _Optional[int] = ..., state: _Optional[str] = ..., running: _Optional[bool] = ..., npages: _Optional[int] = ..., gfns_by_state: _Optional[_Mapping[str, int]] = ..., memslots: _Optional[_Iterable[_Union[_common_pb2.Memslot, _Mapping]]] = ...) -> None: ...
+    aborting: bool
+    failed: str
+    session: bool
+    def __init__(self, lpid: _Optional[int] = ..., name: _Optional[str] = ..., secure_guest: _Optional[int] = ..., state: _Optional[str] = ..., running: _Optional[bool] = ..., npages: _Optional[int] = ..., gfns_by_state: _Optional[_Mapping[str, int]] = ..., memslots: _Optional[_Iterable[_Union[_common_pb2.Memslot, _Mapping]]] = ..., aborting: _Optional[bool] = ..., failed: _Optional[str] = ..., session: _Optional[bool] = ...) -> None: ...
 
 class HvStatusResponse(_message.Message):
-    __slots__ = ("vms",)
+    __slots__ = ("vms", "boot_id", "vms_recovered")
     VMS_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    VMS_RECOVERED_FIELD_NUMBER: _ClassVar[int]
     vms: _containers.RepeatedCompositeFieldContainer[VmInfo]
-    def __init__(self, vms: _Optional[_Iterable[_Union[VmInfo, _Mapping]]] = ...) -> None: ...
+    boot_id: str
+    vms_recovered: int
+    def __init__(self, vms: _Optional[_Iterable[_Union[VmInfo, _Mapping]]] = ..., boot_id: _Optional[str] = ..., vms_recovered: _Optional[int] = ...) -> None: ...

@@ -115,6 +115,11 @@ class HypervisorServiceStub:
                 request_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusRequest.SerializeToString,
                 response_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusResponse.FromString,
                 _registered_method=True)
+        self.VmSession = channel.unary_stream(
+                '/pefsim.v1.HypervisorService/VmSession',
+                request_serializer=pefsim_dot_v1_dot_hypervisor__pb2.VmSessionRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.VmSessionEvent.FromString,
+                _registered_method=True)
 
 
 class HypervisorServiceServicer:
@@ -233,6 +238,16 @@ class HypervisorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VmSession(self, request, context):
+        """The VMM's hold on its VM (QEMU's open KVM VM fd): the HV streams one event when the session
+        starts and ends the stream when the VM is destroyed. When the VMM goes away the HV destroys
+        the VM (UV_SVM_TERMINATE if secure). After an HV restart a VMM reconnects within a grace
+        period, or its VM is destroyed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HypervisorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -315,6 +330,11 @@ def add_HypervisorServiceServicer_to_server(servicer, server):
                     servicer.HvStatus,
                     request_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusRequest.FromString,
                     response_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusResponse.SerializeToString,
+            ),
+            'VmSession': grpc.unary_stream_rpc_method_handler(
+                    servicer.VmSession,
+                    request_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.VmSessionRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_hypervisor__pb2.VmSessionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -749,6 +769,33 @@ class HypervisorService:
             '/pefsim.v1.HypervisorService/HvStatus',
             pefsim_dot_v1_dot_hypervisor__pb2.HvStatusRequest.SerializeToString,
             pefsim_dot_v1_dot_hypervisor__pb2.HvStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VmSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pefsim.v1.HypervisorService/VmSession',
+            pefsim_dot_v1_dot_hypervisor__pb2.VmSessionRequest.SerializeToString,
+            pefsim_dot_v1_dot_hypervisor__pb2.VmSessionEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,18 +19,20 @@ class UvEsmRequest(_message.Message):
     def __init__(self, vcpu: _Optional[_Union[_common_pb2.VcpuContext, _Mapping]] = ..., kbase: _Optional[int] = ..., fdt: _Optional[int] = ...) -> None: ...
 
 class UvEsmResponse(_message.Message):
-    __slots__ = ("rc", "resumed", "msr_s", "nip", "trace")
+    __slots__ = ("rc", "resumed", "msr_s", "nip", "trace", "token")
     RC_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     MSR_S_FIELD_NUMBER: _ClassVar[int]
     NIP_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     rc: int
     resumed: bool
     msr_s: bool
     nip: int
     trace: _common_pb2.Trace
-    def __init__(self, rc: _Optional[int] = ..., resumed: _Optional[bool] = ..., msr_s: _Optional[bool] = ..., nip: _Optional[int] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ...) -> None: ...
+    token: int
+    def __init__(self, rc: _Optional[int] = ..., resumed: _Optional[bool] = ..., msr_s: _Optional[bool] = ..., nip: _Optional[int] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ..., token: _Optional[int] = ...) -> None: ...
 
 class UvRegisterMemSlotRequest(_message.Message):
     __slots__ = ("lpid", "start_gpa", "size", "flags", "slotid")
@@ -257,15 +259,17 @@ class SvmInfo(_message.Message):
     def __init__(self, lpid: _Optional[int] = ..., state: _Optional[str] = ..., secure_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., pagedout_pages: _Optional[int] = ..., shared_pages: _Optional[int] = ..., memslots: _Optional[int] = ..., abort_pending_s: _Optional[float] = ...) -> None: ...
 
 class UvStatusResponse(_message.Message):
-    __slots__ = ("pool_pages_total", "pool_pages_in_use", "pool_pages_reserved", "svms", "terminated_lpids")
+    __slots__ = ("pool_pages_total", "pool_pages_in_use", "pool_pages_reserved", "svms", "terminated_lpids", "boot_id")
     POOL_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     POOL_PAGES_IN_USE_FIELD_NUMBER: _ClassVar[int]
     POOL_PAGES_RESERVED_FIELD_NUMBER: _ClassVar[int]
     SVMS_FIELD_NUMBER: _ClassVar[int]
     TERMINATED_LPIDS_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
     pool_pages_total: int
     pool_pages_in_use: int
     pool_pages_reserved: int
     svms: _containers.RepeatedCompositeFieldContainer[SvmInfo]
     terminated_lpids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, pool_pages_total: _Optional[int] = ..., pool_pages_in_use: _Optional[int] = ..., pool_pages_reserved: _Optional[int] = ..., svms: _Optional[_Iterable[_Union[SvmInfo, _Mapping]]] = ..., terminated_lpids: _Optional[_Iterable[int]] = ...) -> None: ...
+    boot_id: str
+    def __init__(self, pool_pages_total: _Optional[int] = ..., pool_pages_in_use: _Optional[int] = ..., pool_pages_reserved: _Optional[int] = ..., svms: _Optional[_Iterable[_Union[SvmInfo, _Mapping]]] = ..., terminated_lpids: _Optional[_Iterable[int]] = ..., boot_id: _Optional[str] = ...) -> None: ...

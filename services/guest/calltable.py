@@ -10,9 +10,15 @@ from services.guest.program import Resume
 
 
 async def vcpu_resume(guest, req: pb.VcpuResumeRequest, caller) -> pb.VcpuResumeResponse:
-    rc = guest.resume(Resume(r3=req.r3, msr_s=req.msr_s, nip=req.nip, by=req.resumed_by or caller.role,
-                             abort_issued_ns=req.trace.abort_issued_unix_ns))
-    return pb.VcpuResumeResponse(rc=rc)
+    rc, duplicate = guest.resume(Resume(r3=req.r3, msr_s=req.msr_s, nip=req.nip,
+                                        by=req.resumed_by or caller.role,
+                                        abort_issued_ns=req.trace.abort_issued_unix_ns, token=req.token))
+    return pb.VcpuResumeResponse(rc=rc, duplicate=duplicate)
+
+
+async def machine_check(guest, req: pb.MachineCheckRequest, caller) -> pb.MachineCheckResponse:
+    guest.machine_check(req.reason)
+    return pb.MachineCheckResponse()
 
 
 async def boot(guest, req: pb.BootRequest, caller) -> pb.BootResponse:
@@ -41,11 +47,14 @@ CALLS = [
     Call("Verify", verify, OPERATOR, None, checks=(), result=None),
     Call("Exercise", exercise, OPERATOR, None, checks=(), result=None),
     Call("GuestStatus", guest_status, frozenset(Role), None, checks=(), result=None),
+    Call("MachineCheck", machine_check, frozenset({Role.ROLE_HV}), None, checks=(), result=None),
 ]
 
+# A resume is taken in VCPU_IN_UCALL; in the other states only a repeat of the one taken (same
+# abort token) is acknowledged, which the handler decides, so every state reaches it.
 STATE_TABLE = {
-    "VcpuResume": {VcpuState.VCPU_STOPPED: H.H_STATE, VcpuState.VCPU_RUNNING: H.H_STATE,
-                   VcpuState.VCPU_IN_UCALL: ALLOW, VcpuState.VCPU_SECURE: H.H_STATE},
+    "VcpuResume": {VcpuState.VCPU_STOPPED: ALLOW, VcpuState.VCPU_RUNNING: ALLOW,
+                   VcpuState.VCPU_IN_UCALL: ALLOW, VcpuState.VCPU_SECURE: ALLOW},
 }
 
 

@@ -26,6 +26,7 @@ from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
 log = logging.getLogger("pefsim.guest")
 
 BATCH_PAGES = 64  # pages per VcpuStore/VcpuLoad/SvmLoad (4 MiB messages)
+RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 UCALL_OFFSET = 0x1000  # where in the kernel image prom_init's `sc 2` sits
 
 
@@ -36,6 +37,8 @@ class Resume:
     nip: int
     by: int
     abort_issued_ns: int = 0
+    token: int = 0  # an abort's token: the same resume delivered again is recognised
+    machine_check: str = ""  # set when the machine failed under the vCPU instead
     at_ns: int = field(default_factory=time.time_ns)
 
 
@@ -55,6 +58,7 @@ class GuestConfig:
     measured_only: bool = False  # the UV pages in only the measured regions (ESM_COPY_MEASURED):
     # once secure, every other page reads as zeros (the INIT_DONE sweep does not copy)
     resume_timeout_s: float = 120.0
+    hv_wait_s: float = 60.0  # how long the guest waits for an unreachable HV to come back
 
 
 class GuestProgram:
@@ -70,6 +74,8 @@ class GuestProgram:
         self.written: dict[int, bytes] = {}  # pages changed after boot: gfn -> content
         self.report = pb.GuestReport(name=cfg.name, outcome="created", abort_latency_s=-1.0)
         self.booting: asyncio.Task | None = None
+        self.session: asyncio.Task | None = None
+        self.taken_token = 0
 
     # -- timeline -------------------------------------------------------------------------------
 
@@ -92,15 +98,35 @@ class GuestProgram:
 
     # -- the vCPU's resume ----------------------------------------------------------------------
 
-    def resume(self, res: Resume) -> int:
-        """Deliver a resume to the vCPU: H_SUCCESS if it was waiting after `sc 2`, else H_STATE."""
-        if self.vcpu_state != VcpuState.VCPU_IN_UCALL or self._resume is None or self._resume.done():
-            self.event(f"unexpected resume r3={rc_name(res.r3)} by {Role(res.by).name} (not waiting)")
-            return H.H_STATE
-        self.vcpu_state = VcpuState.VCPU_SECURE if res.msr_s else VcpuState.VCPU_RUNNING
-        self.report.resumes += 1
-        self._resume.set_result(res)
-        return H.H_SUCCESS
+    def resume(self, res: Resume) -> tuple[int, bool]:
+        """Deliver a resume to the vCPU: (H_SUCCESS, False) if it was waiting after `sc 2`;
+        (H_SUCCESS, True) for a repeat of the resume it took (same abort token: acknowledged,
+        nothing changes); (H_STATE, False) otherwise."""
+        if self.vcpu_state == VcpuState.VCPU_IN_UCALL and self._resume is not None and not self._resume.done():
+            self.vcpu_state = VcpuState.VCPU_SECURE if res.msr_s else VcpuState.VCPU_RUNNING
+            self.report.resumes += 1
+            self.taken_token = res.token
+            self._resume.set_result(res)
+            return H.H_SUCCESS, False
+        if res.token and res.token == self.taken_token:
+            self.report.duplicate_resumes += 1
+            self.event(f"resume repeated by {Role(res.by).name} (token already taken): acknowledged")
+            return H.H_SUCCESS, True
+        self.report.refused_resumes += 1
+        self.event(f"unexpected resume r3={rc_name(res.r3)} by {Role(res.by).name} (not waiting)")
+        return H.H_STATE, False
+
+    def machine_check(self, reason: str) -> None:
+        """The machine failed under the guest: stop (a waiting vCPU stops waiting)."""
+        self.event(f"machine check: {reason}")
+        waiting = self._resume is not None and not self._resume.done()
+        self.vcpu_state = VcpuState.VCPU_STOPPED
+        if waiting:
+            self._resume.set_result(Resume(r3=H.H_HARDWARE, msr_s=False, nip=0, by=Role.ROLE_HV,
+                                           machine_check=reason))
+        else:
+            self.report.outcome, self.report.detail = "failed", f"machine check: {reason}"
+            self.report.memory_intact = False
 
     # -- boot -----------------------------------------------------------------------------------
 
@@ -113,10 +139,18 @@ class GuestProgram:
         return self.report
 
     async def _hv(self, name: str, request):
-        try:
-            resp = await getattr(self.hv.stub, name)(request)
-        except grpc.aio.AioRpcError as exc:
-            raise GuestFailure(f"{name}: HV unreachable ({exc.code().name})") from None
+        """A call to the HV; while the HV cannot be reached (restarting, frozen) the guest waits
+        and asks again, for up to hv_wait_s."""
+        deadline, delay = time.monotonic() + self.cfg.hv_wait_s, 0.05
+        while True:
+            try:
+                resp = await getattr(self.hv.stub, name)(request, timeout=10, wait_for_ready=True)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in RETRY_CODES or time.monotonic() > deadline:
+                    raise GuestFailure(f"{name}: HV unreachable ({exc.code().name})") from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
         errno = getattr(resp, "errno", Errno.OK)
         if errno != Errno.OK:
             raise GuestFailure(f"{name}: {Errno(errno).name}")
@@ -130,6 +164,7 @@ class GuestProgram:
             vcpu_endpoint=self.endpoint, secure_capable=self.cfg.secure_capable))
         self.lpid = self.report.lpid = resp.lpid
         self.event(f"VM created: lpid {self.lpid}, {npages} pages of 64 KiB")
+        self.session = asyncio.ensure_future(self.hold_session())
         await self._hv("RunVm", hpb.RunVmRequest(lpid=self.lpid))
         self.vcpu_state = VcpuState.VCPU_RUNNING
         pages = list(self.image.pages(self.cfg.blob))
@@ -142,6 +177,9 @@ class GuestProgram:
             await self.verify()
             return
         res = await self.enter_secure_mode()
+        if res.machine_check:
+            self.report.outcome, self.report.detail = "failed", f"machine check: {res.machine_check}"
+            return
         self.report.esm_rc, self.report.msr_s, self.report.resumed_by = res.r3, res.msr_s, res.by
         if res.abort_issued_ns:
             self.report.abort_latency_s = (res.at_ns - res.abort_issued_ns) / 1e9
@@ -191,7 +229,7 @@ class GuestProgram:
             return
         if resp.resumed:
             self.resume(Resume(r3=resp.rc, msr_s=resp.msr_s, nip=resp.nip, by=Role.ROLE_UV,
-                               abort_issued_ns=resp.trace.abort_issued_unix_ns))
+                               abort_issued_ns=resp.trace.abort_issued_unix_ns, token=resp.token))
         else:
             self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, H)}): "
                        "control went to the HV")
@@ -277,6 +315,30 @@ class GuestProgram:
         ok = all(("U_SUCCESS" in s or "same bytes" in s) for s in steps)
         return pb.ExerciseResponse(steps=steps, ok=ok)
 
+    async def hold_session(self) -> None:
+        """Hold the VM's session at the HV (QEMU's VM fd) for as long as the VM lives; after an
+        HV restart reconnect, for up to hv_wait_s."""
+        delay, deadline = 0.05, None
+        while True:
+            try:
+                async for event in self.hv.stub.VmSession(hpb.VmSessionRequest(lpid=self.lpid)):
+                    if event.errno != Errno.OK:
+                        self.event(f"VM session refused: {Errno(event.errno).name}")
+                        return
+                    deadline, delay = None, 0.05
+                return  # the HV ended the session: the VM was destroyed
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.CANCELLED:
+                    return
+                deadline = deadline or time.monotonic() + self.cfg.hv_wait_s
+                if time.monotonic() > deadline:
+                    self.event(f"HV gone for {self.cfg.hv_wait_s} s: giving up the VM session")
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def close(self) -> None:
+        if self.session is not None:
+            self.session.cancel()
         await self.hv.close()
         await self.uv.close()

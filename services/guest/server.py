@@ -25,7 +25,7 @@ log = logging.getLogger("pefsim.guest")
 async def build_server(cfg: GuestConfig, listen: str, history: str | None = None
                        ) -> tuple[grpc.aio.Server, int, GuestProgram, ServiceMetrics]:
     metrics = ServiceMetrics()
-    server = grpc.aio.server(options=rpc.CHANNEL_OPTIONS)
+    server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {listen}")
@@ -55,6 +55,8 @@ def parse_args(argv=None):
     ap.add_argument("--advertise", help="host:port the HV should use to reach this guest")
     ap.add_argument("--resume-timeout", type=float, default=120.0,
                     help="seconds the vCPU waits for a resume after UV_ESM")
+    ap.add_argument("--hv-wait", type=float, default=60.0,
+                    help="seconds the guest waits for an unreachable HV to come back")
     ap.add_argument("--boot", action="store_true", help="run the boot program at start")
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
@@ -66,7 +68,8 @@ def parse_args(argv=None):
     blob = a.blob.read_bytes() if a.blob else b""
     return a, GuestConfig(name=a.name, mem_bytes=mem_bytes, hv=a.hv, uv=a.uv, blob=blob,
                           svm=not a.no_svm, secure_capable=not a.no_secure_capable,
-                          measured_only=a.measured_only, resume_timeout_s=a.resume_timeout)
+                          measured_only=a.measured_only, resume_timeout_s=a.resume_timeout,
+                          hv_wait_s=a.hv_wait)
 
 
 async def serve(a, cfg: GuestConfig) -> None:

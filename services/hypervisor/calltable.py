@@ -60,6 +60,7 @@ CALLS = [
     Call("HostUnmapPage", memory.host_unmap_page, VMM, None, checks=(STATE, ALIGNED),
          result="errno", family=Errno),
     Call("HvStatus", vm.hv_status, ANYONE, None, checks=(), result=None),
+    Call("VmSession", vm.vm_session, VMM, None, checks=(STATE,), result="errno", family=Errno),
 ]
 
 A = ALLOW
@@ -81,7 +82,7 @@ STATE_TABLE = {
                          SECURE: H.H_STATE, ABORTING: H.H_UNSUPPORTED},
     "RunVm": _ANY_VM, "StopVm": _ANY_VM, "ResetVm": _ANY_VM, "DestroyVm": _ANY_VM,
     "SetMemslot": _ANY_VM, "VcpuLoad": _ANY_VM, "VcpuStore": _ANY_VM, "HostReadPage": _ANY_VM,
-    "HostUnmapPage": _ANY_VM,
+    "HostUnmapPage": _ANY_VM, "VmSession": _ANY_VM,
 }
 
 

@@ -21,6 +21,14 @@ class HvMetrics(ServiceMetrics):
             ["trigger", "result"], buckets=LATENCY_BUCKETS, registry=r)
         self.pages = Counter("pefsim_hv_pages_total", "Pages moved by the HV, by direction.",
                              ["direction"], registry=r)
+        self.vms_recovered = Counter("pefsim_hv_vms_recovered_total",
+                                     "VMs rebuilt from the data directory after a restart.", registry=r)
+        self.aborts_resumed = Counter("pefsim_hv_aborts_resumed_total",
+                                      "Interrupted aborts finished after a restart.", registry=r)
+        self.uv_resets = Counter("pefsim_hv_uv_resets_total",
+                                 "UV restarts noticed (its secure memory is gone).", registry=r)
+        self.vms_failed = Counter("pefsim_hv_vms_failed_total", "VMs the HV failed, by reason.",
+                                  ["reason"], registry=r)
         vms = Gauge("pefsim_hv_vms", "VMs, by state.", ["state"], registry=r)
         for st in (VmState.VM_NORMAL, VmState.VM_TRANSIENT, VmState.VM_SECURE, VmState.VM_ABORTING):
             vms.labels(st.name).set_function(

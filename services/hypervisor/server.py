@@ -1,10 +1,17 @@
 """The Hypervisor process: build_server() and main().
 
     python -m services.hypervisor --listen 127.0.0.1:7102 --uv 127.0.0.1:7101 --data-dir /tmp/hv
+
+At start the HV rebuilds every VM from its data directory and finishes any journalled abort. Two
+background tasks run beside the server: the UV monitor (a UV whose boot id changed was reset: its
+secure memory is gone, so every VM that depended on it is failed) and the session watchdog
+(after a restart, a VM whose VMM does not come back within the grace period is destroyed).
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -12,10 +19,10 @@ from pathlib import Path
 
 import grpc
 
-from pefsim import rpc
-from pefsim.abi import AbortReturn, Role, U, rc_name
-from pefsim.v1 import guest_pb2_grpc, hypervisor_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
-from services.hypervisor import calltable
+from pefsim import faults, rpc
+from pefsim.abi import AbortReturn, GfnState, Role, SecureGuest, U, rc_name
+from pefsim.v1 import guest_pb2, guest_pb2_grpc, hypervisor_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
+from services.hypervisor import abort, calltable
 from services.hypervisor.errors import UvUnreachable
 from services.hypervisor.metrics import HvMetrics
 from services.hypervisor.state import HvState, Vm
@@ -32,6 +39,10 @@ class HvConfig:
     history: str | None = None
     metrics_listen: str | None = None
     ready_file: str | None = None
+    ucall_timeout_s: float = 30.0  # a ucall that takes longer failed in transport
+    resume_retry_s: float = 60.0  # how long an abort keeps trying to resume an unreachable guest
+    session_grace_s: float = 10.0  # after a restart, how long a VMM has to come back
+    uv_probe_s: float = 1.0  # how often the UV's boot id is checked
 
 
 class Hypervisor:
@@ -44,18 +55,90 @@ class Hypervisor:
         self.vcpus: dict[int, rpc.Peer] = {}
         self.metrics = HvMetrics(self.state)
         self.history = rpc.History(cfg.history, "hv")
+        self.stopping = False
+        self.tasks: list[asyncio.Task] = []
         self.dispatcher = rpc.Dispatcher(
             service=self, service_descriptor=hypervisor_pb2.DESCRIPTOR.services_by_name["HypervisorService"],
             pb2=hypervisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
             state_of=calltable.state_of, observer=self.metrics, history=self.history)
 
+    # -- start-up: recovery and background tasks -----------------------------------------------
+
+    def recover(self) -> None:
+        vms = self.state.load()
+        deadline = time.monotonic() + self.cfg.session_grace_s
+        for vm in vms:
+            if vm.had_session:
+                vm.session_deadline = deadline
+        if vms:
+            self.metrics.vms_recovered.inc(len(vms))
+            log.warning("recovered %d VMs from %s; %d interrupted aborts to finish", len(vms),
+                        self.cfg.data_dir, abort.recover(self))
+
+    def start_background(self) -> None:
+        self.tasks = [asyncio.ensure_future(self.uv_monitor()), asyncio.ensure_future(self.watchdog())]
+
+    async def uv_monitor(self) -> None:
+        """Notice a UV restart (a machine reset): fail every VM whose state lived in it."""
+        while True:
+            try:
+                status = await self.uv.stub.UvStatus(upb.UvStatusRequest(), timeout=2)
+            except grpc.aio.AioRpcError:
+                status = None
+            if status is not None and status.boot_id:
+                known = self.state.known_uv_boot_id()
+                if known and known != status.boot_id:
+                    await self.uv_reset(known, status.boot_id)
+                if known != status.boot_id:
+                    self.state.remember_uv_boot_id(status.boot_id)
+            await asyncio.sleep(self.cfg.uv_probe_s)
+
+    async def uv_reset(self, old: str, new: str) -> None:
+        log.error("the UV was reset (boot id %s -> %s): its secure memory is gone", old, new)
+        self.metrics.uv_resets.inc()
+        for vm in list(self.state.vms.values()):
+            if vm.secure_guest == 0 and vm.abort is None:
+                continue  # a normal VM never depended on the UV: it keeps running
+            vm.failed = "uv-reset"  # stops an abort's retries
+            async with vm.lock:
+                for slot, idx in vm.pages():
+                    st = slot.state(idx)
+                    if st != GfnState.GFN_NORMAL:
+                        self.state.mark_normal(slot, idx, scrub=st == GfnState.GFN_SECURE_IN)
+                self.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE, abort=None)
+            self.metrics.vms_failed.labels("uv-reset").inc()
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await self.vcpu(vm).stub.MachineCheck(
+                    guest_pb2.MachineCheckRequest(lpid=vm.lpid, reason="uv-reset"), timeout=5)
+
+    async def watchdog(self) -> None:
+        """Destroy VMs whose VMM did not come back after a restart."""
+        from services.hypervisor.control.vm import destroy
+
+        while True:
+            now = time.monotonic()
+            for vm in list(self.state.vms.values()):
+                if vm.session_deadline and vm.sessions == 0 and now > vm.session_deadline:
+                    log.warning("lpid %d: its VMM did not come back within %.0f s", vm.lpid,
+                                self.cfg.session_grace_s)
+                    await destroy(self, vm, "vmm-gone")
+                elif vm.sessions:
+                    vm.session_deadline = 0.0
+            await asyncio.sleep(0.5)
+
+    # -- peers -------------------------------------------------------------------------------------
+
     async def ucall(self, name: str, request):
         """Make an ultracall; raises UvUnreachable on a transport failure."""
         try:
-            return await getattr(self.uv.stub, name)(request)
+            return await getattr(self.uv.stub, name)(request, timeout=self.cfg.ucall_timeout_s,
+                                                     wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
             log.error("%s: UV unreachable (%s)", name, exc.code().name)
             raise UvUnreachable(name) from None
+
+    def observe_terminate(self, trigger: str, rc: int, seconds: float) -> None:
+        self.metrics.terminate_seconds.labels(trigger, rc_name(rc, U)).observe(seconds)
 
     async def terminate(self, vm: Vm, trigger: str) -> int:
         """UV_SVM_TERMINATE for the VM; returns its result (U_FUNCTION when the UV could not be
@@ -65,7 +148,7 @@ class Hypervisor:
             rc = (await self.ucall("UV_SVM_TERMINATE", upb.UvSvmTerminateRequest(lpid=vm.lpid))).rc
         except UvUnreachable:
             rc = U.U_FUNCTION
-        self.metrics.terminate_seconds.labels(trigger, rc_name(rc, U)).observe(time.perf_counter() - t0)
+        self.observe_terminate(trigger, rc, time.perf_counter() - t0)
         return rc
 
     def vcpu(self, vm: Vm) -> rpc.Peer:
@@ -81,6 +164,8 @@ class Hypervisor:
             await peer.close()
 
     async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
         await self.uv.close()
         for lpid in list(self.vcpus):
             await self.forget_vcpu(lpid)
@@ -89,7 +174,9 @@ class Hypervisor:
 
 async def build_server(cfg: HvConfig) -> tuple[grpc.aio.Server, int, Hypervisor]:
     hv = Hypervisor(cfg)
+    hv.recover()
     server, port = await rpc.start_server(cfg.listen, [hv.dispatcher.generic_handler()])
+    hv.start_background()
     return server, port, hv
 
 
@@ -98,17 +185,25 @@ def parse_args(argv=None) -> HvConfig:
     ap.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve gRPC on")
     ap.add_argument("--uv", required=True, help="host:port of the Ultravisor service")
     ap.add_argument("--data-dir", type=Path, required=True,
-                    help="directory for guest RAM and VM state (file-backed)")
+                    help="directory for guest RAM and VM state (file-backed; survives restarts)")
     ap.add_argument("--abort-return", choices=["guest", "uv"], default="guest",
                     help="H_SVM_INIT_ABORT returns to the guest (merged kernel, default) or to "
                          "the UV (the v10 proposal)")
+    ap.add_argument("--session-grace", type=float, default=10.0,
+                    help="after a restart, seconds a VMM has to reconnect before its VM is destroyed")
+    ap.add_argument("--resume-retry", type=float, default=60.0,
+                    help="seconds an abort keeps trying to resume an unreachable guest")
+    ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
+                    help=f"SIGKILL this process the N-th time it reaches NAME ({', '.join(faults.POINTS)})")
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
     ap.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
     a = ap.parse_args(argv)
+    faults.configure(a.failpoint)
     return HvConfig(listen=a.listen, uv=a.uv, data_dir=a.data_dir,
                     abort_return=AbortReturn[f"ABORT_RETURN_{a.abort_return.upper()}"],
-                    history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file)
+                    history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file,
+                    session_grace_s=a.session_grace, resume_retry_s=a.resume_retry)
 
 
 async def serve(cfg: HvConfig) -> None:
@@ -116,11 +211,15 @@ async def serve(cfg: HvConfig) -> None:
     metrics_port = hv.metrics.serve(cfg.metrics_listen)
     log.info("hypervisor serving on %s (port %d), uv %s, data %s, abort returns to %s",
              cfg.listen, port, cfg.uv, cfg.data_dir, AbortReturn(cfg.abort_return).name)
-    rpc.write_ready_file(cfg.ready_file, port=port, metrics_port=metrics_port)
-    await rpc.serve_until_signalled(server, hv.close)
+    rpc.write_ready_file(cfg.ready_file, port=port, metrics_port=metrics_port, boot_id=hv.state.boot_id)
+
+    def before_stop() -> None:
+        hv.stopping = True  # sessions ending now are the HV's, not their VMMs': keep the VMs
+
+    await rpc.serve_until_signalled(server, hv.close, before_stop=before_stop)
 
 
 def main(argv=None) -> None:
-    cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s hv %(levelname)s %(message)s")
+    cfg = parse_args(argv)
     rpc.run(lambda: serve(cfg))

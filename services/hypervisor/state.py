@@ -38,8 +38,13 @@ GFN states (GfnState; KVMPPC_GFN_* since 5.9), one byte per page in ``slot-<id>.
   INIT_ABORT (drop_pages)       -            UV_PAGE_OUT->NORMAL ->NORMAL         ->NORMAL
   SVM_OFF / memslot delete      -            ->NORMAL (dropped)  ->NORMAL         ->NORMAL
 
-Guest RAM is a file-backed MAP_SHARED mmap per memslot under the data directory, 64 KiB pages;
-the GFN states sit beside it in a second mmapped file, so both survive the process.
+Durability (survives kill -9). Guest RAM is a file-backed MAP_SHARED mmap per memslot under the
+data directory, 64 KiB pages; the GFN states sit beside it in a second mmapped file; ``vm.json``
+(written atomically) holds the VM's metadata, its secure_guest byte and the journal of an abort in
+progress. Writes are ordered so that a kill between any two of them leaves a state the restarted
+HV can finish from: a GFN is marked secure before its HV page is scrubbed; a page given back is
+written before its GFN is marked normal; secure_guest = 0 is recorded together with the abort's
+next phase. ``HvState.load`` rebuilds every VM at start.
 
 Locking: ``Vm.lock`` is the per-VM uvmem_lock: every page-in, page-out, share, drop and any change
 of a GFN state happens under it. It is held across ucalls to the UV (which never call back into
@@ -52,8 +57,10 @@ import json
 import mmap
 import os
 import shutil
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gfn_of, gpa_of
 
@@ -125,6 +132,18 @@ class Vm:
     running: bool = False
     slots: dict[int, Slot] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # journal of an H_SVM_INIT_ABORT in progress: token, srr0, trace_ns, phase
+    # ("page-out" -> "terminate" -> "resume"); None when no abort is under way
+    abort: dict | None = None
+    had_session: bool = False  # a VMM held a session: after a restart it must come back
+    failed: str = ""  # why the HV failed the VM (e.g. "uv-reset")
+    # in memory only
+    abort_task: Any = None
+    sessions: int = 0
+    session_deadline: float = 0.0
+    destroyed: bool = False
+    dying: bool = False  # a destroy is waiting for the VM's lock: retries give up
+    gone: asyncio.Event = field(default_factory=asyncio.Event)  # set when destroyed
 
     @property
     def state(self) -> VmState:
@@ -160,6 +179,44 @@ class HvState:
         self.vms: dict[int, Vm] = {}
         self.next_lpid = 1
         self.next_ra = HV_RA_BASE
+        self.boot_id = secrets.token_hex(8)
+        self.recovered = 0
+
+    def load(self) -> list[Vm]:
+        """Rebuild every VM from the data directory (after a restart). A directory without a
+        readable vm.json is a VM whose creation never finished: removed."""
+        for directory in sorted(self.data_dir.glob("vm-*")):
+            try:
+                meta = json.loads((directory / "vm.json").read_text())
+            except (OSError, ValueError):
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            vm = Vm(lpid=meta["lpid"], name=meta["name"], directory=directory,
+                    vcpu_endpoint=meta["vcpu_endpoint"], secure_capable=meta["secure_capable"],
+                    secure_guest=meta["secure_guest"], abort=meta.get("abort"),
+                    had_session=meta.get("had_session", False), failed=meta.get("failed", ""))
+            for s in meta["slots"]:
+                vm.slots[s["slot_id"]] = Slot(directory, s["slot_id"], s["base_gfn"], s["npages"], s["ra_base"])
+                self.next_ra = max(self.next_ra, s["ra_base"] + s["npages"] * PAGE_SIZE)
+            self.vms[vm.lpid] = vm
+            self.next_lpid = max(self.next_lpid, vm.lpid + 1)
+        self.recovered = len(self.vms)
+        return list(self.vms.values())
+
+    @property
+    def uv_boot_file(self) -> Path:
+        return self.data_dir / "uv.json"
+
+    def known_uv_boot_id(self) -> str:
+        try:
+            return json.loads(self.uv_boot_file.read_text())["boot_id"]
+        except (OSError, ValueError, KeyError):
+            return ""
+
+    def remember_uv_boot_id(self, boot_id: str) -> None:
+        tmp = self.data_dir / "uv.json.tmp"
+        tmp.write_text(json.dumps({"boot_id": boot_id}))
+        os.replace(tmp, self.uv_boot_file)
 
     def vm_state(self, lpid: int | None) -> VmState:
         vm = self.vms.get(lpid)
@@ -193,6 +250,7 @@ class HvState:
         self.save(vm)
 
     def destroy_vm(self, vm: Vm) -> None:
+        vm.destroyed = True
         for slot in vm.slots.values():
             slot.close()
         self.vms.pop(vm.lpid, None)
@@ -202,6 +260,7 @@ class HvState:
         """Write the VM's metadata (atomically) next to its RAM."""
         meta = {"lpid": vm.lpid, "name": vm.name, "vcpu_endpoint": vm.vcpu_endpoint,
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
+                "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed,
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
                            "ra_base": s.ra_base} for s in vm.slots.values()]}
         tmp = vm.directory / "vm.json.tmp"
@@ -210,8 +269,15 @@ class HvState:
 
     # -- secure_guest --------------------------------------------------------------------------
 
-    def set_secure_guest(self, vm: Vm, value: int) -> None:
+    def set_secure_guest(self, vm: Vm, value: int, abort: dict | None | bool = False) -> None:
+        """Set secure_guest (and, if given, the abort journal) in one durable write."""
         vm.secure_guest = value
+        if abort is not False:
+            vm.abort = abort
+        self.save(vm)
+
+    def set_abort(self, vm: Vm, abort: dict | None) -> None:
+        vm.abort = abort
         self.save(vm)
 
     # -- GFN transitions -----------------------------------------------------------------------
@@ -221,9 +287,10 @@ class HvState:
         slot.states[idx] = state
 
     def mark_secure_in(self, slot: Slot, idx: int) -> None:
-        """-> GFN_SECURE_IN: the data now lives in the UV; the HV page is scrubbed."""
-        slot.page(idx)[:] = ZERO_PAGE
+        """-> GFN_SECURE_IN: the data now lives in the UV; the HV page is scrubbed (after the
+        state is recorded, so a kill in between never leaves a normal GFN without its data)."""
         self._set(slot, idx, GfnState.GFN_SECURE_IN)
+        slot.page(idx)[:] = ZERO_PAGE
 
     def mark_secure_out(self, slot: Slot, idx: int, ciphertext: bytes) -> None:
         """-> GFN_SECURE_OUT: the HV page holds the ciphertext the UV handed out."""

@@ -17,6 +17,7 @@ The context runs as its own task: a guest that goes away does not cancel it half
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -25,6 +26,7 @@ import grpc
 
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, AbortReturn, EsmCopy, GpfState, H, PageInFlag,
                         SvmState, U, gfn_of, gpa_of, rc_name)
+from pefsim import faults
 from pefsim.blob import BlobError, kernel_size, verify_blob
 from pefsim.image import FDT_MAGIC
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as pb
@@ -41,7 +43,7 @@ class EsmFailed(Exception):
 async def hcall(uv, name: str, request):
     """Make an hcall to the HV; a transport failure is an ESM failure (HV unreachable)."""
     try:
-        return await getattr(uv.hv.stub, name)(request)
+        return await getattr(uv.hv.stub, name)(request, timeout=uv.cfg.hcall_timeout_s, wait_for_ready=True)
     except grpc.aio.AioRpcError as exc:
         raise EsmFailed("hv-unreachable", f"{name}: {exc.code().name}") from None
 
@@ -141,32 +143,50 @@ async def read_fdt(uv, svm, fdt_gpa: int) -> dict:
 
 
 async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmResponse:
-    """SVM_ABORT, then H_SVM_INIT_ABORT in the guest's context (protocol reference 3.4)."""
+    """SVM_ABORT, then H_SVM_INIT_ABORT in the guest's context (protocol reference 3.4).
+
+    The UV keeps the SVM, every page and its memslots until UV_SVM_TERMINATE. If the call fails
+    in transport (the HV died, froze or is cut off) it is made again, with the same token, until
+    the HV answers or terminates the SVM: a restarted HV finishes the abort from its journal, and
+    an HV that never answers costs this one SVM (reported in the abort metrics) and nothing else."""
     lpid, resume_at = svm.lpid, req.vcpu.nip
     if svm.destroyed:  # terminated under us (the VM was destroyed): nobody resumes this vCPU
         return pb.UvEsmResponse(rc=U.U_STATE, resumed=False)
     uv.state.set_svm_state(svm, SvmState.SVM_ABORT)
+    faults.reach("uv.esm.before_abort")
+    token = svm.abort_issued_ns
     trace = common_pb2.Trace(abort_issued_unix_ns=svm.abort_issued_ns)
+    request = hpb.HSvmInitAbortRequest(lpid=lpid, srr0=resume_at, srr1_msr_s=False, trace=trace, token=token)
     t0 = time.perf_counter()
-    try:
-        resp = await uv.hv.stub.H_SVM_INIT_ABORT(hpb.HSvmInitAbortRequest(
-            lpid=lpid, srr0=resume_at, srr1_msr_s=False, trace=trace))
-    except grpc.aio.AioRpcError as exc:
-        # The HV is gone. The SVM stays in SVM_ABORT with all its pages until UV_SVM_TERMINATE:
-        # a restarted HV can still take them back. Nobody resumes the vCPU from here.
-        uv.metrics.abort_seconds.labels("hv-unreachable").observe(time.perf_counter() - t0)
-        log.error("lpid %d: H_SVM_INIT_ABORT failed in transport (%s); SVM kept in SVM_ABORT",
-                  lpid, exc.code().name)
-        return pb.UvEsmResponse(rc=U.U_STATE, resumed=False)
+    delay, attempts = 0.05, 0
+    while True:
+        if svm.destroyed:
+            # the HV finished the abort (its UV_SVM_TERMINATE arrived) but its answer was lost
+            uv.metrics.abort_seconds.labels("terminated-by-hv").observe(time.perf_counter() - t0)
+            return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
+        try:
+            resp = await uv.hv.stub.H_SVM_INIT_ABORT(request, timeout=uv.cfg.abort_attempt_timeout_s,
+                                                     wait_for_ready=True)
+            break
+        except grpc.aio.AioRpcError as exc:
+            attempts += 1
+            uv.metrics.abort_retries.inc()
+            log.error("lpid %d: H_SVM_INIT_ABORT attempt %d failed in transport (%s); the SVM "
+                      "stays in SVM_ABORT with its pages; asking again in %.2f s", lpid, attempts,
+                      exc.code().name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
     if resp.rc == H.H_PARAMETER and resp.returned_to == AbortReturn.ABORT_RETURN_GUEST:
         uv.metrics.abort_seconds.labels("resumed-by-hv").observe(time.perf_counter() - t0)
         return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
-    # v10 (the HV returned H_SUCCESS to us), or the HV refused the abort: either way the UV
-    # finishes the cleanup itself and resumes the guest as a normal VM with H_PARAMETER.
+    # v10 (the HV returned H_SUCCESS to us), or the HV refused the abort (H_UNSUPPORTED: its VM
+    # is already normal, i.e. it gave every page back; or it never started ESM): the UV finishes
+    # the cleanup itself and resumes the guest with H_PARAMETER, under the abort's token.
     outcome = "returned-to-uv" if resp.rc == H.H_SUCCESS else "refused"
     if outcome == "refused":
-        log.error("lpid %d: HV answered H_SVM_INIT_ABORT with %s", lpid, resp.rc)
+        log.error("lpid %d: HV answered H_SVM_INIT_ABORT with %s", lpid, rc_name(resp.rc, H))
     async with svm.lock:
         uv.state.destroy_svm(lpid)
     uv.metrics.abort_seconds.labels(outcome).observe(time.perf_counter() - t0)
-    return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=True, msr_s=False, nip=resume_at, trace=trace)
+    return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=True, msr_s=False, nip=resume_at, trace=trace,
+                            token=token)

@@ -1,6 +1,8 @@
 """The Ultravisor's metrics (on top of the per-call ones in pefsim/metrics.py)."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from pefsim.abi import SvmState
@@ -21,6 +23,14 @@ class UvMetrics(ServiceMetrics):
         self.esm_failures = Counter(
             "pefsim_uv_esm_failures_total", "ESM attempts that went to the abort path, by reason.",
             ["reason"], registry=r)
+        self.abort_retries = Counter(
+            "pefsim_uv_abort_retries_total",
+            "H_SVM_INIT_ABORT attempts made again after a transport failure.", registry=r)
+        pending = Gauge("pefsim_uv_abort_pending_seconds",
+                        "Age of the oldest SVM waiting in SVM_ABORT for the HV (0: none).", registry=r)
+        pending.set_function(lambda: max(
+            [(time.time_ns() - s.abort_issued_ns) / 1e9 for s in state.svms.values()
+             if s.state == SvmState.SVM_ABORT and s.abort_issued_ns] or [0.0]))
         self.pages = Counter("pefsim_uv_pages_total", "Pages moved by the UV, by direction.",
                              ["direction"], registry=r)
         pool = Gauge("pefsim_uv_secure_pages", "Secure memory pool, in 64 KiB pages, by kind.",

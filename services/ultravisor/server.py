@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from pefsim import rpc
+from pefsim import faults, rpc
 from pefsim.abi import EsmCopy, Role
 from pefsim.blob import load_public_key
 from pefsim.v1 import hypervisor_pb2_grpc, ultravisor_pb2
@@ -33,6 +33,8 @@ class UvConfig:
     history: str | None = None
     metrics_listen: str | None = None
     ready_file: str | None = None
+    hcall_timeout_s: float = 30.0  # an hcall of the ESM context that takes longer failed
+    abort_attempt_timeout_s: float = 30.0  # one H_SVM_INIT_ABORT attempt; then it is made again
 
 
 class Ultravisor:
@@ -71,13 +73,18 @@ def parse_args(argv=None) -> UvConfig:
                     help="pages ESM copies: every GFN (default) or the measured regions only")
     ap.add_argument("--trusted-key", type=Path, required=True,
                     help="Ed25519 public key (PEM) that ESM blobs must be signed with")
+    ap.add_argument("--abort-attempt-timeout", type=float, default=30.0,
+                    help="seconds one H_SVM_INIT_ABORT attempt may take before it is made again")
+    ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
+                    help=f"SIGKILL this process the N-th time it reaches NAME ({', '.join(faults.POINTS)})")
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
     ap.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
     a = ap.parse_args(argv)
     if a.pool_pages < 0:
         ap.error("--pool-pages must be >= 0")
-    return UvConfig(listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
+    faults.configure(a.failpoint)
+    return UvConfig(abort_attempt_timeout_s=a.abort_attempt_timeout, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
                     esm_copy=EsmCopy[f"ESM_COPY_{a.esm_copy.upper()}"], trusted_key=a.trusted_key,
                     history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file)
 
@@ -87,11 +94,11 @@ async def serve(cfg: UvConfig) -> None:
     metrics_port = uv.metrics.serve(cfg.metrics_listen)
     log.info("ultravisor serving on %s (port %d), pool %d pages, hv %s", cfg.listen, port,
              cfg.pool_pages, cfg.hv)
-    rpc.write_ready_file(cfg.ready_file, port=port, metrics_port=metrics_port)
+    rpc.write_ready_file(cfg.ready_file, port=port, metrics_port=metrics_port, boot_id=uv.state.boot_id)
     await rpc.serve_until_signalled(server, uv.close)
 
 
 def main(argv=None) -> None:
-    cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s uv %(levelname)s %(message)s")
+    cfg = parse_args(argv)
     rpc.run(lambda: serve(cfg))

@@ -60,6 +60,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pefsim import faults
 from pefsim.abi import PAGE_SIZE, SECURE_RA_BASE, GpfState, SvmState, gfn_of
 
 SVM_MEM_SLOTS_NUM = 32  # slot ids the UV accepts per SVM (firmware's SVM_MEM_SLOTS_NUM)
@@ -172,6 +173,7 @@ class UvState:
         self.pool = SecurePool(pool_pages)
         self.svms: dict[int, Svm] = {}
         self.terminated: list[int] = []
+        self.boot_id = os.urandom(8).hex()  # a restarted UV is a new machine: nothing survives
 
     def svm_state(self, lpid: int) -> int:
         svm = self.svms.get(lpid)
@@ -196,11 +198,13 @@ class UvState:
         if svm is None:
             return 0
         freed = 0
+        leak = faults.mutant("uv-terminate-keeps-pages")
         for gpf in svm.gpfs.values():
-            if gpf.frame is not None:
+            if gpf.frame is not None and not leak:
                 self.pool.release(gpf.frame)
                 freed += 1
-        self.pool.unreserve(svm.reserved)
+        if not leak:
+            self.pool.unreserve(svm.reserved)
         svm.gpfs.clear()
         svm.slots.clear()
         svm.reserved = 0

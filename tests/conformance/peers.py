@@ -264,7 +264,12 @@ async def make_call(stub_for: Callable, call, row, ctx):
     from pefsim.rpc import result_name
 
     try:
-        resp = await getattr(stub_for(row.caller or default_caller(call)), row.call)(row.request(ctx))
+        pending = getattr(stub_for(row.caller or default_caller(call)), row.call)(row.request(ctx))
+        if hasattr(pending, "read"):  # server streaming: the first message carries the result
+            resp = await pending.read()
+            pending.cancel()
+        else:
+            resp = await pending
         got = result_name(call, getattr(resp, call.result))
     except grpc.aio.AioRpcError as exc:
         resp, got = None, exc.code().name

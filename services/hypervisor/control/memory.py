@@ -60,7 +60,10 @@ async def host_read_page(hv, req: pb.HostReadPageRequest, caller) -> pb.HostRead
     slot, idx = where
     async with vm.lock:
         if slot.state(idx) == GfnState.GFN_SECURE_IN:  # migrate_to_ram: UV_PAGE_OUT first
-            data = await take_page(hv, vm, slot, idx)
+            try:
+                data = await take_page(hv, vm, slot, idx)
+            except UvUnreachable:
+                data = None
             if data is None:
                 return pb.HostReadPageResponse(errno=Errno.EFAULT)  # SIGBUS to the host
             hv.state.mark_secure_out(slot, idx, data)

@@ -2,13 +2,15 @@
 StopVm, ResetVm (KVM_PPC_SVM_OFF), DestroyVm, SetMemslot and HvStatus. Results are errnos."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from pefsim.abi import Errno, SecureGuest, U, VmState, gpa_of
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
+from services.hypervisor.abort import unregister
 from services.hypervisor.errors import UvUnreachable
-from services.hypervisor.hcalls.svm import _unregister, drop_pages
+from services.hypervisor.hcalls.svm import drop_secure
 from services.hypervisor.state import MAX_SLOT_ID
 
 log = logging.getLogger("pefsim.hv")
@@ -63,8 +65,8 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
         return pb.ResetVmResponse(errno=Errno.EBUSY)
     async with vm.lock:
         for slot in sorted(vm.slots.values(), key=lambda s: s.slot_id):
-            await drop_pages(hv, vm, [slot], page_out=False)
-            await _unregister(hv, vm, slot.slot_id)
+            drop_secure(hv, vm, [slot])
+            await unregister(hv, vm, slot.slot_id)
         rc = await hv.terminate(vm, "reset")
         if rc != U.U_SUCCESS:
             return pb.ResetVmResponse(errno=Errno.EINVAL)
@@ -74,19 +76,46 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
 
 
 async def destroy_vm(hv, req: pb.DestroyVmRequest, caller) -> pb.DestroyVmResponse:
-    """Destroy the VM; UV_SVM_TERMINATE first if secure_guest != 0."""
-    vm = hv.state.vms[req.lpid]
+    return await destroy(hv, hv.state.vms[req.lpid], "destroy")
+
+
+async def destroy(hv, vm, trigger: str) -> pb.DestroyVmResponse:
+    """Destroy the VM; UV_SVM_TERMINATE first if secure_guest != 0 (or an abort is journalled).
+    ``trigger``: destroy (the VMM asked), vmm-exited (its session ended), vmm-gone (it did not
+    come back after an HV restart)."""
+    vm.dying = True
     async with vm.lock:
+        if vm.destroyed:
+            return pb.DestroyVmResponse(errno=Errno.ENOENT)
         terminated, rc, seconds = False, 0, 0.0
-        if vm.secure_guest != 0:
+        if vm.secure_guest != 0 or vm.abort is not None:
             t0 = time.perf_counter()
             rc = await hv.terminate(vm, "destroy")
             seconds, terminated = time.perf_counter() - t0, True
         hv.state.destroy_vm(vm)
+        vm.gone.set()
     await hv.forget_vcpu(vm.lpid)
-    log.info("lpid %d destroyed%s", vm.lpid, f" (UV_SVM_TERMINATE -> {rc})" if terminated else "")
+    log.info("lpid %d destroyed (%s)%s", vm.lpid, trigger,
+             f", UV_SVM_TERMINATE -> {rc}" if terminated else "")
     return pb.DestroyVmResponse(errno=Errno.OK, terminated=terminated, terminate_rc=rc,
                                 terminate_latency_s=seconds)
+
+
+async def vm_session(hv, req: pb.VmSessionRequest, caller):
+    """The VMM's hold on its VM. Ends when the VM is destroyed; if the VMM goes away first the
+    VM is destroyed (as closing QEMU's KVM VM fd does)."""
+    vm = hv.state.vms[req.lpid]
+    vm.sessions += 1
+    if not vm.had_session:
+        vm.had_session = True
+        hv.state.save(vm)
+    try:
+        yield pb.VmSessionEvent(errno=Errno.OK, hv_boot_id=hv.state.boot_id)
+        await vm.gone.wait()
+    finally:
+        vm.sessions -= 1
+        if not vm.destroyed and vm.sessions == 0 and not hv.stopping:
+            asyncio.ensure_future(destroy(hv, vm, "vmm-exited"))
 
 
 async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotResponse:
@@ -101,8 +130,8 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
             if slot is None:
                 return pb.SetMemslotResponse(errno=Errno.ENOENT)
             if vm.secure_guest != 0:
-                await drop_pages(hv, vm, [slot], page_out=False)
-                await _unregister(hv, vm, slot.slot_id)
+                drop_secure(hv, vm, [slot])
+                await unregister(hv, vm, slot.slot_id)
             hv.state.remove_slot(vm, slot.slot_id)
             return pb.SetMemslotResponse(errno=Errno.OK)
         if s.slot_id in vm.slots:
@@ -133,6 +162,7 @@ def _infos(vm):
 async def hv_status(hv, req: pb.HvStatusRequest, caller) -> pb.HvStatusResponse:
     vms = [pb.VmInfo(lpid=vm.lpid, name=vm.name, secure_guest=vm.secure_guest,
                      state=VmState(vm.state).name, running=vm.running, npages=vm.npages,
-                     gfns_by_state=vm.gfn_counts(), memslots=list(_infos(vm)))
+                     gfns_by_state=vm.gfn_counts(), memslots=list(_infos(vm)),
+                     aborting=vm.abort is not None, failed=vm.failed, session=vm.sessions > 0)
            for vm in sorted(hv.state.vms.values(), key=lambda v: v.lpid)]
-    return pb.HvStatusResponse(vms=vms)
+    return pb.HvStatusResponse(vms=vms, boot_id=hv.state.boot_id, vms_recovered=hv.state.recovered)

@@ -9,6 +9,7 @@ import logging
 
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, GfnState, H, PageInFlag, U, rc_name
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
+from pefsim import faults
 from services.hypervisor.errors import UvUnreachable
 
 log = logging.getLogger("pefsim.hv")
@@ -40,6 +41,7 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
             return pb.HSvmPageInResponse(rc=H.H_PARAMETER)
         if rc != U.U_SUCCESS:
             return pb.HSvmPageInResponse(rc=H.H_PARAMETER)
+        faults.reach("hv.esm.page_in")
         if shared:
             hv.state.mark_shared(slot, idx)
         else:
@@ -57,7 +59,10 @@ async def h_svm_page_out(hv, req: pb.HSvmPageOutRequest, caller) -> pb.HSvmPageO
     async with vm.lock:
         if slot.state(idx) != GfnState.GFN_SECURE_IN:
             return pb.HSvmPageOutResponse(rc=H.H_SUCCESS)  # not device-backed: nothing to do
-        data = await take_page(hv, vm, slot, idx)
+        try:
+            data = await take_page(hv, vm, slot, idx)
+        except UvUnreachable:
+            data = None
         if data is None:
             return pb.HSvmPageOutResponse(rc=H.H_PARAMETER)
         hv.state.mark_secure_out(slot, idx, data)
@@ -66,13 +71,11 @@ async def h_svm_page_out(hv, req: pb.HSvmPageOutRequest, caller) -> pb.HSvmPageO
 
 async def take_page(hv, vm, slot, idx: int) -> bytes | None:
     """UV_PAGE_OUT of a GFN_SECURE_IN page: its content (ciphertext, or plaintext while the SVM
-    is aborting), or None if the UV refused, was unreachable or sent no whole page (logged).
+    is aborting), or None if the UV refused or sent no whole page (logged). Raises UvUnreachable
+    if the ucall failed in transport (the page may still be in the UV: the caller may ask again).
     Called with vm.lock held; the caller decides the GFN's next state."""
-    try:
-        resp = await hv.ucall("UV_PAGE_OUT", upb.UvPageOutRequest(
-            lpid=vm.lpid, dest_ra=slot.ra(idx), src_gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT))
-    except UvUnreachable:
-        return None
+    resp = await hv.ucall("UV_PAGE_OUT", upb.UvPageOutRequest(
+        lpid=vm.lpid, dest_ra=slot.ra(idx), src_gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT))
     if resp.rc != U.U_SUCCESS or len(resp.data) != PAGE_SIZE:
         log.error("lpid %d: UV_PAGE_OUT(0x%x) -> %s, %d bytes", vm.lpid, slot.gpa(idx),
                   rc_name(resp.rc, U), len(resp.data))

@@ -116,4 +116,4 @@ async def uv_status(uv, req: pb.UvStatusRequest, caller) -> pb.UvStatusResponse:
     ) for s in sorted(st.svms.values(), key=lambda s: s.lpid)]
     return pb.UvStatusResponse(pool_pages_total=st.pool.total, pool_pages_in_use=st.pool.in_use,
                                pool_pages_reserved=st.pool.reserved, svms=svms,
-                               terminated_lpids=st.terminated)
+                               terminated_lpids=st.terminated, boot_id=st.boot_id)

@@ -5,6 +5,7 @@ on the page's GPF state is here, following the table at the top of state.py.
 """
 from __future__ import annotations
 
+from pefsim import faults
 from pefsim.abi import PAGE_SIZE, GpfState, SvmState, U, gfn_of, page_aligned
 from pefsim.v1 import ultravisor_pb2 as pb
 
@@ -52,13 +53,16 @@ async def uv_page_out(uv, req: pb.UvPageOutRequest, caller) -> pb.UvPageOutRespo
         if gpf.state != GpfState.GPF_SECURE:
             return pb.UvPageOutResponse(rc=U.U_PARAMETER)
         uv.metrics.pages.labels("out").inc()
+        if svm.state == SvmState.SVM_ABORT and faults.mutant("uv-abort-pageout-no-data"):
+            return pb.UvPageOutResponse(rc=U.U_SUCCESS)
         if svm.state == SvmState.SVM_ABORT:
             # The guest resumes as a normal VM and needs its content back. The SVM never went
             # secure, so nothing the HV did not already have leaves the UV. The page stays
             # until UV_SVM_TERMINATE, so asking again (an HV that lost the answer) is harmless.
             return pb.UvPageOutResponse(rc=U.U_SUCCESS, data=bytes(uv.state.pool.view(gpf.frame)))
+        plain = bytes(uv.state.pool.view(gpf.frame)) if faults.mutant("uv-pageout-plaintext") else None
         sealed = uv.state.page_out(svm, gfn_of(req.src_gpa), gpf)
-    return pb.UvPageOutResponse(rc=U.U_SUCCESS, data=sealed)
+    return pb.UvPageOutResponse(rc=U.U_SUCCESS, data=plain or sealed)
 
 
 async def uv_page_inval(uv, req: pb.UvPageInvalRequest, caller) -> pb.UvPageInvalResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pefsim import faults
 from pefsim.abi import U
 from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor import esm
@@ -26,4 +27,6 @@ async def uv_svm_terminate(uv, req: pb.UvSvmTerminateRequest, caller) -> pb.UvSv
     async with svm.lock:
         freed = uv.state.destroy_svm(req.lpid)
     log.info("lpid %d terminated, %d secure pages scrubbed and freed", req.lpid, freed)
+    if faults.mutant("uv-terminate-bad-rc"):
+        return pb.UvSvmTerminateResponse(rc=U.U_P2, pages_freed=freed)
     return pb.UvSvmTerminateResponse(rc=U.U_SUCCESS, pages_freed=freed)

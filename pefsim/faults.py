@@ -1,0 +1,73 @@
+"""Fault hooks: failpoints (a `kill -9` at an exact place) and mutants (deliberate bugs).
+
+Failpoints. ``--failpoint NAME[:N]`` on a service (or ``PEFSIM_FAILPOINTS=NAME[:N],...`` in its
+environment) makes the process SIGKILL itself the N-th time (default: the first) it reaches the
+named point, so the chaos harness can kill a service between two exact steps of a protocol and
+check what the restarted service makes of it. Unarmed points cost a dictionary lookup.
+
+Mutants. ``PEFSIM_MUTANTS=name,...`` turns on deliberate bugs, each breaking one invariant the
+chaos checkers test, so tests can show every checker catches a broken build. No mutant is on
+unless named.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger("pefsim.faults")
+
+POINTS = {
+    "hv.esm.page_in": "the HV got UV_PAGE_IN's answer for an ESM page-in, before recording it",
+    "hv.abort.page_out": "the HV got a page back with UV_PAGE_OUT during an abort, before writing it",
+    "hv.abort.before_terminate": "the abort paged everything out, before UV_SVM_TERMINATE",
+    "hv.abort.before_resume": "UV_SVM_TERMINATE done, before the guest is resumed",
+    "uv.esm.before_abort": "the UV decided to abort, before H_SVM_INIT_ABORT",
+}
+
+MUTANTS = {
+    "uv-abort-pageout-no-data": "UV_PAGE_OUT in SVM_ABORT answers U_SUCCESS without the page (the "
+                                "open-source UV): the aborted guest's memory is garbage (invariant 1)",
+    "uv-pageout-plaintext": "UV_PAGE_OUT after INIT_DONE hands the HV the plaintext (invariant 2)",
+    "uv-terminate-keeps-pages": "UV_SVM_TERMINATE forgets the SVM but never frees its pages (invariant 3)",
+    "hv-double-resume": "the HV resumes an aborted guest twice, the second time with a new token "
+                        "(invariant 4)",
+    "hv-abort-hangs": "the HV never finishes H_SVM_INIT_ABORT (invariant 5)",
+    "uv-terminate-bad-rc": "UV_SVM_TERMINATE answers U_P2, not a result it can give (invariant 6)",
+}
+
+_counts: dict[str, int] = {}
+_armed: dict[str, int] = {}
+_mutants: set[str] = set()
+
+
+def configure(failpoints: list[str] | None = None) -> None:
+    """Arm failpoints from the command line and PEFSIM_FAILPOINTS; read PEFSIM_MUTANTS."""
+    specs = list(failpoints or []) + [s for s in os.environ.get("PEFSIM_FAILPOINTS", "").split(",") if s]
+    for spec in specs:
+        name, _, nth = spec.partition(":")
+        if name not in POINTS:
+            raise SystemExit(f"unknown failpoint {name!r}; known: {', '.join(POINTS)}")
+        _armed[name] = int(nth or 1)
+        log.warning("failpoint armed: %s at hit %d (the process will SIGKILL itself)", name, _armed[name])
+    for name in filter(None, os.environ.get("PEFSIM_MUTANTS", "").split(",")):
+        if name not in MUTANTS:
+            raise SystemExit(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
+        _mutants.add(name)
+        log.warning("MUTANT ON: %s: %s", name, MUTANTS[name])
+
+
+def reach(name: str) -> None:
+    """Mark a failpoint; SIGKILL this process if it is armed for this hit."""
+    if name not in _armed:
+        return
+    _counts[name] = _counts.get(name, 0) + 1
+    if _counts[name] == _armed[name]:
+        log.warning("failpoint %s hit %d: killing this process", name, _counts[name])
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def mutant(name: str) -> bool:
+    assert name in MUTANTS, name
+    return name in _mutants

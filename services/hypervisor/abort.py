@@ -1,0 +1,177 @@
+"""The HV's side of H_SVM_INIT_ABORT as a journalled task that a restarted HV finishes.
+
+Merged design (default), phases recorded in the VM's journal (``vm.abort``):
+
+  page-out    every GFN_SECURE_IN page is taken back with UV_PAGE_OUT and written to the HV's
+              page before its GFN is marked normal. A ucall that fails in transport is asked
+              again (the UV keeps an aborting SVM's pages until UV_SVM_TERMINATE, so asking twice
+              is harmless); a refusal is logged and the page lost, as in the kernel.
+  terminate   secure_guest = 0 is recorded together with this phase; then UV_SVM_TERMINATE
+              (asked again until the UV answers).
+  resume      the guest's vCPU is resumed with H_PARAMETER at SRR0 (VcpuResume, carrying the
+              abort's token, so a resume repeated after a restart is recognised by the guest).
+  (done)      the journal is cleared.
+
+v10 design (``--abort-return uv``): page-out, then the memslots are unregistered, secure_guest =
+INIT_ABORT and H_SUCCESS returns to the UV.
+
+A repeated H_SVM_INIT_ABORT while the task runs (the UV retrying after a lost answer) joins it.
+A kill at any point leaves a journal; ``recover`` restarts the task from its phase.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from pefsim import faults
+from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest
+from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
+from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.hcalls.page import take_page
+
+log = logging.getLogger("pefsim.hv.abort")
+
+PAGE_OUT, TERMINATE, RESUME = "page-out", "terminate", "resume"
+
+
+class AbortCancelled(Exception):
+    """The VM went away (destroyed, or failed by a UV reset) while its abort was retrying."""
+
+
+async def persist(hv, vm, fn, what: str):
+    """Run a ucall until it gets an answer; raise AbortCancelled if the VM goes away meanwhile."""
+    delay = 0.05
+    while True:
+        if vm.destroyed or vm.dying or vm.failed:
+            raise AbortCancelled(vm.lpid)
+        try:
+            return await fn()
+        except UvUnreachable:
+            log.warning("lpid %d: %s: UV unreachable, asking again in %.2f s", vm.lpid, what, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+def start(hv, vm, req: pb.HSvmInitAbortRequest | None = None) -> asyncio.Future:
+    """Start the abort (journalling it), or return the one already running."""
+    if vm.abort_task is not None and not vm.abort_task.done():
+        return vm.abort_task
+    if vm.abort is None:
+        hv.state.set_abort(vm, {"token": req.token, "srr0": req.srr0,
+                                "trace_ns": req.trace.abort_issued_unix_ns, "phase": PAGE_OUT})
+    vm.abort_task = asyncio.ensure_future(run(hv, vm))
+    return vm.abort_task
+
+
+async def run(hv, vm) -> pb.HSvmInitAbortResponse:
+    t0 = time.perf_counter()
+    v10 = hv.cfg.abort_return == AbortReturn.ABORT_RETURN_UV
+    recovered = 0
+    try:
+        if faults.mutant("hv-abort-hangs"):
+            await asyncio.Event().wait()
+        if vm.abort["phase"] == PAGE_OUT:
+            async with vm.lock:
+                recovered = await page_out_all(hv, vm)
+                if v10:
+                    for slot_id in sorted(vm.slots):
+                        await unregister(hv, vm, slot_id)
+                    hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_ABORT, abort=None)
+                    hv.metrics.abort_seconds.labels("returned-to-uv").observe(time.perf_counter() - t0)
+                    return pb.HSvmInitAbortResponse(rc=H.H_SUCCESS, returned_to=AbortReturn.ABORT_RETURN_UV,
+                                                    pages_recovered=recovered)
+                hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE,
+                                          abort=dict(vm.abort, phase=TERMINATE))
+        if vm.abort["phase"] == TERMINATE:
+            faults.reach("hv.abort.before_terminate")
+            await persist(hv, vm, lambda: terminate_once(hv, vm), "UV_SVM_TERMINATE")
+            hv.state.set_abort(vm, dict(vm.abort, phase=RESUME))
+        faults.reach("hv.abort.before_resume")
+        journal = vm.abort
+        outcome = await resume_vcpu(hv, vm, journal)
+        hv.state.set_abort(vm, None)
+    except AbortCancelled:
+        hv.metrics.abort_seconds.labels("cancelled").observe(time.perf_counter() - t0)
+        log.warning("lpid %d: abort cancelled (VM %s)", vm.lpid, vm.failed or "destroyed")
+        return pb.HSvmInitAbortResponse(rc=H.H_HARDWARE, returned_to=AbortReturn.ABORT_RETURN_GUEST)
+    hv.metrics.abort_seconds.labels(outcome).observe(time.perf_counter() - t0)
+    log.info("lpid %d: aborted, %d pages given back, guest %s", vm.lpid, recovered, outcome)
+    return pb.HSvmInitAbortResponse(rc=H.H_PARAMETER, returned_to=AbortReturn.ABORT_RETURN_GUEST,
+                                    pages_recovered=recovered)
+
+
+async def page_out_all(hv, vm) -> int:
+    """Every secure page back to the HV with its content (drop_pages with skip_page_out false).
+    Called with vm.lock held; returns the pages given back."""
+    recovered = 0
+    for slot, idx in list(vm.pages()):
+        st = slot.state(idx)
+        if st == GfnState.GFN_NORMAL:
+            continue
+        if st == GfnState.GFN_SECURE_IN:
+            data = await persist(hv, vm, lambda: take_page(hv, vm, slot, idx), "UV_PAGE_OUT")
+            faults.reach("hv.abort.page_out")
+            hv.state.mark_normal(slot, idx, data=data, scrub=data is None)
+            recovered += data is not None
+        else:
+            hv.state.mark_normal(slot, idx, scrub=False)
+    return recovered
+
+
+async def terminate_once(hv, vm) -> int:
+    t0 = time.perf_counter()
+    rc = (await hv.ucall("UV_SVM_TERMINATE", upb.UvSvmTerminateRequest(lpid=vm.lpid))).rc
+    hv.observe_terminate("abort", rc, time.perf_counter() - t0)
+    return rc
+
+
+async def unregister(hv, vm, slot_id: int) -> None:
+    """UV_UNREGISTER_MEM_SLOT, result ignored (as every caller in the kernel does)."""
+    try:
+        await hv.ucall("UV_UNREGISTER_MEM_SLOT", upb.UvUnregisterMemSlotRequest(lpid=vm.lpid, slotid=slot_id))
+    except UvUnreachable:
+        pass
+
+
+async def resume_vcpu(hv, vm, journal: dict) -> str:
+    """HRFID into the guest: deliver H_PARAMETER to the vCPU waiting after its `sc 2`, asking
+    again while the guest cannot be reached (for up to resume_retry_s)."""
+    deadline = time.monotonic() + hv.cfg.resume_retry_s
+    delay = 0.05
+    request = guest_pb2.VcpuResumeRequest(
+        lpid=vm.lpid, r3=H.H_PARAMETER, msr_s=False, nip=journal["srr0"], resumed_by=Role.ROLE_HV,
+        trace=common_pb2.Trace(abort_issued_unix_ns=journal["trace_ns"]), token=journal["token"])
+    while True:
+        if vm.destroyed or vm.dying:
+            raise AbortCancelled(vm.lpid)
+        try:
+            resp = await hv.vcpu(vm).stub.VcpuResume(request, timeout=5, wait_for_ready=True)
+            break
+        except grpc.aio.AioRpcError as exc:
+            if time.monotonic() > deadline:
+                log.error("lpid %d: guest vCPU unreachable (%s); giving up the resume", vm.lpid,
+                          exc.code().name)
+                return "guest-unreachable"
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    if faults.mutant("hv-double-resume"):
+        request.token += 1
+        await hv.vcpu(vm).stub.VcpuResume(request, timeout=5)
+    if resp.rc != H.H_SUCCESS:
+        return "not-waiting"
+    return "duplicate" if resp.duplicate else "resumed"
+
+
+def recover(hv) -> int:
+    """Restart the abort of every VM whose journal says one was under way; returns how many."""
+    n = 0
+    for vm in hv.state.vms.values():
+        if vm.abort is not None:
+            log.warning("lpid %d: resuming an interrupted abort at phase %s", vm.lpid, vm.abort["phase"])
+            start(hv, vm)
+            hv.metrics.aborts_resumed.inc()
+            n += 1
+    return n
