@@ -102,6 +102,7 @@ class Call:
     opcode: int | None = None  # Ucall/Hcall number, None for non-ABI RPCs
     result: str | None = "rc"  # response field with the PEF result ("rc", "errno"; None: none)
     family: Any = None  # enum of the result values (H, U, Errno): names for logs and metrics
+    results: frozenset = frozenset()  # what the handler itself may answer (beyond the checks)
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,23 @@ def result_name(call: Call, result: int) -> str:
         except ValueError:
             pass
     return rc_name(result)
+
+
+def legal_results(call: Call, state_table: Mapping[str, Mapping[Any, Any]], state: Any) -> set[int]:
+    """Every result ``call`` may give when its state-table check saw ``state`` (None: the check
+    was not reached): the wrong-caller result, the checks' results up to where the call stopped,
+    and the handler's own results when the state allows the call."""
+    codes = set() if call.wrong_caller is None else {int(call.wrong_caller)}
+    for check in call.checks:
+        if check is STATE:
+            if state is None:
+                return codes
+            cell = state_table[call.name][state]
+            if cell is not ALLOW:
+                return codes | {int(cell)}
+        else:
+            codes.add(int(check.rc))
+    return codes | {int(r) for r in call.results}
 
 
 def check_call_table(service_descriptor: Any, calls: Iterable[Call],

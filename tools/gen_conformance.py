@@ -27,14 +27,16 @@ def cell(text: str) -> str:
 
 def call_section(title: str, table, svc: str) -> list[str]:
     out = [f"## {title}", "", "### Calls: who may make them, and the checks in order", "",
-           "| call | opcode | callers | any other caller | checks, in order |", "|---|---|---|---|---|"]
+           "| call | opcode | callers | any other caller | checks, in order | the handler's own results |",
+           "|---|---|---|---|---|---|"]
     for c in table.CALLS:
         checks = "; ".join("state table" if k is STATE else f"{k.arg}: {k.why} -> {result_name(c, k.rc)}"
                            for k in c.checks) or "-"
         callers = ", ".join(sorted(r.name.removeprefix("ROLE_").lower() for r in c.callers))
         wrong = "gRPC PERMISSION_DENIED" if c.wrong_caller is None else result_name(c, c.wrong_caller)
         op = f"0x{c.opcode:X}" if c.opcode else "-"
-        out.append(f"| {c.name} | {op} | {callers} | {wrong} | {cell(checks)} |")
+        own = ", ".join(sorted({result_name(c, r) for r in c.results})) or "-"
+        out.append(f"| {c.name} | {op} | {callers} | {wrong} | {cell(checks)} | {own} |")
     states = list(next(iter(table.STATE_TABLE.values())))
     out += ["", "### Allowed calls per state (the table the dispatcher reads)", "",
             "| call | " + " | ".join(s.name for s in states) + " |",

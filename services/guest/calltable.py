@@ -1,6 +1,8 @@
 """The guest's call table and its allowed-calls-per-vCPU-state table (see program.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import asyncio
 
 from pefsim.abi import H, Role, VcpuState
@@ -49,6 +51,14 @@ CALLS = [
     Call("GuestStatus", guest_status, frozenset(Role), None, checks=(), result=None),
     Call("MachineCheck", machine_check, frozenset({Role.ROLE_HV}), None, checks=(), result=None),
 ]
+
+
+# call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
+# every observed result to these, with rpc.legal_results).
+RESULTS = {
+    "VcpuResume": (H.H_SUCCESS, H.H_STATE),
+}
+CALLS = [replace(c, results=frozenset(RESULTS.get(c.name, ()))) for c in CALLS]
 
 # A resume is taken in VCPU_IN_UCALL; in the other states only a repeat of the one taken (same
 # abort token) is acknowledged, which the handler decides, so every state reaches it.

@@ -6,6 +6,8 @@ may make them, else H_UNSUPPORTED), then the VM state, then order (H_P3), then f
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pefsim.abi import PAGE_SHIFT, Errno, H, Hcall, PageInFlag, Role, VmState, page_aligned
 from pefsim.rpc import ALLOW, STATE, Call, Check, request_lpid
 from services.hypervisor.control import memory, vm
@@ -62,6 +64,29 @@ CALLS = [
     Call("HvStatus", vm.hv_status, ANYONE, None, checks=(), result=None),
     Call("VmSession", vm.vm_session, VMM, None, checks=(STATE,), result="errno", family=Errno),
 ]
+
+
+# call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
+# every observed result to these, with rpc.legal_results).
+RESULTS = {
+    "H_SVM_PAGE_IN": (H.H_SUCCESS, H.H_PARAMETER),
+    "H_SVM_PAGE_OUT": (H.H_SUCCESS, H.H_PARAMETER),
+    "H_SVM_INIT_START": (H.H_SUCCESS, H.H_AUTHORITY, H.H_PARAMETER),
+    "H_SVM_INIT_DONE": (H.H_SUCCESS, H.H_STATE),
+    "H_SVM_INIT_ABORT": (H.H_PARAMETER, H.H_SUCCESS, H.H_HARDWARE),
+    "CreateVm": (Errno.OK, Errno.EINVAL),
+    "RunVm": (Errno.OK,),
+    "StopVm": (Errno.OK,),
+    "ResetVm": (Errno.OK, Errno.EBUSY, Errno.EINVAL),
+    "DestroyVm": (Errno.OK, Errno.ENOENT),
+    "SetMemslot": (Errno.OK, Errno.ENOENT, Errno.EEXIST, Errno.EINVAL, Errno.ENOSPC),
+    "VcpuLoad": (Errno.OK, Errno.EFAULT),
+    "VcpuStore": (Errno.OK, Errno.EFAULT),
+    "HostReadPage": (Errno.OK, Errno.EFAULT),
+    "HostUnmapPage": (Errno.OK, Errno.EFAULT, Errno.EIO),
+    "VmSession": (Errno.OK,),
+}
+CALLS = [replace(c, results=frozenset(RESULTS.get(c.name, ()))) for c in CALLS]
 
 A = ALLOW
 ABSENT, NORMAL, TRANSIENT, SECURE, ABORTING = (VmState.VM_ABSENT, VmState.VM_NORMAL,

@@ -7,6 +7,8 @@ SVM of the request's lpid; SVM_ABSENT when there is none).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from pefsim.abi import PAGE_SHIFT, H, Role, SvmState, U, Ucall, is_secure_ra, page_aligned
 from pefsim.rpc import ALLOW, STATE, Call, Check
 from services.ultravisor.calls import access, memslot, page, share, svm
@@ -90,6 +92,26 @@ CALLS = [
     )),
     Call("UvStatus", access.uv_status, ANYONE, None, checks=(), result=None),
 ]
+
+
+# call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
+# every observed result to these, with rpc.legal_results).
+RESULTS = {
+    "UV_ESM": (U.U_SUCCESS, H.H_PARAMETER, U.U_STATE),
+    "UV_REGISTER_MEM_SLOT": (U.U_SUCCESS, U.U_PARAMETER),
+    "UV_UNREGISTER_MEM_SLOT": (U.U_SUCCESS, U.U_P2),
+    "UV_PAGE_IN": (U.U_SUCCESS, U.U_P2, U.U_P3),
+    "UV_PAGE_OUT": (U.U_SUCCESS, U.U_P3, U.U_PARAMETER, U.U_RETRY),
+    "UV_PAGE_INVAL": (U.U_SUCCESS, U.U_P2, U.U_P3),
+    "UV_SVM_TERMINATE": (U.U_SUCCESS,),
+    "UV_SHARE_PAGE": (U.U_SUCCESS, U.U_P2, U.U_RETRY),
+    "UV_UNSHARE_PAGE": (U.U_SUCCESS, U.U_P2),
+    "UV_UNSHARE_ALL_PAGES": (U.U_SUCCESS, U.U_P2),
+    "SvmLoad": (U.U_SUCCESS, U.U_PARAMETER, U.U_RETRY, U.U_BUSY, U.U_P2),
+    "SvmStore": (U.U_SUCCESS, U.U_PARAMETER, U.U_RETRY, U.U_BUSY, U.U_P2),
+    "UvEvictPage": (H.H_SUCCESS, H.H_PARAMETER, H.H_P2, H.H_P3, H.H_UNSUPPORTED, H.H_HARDWARE),
+}
+CALLS = [replace(c, results=frozenset(RESULTS.get(c.name, ()))) for c in CALLS]
 
 A = ALLOW
 ABSENT, ACTIVE, SECURE, ABORT = (SvmState.SVM_ABSENT, SvmState.SVM_ACTIVE, SvmState.SVM_SECURE,

@@ -62,3 +62,20 @@ def test_conformance_doc_is_up_to_date():
     out = subprocess.run([sys.executable, "tools/gen_conformance.py", "--check"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("svc, table", SERVICES, ids=["uv", "hv"])
+def test_every_row_result_is_a_legal_result(svc, table):
+    """Each row's result is among the results the call table allows for the call in that state
+    (the set the chaos checker holds every observed result to)."""
+    from pefsim.rpc import legal_results
+
+    calls = {c.name: c for c in table.CALLS}
+    bad = []
+    for r in (r for r in ROWS if r.service == svc and r.expect != "PERMISSION_DENIED"):
+        call = calls[r.call]
+        state = next((s for s in table.STATE_TABLE.get(r.call, {}) if s.name == r.state), None)
+        legal = {result_name(call, v) for v in legal_results(call, table.STATE_TABLE, state)}
+        if r.expect not in legal:
+            bad.append(f"{r.call} in {r.state} ({r.case}): {r.expect} not in {sorted(legal)}")
+    assert not bad, "\n".join(bad)
