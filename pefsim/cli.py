@@ -133,6 +133,39 @@ def cmd_status(a) -> int:
     return 0
 
 
+def cmd_chaos(a) -> int:
+    from pefsim.chaos.backend import LocalBackend
+    from pefsim.chaos.runner import FAULTS, ChaosConfig, run_chaos
+
+    if a.during not in FAULTS[a.fault]:
+        raise SystemExit(f"--fault {a.fault} runs --during {' or '.join(FAULTS[a.fault])}")
+    if a.runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    cfg = ChaosConfig(fault=a.fault, during=a.during, runs=a.runs, seed=a.seed,
+                      mem_bytes=_mem_bytes(a.mem_mib), pause_s=a.pause, fault_s=a.fault_time,
+                      final_bound_s=a.final_bound, results=a.results, backend=a.backend,
+                      mutants=tuple(a.mutant), abort_return=a.abort_return, progress=not a.json)
+    run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="pefsim-chaos-"))
+    if a.backend == "docker":
+        from pefsim.chaos.docker_backend import DockerBackend
+
+        backend = DockerBackend(a.compose_file, project=a.compose_project)
+    else:
+        backend = LocalBackend(run_dir, proxies=a.fault.startswith("net-"), mutants=tuple(a.mutant),
+                               abort_return=a.abort_return, pool_pages=a.pool_pages)
+    summary = run_chaos(cfg, backend, log=lambda s: print(s, flush=True))
+    if a.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+    else:
+        print(f"{summary['runs']} runs, {summary['faults_injected']} faults injected, "
+              f"{len(summary['violations'])} violations; recovery p50 {summary['recovery_s']['p50']} s, "
+              f"p99 {summary['recovery_s']['p99']} s, max {summary['recovery_s']['max']} s")
+        for v in summary["violations"]:
+            print(f"  run {v['run']}: {v['invariant']}: {v['detail']}")
+        print(f"records: {summary['results']}")
+    return 1 if summary["violations"] else 0
+
+
 def cmd_keys(a) -> int:
     from pefsim.blob import new_signing_key, save_keypair
 
@@ -176,6 +209,32 @@ def main(argv=None) -> int:
     p = sub.add_parser("status", help="show what the UV and the HV hold")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("chaos", help="seeded fault scenarios with checked invariants")
+    from pefsim.chaos.runner import FAULTS
+    from pefsim.faults import MUTANTS
+
+    p.add_argument("--fault", required=True, choices=sorted(FAULTS))
+    p.add_argument("--during", default="abort", choices=["abort", "esm", "secure"],
+                   help="when the fault hits the victim guest (default: abort)")
+    p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--mem-mib", type=float, default=64.0, help="victim guest memory (default 64 MiB)")
+    p.add_argument("--pause", type=float, default=2.0, help="pause-hv: seconds the HV stays stopped")
+    p.add_argument("--fault-time", type=float, default=2.0, help="net-*: seconds the fault lasts")
+    p.add_argument("--final-bound", type=float, default=90.0,
+                   help="seconds after the heal within which every SVM must be final")
+    p.add_argument("--results", type=Path, default=Path("chaos-results"),
+                   help="where each run's record, verdicts and history go (default ./chaos-results)")
+    p.add_argument("--backend", choices=["local", "docker"], default="local")
+    p.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"))
+    p.add_argument("--compose-project", default="pefsim")
+    p.add_argument("--mutant", action="append", default=[], choices=sorted(MUTANTS),
+                   help="run a deliberately broken build (to see a checker catch it)")
+    p.add_argument("--run-dir", type=Path, help="the local stack's directory (default: temporary)")
+    p.add_argument("--pool-pages", type=int, default=8192, help="UV secure memory in 64 KiB pages")
+    p.add_argument("--abort-return", choices=["guest", "uv"], default="guest")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_chaos)
     p = sub.add_parser("keys", help="make an Ed25519 key pair for ESM blobs")
     p.add_argument("--out", required=True, help="directory for esm-signing.key / .pub")
     p.set_defaults(func=cmd_keys)

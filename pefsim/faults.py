@@ -1,8 +1,8 @@
 """Fault hooks: failpoints (a `kill -9` at an exact place) and mutants (deliberate bugs).
 
-Failpoints. ``--failpoint NAME[:N]`` on a service (or ``PEFSIM_FAILPOINTS=NAME[:N],...`` in its
-environment) makes the process SIGKILL itself the N-th time (default: the first) it reaches the
-named point, so the chaos harness can kill a service between two exact steps of a protocol and
+Failpoints. ``--failpoint NAME[:N][@VM]`` on a service (or ``PEFSIM_FAILPOINTS=NAME[:N][@VM],...``
+in its environment) makes the process SIGKILL itself the N-th time (default: the first) it reaches
+the named point (counting only for the VM named VM, if given), so the chaos harness can kill a service between two exact steps of a protocol and
 check what the restarted service makes of it. Unarmed points cost a dictionary lookup.
 
 Mutants. ``PEFSIM_MUTANTS=name,...`` turns on deliberate bugs, each breaking one invariant the
@@ -37,7 +37,7 @@ MUTANTS = {
 }
 
 _counts: dict[str, int] = {}
-_armed: dict[str, int] = {}
+_armed: dict[str, tuple[int, str]] = {}  # point -> (hit number, VM name or "")
 _mutants: set[str] = set()
 
 
@@ -45,11 +45,13 @@ def configure(failpoints: list[str] | None = None) -> None:
     """Arm failpoints from the command line and PEFSIM_FAILPOINTS; read PEFSIM_MUTANTS."""
     specs = list(failpoints or []) + [s for s in os.environ.get("PEFSIM_FAILPOINTS", "").split(",") if s]
     for spec in specs:
+        spec, _, who = spec.partition("@")
         name, _, nth = spec.partition(":")
         if name not in POINTS:
             raise SystemExit(f"unknown failpoint {name!r}; known: {', '.join(POINTS)}")
-        _armed[name] = int(nth or 1)
-        log.warning("failpoint armed: %s at hit %d (the process will SIGKILL itself)", name, _armed[name])
+        _armed[name] = (int(nth or 1), who)
+        log.warning("failpoint armed: %s at hit %d%s (the process will SIGKILL itself)", name,
+                    _armed[name][0], f" of {who}" if who else "")
     for name in filter(None, os.environ.get("PEFSIM_MUTANTS", "").split(",")):
         if name not in MUTANTS:
             raise SystemExit(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
@@ -57,12 +59,16 @@ def configure(failpoints: list[str] | None = None) -> None:
         log.warning("MUTANT ON: %s: %s", name, MUTANTS[name])
 
 
-def reach(name: str) -> None:
-    """Mark a failpoint; SIGKILL this process if it is armed for this hit."""
+def reach(name: str, who: str = "") -> None:
+    """Mark a failpoint (reached on behalf of VM ``who``); SIGKILL this process if it is armed
+    for this hit."""
     if name not in _armed:
         return
+    nth, only = _armed[name]
+    if only and only != who:
+        return
     _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] == _armed[name]:
+    if _counts[name] == nth:
         log.warning("failpoint %s hit %d: killing this process", name, _counts[name])
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -31,6 +31,7 @@ log = logging.getLogger("pefsim.rpc")
 
 ROLE_HEADER = "pefsim-role"
 IDENTITY_HEADER = "pefsim-identity"
+BOOT_ID_TRAILER = "pefsim-boot-id"  # every answer says which boot of the service gave it
 
 # Page payloads go in single messages of up to a few MiB (batched VcpuStore/SvmLoad); raise the
 # 4 MiB default. (Measured by the bulk-transfer issue: window options change nothing; the max
@@ -168,7 +169,7 @@ class Dispatcher:
     def __init__(self, *, service: Any, service_descriptor: Any, pb2: Any, calls: Iterable[Call],
                  state_table: Mapping[str, Mapping[Any, Any]],
                  state_of: Callable[[Any, Call, Any], Any] | None, observer: CallObserver,
-                 history: History):
+                 history: History, boot_id: str = ""):
         self.service = service
         self.descriptor = service_descriptor
         self.pb2 = pb2
@@ -177,6 +178,7 @@ class Dispatcher:
         self.state_of = state_of
         self.observer = observer
         self.history = history
+        self.boot_id = boot_id
         check_call_table(service_descriptor, self.calls.values(), state_table)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
@@ -239,6 +241,8 @@ class Dispatcher:
     async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
                        context: grpc.aio.ServicerContext | None = None) -> Any:
         t0 = time.perf_counter()
+        if context is not None and self.boot_id:
+            context.set_trailing_metadata(((BOOT_ID_TRAILER, self.boot_id),))
         rc, state = self.precheck(call, request, caller)
         if rc is DENIED:
             # not an ABI call: a refused caller is an authorization failure, not a PEF result

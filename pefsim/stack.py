@@ -40,11 +40,12 @@ class Proc:
     ready_path: Path
     popen: subprocess.Popen | None = None
     ready: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # on top of this process's environment
 
     def start(self) -> None:
         self.ready_path.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                           cwd=ROOT, env=env, start_new_session=True)
@@ -70,10 +71,22 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    def signal(self, sig: int) -> None:
+        if self.alive:
+            os.kill(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """kill -9, and reap it."""
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+        if self.popen is not None:
+            self.popen.wait()
+
     def stop(self, timeout: float = 5.0) -> int | None:
         if self.popen is None:
             return None
         if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGCONT)  # a paused process cannot act on SIGTERM
             self.popen.send_signal(signal.SIGTERM)
             try:
                 self.popen.wait(timeout)
@@ -93,6 +106,8 @@ class StackConfig:
     esm_copy: str = "all"
     abort_return: str = "guest"
     metrics: bool = True
+    proxies: bool = False  # route HV <-> UV through fault-injecting proxies (pefsim/chaos/proxy.py)
+    mutants: tuple[str, ...] = ()  # deliberate bugs for every service (pefsim/faults.py)
 
 
 class LocalStack:
@@ -105,6 +120,7 @@ class LocalStack:
         self.uv_addr = self.hv_addr = ""
         self.key_dir = self.run_dir / "keys"
         self.attached = False
+        self.proxy = None  # ProxyThread when cfg.proxies
 
     @classmethod
     def attach(cls, stack_file: Path) -> "LocalStack":
@@ -135,8 +151,21 @@ class LocalStack:
                 "--history", str(self.run_dir / f"{name}.history.jsonl")]
         if self.cfg.metrics:
             argv += ["--metrics-listen", f"{self.cfg.host}:0"]
-        proc = self.procs[name] = Proc(name, argv, logs / f"{name}.log", ready)
+        env = {"PEFSIM_MUTANTS": ",".join(self.cfg.mutants)} if self.cfg.mutants else {}
+        proc = self.procs[name] = Proc(name, argv, logs / f"{name}.log", ready, env=env)
         return proc
+
+    def restart(self, name: str, failpoints: tuple[str, ...] = ()) -> dict:
+        """Start a service again (after a kill, or to arm failpoints); waits until it serves."""
+        proc = self.procs[name]
+        proc.kill()
+        proc.env = {k: v for k, v in proc.env.items() if k != "PEFSIM_FAILPOINTS"}
+        if failpoints:
+            proc.env["PEFSIM_FAILPOINTS"] = ",".join(failpoints)
+        proc.start()
+        ready = proc.wait_ready()
+        self.write_stack_file()
+        return ready
 
     def start(self) -> "LocalStack":
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -144,9 +173,17 @@ class LocalStack:
         host = self.cfg.host
         self.uv_addr = f"{host}:{self.cfg.uv_port or free_port(host)}"
         self.hv_addr = f"{host}:{self.cfg.hv_port or free_port(host)}"
+        uv_peer, hv_peer = self.hv_addr, self.uv_addr  # what each one dials
+        if self.cfg.proxies:
+            from pefsim.chaos.proxy import ProxyThread
+
+            self.proxy = ProxyThread()
+            to_hv = self.proxy.add("uv->hv", free_port(host), (host, int(self.hv_addr.rsplit(":", 1)[1])))
+            to_uv = self.proxy.add("hv->uv", free_port(host), (host, int(self.uv_addr.rsplit(":", 1)[1])))
+            uv_peer, hv_peer = to_hv.address, to_uv.address
         try:
-            self.start_service("uv", peer=self.hv_addr, listen=self.uv_addr)
-            self.start_service("hv", peer=self.uv_addr, listen=self.hv_addr)
+            self.start_service("uv", peer=uv_peer, listen=self.uv_addr)
+            self.start_service("hv", peer=hv_peer, listen=self.hv_addr)
         except BaseException:
             self.stop()
             raise
@@ -218,7 +255,11 @@ class LocalStack:
     def stop(self) -> dict[str, int | None]:
         """Stop guests first, then the HV, then the UV; returns each exit code."""
         order = sorted(self.procs, key=lambda n: (n == "uv", n == "hv"))
-        return {name: self.procs[name].stop() for name in order}
+        codes = {name: self.procs[name].stop() for name in order}
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
+        return codes
 
     def __enter__(self) -> "LocalStack":
         return self.start()

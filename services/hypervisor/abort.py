@@ -29,7 +29,7 @@ import grpc
 from pefsim import faults
 from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
-from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.errors import UvReset, UvUnreachable
 from services.hypervisor.hcalls.page import take_page
 
 log = logging.getLogger("pefsim.hv.abort")
@@ -49,6 +49,8 @@ async def persist(hv, vm, fn, what: str):
             raise AbortCancelled(vm.lpid)
         try:
             return await fn()
+        except UvReset:
+            raise AbortCancelled(vm.lpid) from None
         except UvUnreachable:
             log.warning("lpid %d: %s: UV unreachable, asking again in %.2f s", vm.lpid, what, delay)
             await asyncio.sleep(delay)
@@ -86,10 +88,10 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
                 hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE,
                                           abort=dict(vm.abort, phase=TERMINATE))
         if vm.abort["phase"] == TERMINATE:
-            faults.reach("hv.abort.before_terminate")
+            faults.reach("hv.abort.before_terminate", vm.name)
             await persist(hv, vm, lambda: terminate_once(hv, vm), "UV_SVM_TERMINATE")
             hv.state.set_abort(vm, dict(vm.abort, phase=RESUME))
-        faults.reach("hv.abort.before_resume")
+        faults.reach("hv.abort.before_resume", vm.name)
         journal = vm.abort
         outcome = await resume_vcpu(hv, vm, journal)
         hv.state.set_abort(vm, None)
@@ -113,7 +115,7 @@ async def page_out_all(hv, vm) -> int:
             continue
         if st == GfnState.GFN_SECURE_IN:
             data = await persist(hv, vm, lambda: take_page(hv, vm, slot, idx), "UV_PAGE_OUT")
-            faults.reach("hv.abort.page_out")
+            faults.reach("hv.abort.page_out", vm.name)
             hv.state.mark_normal(slot, idx, data=data, scrub=data is None)
             recovered += data is not None
         else:

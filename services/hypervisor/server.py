@@ -21,9 +21,10 @@ import grpc
 
 from pefsim import faults, rpc
 from pefsim.abi import AbortReturn, GfnState, Role, SecureGuest, U, rc_name
+from pefsim.image import page_digest
 from pefsim.v1 import guest_pb2, guest_pb2_grpc, hypervisor_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
 from services.hypervisor import abort, calltable
-from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.errors import UvReset, UvUnreachable
 from services.hypervisor.metrics import HvMetrics
 from services.hypervisor.state import HvState, Vm
 
@@ -85,13 +86,23 @@ class Hypervisor:
                 status = await self.uv.stub.UvStatus(upb.UvStatusRequest(), timeout=2)
             except grpc.aio.AioRpcError:
                 status = None
-            if status is not None and status.boot_id:
-                known = self.state.known_uv_boot_id()
-                if known and known != status.boot_id:
-                    await self.uv_reset(known, status.boot_id)
-                if known != status.boot_id:
-                    self.state.remember_uv_boot_id(status.boot_id)
+            if status is not None:
+                self.check_uv_boot(status.boot_id)
             await asyncio.sleep(self.cfg.uv_probe_s)
+
+    def check_uv_boot(self, boot_id: str) -> bool:
+        """Compare a UV answer's boot id with the one this HV's VMs depend on; on a change start
+        failing them (as its own task: callers may hold a VM's lock) and return True."""
+        if not boot_id:
+            return False
+        known = self.state.known_uv_boot_id()
+        if known == boot_id:
+            return False
+        self.state.remember_uv_boot_id(boot_id)
+        if not known:
+            return False
+        self.tasks.append(asyncio.ensure_future(self.uv_reset(known, boot_id)))
+        return True
 
     async def uv_reset(self, old: str, new: str) -> None:
         log.error("the UV was reset (boot id %s -> %s): its secure memory is gone", old, new)
@@ -129,13 +140,26 @@ class Hypervisor:
     # -- peers -------------------------------------------------------------------------------------
 
     async def ucall(self, name: str, request):
-        """Make an ultracall; raises UvUnreachable on a transport failure."""
+        """Make an ultracall; raises UvUnreachable on a transport failure. Each ucall is recorded
+        in the history (``dir: out``), page data by its SHA-256 only (what the HV received, for
+        the checker that no plaintext of a secure VM ever reaches the HV)."""
         try:
-            return await getattr(self.uv.stub, name)(request, timeout=self.cfg.ucall_timeout_s,
-                                                     wait_for_ready=True)
+            pending = getattr(self.uv.stub, name)(request, timeout=self.cfg.ucall_timeout_s,
+                                                  wait_for_ready=True)
+            resp = await pending
+            boot_id = dict(await pending.trailing_metadata() or ()).get(rpc.BOOT_ID_TRAILER, "")
         except grpc.aio.AioRpcError as exc:
             log.error("%s: UV unreachable (%s)", name, exc.code().name)
+            self.history.record(call=name, dir="out", lpid=request.lpid, error=exc.code().name)
             raise UvUnreachable(name) from None
+        if self.check_uv_boot(boot_id):
+            self.history.record(call=name, dir="out", lpid=request.lpid, error="uv-reset")
+            raise UvReset(name)
+        extra = {}
+        if name == "UV_PAGE_OUT":
+            extra = {"gpa": request.src_gpa, "data_sha": page_digest(resp.data)}
+        self.history.record(call=name, dir="out", lpid=request.lpid, rc=resp.rc, **extra)
+        return resp
 
     def observe_terminate(self, trigger: str, rc: int, seconds: float) -> None:
         self.metrics.terminate_seconds.labels(trigger, rc_name(rc, U)).observe(seconds)

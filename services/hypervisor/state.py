@@ -224,9 +224,21 @@ class HvState:
 
     # -- VMs and slots -------------------------------------------------------------------------
 
+    @property
+    def lpid_file(self) -> Path:
+        return self.data_dir / "next-lpid"
+
     def create_vm(self, name: str, vcpu_endpoint: str, secure_capable: bool) -> Vm:
+        """A new VM. lpids are never reused by this data directory, even across restarts."""
+        try:
+            self.next_lpid = max(self.next_lpid, int(self.lpid_file.read_text()))
+        except (OSError, ValueError):
+            pass
         lpid = self.next_lpid
         self.next_lpid += 1
+        tmp = self.data_dir / "next-lpid.tmp"
+        tmp.write_text(str(self.next_lpid))
+        os.replace(tmp, self.lpid_file)
         directory = self.data_dir / f"vm-{lpid}"
         if directory.exists():
             shutil.rmtree(directory)

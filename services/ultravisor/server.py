@@ -50,7 +50,8 @@ class Ultravisor:
         self.dispatcher = rpc.Dispatcher(
             service=self, service_descriptor=ultravisor_pb2.DESCRIPTOR.services_by_name["UltravisorService"],
             pb2=ultravisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
-            state_of=calltable.state_of, observer=self.metrics, history=self.history)
+            state_of=calltable.state_of, observer=self.metrics, history=self.history,
+            boot_id=self.state.boot_id)
 
     async def close(self) -> None:
         await self.hv.close()

@@ -41,7 +41,7 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
             return pb.HSvmPageInResponse(rc=H.H_PARAMETER)
         if rc != U.U_SUCCESS:
             return pb.HSvmPageInResponse(rc=H.H_PARAMETER)
-        faults.reach("hv.esm.page_in")
+        faults.reach("hv.esm.page_in", vm.name)
         if shared:
             hv.state.mark_shared(slot, idx)
         else:
