@@ -41,8 +41,10 @@ class Proc:
     popen: subprocess.Popen | None = None
     ready: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)  # on top of this process's environment
+    killed: bool = False  # the last exit was a kill -9 someone asked for
 
     def start(self) -> None:
+        self.killed = False
         self.ready_path.unlink(missing_ok=True)
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    PYTHONUNBUFFERED="1", **self.env)
@@ -79,6 +81,7 @@ class Proc:
         """kill -9, and reap it."""
         if self.popen is not None and self.popen.poll() is None:
             self.popen.kill()
+            self.killed = True
         if self.popen is not None:
             self.popen.wait()
 

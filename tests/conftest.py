@@ -26,7 +26,8 @@ def unique(prefix: str) -> str:
 
 def assert_clean_exit(stack: LocalStack) -> None:
     codes = stack.stop()
-    problems = [f"{name} exited {code}" for name, code in codes.items() if code not in (0, None)]
+    problems = [f"{name} exited {code}" for name, code in codes.items()
+                if code not in (0, None) and not stack.procs[name].killed]
     for name, proc in stack.procs.items():
         text = proc.log_path.read_text(errors="replace") if proc.log_path.exists() else ""
         if "Traceback" in text:

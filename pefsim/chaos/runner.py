@@ -88,7 +88,8 @@ def plan_run(cfg: ChaosConfig, rng: random.Random, npages: int, backend, victim:
             nth = rng.randint(1, npages) if point == "hv.abort.page_out" else 1
             plan.failpoint = f"{point}:{nth}@{victim}"
     else:
-        plan.delay_s = round(rng.uniform(0.0, 0.05), 4)
+        # a moment inside the window: page moves take about a millisecond each
+        plan.delay_s = round(rng.uniform(0.0, min(0.05, npages * 0.0003)), 4)
     if cfg.fault == "net-latency":
         plan.value = round(rng.uniform(0.005, 0.05), 4)
     elif cfg.fault == "net-bandwidth":

@@ -1,0 +1,83 @@
+"""Short chaos runs of every fault kind, and every checker catching a deliberately broken build.
+
+The long runs (200 x kill-hv mid-abort on 64 MiB guests) are in the README; these keep each
+fault kind and each checker honest in CI.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pefsim.chaos.backend import LocalBackend
+from pefsim.chaos.checker import INVARIANTS
+from pefsim.chaos.runner import FAULTS, ChaosConfig, run_chaos
+from pefsim.faults import MUTANTS
+from pefsim.stack import ROOT
+
+MEM = 4 << 20  # 64 pages: an abort lasts long enough for a signal or a network fault to land in it
+
+CASES = [(fault, during) for fault, durings in FAULTS.items() for during in durings]
+
+
+def chaos(tmp_path, fault: str, during: str, runs: int = 1, seed: int = 1, mutants=(), **kw) -> dict:
+    cfg = ChaosConfig(fault=fault, during=during, runs=runs, seed=seed, mem_bytes=MEM, pause_s=1.0,
+                      fault_s=1.0, results=tmp_path / "results", mutants=tuple(mutants), **kw)
+    backend = LocalBackend(tmp_path / "stack", proxies=fault.startswith("net-"), mutants=tuple(mutants),
+                           abort_return="guest", pool_pages=1024)
+    return run_chaos(cfg, backend, log=lambda s: None)
+
+
+@pytest.mark.parametrize("fault, during", CASES, ids=[f"{f}-{d}" for f, d in CASES])
+def test_fault_kind_has_no_violations(tmp_path, fault, during):
+    """Each fault kind, at its moment, leaves every invariant holding."""
+    summary = chaos(tmp_path, fault, during, runs=2, seed=11)
+    assert summary["violations"] == [], json.dumps(summary["violations"], indent=1)
+    assert summary["faults_injected"] >= 1, summary
+
+
+# the invariant each mutant breaks, and the smallest scenario that shows it
+BITES = {
+    "uv-abort-pageout-no-data": ("memory-intact", {}),
+    "uv-pageout-plaintext": ("no-plaintext-to-hv", {}),
+    "uv-terminate-keeps-pages": ("uv-forgets-terminated", {}),
+    "hv-double-resume": ("aborted-resumed-once", {}),
+    "hv-abort-hangs": ("final-state-bound", {"final_bound_s": 4.0}),
+    "uv-terminate-bad-rc": ("legal-return-codes", {}),
+}
+
+
+def test_every_mutant_and_invariant_is_paired():
+    assert set(BITES) == set(MUTANTS)
+    assert {inv for inv, _ in BITES.values()} == set(INVARIANTS)
+
+
+@pytest.mark.parametrize("mutant", sorted(BITES))
+def test_checker_catches_broken_build(tmp_path, mutant):
+    """A build with the mutant's bug makes its invariant's checker report a violation."""
+    invariant, kw = BITES[mutant]
+    summary = chaos(tmp_path, "kill-hv", "abort", mutants=(mutant,), **kw)
+    assert invariant in {v["invariant"] for v in summary["violations"]}, summary
+
+
+def test_cli_json(tmp_path):
+    """`pefsim chaos --json` prints the documented object and exits 0 without violations."""
+    out = subprocess.run([sys.executable, "-m", "pefsim", "chaos", "--fault", "kill-hv", "--during",
+                          "abort", "--runs", "2", "--seed", "1", "--mem-mib", "1", "--json",
+                          "--results", str(tmp_path / "r"), "--run-dir", str(tmp_path / "s")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(doc) == {"runs", "faults_injected", "violations", "recovery_s"}
+    assert doc["runs"] == 2 and doc["faults_injected"] == 2 and doc["violations"] == []
+    assert set(doc["recovery_s"]) == {"p50", "p99", "max"}
+    assert 0 < doc["recovery_s"]["p50"] <= doc["recovery_s"]["p99"] <= doc["recovery_s"]["max"]
+    assert (tmp_path / "r" / "latest" / "run-0002" / "verdicts.json").exists()
+
+
+def test_cli_refuses_a_fault_at_a_moment_it_does_not_have():
+    out = subprocess.run([sys.executable, "-m", "pefsim", "chaos", "--fault", "kill-guest",
+                          "--during", "abort"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "--during esm" in out.stderr

@@ -1,0 +1,164 @@
+"""What the services do when a peer dies, freezes or misbehaves (beyond the chaos runs)."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import urllib.request
+
+from pefsim.abi import H
+from pefsim.demo import Operator
+from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
+from tests.conftest import unique
+from tests.helpers import blob_for, boot_guest
+
+
+def metric(stack, svc: str, name: str) -> float:
+    text = urllib.request.urlopen(f"http://{stack.metrics_targets()[svc]}/metrics").read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def test_hv_that_never_answers_the_abort_costs_one_svm(stack_factory, run):
+    """A hostile HV that never finishes H_SVM_INIT_ABORT: the UV keeps the SVM in SVM_ABORT
+    (reported), and keeps serving other SVMs (memory, a new ESM); destroying the VM ends it."""
+    hostile = stack_factory(mutants=("hv-abort-hangs",))
+
+    async def scenario():
+        op = Operator(hostile.uv_addr, hostile.hv_addr)
+        try:
+            other = await boot_guest(hostile, op, unique("other"))
+            assert other.outcome == "secure"
+            name = unique("stuck")
+            addr = await asyncio.to_thread(hostile.add_guest, name, 1 << 20,
+                                           blob_for(hostile, name, omit=("kernel",)))
+            op.guest(name, addr)
+            stuck = asyncio.ensure_future(op.guest(name).Boot(guest_pb2.BootRequest()))
+            await asyncio.sleep(1.5)
+            status = await op.uv.stub.UvStatus(upb.UvStatusRequest())
+            svm = next(s for s in status.svms if s.state == "SVM_ABORT")
+            assert svm.abort_pending_s > 1.0
+            assert metric(hostile, "uv", "pefsim_uv_abort_pending_seconds") > 1.0
+            # the UV still serves the other SVM, and a new one can go secure
+            assert (await op.guest(other.name).Verify(guest_pb2.VerifyRequest())).report.memory_intact
+            third = await boot_guest(hostile, op, unique("third"))
+            assert third.outcome == "secure" and third.memory_intact
+            # the VMM gives up on the stuck VM: destroying it terminates the SVM
+            destroyed = await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=svm.lpid))
+            assert destroyed.terminated
+            status = await op.uv.stub.UvStatus(upb.UvStatusRequest())
+            assert all(s.lpid != svm.lpid for s in status.svms)
+            stuck.cancel()
+        finally:
+            await op.close()
+    run(scenario())
+
+
+def test_frozen_hv_does_not_stop_the_uv(stack_factory, run):
+    """While the HV is stopped (SIGSTOP), a secure guest still reads and writes its memory
+    through the UV; after SIGCONT everything carries on."""
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator(stack.uv_addr, stack.hv_addr)
+        try:
+            sec = await boot_guest(stack, op, unique("sec"))
+            hv = stack.procs["hv"]
+            hv.signal(signal.SIGSTOP)
+            try:
+                rep = (await op.guest(sec.name).Verify(guest_pb2.VerifyRequest(), timeout=20)).report
+                assert rep.memory_intact
+                assert (await op.uv.stub.UvStatus(upb.UvStatusRequest(), timeout=5)).svms
+            finally:
+                hv.signal(signal.SIGCONT)
+            status = await op.hv.stub.HvStatus(hpb.HvStatusRequest(), timeout=20)
+            assert any(v.lpid == sec.lpid for v in status.vms)
+        finally:
+            await op.close()
+    run(scenario())
+
+
+def test_guest_waits_for_a_restarting_hv(stack_factory, run):
+    """A normal VM whose HV is killed waits, and carries on when the HV is back; the HV rebuilt
+    its VM (RAM and state) from its data directory."""
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator(stack.uv_addr, stack.hv_addr)
+        try:
+            normal = await boot_guest(stack, op, unique("normal"), extra=("--no-svm",))
+            assert normal.outcome == "normal" and normal.memory_intact
+            stack.procs["hv"].kill()
+            verify = asyncio.ensure_future(op.guest(normal.name).Verify(guest_pb2.VerifyRequest()))
+            await asyncio.sleep(1.0)
+            assert not verify.done()  # waiting for the HV
+            t0 = time.monotonic()
+            await asyncio.to_thread(stack.restart, "hv")
+            rep = (await asyncio.wait_for(verify, 30)).report
+            assert rep.memory_intact, rep.detail
+            assert time.monotonic() - t0 < 10
+            deadline = time.monotonic() + 8  # within the HV's session grace period
+            while time.monotonic() < deadline:
+                status = await op.hv.stub.HvStatus(hpb.HvStatusRequest())
+                vm = next(v for v in status.vms if v.lpid == normal.lpid)
+                if vm.session:
+                    break
+                await asyncio.sleep(0.1)
+            assert vm.session, "the guest's VMM did not reconnect its session"
+            assert status.vms_recovered >= 1
+        finally:
+            await op.close()
+    run(scenario())
+
+
+def test_vmm_that_does_not_come_back_loses_its_vm(stack_factory, run):
+    """After an HV restart, a VM whose VMM (guest process) is gone is destroyed after the grace
+    period, and its SVM terminated."""
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator(stack.uv_addr, stack.hv_addr)
+        try:
+            sec = await boot_guest(stack, op, unique("orphan"))
+            stack.procs["hv"].kill()
+            stack.procs[f"guest-{sec.name}"].kill()
+            await asyncio.to_thread(stack.restart, "hv")
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                status = await op.hv.stub.HvStatus(hpb.HvStatusRequest())
+                if all(v.lpid != sec.lpid for v in status.vms):
+                    break
+                await asyncio.sleep(0.5)
+            else:
+                raise AssertionError("the orphaned VM was not destroyed")
+            uv = await op.uv.stub.UvStatus(upb.UvStatusRequest())
+            assert sec.lpid in uv.terminated_lpids and all(s.lpid != sec.lpid for s in uv.svms)
+        finally:
+            await op.close()
+    run(scenario())
+
+
+def test_abort_result_code_is_h_parameter_after_recovery(stack_factory, run):
+    """kill -9 of the HV between two page-outs of an abort: the restarted HV finishes it, the
+    guest is resumed once with H_PARAMETER and finds all its memory."""
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator(stack.uv_addr, stack.hv_addr)
+        try:
+            name = unique("mid")
+            await asyncio.to_thread(stack.restart, "hv", (f"hv.abort.page_out:5@{name}",))
+            addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20,
+                                           blob_for(stack, name, omit=("initrd",)))
+            op.guest(name, addr)
+            boot = asyncio.ensure_future(op.guest(name).Boot(guest_pb2.BootRequest()))
+            deadline = time.monotonic() + 30
+            while stack.procs["hv"].alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not stack.procs["hv"].alive, "the failpoint did not fire"
+            await asyncio.to_thread(stack.restart, "hv")
+            rep = (await asyncio.wait_for(boot, 60)).report
+            assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("aborted", H.H_PARAMETER, 1, True)
+        finally:
+            await op.close()
+    run(scenario())
