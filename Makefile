@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos check-protos lint-protos conformance-doc clean
+.PHONY: demo test protos check-protos lint-protos conformance-doc dashboards clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ lint-protos:  ## buf from the npm registry (package.json)
 
 conformance-doc: $(STAMP)  ## regenerate docs/conformance.md from the call tables
 	$(PY) tools/gen_conformance.py
+
+dashboards: $(STAMP)  ## regenerate deploy/grafana/dashboards from tools/gen_dashboards.py
+	$(PY) tools/gen_dashboards.py
 
 clean:
 	rm -rf $(VENV) node_modules

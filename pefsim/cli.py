@@ -70,11 +70,22 @@ def cmd_demo(a) -> int:
 
 
 def cmd_up(a) -> int:
-    from pefsim.stack import LocalStack
+    from pefsim import observability
+    from pefsim.stack import LocalStack, free_port
 
+    if a.prometheus and observability.prometheus_binary() is None:
+        print(f"pefsim up --prometheus: {observability.INSTALL_HINT}", file=sys.stderr)
+        return 2
     stack = LocalStack(_stack_config(a, uv_port=a.uv_port, hv_port=a.hv_port))
     stack.start()
+    prom = None
     try:
+        if a.prometheus:
+            config = observability.write_config(stack.run_dir / "prometheus.yml", [stack.target_dir])
+            storage = stack.run_dir / "prometheus-data"
+            prom = observability.Prometheus(config, storage, a.prometheus_port or free_port(),
+                                            stack.run_dir / "logs" / "prometheus.log")
+            prom.wait_ready()
         from pefsim.blob import make_blob
         from pefsim.image import GuestImage
 
@@ -90,6 +101,9 @@ def cmd_up(a) -> int:
         for name, addr in info["guests"].items():
             print(f"  {name:<11} {addr}")
         print(f"  stack file  {stack.run_dir / 'stack.json'}   (pefsim demo --stack / status --stack)")
+        if prom is not None:
+            print(f"  prometheus  {prom.url}   (config {stack.run_dir / 'prometheus.yml'}; rules and "
+                  f"dashboards in deploy/)")
         print("Ctrl-C stops everything.", flush=True)
         stop = False
 
@@ -106,6 +120,8 @@ def cmd_up(a) -> int:
                 return 1
             time.sleep(0.2)
     finally:
+        if prom is not None:
+            prom.stop()
         codes = stack.stop()
         print("stopped: " + ", ".join(f"{n} ({c})" for n, c in codes.items()), flush=True)
     return 0
@@ -144,7 +160,8 @@ def cmd_chaos(a) -> int:
     cfg = ChaosConfig(fault=a.fault, during=a.during, runs=a.runs, seed=a.seed,
                       mem_bytes=_mem_bytes(a.mem_mib), pause_s=a.pause, fault_s=a.fault_time,
                       final_bound_s=a.final_bound, results=a.results, backend=a.backend,
-                      mutants=tuple(a.mutant), abort_return=a.abort_return, progress=not a.json)
+                      mutants=tuple(a.mutant), abort_return=a.abort_return, progress=not a.json,
+                      metrics_listen=a.metrics_listen)
     run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="pefsim-chaos-"))
     if a.backend == "docker":
         from pefsim.chaos.docker_backend import DockerBackend
@@ -205,6 +222,9 @@ def main(argv=None) -> int:
     p.add_argument("--mem-mib", type=float, default=4.0, help="memory per guest (default 4 MiB)")
     p.add_argument("--uv-port", type=int, default=0, help="UV port (default: a free one)")
     p.add_argument("--hv-port", type=int, default=0, help="HV port (default: a free one)")
+    p.add_argument("--prometheus", action="store_true",
+                   help="also start a local Prometheus (Debian's package) scraping the stack")
+    p.add_argument("--prometheus-port", type=int, default=0, help="its port (default: a free one)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("status", help="show what the UV and the HV hold")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
@@ -233,6 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", type=Path, help="the local stack's directory (default: temporary)")
     p.add_argument("--pool-pages", type=int, default=8192, help="UV secure memory in 64 KiB pages")
     p.add_argument("--abort-return", choices=["guest", "uv"], default="guest")
+    p.add_argument("--metrics-listen", help="serve the harness's metrics (faults, runs) on host:port")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_chaos)
     p = sub.add_parser("keys", help="make an Ed25519 key pair for ESM blobs")

@@ -65,7 +65,9 @@ class Operator:
             await peer.close()
 
 
-async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20) -> dict:
+async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None) -> dict:
+    """The four scenarios; ``before_boot`` (a coroutine function) runs once every guest process
+    is up and before any boots (the observability tests wait for a first scrape there)."""
     key = stack.signing_key()
     op = Operator(stack.uv_addr, stack.hv_addr)
     events: list[tuple[int, str, str]] = []
@@ -78,6 +80,8 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20) -> dict:
             blob = make_blob(image, key, override=override)
             addr = await asyncio.to_thread(stack.add_guest, res.name, mem_bytes, blob)
             op.guest(res.name, addr)
+        if before_boot is not None:
+            await before_boot()
         reports = await asyncio.gather(*(op.guest(r.name).Boot(guest_pb2.BootRequest())
                                          for r in results.values()))
         lpids = {}

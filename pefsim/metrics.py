@@ -6,7 +6,8 @@ and serves the registry on its own /metrics endpoint. Labels never carry an lpid
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
+                               start_http_server)
 
 from pefsim.rpc import CallObserver
 
@@ -20,15 +21,29 @@ CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05
 class ServiceMetrics(CallObserver):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_start_time_seconds, RSS, CPU
+        PlatformCollector(registry=self.registry)
         self.calls = Counter("pefsim_calls_total", "Calls served, by call and PEF result.",
                              ["call", "result"], registry=self.registry)
         self.call_seconds = Histogram("pefsim_call_duration_seconds",
-                                      "Time to serve a call, by call.", ["call"],
+                                      "Time to serve a call, by call and PEF result.", ["call", "result"],
                                       buckets=CALL_BUCKETS, registry=self.registry)
+
+    def prepare_call(self, call: str, results: list[str]) -> None:
+        for result in results:
+            self.calls.labels(call, result)
+            self.call_seconds.labels(call, result)
 
     def observe_call(self, call: str, result: str, seconds: float) -> None:
         self.calls.labels(call, result).inc()
-        self.call_seconds.labels(call).observe(seconds)
+        self.call_seconds.labels(call, result).observe(seconds)
+
+    @staticmethod
+    def zero(metric, *label_sets) -> None:
+        """Create a labelled metric's children up front: a series that is born at 1 has no
+        increase for rate() to see, so its first event would be lost to the dashboards."""
+        for labels in label_sets:
+            metric.labels(*labels if isinstance(labels, tuple) else (labels,))
 
     def serve(self, listen: str | None) -> int | None:
         """Serve /metrics on ``host:port`` (port 0 picks one); returns the bound port."""

@@ -158,6 +158,9 @@ class History:
 class CallObserver:
     """Receives one observation per dispatched call (the service's metrics implement it)."""
 
+    def prepare_call(self, call: str, results: list[str]) -> None:
+        """Told once, at start, every result a call can give (so its series exist from zero)."""
+
     def observe_call(self, call: str, result: str, seconds: float) -> None:  # pragma: no cover
         pass
 
@@ -180,6 +183,8 @@ class Dispatcher:
         self.history = history
         self.boot_id = boot_id
         check_call_table(service_descriptor, self.calls.values(), state_table)
+        for call in self.calls.values():
+            self.observer.prepare_call(call.name, possible_results(call, state_table))
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
@@ -301,6 +306,15 @@ def legal_results(call: Call, state_table: Mapping[str, Mapping[Any, Any]], stat
         else:
             codes.add(int(check.rc))
     return codes | {int(r) for r in call.results}
+
+
+def possible_results(call: Call, state_table: Mapping[str, Mapping[Any, Any]]) -> list[str]:
+    """The names of every result ``call`` can give, in any state."""
+    if call.result is None:
+        return ["OK"]
+    states = list(state_table.get(call.name, {})) or [None]
+    values = set().union(*(legal_results(call, state_table, s) for s in states))
+    return sorted({result_name(call, v) for v in values})
 
 
 def check_call_table(service_descriptor: Any, calls: Iterable[Call],

@@ -124,6 +124,7 @@ class LocalStack:
         self.key_dir = self.run_dir / "keys"
         self.attached = False
         self.proxy = None  # ProxyThread when cfg.proxies
+        self.extra_targets: dict[str, list[str]] = {}
 
     @classmethod
     def attach(cls, stack_file: Path) -> "LocalStack":
@@ -245,6 +246,7 @@ class LocalStack:
 
     def write_stack_file(self) -> None:
         if self.attached:
+            self.write_targets()
             return
         doc = {"uv": self.uv_addr, "hv": self.hv_addr, "run_dir": str(self.run_dir),
                "guests": {n.removeprefix("guest-"): f"{self.cfg.host}:{p.ready.get('port')}"
@@ -254,6 +256,22 @@ class LocalStack:
         tmp = self.run_dir / "stack.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
         os.replace(tmp, self.run_dir / "stack.json")
+        self.write_targets()
+
+    @property
+    def target_dir(self) -> Path:
+        return (self.run_dir.parent if self.attached else self.run_dir) / "targets"
+
+    def write_targets(self, extra: dict[str, list[str]] | None = None) -> None:
+        """Prometheus file_sd targets for this stack (pefsim/observability.py); ``extra`` targets
+        (the chaos harness) are kept for every later rewrite."""
+        from pefsim.observability import write_targets
+
+        self.extra_targets.update(extra or {})
+        jobs: dict[str, list[str]] = {k: list(v) for k, v in self.extra_targets.items()}
+        for name, addr in self.metrics_targets().items():
+            jobs.setdefault("guest" if name.startswith("guest-") else name.split("-")[0], []).append(addr)
+        write_targets(self.target_dir, jobs, prefix=self.run_dir.name if self.attached else "")
 
     def stop(self) -> dict[str, int | None]:
         """Stop guests first, then the HV, then the UV; returns each exit code."""

@@ -24,8 +24,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{next(_names)}"
 
 
-def assert_clean_exit(stack: LocalStack) -> None:
-    codes = stack.stop()
+def assert_clean_exit(stack: LocalStack, codes: dict | None = None) -> None:
+    """Stop the stack (unless ``codes`` says it was stopped) and assert every process exited
+    cleanly (or was killed on purpose) and no log holds a traceback."""
+    codes = stack.stop() if codes is None else codes
     problems = [f"{name} exited {code}" for name, code in codes.items()
                 if code not in (0, None) and not stack.procs[name].killed]
     for name, proc in stack.procs.items():
@@ -46,8 +48,9 @@ def stack_factory(tmp_path_factory):
         return stack
 
     yield make
-    for stack in stacks:
-        assert_clean_exit(stack)
+    stopped = [(stack, stack.stop()) for stack in stacks]  # every one, before any assertion
+    for stack, codes in stopped:
+        assert_clean_exit(stack, codes)
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,10 @@ class LocalBackend:
     def signing_key(self):
         return self.stack.signing_key()
 
+    def publish_metrics(self, addr: str) -> None:
+        """Let the stack's Prometheus scrape the harness (job "chaos")."""
+        self.stack.write_targets({"chaos": [addr]})
+
     def histories(self) -> dict[str, Path]:
         return {svc: self.stack.run_dir / f"{svc}.history.jsonl" for svc in ("uv", "hv")}
 

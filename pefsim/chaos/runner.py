@@ -30,6 +30,7 @@ from google.protobuf import json_format
 from pefsim.abi import PAGE_SIZE, Errno
 from pefsim.blob import make_blob
 from pefsim.chaos import checker
+from pefsim.chaos.metrics import ChaosMetrics
 from pefsim.demo import Operator
 from pefsim.image import GuestImage, page_digest
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
@@ -62,6 +63,7 @@ class ChaosConfig:
     mutants: tuple[str, ...] = ()
     abort_return: str = "guest"
     progress: bool = False
+    metrics_listen: str | None = None  # serve the harness's own /metrics here
 
 
 @dataclass
@@ -114,6 +116,7 @@ class RunCtx:
     op: Operator
     names: dict = field(default_factory=dict)  # role -> guest name
     lpids: dict = field(default_factory=dict)  # role -> lpid
+    metrics: object = None
 
 
 async def poll(cond, timeout: float, every: float = 0.005):
@@ -179,13 +182,28 @@ async def nemesis(ctx: RunCtx, victim_boot: asyncio.Future) -> FaultRecord:
         if died and not backend.alive("hv"):
             rec.injected, rec.t_inject = True, time.time()
             rec.detail = f"HV killed itself at {ctx.plan.failpoint}"
+            ctx.metrics.faults.labels(fault).inc()
+            ctx.metrics.active.labels(fault).set(1)
         await asyncio.to_thread(backend.restart, "hv")  # disarmed
+        ctx.metrics.active.labels(fault).set(0)
         rec.t_heal = time.time()
         return rec
     if not await trigger(ctx, victim_boot):
         rec.detail, rec.t_heal = "the victim finished before the fault point", time.time()
         return rec
     rec.injected, rec.t_inject = True, time.time()
+    ctx.metrics.faults.labels(fault).inc()
+    ctx.metrics.active.labels(fault).set(1)
+    try:
+        await inject(ctx, fault, rec)
+    finally:
+        ctx.metrics.active.labels(fault).set(0)
+    rec.t_heal = time.time()
+    return rec
+
+
+async def inject(ctx: RunCtx, fault: str, rec: FaultRecord) -> None:
+    backend = ctx.backend
     if fault in ("kill-hv", "kill-uv"):
         svc = fault.removeprefix("kill-")
         backend.kill(svc)
@@ -205,8 +223,6 @@ async def nemesis(ctx: RunCtx, victim_boot: asyncio.Future) -> FaultRecord:
         await asyncio.sleep(ctx.cfg.fault_s)
         backend.net_heal()
         rec.detail = f"HV<->UV {kind} {ctx.plan.value or ''} for {ctx.cfg.fault_s} s"
-    rec.t_heal = time.time()
-    return rec
 
 
 def guest_name(run: int, role: str) -> str:
@@ -231,9 +247,9 @@ async def boot(ctx: RunCtx, role: str):
     return (await ctx.op.guest(ctx.names[role]).Boot(guest_pb2.BootRequest())).report
 
 
-async def one_run(cfg: ChaosConfig, backend, run: int, plan: Plan, store: Path) -> dict:
+async def one_run(cfg: ChaosConfig, backend, run: int, plan: Plan, store: Path, metrics=None) -> dict:
     op = Operator(backend.uv_addr, backend.hv_addr)
-    ctx = RunCtx(cfg=cfg, backend=backend, run=run, plan=plan, op=op)
+    ctx = RunCtx(cfg=cfg, backend=backend, run=run, plan=plan, op=op, metrics=metrics or ChaosMetrics())
     t0 = time.time()
     record = {"run": run, "plan": plan.as_json(), "final_bound_s": cfg.final_bound_s, "guests": {},
               "host_touches": []}
@@ -379,17 +395,26 @@ def run_chaos(cfg: ChaosConfig, backend, log=print) -> dict:
     recoveries: list[float] = []
     injected = 0
     npages = cfg.mem_bytes // PAGE_SIZE
+    metrics = ChaosMetrics()
+    metrics.prepare(cfg.fault, checker.INVARIANTS)
+    port = metrics.serve(cfg.metrics_listen)
     backend.start()
+    if port is not None:
+        backend.publish_metrics(f"{cfg.metrics_listen.rsplit(':', 1)[0]}:{port}")
     try:
         for run in range(1, cfg.runs + 1):
             plan = plan_run(cfg, random.Random(rng.getrandbits(64)), npages, backend, victim_name(run))
-            record = asyncio.run(one_run(cfg, backend, run, plan, root))
+            record = asyncio.run(one_run(cfg, backend, run, plan, root, metrics))
             history = {svc: read_history(path, record["window"]) for svc, path in backend.histories().items()}
             found = checker.check(record, history)
             violations += found
             injected += record["fault"]["injected"]
+            metrics.runs.inc()
+            for v in found:
+                metrics.violations.labels(v.invariant).inc()
             if record.get("recovery_s") is not None:
                 recoveries.append(record["recovery_s"])
+                metrics.recovery_seconds.observe(record["recovery_s"])
             run_dir = root / f"run-{run:04d}"
             run_dir.mkdir()
             (run_dir / "record.json").write_text(json.dumps(record, indent=1, default=str))

@@ -62,8 +62,11 @@ class GuestConfig:
 
 
 class GuestProgram:
-    def __init__(self, cfg: GuestConfig, endpoint: str):
+    def __init__(self, cfg: GuestConfig, endpoint: str, metrics=None):
+        from services.guest.metrics import GuestMetrics
+
         self.cfg = cfg
+        self.metrics = metrics or GuestMetrics()
         self.endpoint = endpoint
         self.image = GuestImage.of_size(cfg.name, cfg.mem_bytes)
         self.hv = rpc.Peer(cfg.hv, Role.ROLE_GUEST, hypervisor_pb2_grpc.HypervisorServiceStub, cfg.name)
@@ -176,6 +179,7 @@ class GuestProgram:
             self.report.outcome = "normal"
             await self.verify()
             return
+        t_sc2 = time.time_ns()
         res = await self.enter_secure_mode()
         if res.machine_check:
             self.report.outcome, self.report.detail = "failed", f"machine check: {res.machine_check}"
@@ -183,6 +187,8 @@ class GuestProgram:
         self.report.esm_rc, self.report.msr_s, self.report.resumed_by = res.r3, res.msr_s, res.by
         if res.abort_issued_ns:
             self.report.abort_latency_s = (res.at_ns - res.abort_issued_ns) / 1e9
+            self.metrics.abort_e2e_seconds.labels(Role(res.by).name.removeprefix("ROLE_").lower()
+                                                  ).observe(self.report.abort_latency_s)
         if res.msr_s and res.r3 == U.U_SUCCESS:
             self.report.outcome = "secure"
             if self.cfg.measured_only:
@@ -195,6 +201,7 @@ class GuestProgram:
                        f"as a normal VM{where}")
             if res.nip != self.sc2_nip:
                 self.report.detail = f"resumed at 0x{res.nip:x}, expected 0x{self.sc2_nip:x}"
+        self.metrics.esm_seconds.labels(self.report.outcome).observe((res.at_ns - t_sc2) / 1e9)
         await self.verify()
 
     def _forget_unmeasured(self) -> None:

@@ -14,22 +14,22 @@ import grpc
 
 from pefsim import rpc
 from pefsim.abi import PAGE_SIZE
-from pefsim.metrics import ServiceMetrics
 from pefsim.v1 import guest_pb2
 from services.guest import calltable
+from services.guest.metrics import GuestMetrics
 from services.guest.program import GuestConfig, GuestProgram
 
 log = logging.getLogger("pefsim.guest")
 
 
 async def build_server(cfg: GuestConfig, listen: str, history: str | None = None
-                       ) -> tuple[grpc.aio.Server, int, GuestProgram, ServiceMetrics]:
-    metrics = ServiceMetrics()
+                       ) -> tuple[grpc.aio.Server, int, GuestProgram, GuestMetrics]:
+    metrics = GuestMetrics()
     server = grpc.aio.server(options=rpc.SERVER_OPTIONS)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {listen}")
-    guest = GuestProgram(cfg, endpoint=f"{rpc.host_of(listen)}:{port}")
+    guest = GuestProgram(cfg, endpoint=f"{rpc.host_of(listen)}:{port}", metrics=metrics)
     dispatcher = rpc.Dispatcher(
         service=guest, service_descriptor=guest_pb2.DESCRIPTOR.services_by_name["GuestService"],
         pb2=guest_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,

@@ -46,7 +46,7 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
             hv.state.mark_shared(slot, idx)
         else:
             hv.state.mark_secure_in(slot, idx)
-            hv.metrics.pages.labels("in").inc()
+            hv.metrics.moved("in")
     return pb.HSvmPageInResponse(rc=H.H_SUCCESS)
 
 
@@ -80,5 +80,5 @@ async def take_page(hv, vm, slot, idx: int) -> bytes | None:
         log.error("lpid %d: UV_PAGE_OUT(0x%x) -> %s, %d bytes", vm.lpid, slot.gpa(idx),
                   rc_name(resp.rc, U), len(resp.data))
         return None
-    hv.metrics.pages.labels("out").inc()
+    hv.metrics.moved("out")
     return resp.data

@@ -38,7 +38,7 @@ async def uv_page_in(uv, req: pb.UvPageInRequest, caller) -> pb.UvPageInResponse
             return pb.UvPageInResponse(rc=U.U_P2)  # page-in of a page that is not paged out
         else:  # UNBACKED, or SECURE again during ESM: plain copy
             uv.state.mark_secure(gpf, req.data)
-        uv.metrics.pages.labels("in").inc()
+        uv.metrics.moved("in")
     return pb.UvPageInResponse(rc=U.U_SUCCESS)
 
 
@@ -52,7 +52,7 @@ async def uv_page_out(uv, req: pb.UvPageOutRequest, caller) -> pb.UvPageOutRespo
             return pb.UvPageOutResponse(rc=U.U_RETRY)  # HV thinks secure, UV not committed yet
         if gpf.state != GpfState.GPF_SECURE:
             return pb.UvPageOutResponse(rc=U.U_PARAMETER)
-        uv.metrics.pages.labels("out").inc()
+        uv.metrics.moved("out")
         if svm.state == SvmState.SVM_ABORT and faults.mutant("uv-abort-pageout-no-data"):
             return pb.UvPageOutResponse(rc=U.U_SUCCESS)
         if svm.state == SvmState.SVM_ABORT:

@@ -67,7 +67,7 @@ async def uv_share_page(uv, req: pb.UvSharePageRequest, caller) -> pb.UvSharePag
             uv.state.revert_sharing(gpf)
             await _undo(uv, svm, done)
             return pb.UvSharePageResponse(rc=U.U_P2)
-        uv.metrics.pages.labels("shared").inc()
+        uv.metrics.moved("shared")
         done.append(gfn)
     return pb.UvSharePageResponse(rc=U.U_SUCCESS)
 

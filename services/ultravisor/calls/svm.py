@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from pefsim import faults
-from pefsim.abi import U
+from pefsim.abi import SvmState, U
 from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor import esm
 
@@ -24,8 +25,10 @@ async def uv_esm(uv, req: pb.UvEsmRequest, caller) -> pb.UvEsmResponse:
 async def uv_svm_terminate(uv, req: pb.UvSvmTerminateRequest, caller) -> pb.UvSvmTerminateResponse:
     """Destroy the SVM: every secure page scrubbed and freed, slots, GPF map and key dropped."""
     svm = uv.state.svms[req.lpid]
+    t0, state = time.perf_counter(), SvmState(svm.state).name
     async with svm.lock:
         freed = uv.state.destroy_svm(req.lpid)
+    uv.metrics.terminate_seconds.labels(state).observe(time.perf_counter() - t0)
     log.info("lpid %d terminated, %d secure pages scrubbed and freed", req.lpid, freed)
     if faults.mutant("uv-terminate-bad-rc"):
         return pb.UvSvmTerminateResponse(rc=U.U_P2, pages_freed=freed)

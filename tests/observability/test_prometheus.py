@@ -1,0 +1,131 @@
+"""Against a real Prometheus scraping a real run (the demo, and a short chaos run): every
+dashboard panel query returns data, the latency quantiles agree with what the demo measured, and
+`promtool check metrics` is happy with every service's /metrics.
+
+Needs the `prometheus` and `promtool` binaries (Debian: apt-get install prometheus; CI installs
+them); without them these tests skip and say so.
+"""
+from __future__ import annotations
+
+import asyncio
+import bisect
+import math
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from pefsim.chaos.backend import LocalBackend
+from pefsim.chaos.runner import ChaosConfig, run_chaos
+from pefsim.demo import run_demo
+from pefsim.metrics import LATENCY_BUCKETS
+from pefsim.observability import INSTALL_HINT, Prometheus, prometheus_binary, write_config
+from pefsim.stack import LocalStack, StackConfig, free_port
+from tests.observability.test_dashboards import panel_queries, rule_exprs, substitute
+
+pytestmark = pytest.mark.skipif(prometheus_binary() is None or shutil.which("promtool") is None,
+                                reason=INSTALL_HINT)
+
+
+def wait_for(prom: Prometheus, expr: str, timeout: float = 60.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = prom.query(expr)
+        if result:
+            return result
+        time.sleep(0.5)
+    raise AssertionError(f"no data for {expr} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def observed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("observed")
+    stack = LocalStack(StackConfig(run_dir=root / "stack")).start()
+    chaos_stack = root / "chaos-stack"
+    config = write_config(root / "prometheus.yml", [stack.target_dir, chaos_stack / "targets"], interval="1s")
+    prom = Prometheus(config, root / "prometheus-data", free_port(), root / "prometheus.log")
+    try:
+        prom.wait_ready()
+        for job in ("uv", "hv"):  # every series seen at zero before anything happens
+            wait_for(prom, f'count_over_time(up{{job="{job}"}}[1m]) >= 1')
+
+        async def guests_scraped():
+            await asyncio.to_thread(wait_for, prom, 'count(count_over_time(up{job="guest"}[1m]) >= 1) >= 4')
+
+        summary = asyncio.run(run_demo(stack, 1 << 20, before_boot=guests_scraped))
+        chaos = run_chaos(ChaosConfig(fault="kill-hv", during="abort", runs=3, mem_bytes=1 << 20,
+                                      results=root / "chaos-results", metrics_listen="127.0.0.1:0"),
+                          LocalBackend(chaos_stack, proxies=False, mutants=(), abort_return="guest",
+                                       pool_pages=1024), log=lambda s: None)
+        for job in ("uv", "hv", "guest", "chaos"):
+            wait_for(prom, f'count_over_time(up{{job="{job}"}}[1m]) >= 2')
+        # the last events of the demo are scraped, and the rules evaluated on them
+        wait_for(prom, 'pefsim_hv_terminate_duration_seconds_count{trigger="destroy"} >= 2')
+        wait_for(prom, "pefsim:guest_abort_e2e_seconds:p50")
+        yield prom, stack, summary, chaos
+    finally:
+        prom.stop()
+        stack.stop()
+
+
+def test_demo_and_chaos_ran(observed):
+    _, _, summary, chaos = observed
+    assert all(g["memory_intact"] for g in summary["guests"])
+    assert chaos["violations"] == [] and chaos["faults_injected"] == 3
+
+
+@pytest.mark.parametrize("board, title, expr", panel_queries())
+def test_every_panel_query_returns_data(observed, board, title, expr):
+    prom = observed[0]
+    result = prom.query(substitute(expr))
+    assert result, f"{board} / {title}: no data for {expr}"
+    values = [float(r["value"][1]) for r in result]
+    assert not any(math.isnan(v) for v in values), f"{board} / {title}: NaN in {result}"
+
+
+def test_recording_rules_have_values(observed):
+    prom = observed[0]
+    for name, _ in rule_exprs():
+        if name.startswith("pefsim:") and "uv_abort" not in name:
+            assert prom.query(name), name
+
+
+def bucket(v: float) -> int:
+    return bisect.bisect_left(LATENCY_BUCKETS, v)
+
+
+def test_quantiles_agree_with_what_the_demo_measured(observed):
+    """The abort latency the aborted guest measured end to end, and the terminate latency the
+    HV reported for the destroyed guest, fall in the buckets Prometheus's quantiles point at."""
+    prom, _, summary, _ = observed
+    aborted = next(g for g in summary["guests"] if g["outcome"] == "aborted")
+    q = float(prom.query("histogram_quantile(0.5, sum by (le) (pefsim_guest_abort_e2e_seconds_bucket))")[0]["value"][1])
+    assert bucket(q) == bucket(aborted["abort_latency_s"]), (q, aborted["abort_latency_s"])
+    terminated = next(g for g in summary["guests"] if g["outcome"] == "terminated")
+    # two destroys terminated an SVM: this guest's and, at the end, the secure one's
+    sel = 'sum by (le) (pefsim_hv_terminate_duration_seconds_bucket{trigger="destroy"})'
+    qs = {bucket(float(prom.query(f"histogram_quantile({p}, {sel})")[0]["value"][1])) for p in (0.5, 1.0)}
+    assert bucket(terminated["terminate_latency_s"]) in qs, (qs, terminated["terminate_latency_s"])
+
+
+def test_promtool_check_metrics(observed):
+    """`promtool check metrics` finds nothing in any service's /metrics."""
+    _, stack, _, _ = observed
+    for name, addr in stack.metrics_targets().items():
+        text = urllib.request.urlopen(f"http://{addr}/metrics").read()
+        out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True)
+        assert out.returncode == 0 and not out.stdout.strip() and not out.stderr.strip(), \
+            f"{name}: {out.stdout.decode()} {out.stderr.decode()}"
+
+
+def test_promtool_rules():
+    from pefsim.stack import ROOT
+
+    rules = sorted(str(p) for p in (ROOT / "deploy/prometheus/rules").glob("*.yml"))
+    check = subprocess.run(["promtool", "check", "rules", *rules], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    test = subprocess.run(["promtool", "test", "rules", "tests/alerts_test.yml"], capture_output=True,
+                          text=True, cwd=ROOT / "deploy/prometheus")
+    assert test.returncode == 0, test.stdout + test.stderr
