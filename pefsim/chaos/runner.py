@@ -381,8 +381,9 @@ def read_history(path: Path, window: list[float]) -> list[dict]:
     return out
 
 
-def run_chaos(cfg: ChaosConfig, backend, log=print) -> dict:
-    """Run the scenarios; returns the summary (the JSON ``pefsim chaos --json`` prints)."""
+def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
+    """Run the scenarios; returns the summary (the JSON ``pefsim chaos --json`` prints).
+    ``before_runs`` is called once the stack is up and the harness's metrics are published."""
     rng = random.Random(cfg.seed)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = Path(cfg.results) / f"{stamp}-{cfg.fault}-{cfg.during}-seed{cfg.seed}"
@@ -401,6 +402,8 @@ def run_chaos(cfg: ChaosConfig, backend, log=print) -> dict:
     backend.start()
     if port is not None:
         backend.publish_metrics(f"{cfg.metrics_listen.rsplit(':', 1)[0]}:{port}")
+    if before_runs is not None:
+        before_runs()
     try:
         for run in range(1, cfg.runs + 1):
             plan = plan_run(cfg, random.Random(rng.getrandbits(64)), npages, backend, victim_name(run))

@@ -25,8 +25,8 @@ from pefsim.observability import INSTALL_HINT, Prometheus, prometheus_binary, wr
 from pefsim.stack import LocalStack, StackConfig, free_port
 from tests.observability.test_dashboards import panel_queries, rule_exprs, substitute
 
-pytestmark = pytest.mark.skipif(prometheus_binary() is None or shutil.which("promtool") is None,
-                                reason=INSTALL_HINT)
+needs_prometheus = pytest.mark.skipif(prometheus_binary() is None or shutil.which("promtool") is None,
+                                     reason=INSTALL_HINT)
 
 
 def wait_for(prom: Prometheus, expr: str, timeout: float = 60.0) -> list[dict]:
@@ -58,7 +58,8 @@ def observed(tmp_path_factory):
         chaos = run_chaos(ChaosConfig(fault="kill-hv", during="abort", runs=3, mem_bytes=1 << 20,
                                       results=root / "chaos-results", metrics_listen="127.0.0.1:0"),
                           LocalBackend(chaos_stack, proxies=False, mutants=(), abort_return="guest",
-                                       pool_pages=1024), log=lambda s: None)
+                                       pool_pages=1024), log=lambda s: None,
+                          before_runs=lambda: wait_for(prom, 'count_over_time(up{job="chaos"}[1m]) >= 1'))
         for job in ("uv", "hv", "guest", "chaos"):
             wait_for(prom, f'count_over_time(up{{job="{job}"}}[1m]) >= 2')
         # the last events of the demo are scraped, and the rules evaluated on them
@@ -70,12 +71,14 @@ def observed(tmp_path_factory):
         stack.stop()
 
 
+@needs_prometheus
 def test_demo_and_chaos_ran(observed):
     _, _, summary, chaos = observed
     assert all(g["memory_intact"] for g in summary["guests"])
     assert chaos["violations"] == [] and chaos["faults_injected"] == 3
 
 
+@needs_prometheus
 @pytest.mark.parametrize("board, title, expr", panel_queries())
 def test_every_panel_query_returns_data(observed, board, title, expr):
     prom = observed[0]
@@ -85,6 +88,7 @@ def test_every_panel_query_returns_data(observed, board, title, expr):
     assert not any(math.isnan(v) for v in values), f"{board} / {title}: NaN in {result}"
 
 
+@needs_prometheus
 def test_recording_rules_have_values(observed):
     prom = observed[0]
     for name, _ in rule_exprs():
@@ -96,6 +100,7 @@ def bucket(v: float) -> int:
     return bisect.bisect_left(LATENCY_BUCKETS, v)
 
 
+@needs_prometheus
 def test_quantiles_agree_with_what_the_demo_measured(observed):
     """The abort latency the aborted guest measured end to end, and the terminate latency the
     HV reported for the destroyed guest, fall in the buckets Prometheus's quantiles point at."""
@@ -110,6 +115,7 @@ def test_quantiles_agree_with_what_the_demo_measured(observed):
     assert bucket(terminated["terminate_latency_s"]) in qs, (qs, terminated["terminate_latency_s"])
 
 
+@needs_prometheus
 def test_promtool_check_metrics(observed):
     """`promtool check metrics` finds nothing in any service's /metrics."""
     _, stack, _, _ = observed
@@ -120,6 +126,7 @@ def test_promtool_check_metrics(observed):
             f"{name}: {out.stdout.decode()} {out.stderr.decode()}"
 
 
+@needs_prometheus
 def test_promtool_rules():
     from pefsim.stack import ROOT
 
@@ -129,3 +136,52 @@ def test_promtool_rules():
     test = subprocess.run(["promtool", "test", "rules", "tests/alerts_test.yml"], capture_output=True,
                           text=True, cwd=ROOT / "deploy/prometheus")
     assert test.returncode == 0, test.stdout + test.stderr
+
+
+@needs_prometheus
+def test_pefsim_up_with_prometheus(tmp_path):
+    """`pefsim up --prometheus` starts a Prometheus scraping the stack and prints its URL."""
+    import json
+    import os
+    import re
+    import signal
+    import sys
+
+    from pefsim.stack import ROOT
+
+    up = subprocess.Popen([sys.executable, "-m", "pefsim", "up", "--guests", "1", "--mem-mib", "1",
+                           "--prometheus", "--run-dir", str(tmp_path / "run")], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if "Ctrl-C" in line:
+                break
+        url = next(m.group(1) for m in (re.search(r"prometheus\s+(http://\S+)", line) for line in lines) if m)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"{url}/api/v1/query?query=up") as r:
+                jobs = {s["metric"]["job"] for s in json.loads(r.read())["data"]["result"]
+                        if s["value"][1] == "1"}
+            if {"uv", "hv", "guest"} <= jobs:
+                break
+            time.sleep(0.5)
+        assert {"uv", "hv", "guest"} <= jobs, jobs
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.communicate(timeout=30)
+    assert up.returncode == 0
+    assert os.path.exists(tmp_path / "run" / "prometheus.yml")
+
+
+def test_up_without_prometheus_says_how_to_get_it(tmp_path):
+    import os
+    import sys
+
+    from pefsim.stack import ROOT
+
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))
+    out = subprocess.run([sys.executable, "-m", "pefsim", "up", "--prometheus", "--run-dir", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2 and "apt-get install prometheus" in out.stderr
