@@ -52,7 +52,16 @@ def cmd_demo(a) -> int:
     from pefsim.stack import LocalStack, StackError
 
     mem = _mem_bytes(a.mem_mib)
-    if a.stack:
+    if a.compose:
+        from pefsim.chaos.docker_backend import DockerBackend
+
+        backend = DockerBackend(project=a.compose_project)
+        backend.start()
+        try:
+            summary = asyncio.run(demo.run_demo(backend, mem))
+        finally:
+            backend.stop()  # the demo's own guest containers
+    elif a.stack:
         stack = LocalStack.attach(Path(a.stack))
         try:
             summary = asyncio.run(demo.run_demo(stack, mem))
@@ -186,6 +195,9 @@ def cmd_chaos(a) -> int:
 def cmd_keys(a) -> int:
     from pefsim.blob import new_signing_key, save_keypair
 
+    if a.if_missing and (Path(a.out) / "esm-signing.key").exists():
+        print(f"{Path(a.out) / 'esm-signing.key'} exists: kept")
+        return 0
     priv, pub = save_keypair(new_signing_key(), Path(a.out))
     print(f"{priv}\n{pub}")
     return 0
@@ -215,6 +227,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--mem-mib", type=float, default=4.0, help="memory per guest (default 4 MiB)")
     p.add_argument("--stack", help="stack.json of a running `pefsim up` (default: start one)")
+    p.add_argument("--compose", action="store_true",
+                   help="run against the running docker-compose stack (guests as containers)")
+    p.add_argument("--compose-project", default="pefsim", help="its compose project name")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("up", help="start a local stack until Ctrl-C")
     _stack_args(p)
@@ -258,6 +273,7 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_chaos)
     p = sub.add_parser("keys", help="make an Ed25519 key pair for ESM blobs")
     p.add_argument("--out", required=True, help="directory for esm-signing.key / .pub")
+    p.add_argument("--if-missing", action="store_true", help="keep a key pair that is already there")
     p.set_defaults(func=cmd_keys)
     p = sub.add_parser("blob", help="make an ESM blob for a guest image")
     p.add_argument("--name", required=True, help="guest name (seeds the image content)")

@@ -381,13 +381,26 @@ def channel(target: str, role: int, identity: str = "") -> grpc.aio.Channel:
 # Servers
 
 
-async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler]) -> tuple[grpc.aio.Server, int]:
-    """Build and start a server on ``host:port`` (port 0 picks a free one); return it and its port."""
+def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "") -> tuple[grpc.aio.Server, int]:
+    """A server with the services' handlers and the standard gRPC health service (SERVING for
+    the overall server and ``service_name``), bound to ``host:port`` (port 0 picks one)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
     server = grpc.aio.server(options=SERVER_OPTIONS)
     server.add_generic_rpc_handlers(handlers)
+    checker = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    for name in ("", service_name):
+        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {listen}")
+    return server, port
+
+
+async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "") -> tuple[grpc.aio.Server, int]:
+    """Build and start a server on ``host:port``; return it and its port."""
+    server, port = new_server(listen, handlers, service_name)
     await server.start()
     return server, port
 

@@ -199,7 +199,7 @@ class Hypervisor:
 async def build_server(cfg: HvConfig) -> tuple[grpc.aio.Server, int, Hypervisor]:
     hv = Hypervisor(cfg)
     hv.recover()
-    server, port = await rpc.start_server(cfg.listen, [hv.dispatcher.generic_handler()])
+    server, port = await rpc.start_server(cfg.listen, [hv.dispatcher.generic_handler()], "pefsim.v1.HypervisorService")
     hv.start_background()
     return server, port, hv
 

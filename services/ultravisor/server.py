@@ -60,7 +60,7 @@ class Ultravisor:
 
 async def build_server(cfg: UvConfig) -> tuple[grpc.aio.Server, int, Ultravisor]:
     uv = Ultravisor(cfg)
-    server, port = await rpc.start_server(cfg.listen, [uv.dispatcher.generic_handler()])
+    server, port = await rpc.start_server(cfg.listen, [uv.dispatcher.generic_handler()], "pefsim.v1.UltravisorService")
     return server, port, uv
 
 

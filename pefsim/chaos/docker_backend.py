@@ -1,0 +1,184 @@
+"""The chaos harness (and the demo) against a running docker-compose stack, through the Docker SDK.
+
+The compose stack is the user's (``docker-compose up``); this backend finds its containers by the
+compose labels, reaches the UV and HV on their published 127.0.0.1 ports, and runs the scenario's
+guests as containers of the same image on the stack's network (the HV reaches them by container
+name). Faults:
+
+* kill: the service's process is killed with SIGKILL inside its container, a crash, which the
+  compose restart policy answers by restarting it (``docker kill`` would count as a manual stop,
+  which Docker's restart manager never undoes); if it does not come back, it is started.
+* pause: ``docker pause`` / ``docker unpause`` (the cgroup freezer).
+* Failpoints and network faults need the local backend (they are refused here, clearly).
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from pefsim.health import check
+
+CRASH = ("import os, signal\n"
+         "for p in os.listdir('/proc'):\n"
+         "    if p.isdigit() and int(p) not in (1, os.getpid()):\n"
+         "        try:\n"
+         "            cmd = open(f'/proc/{p}/cmdline', 'rb').read()\n"
+         "        except OSError:\n"
+         "            continue\n"
+         "        if b'services.' in cmd:\n"
+         "            os.kill(int(p), signal.SIGKILL)\n")
+PORTS = {"uv": 7101, "hv": 7102}
+GUEST_LABEL = "pefsim.chaos-guest"
+
+
+class DockerBackend:
+    name = "docker"
+    supports_failpoints = False
+
+    def __init__(self, compose_file: Path | None = None, project: str = "pefsim"):
+        import docker
+
+        self.client = docker.from_env()
+        self.project = project
+        self.uv_addr = self.hv_addr = ""
+        self.image = None
+        self.network = f"{project}_pefsim"
+        self.guests: dict[str, object] = {}
+        self._histories = Path(tempfile.mkdtemp(prefix="pefsim-docker-histories-"))
+
+    # -- the compose stack -------------------------------------------------------------------------
+
+    def container(self, svc: str):
+        found = self.client.containers.list(all=True, filters={"label": [
+            f"com.docker.compose.project={self.project}", f"com.docker.compose.service={svc}"]})
+        if not found:
+            raise RuntimeError(f"no {svc} container in compose project {self.project!r}: "
+                               f"run `docker-compose -p {self.project} up -d` first")
+        return found[0]
+
+    def _published(self, svc: str) -> str:
+        c = self.container(svc)
+        c.reload()
+        binding = c.attrs["NetworkSettings"]["Ports"].get(f"{PORTS[svc]}/tcp") or []
+        if not binding:
+            raise RuntimeError(f"{svc}: port {PORTS[svc]} is not published")
+        return f"127.0.0.1:{binding[0]['HostPort']}"
+
+    def wait_healthy(self, svc: str, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if check(self._published(svc), timeout=1):
+                    return
+            except RuntimeError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"{svc} not serving after {timeout} s")
+
+    def start(self) -> None:
+        for svc in ("uv", "hv"):
+            self.wait_healthy(svc)
+        self.uv_addr, self.hv_addr = self._published("uv"), self._published("hv")
+        self.image = self.container("uv").image
+
+    def stop(self) -> dict:
+        for name in list(self.guests):
+            self.stop_guest(name)
+        return {}
+
+    def signing_key(self):
+        stream, _ = self.container("uv").get_archive("/keys/esm-signing.key")
+        raw = b"".join(stream)
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            pem = tar.extractfile(tar.getmembers()[0]).read()
+        return serialization.load_pem_private_key(pem, password=None)
+
+    def histories(self) -> dict[str, Path]:
+        """The services' call histories, copied out of their containers."""
+        out = {}
+        for svc in ("uv", "hv"):
+            path = self._histories / f"{svc}.history.jsonl"
+            try:
+                stream, _ = self.container(svc).get_archive(f"/data/{svc}.history.jsonl")
+                with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                    path.write_bytes(tar.extractfile(tar.getmembers()[0]).read())
+            except Exception:  # noqa: BLE001 - a missing history is an empty one for the checkers
+                path.write_bytes(b"")
+            out[svc] = path
+        return out
+
+    def publish_metrics(self, addr: str) -> None:
+        """The compose Prometheus scrapes the harness at host.docker.internal:9109 (job "chaos"):
+        run it with --metrics-listen 0.0.0.0:9109."""
+
+    # -- faults ------------------------------------------------------------------------------------
+
+    def kill(self, svc: str) -> None:
+        self.container(svc).exec_run(["python", "-c", CRASH], user="root")
+
+    def pause(self, svc: str) -> None:
+        self.container(svc).pause()
+
+    def cont(self, svc: str) -> None:
+        self.container(svc).unpause()
+
+    def alive(self, svc: str) -> bool:
+        c = self.container(svc)
+        c.reload()
+        return c.status == "running" and check(self._published(svc), timeout=1)
+
+    def restart(self, svc: str, failpoints: tuple[str, ...] = ()) -> None:
+        if failpoints:
+            raise ValueError("failpoints need the local backend")
+        deadline = time.monotonic() + 10
+        c = self.container(svc)
+        while time.monotonic() < deadline:  # the restart policy brings a crashed service back
+            c.reload()
+            if c.status == "running":
+                break
+            time.sleep(0.2)
+        else:
+            c.start()
+        self.wait_healthy(svc)
+
+    def net_fault(self, kind: str, value: float = 0.0) -> None:
+        raise NotImplementedError("network faults need the local backend (its HV<->UV proxies)")
+
+    net_heal = net_fault
+
+    # -- guests --------------------------------------------------------------------------------------
+
+    def add_guest(self, name: str, mem_bytes: int, blob: bytes, extra: tuple[str, ...] = ()) -> str:
+        cname = f"{self.project}-chaos-{name}"
+        command = ["python", "-m", "services.guest", "--name", name, "--hv", "hv:7102", "--uv", "uv:7101",
+                   "--listen", "0.0.0.0:7103", "--advertise", f"{cname}:7103",
+                   "--mem-mib", str(mem_bytes / (1 << 20)), "--blob-hex", blob.hex(),
+                   "--metrics-listen", "0.0.0.0:9103", *extra]
+        container = self.client.containers.run(
+            self.image, command, name=cname, detach=True, init=True, network=self.network,
+            labels={GUEST_LABEL: "1", "com.docker.compose.project": f"{self.project}-chaos"},
+            ports={"7103/tcp": ("127.0.0.1", None)})
+        self.guests[name] = container
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            container.reload()
+            binding = container.attrs["NetworkSettings"]["Ports"].get("7103/tcp") or []
+            if binding and check(f"127.0.0.1:{binding[0]['HostPort']}", timeout=1):
+                return f"127.0.0.1:{binding[0]['HostPort']}"
+            if container.status == "exited":
+                raise RuntimeError(f"guest {name} exited: {container.logs()[-2000:].decode(errors='replace')}")
+            time.sleep(0.2)
+        raise RuntimeError(f"guest {name} not serving")
+
+    def kill_guest(self, name: str) -> None:
+        self.guests[name].kill()
+
+    def stop_guest(self, name: str) -> None:
+        container = self.guests.pop(name, None)
+        if container is not None:
+            container.remove(force=True)
