@@ -125,17 +125,20 @@ assert doc["uv_secure_pages_in_use"] == 0, doc
 print("[compose-check] demo: every guest's memory intact, no secure page left")
 PYEOF
 
-say "kill the HV container's process mid-abort (Docker SDK), check the invariants"
-"$PY" -m pefsim chaos --backend docker --compose-project "$PROJECT" --fault kill-hv --during abort \
-    --runs "${PEFSIM_COMPOSE_CHAOS_RUNS:-3}" --seed 1 --mem-mib 16 --json --results "$WORK/chaos" >"$WORK/chaos.json"
-"$PY" - "$WORK/chaos.json" <<'PYEOF'
+say "chaos through the Docker SDK: each fault kind the docker backend has, invariants checked"
+for spec in "kill-hv abort ${PEFSIM_COMPOSE_CHAOS_RUNS:-3}" "pause-hv abort 1" "kill-guest esm 1" "kill-uv secure 1"; do
+    read -r fault during runs <<<"$spec"
+    "$PY" -m pefsim chaos --backend docker --compose-project "$PROJECT" --fault "$fault" --during "$during" \
+        --runs "$runs" --seed 1 --mem-mib 16 --pause 1 --json --results "$WORK/chaos" >"$WORK/chaos.json"
+    "$PY" - "$WORK/chaos.json" "$fault" "$during" <<'PYEOF'
 import json, sys
 doc = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])
 assert doc["violations"] == [], doc["violations"]
 assert doc["faults_injected"] == doc["runs"], doc
-print(f"[compose-check] chaos (docker backend): {doc['runs']} runs, {doc['faults_injected']} faults, "
-      f"0 violations, recovery p50 {doc['recovery_s']['p50']} s")
+print(f"[compose-check] chaos --backend docker --fault {sys.argv[2]} --during {sys.argv[3]}: {doc['runs']} runs, "
+      f"{doc['faults_injected']} faults, 0 violations, recovery p50 {doc['recovery_s']['p50']} s")
 PYEOF
+done
 
 say "Prometheus in the stack scrapes every service"
 "$PY" - <<'PYEOF'
