@@ -13,7 +13,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 PROJECT=${PEFSIM_COMPOSE_PROJECT:-pefsim}
-BASE_IMAGE=pefsim-base:bookworm
+BASE_IMAGE=${PEFSIM_LOCAL_BASE:-pefsim-base:bookworm}
 PROM_IMAGE=pefsim-prometheus:local
 CACHE=${PEFSIM_CACHE:-/var/cache/pefsim}
 WORK=$(mktemp -d)
