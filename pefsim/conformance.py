@@ -324,6 +324,17 @@ UV_ROWS = [
         lambda c: upb.SvmStoreRequest(vcpu=_vcpu(c), gpa=0, data=b"x"), check="data"),
     Row("UV", "SvmStore", S, "a secure page", "U_SUCCESS", "pefsim",
         lambda c: upb.SvmStoreRequest(vcpu=_vcpu(c), gpa=c.gpa(c.secure_gfn), data=b"\x5a" * PAGE_SIZE)),
+    Row("UV", "UvShareHvMemory", X, "no SVM for the lpid", "U_PARAMETER", "pefsim",
+        lambda c: c.share_request(good=True)),
+    Row("UV", "UvShareHvMemory", B, "while aborting", "U_STATE", "pefsim", lambda c: c.share_request(good=True)),
+    Row("UV", "UvShareHvMemory", A, "a file whose nonce does not match", "U_P2",
+        "pefsim (not the HV's file: the UV must not read another)", lambda c: c.share_request(good=False)),
+    Row("UV", "UvShareHvMemory", S, "the HV's file for the slot", "U_SUCCESS", "pefsim",
+        lambda c: c.share_request(good=True),
+        then=("UV_PAGE_IN without data reads the page at src_ra",
+              lambda c, r: c.shared_page_in_ok)),
+    Row("UV", "UvShareHvMemory", S, "a slot that does not exist", "U_P2", "pefsim",
+        lambda c: c.share_request(good=True, slot_id=9)),
     Row("UV", "UvEvictPage", S, "a secure page", "H_SUCCESS", "kernel (H_SVM_PAGE_OUT)",
         lambda c: upb.UvEvictPageRequest(lpid=c.lpid, gpa=c.gpa(c.secure_gfn))),
     Row("UV", "UvEvictPage", S, "gpa not aligned", "H_PARAMETER", "pefsim",
@@ -353,6 +364,12 @@ def _h_page_out(c, gfn=2, **kw):
     args = dict(lpid=c.lpid, guest_pa=c.gpa(gfn), flags=0, order=PAGE_SHIFT)
     args.update(kw)
     return hpb.HSvmPageOutRequest(**args)
+
+
+def _bulk(c, **kw):
+    args = dict(lpid=c.lpid, guest_pa=[c.gpa(g) for g in range(c.npages)], flags=0, order=PAGE_SHIFT)
+    args.update(kw)
+    return hpb.HSvmPageInBulkRequest(**args)
 
 
 def _abort(c):
@@ -392,6 +409,22 @@ HV_ROWS = [
     Row("HV", "H_SVM_PAGE_IN", SEC, "a paged-out page", "H_SUCCESS", "kernel",
         _h_page_in, setup="paged-out",
         then=("the UV got the ciphertext back", lambda c, r: c.uv_got(2) == c.cipher)),
+    # HSvmPageInBulk (pefsim's batched H_SVM_PAGE_IN) --------------------------------------------
+    Row("HV", "HSvmPageInBulk", T, "made by the guest", "H_UNSUPPORTED", "as H_SVM_PAGE_IN", _bulk,
+        caller="guest"),
+    Row("HV", "HSvmPageInBulk", N, "a normal VM", "H_UNSUPPORTED", "as H_SVM_PAGE_IN", _bulk),
+    Row("HV", "HSvmPageInBulk", NONE, "no VM with the lpid", "H_PARAMETER", "as H_SVM_PAGE_IN", _bulk),
+    Row("HV", "HSvmPageInBulk", AB, "INIT_ABORT flag set (v10)", "H_UNSUPPORTED", "as H_SVM_PAGE_IN", _bulk),
+    Row("HV", "HSvmPageInBulk", T, "every page of the slot", "H_SUCCESS", "as H_SVM_PAGE_IN, page by page",
+        _bulk, then=("the UV got every page's content, each HV page scrubbed, each result H_SUCCESS",
+                     lambda c, r: all(c.uv_got(g) == c.content(g) and c.hv_page_zero(g) for g in range(c.npages))
+                     and list(r.rcs) == [0] * c.npages)),
+    Row("HV", "HSvmPageInBulk", T, "order 12", "H_P3", "as H_SVM_PAGE_IN", lambda c: _bulk(c, order=12)),
+    Row("HV", "HSvmPageInBulk", T, "H_PAGE_IN_SHARED", "H_P2",
+        "pefsim (sharing is H_SVM_PAGE_IN's alone)", lambda c: _bulk(c, flags=PageInFlag.H_PAGE_IN_SHARED)),
+    Row("HV", "HSvmPageInBulk", SEC, "pages already in", "H_PARAMETER", "as H_SVM_PAGE_IN", _bulk),
+    Row("HV", "HSvmPageInBulk", T, "the UV refuses the pages", "H_PARAMETER", "as H_SVM_PAGE_IN", _bulk,
+        setup="uv-refuses"),
     # H_SVM_PAGE_OUT -----------------------------------------------------------------------------
     Row("HV", "H_SVM_PAGE_OUT", SEC, "made by the guest", "H_UNSUPPORTED", "kernel 8c47b6ff29e3",
         _h_page_out, caller="guest"),

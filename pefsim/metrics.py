@@ -34,6 +34,9 @@ class ServiceMetrics(CallObserver):
             self.calls.labels(call, result)
             self.call_seconds.labels(call, result)
 
+    def observe_batch(self, call: str, result: str, count: int) -> None:
+        self.calls.labels(call, result).inc(count)
+
     def observe_call(self, call: str, result: str, seconds: float) -> None:
         self.calls.labels(call, result).inc()
         self.call_seconds.labels(call, result).observe(seconds)

@@ -104,6 +104,8 @@ class Call:
     result: str | None = "rc"  # response field with the PEF result ("rc", "errno"; None: none)
     family: Any = None  # enum of the result values (H, U, Errno): names for logs and metrics
     results: frozenset = frozenset()  # what the handler itself may answer (beyond the checks)
+    request_codec: Callable[[bytes], Any] | None = None  # raw frames instead of protobuf
+    response_codec: Callable[[Any], bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -129,12 +131,11 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
 
 def request_lpid(request: Any) -> int | None:
     """The lpid a request is about (its own field, or the calling vCPU's LPIDR)."""
-    fields = request.DESCRIPTOR.fields_by_name
-    if "lpid" in fields:
-        return request.lpid
-    if "vcpu" in fields:
-        return request.vcpu.lpid
-    return None
+    lpid = getattr(request, "lpid", None)
+    if lpid is not None:
+        return lpid
+    vcpu = getattr(request, "vcpu", None)
+    return None if vcpu is None else vcpu.lpid
 
 
 class History:
@@ -164,6 +165,9 @@ class CallObserver:
     def observe_call(self, call: str, result: str, seconds: float) -> None:  # pragma: no cover
         pass
 
+    def observe_batch(self, call: str, result: str, count: int) -> None:
+        """``count`` pages of a bulk batch got ``result`` of ``call``."""
+
 
 class Dispatcher:
     """Runs a service's calls from its call table: caller check, ordered checks, state table,
@@ -192,11 +196,15 @@ class Dispatcher:
             call = self.calls[method.name]
             req_cls = getattr(self.pb2, method.input_type.name)
             resp_cls = getattr(self.pb2, method.output_type.name)
-            make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
-                    else grpc.unary_unary_rpc_method_handler)
-            bind = self._bind_stream if method.server_streaming else self._bind
-            handlers[method.name] = make(bind(call, resp_cls), request_deserializer=req_cls.FromString,
-                                         response_serializer=resp_cls.SerializeToString)
+            if method.client_streaming:
+                make, bind = grpc.stream_stream_rpc_method_handler, self._bind_bidi
+            elif method.server_streaming:
+                make, bind = grpc.unary_stream_rpc_method_handler, self._bind_stream
+            else:
+                make, bind = grpc.unary_unary_rpc_method_handler, self._bind
+            handlers[method.name] = make(
+                bind(call, resp_cls), request_deserializer=call.request_codec or req_cls.FromString,
+                response_serializer=call.response_codec or resp_cls.SerializeToString)
         return grpc.method_handlers_generic_handler(self.descriptor.full_name, handlers)
 
     def _bind(self, call: Call, resp_cls: Any) -> Callable[..., Awaitable[Any]]:
@@ -211,6 +219,7 @@ class Dispatcher:
         call that passes them streams what its handler (an async generator) yields."""
         async def rpc(request: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
+            self._boot_trailer(context)
             rc, state = self.precheck(call, request, caller)
             if rc is DENIED:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -219,6 +228,9 @@ class Dispatcher:
                                 lpid=request_lpid(request), state=None if state is None else state.name,
                                 rc=0 if rc is None else int(rc), stream="start")
             if rc is not None:
+                if call.result is None:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"{call.name}: {result_name(call, rc)}")
                 yield resp_cls(**{call.result: rc})
                 return
             async for item in call.handler(self.service, request, caller):
@@ -226,6 +238,39 @@ class Dispatcher:
 
         rpc.__name__ = call.name
         return rpc
+
+    def _bind_bidi(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
+        """A bidirectional stream (the bulk data plane): only the caller is checked here; each
+        item the handler processes goes through the checks of the call it batches."""
+        async def rpc(requests: Any, context: grpc.aio.ServicerContext):
+            caller = caller_of(context)
+            self._boot_trailer(context)
+            if caller.role not in call.callers:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"{call.name} is not for {caller.role_name}")
+            async for item in call.handler(self.service, requests, caller):
+                yield item
+
+        rpc.__name__ = call.name
+        return rpc
+
+    def _boot_trailer(self, context) -> None:
+        if context is not None and self.boot_id:
+            context.set_trailing_metadata(((BOOT_ID_TRAILER, self.boot_id),))
+
+    def record_batch(self, name: str, batched: str, lpid: int, caller: Caller, rcs: list[int],
+                     state: Any) -> None:
+        """One history line per batch of a bulk call: how many pages got which result of the call
+        it batches (``batched``), and the state the batch saw."""
+        call = self.calls[batched]
+        counts: dict[str, int] = {}
+        for rc in rcs:
+            key = result_name(call, rc)
+            counts[key] = counts.get(key, 0) + 1
+        for key, n in counts.items():
+            self.observer.observe_batch(batched, key, n)
+        self.history.record(call=name, batches=batched, caller=caller.role_name, who=caller.name, lpid=lpid,
+                            state=None if state is None else state.name, pages=len(rcs), results=counts)
 
     def precheck(self, call: Call, request: Any, caller: Caller) -> tuple[int | None, Any]:
         """The result the checks give before any handler runs (None: go to the handler), and the
@@ -246,8 +291,7 @@ class Dispatcher:
     async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
                        context: grpc.aio.ServicerContext | None = None) -> Any:
         t0 = time.perf_counter()
-        if context is not None and self.boot_id:
-            context.set_trailing_metadata(((BOOT_ID_TRAILER, self.boot_id),))
+        self._boot_trailer(context)
         rc, state = self.precheck(call, request, caller)
         if rc is DENIED:
             # not an ABI call: a refused caller is an authorization failure, not a PEF result
@@ -368,20 +412,30 @@ class _StreamMetadataInterceptor(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(client_call_details._replace(metadata=md), request)
 
 
+class _BidiMetadataInterceptor(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self.metadata = metadata
+
+    async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        md = tuple(client_call_details.metadata or ()) + self.metadata
+        return await continuation(client_call_details._replace(metadata=md), request_iterator)
+
+
 def channel(target: str, role: int, identity: str = "") -> grpc.aio.Channel:
     """An aio channel whose every call carries the caller's role (and identity)."""
     md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
     if identity:
         md += ((IDENTITY_HEADER, identity),)
     return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS,
-                                     interceptors=[_MetadataInterceptor(md), _StreamMetadataInterceptor(md)])
+                                     interceptors=[_MetadataInterceptor(md), _StreamMetadataInterceptor(md),
+                                                   _BidiMetadataInterceptor(md)])
 
 
 # ---------------------------------------------------------------------------------------------
 # Servers
 
 
-def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "") -> tuple[grpc.aio.Server, int]:
+async def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "") -> tuple[grpc.aio.Server, int]:
     """A server with the services' handlers and the standard gRPC health service (SERVING for
     the overall server and ``service_name``), bound to ``host:port`` (port 0 picks one)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -391,7 +445,7 @@ def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     for name in ("", service_name):
-        checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
     port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {listen}")
@@ -400,7 +454,7 @@ def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name
 
 async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "") -> tuple[grpc.aio.Server, int]:
     """Build and start a server on ``host:port``; return it and its port."""
-    server, port = new_server(listen, handlers, service_name)
+    server, port = await new_server(listen, handlers, service_name)
     await server.start()
     return server, port
 
@@ -469,6 +523,11 @@ class Peer:
             self._channel = channel(self.target, self.role, self.identity)
             self._stub = self.stub_cls(self._channel)
         return self._stub
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        self.stub
+        return self._channel
 
     async def close(self) -> None:
         if self._channel is not None:

@@ -109,6 +109,8 @@ class StackConfig:
     esm_copy: str = "all"
     abort_return: str = "guest"
     metrics: bool = True
+    transfer: str = "stream"  # page data between HV and UV: "stream" (bulk) or "unary" (a call a page)
+    shared_memory: bool = True  # the HV offers the UV its RAM files (pages travel by address)
     proxies: bool = False  # route HV <-> UV through fault-injecting proxies (pefsim/chaos/proxy.py)
     mutants: tuple[str, ...] = ()  # deliberate bugs for every service (pefsim/faults.py)
 
@@ -204,11 +206,13 @@ class LocalStack:
             self.signing_key()
             proc = self._proc(name, "services.ultravisor", [
                 "--listen", listen, "--hv", peer, "--pool-pages", str(self.cfg.pool_pages),
-                "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub")])
+                "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub"),
+                "--transfer", self.cfg.transfer])
         else:
             proc = self._proc(name, "services.hypervisor", [
                 "--listen", listen, "--uv", peer, "--data-dir", str(self.run_dir / f"{name}-data"),
-                "--abort-return", abort_return or self.cfg.abort_return])
+                "--abort-return", abort_return or self.cfg.abort_return, "--transfer", self.cfg.transfer,
+                "--shared-memory", "auto" if self.cfg.shared_memory else "off"])
         proc.start()
         proc.wait_ready()
         self.write_stack_file()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pefsim.abi import H
 from pefsim.image import GuestImage, page_digest
-from pefsim.rpc import legal_results
+from pefsim.rpc import legal_results, result_name
 
 INVARIANTS = {
     "memory-intact": "every guest page is byte-identical to what the guest wrote (aborted and "
@@ -133,6 +133,14 @@ def legal_return_codes(rec, history):
         calls = {c.name: c for c in table.CALLS}
         states = {name: {s.name: s for s in row} for name, row in table.STATE_TABLE.items()}
         for e in history.get(svc, []):
+            if "results" in e and e.get("batches") in calls:  # a bulk batch: each page's result
+                call = calls[e["batches"]]
+                state = states.get(call.name, {}).get(e.get("state"))
+                legal = {result_name(call, v) for v in legal_results(call, table.STATE_TABLE, state)}
+                for name in e["results"]:
+                    if name not in legal:
+                        yield f"{svc} {e['call']} page in {e.get('state')} answered {name} ({call.name})"
+                continue
             if e.get("dir") == "out" or "rc" not in e or e.get("call") not in calls or e.get("stream"):
                 continue
             call = calls[e["call"]]

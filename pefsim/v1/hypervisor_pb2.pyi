@@ -93,6 +93,26 @@ class HSvmInitAbortResponse(_message.Message):
     pages_recovered: int
     def __init__(self, rc: _Optional[int] = ..., returned_to: _Optional[_Union[_abi_pb2.AbortReturn, str]] = ..., pages_recovered: _Optional[int] = ...) -> None: ...
 
+class HSvmPageInBulkRequest(_message.Message):
+    __slots__ = ("lpid", "guest_pa", "flags", "order")
+    LPID_FIELD_NUMBER: _ClassVar[int]
+    GUEST_PA_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    lpid: int
+    guest_pa: _containers.RepeatedScalarFieldContainer[int]
+    flags: int
+    order: int
+    def __init__(self, lpid: _Optional[int] = ..., guest_pa: _Optional[_Iterable[int]] = ..., flags: _Optional[int] = ..., order: _Optional[int] = ...) -> None: ...
+
+class HSvmPageInBulkResponse(_message.Message):
+    __slots__ = ("rc", "rcs")
+    RC_FIELD_NUMBER: _ClassVar[int]
+    RCS_FIELD_NUMBER: _ClassVar[int]
+    rc: int
+    rcs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rc: _Optional[int] = ..., rcs: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class CreateVmRequest(_message.Message):
     __slots__ = ("name", "memslots", "vcpu_endpoint", "secure_capable")
     NAME_FIELD_NUMBER: _ClassVar[int]

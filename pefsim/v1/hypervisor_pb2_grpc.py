@@ -60,6 +60,11 @@ class HypervisorServiceStub:
                 request_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmInitAbortRequest.SerializeToString,
                 response_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmInitAbortResponse.FromString,
                 _registered_method=True)
+        self.HSvmPageInBulk = channel.unary_unary(
+                '/pefsim.v1.HypervisorService/HSvmPageInBulk',
+                request_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmPageInBulkRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmPageInBulkResponse.FromString,
+                _registered_method=True)
         self.CreateVm = channel.unary_unary(
                 '/pefsim.v1.HypervisorService/CreateVm',
                 request_serializer=pefsim_dot_v1_dot_hypervisor__pb2.CreateVmRequest.SerializeToString,
@@ -157,6 +162,14 @@ class HypervisorServiceServicer:
     def H_SVM_INIT_ABORT(self, request, context):
         """H_SVM_INIT_ABORT 0xEF14: page every secure page out with its content, secure_guest = 0,
         UV_SVM_TERMINATE, resume the guest with H_PARAMETER (merged design; see AbortReturn).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HSvmPageInBulk(self, request, context):
+        """Not an hcall: H_SVM_PAGE_IN for many pages at once (the UV's ESM page-in on pefsim's bulk data
+        plane). Each page gets exactly the checks, transition and result H_SVM_PAGE_IN would give.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -275,6 +288,11 @@ def add_HypervisorServiceServicer_to_server(servicer, server):
                     servicer.H_SVM_INIT_ABORT,
                     request_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmInitAbortRequest.FromString,
                     response_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmInitAbortResponse.SerializeToString,
+            ),
+            'HSvmPageInBulk': grpc.unary_unary_rpc_method_handler(
+                    servicer.HSvmPageInBulk,
+                    request_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmPageInBulkRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HSvmPageInBulkResponse.SerializeToString,
             ),
             'CreateVm': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateVm,
@@ -472,6 +490,33 @@ class HypervisorService:
             '/pefsim.v1.HypervisorService/H_SVM_INIT_ABORT',
             pefsim_dot_v1_dot_hypervisor__pb2.HSvmInitAbortRequest.SerializeToString,
             pefsim_dot_v1_dot_hypervisor__pb2.HSvmInitAbortResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HSvmPageInBulk(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pefsim.v1.HypervisorService/HSvmPageInBulk',
+            pefsim_dot_v1_dot_hypervisor__pb2.HSvmPageInBulkRequest.SerializeToString,
+            pefsim_dot_v1_dot_hypervisor__pb2.HSvmPageInBulkResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,12 +105,14 @@ class UvPageOutRequest(_message.Message):
     def __init__(self, lpid: _Optional[int] = ..., dest_ra: _Optional[int] = ..., src_gpa: _Optional[int] = ..., flags: _Optional[int] = ..., order: _Optional[int] = ...) -> None: ...
 
 class UvPageOutResponse(_message.Message):
-    __slots__ = ("rc", "data")
+    __slots__ = ("rc", "data", "in_place")
     RC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    IN_PLACE_FIELD_NUMBER: _ClassVar[int]
     rc: int
     data: bytes
-    def __init__(self, rc: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+    in_place: bool
+    def __init__(self, rc: _Optional[int] = ..., data: _Optional[bytes] = ..., in_place: _Optional[bool] = ...) -> None: ...
 
 class UvPageInvalRequest(_message.Message):
     __slots__ = ("lpid", "guest_pa", "order")
@@ -273,3 +275,77 @@ class UvStatusResponse(_message.Message):
     terminated_lpids: _containers.RepeatedScalarFieldContainer[int]
     boot_id: str
     def __init__(self, pool_pages_total: _Optional[int] = ..., pool_pages_in_use: _Optional[int] = ..., pool_pages_reserved: _Optional[int] = ..., svms: _Optional[_Iterable[_Union[SvmInfo, _Mapping]]] = ..., terminated_lpids: _Optional[_Iterable[int]] = ..., boot_id: _Optional[str] = ...) -> None: ...
+
+class PageRef(_message.Message):
+    __slots__ = ("ra", "gpa", "flags", "order")
+    RA_FIELD_NUMBER: _ClassVar[int]
+    GPA_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
+    ORDER_FIELD_NUMBER: _ClassVar[int]
+    ra: int
+    gpa: int
+    flags: int
+    order: int
+    def __init__(self, ra: _Optional[int] = ..., gpa: _Optional[int] = ..., flags: _Optional[int] = ..., order: _Optional[int] = ...) -> None: ...
+
+class PageInBatch(_message.Message):
+    __slots__ = ("lpid", "pages", "shared_memory")
+    LPID_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    lpid: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    shared_memory: bool
+    def __init__(self, lpid: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class PageBatchResult(_message.Message):
+    __slots__ = ("rc",)
+    RC_FIELD_NUMBER: _ClassVar[int]
+    rc: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, rc: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class PageOutRequest(_message.Message):
+    __slots__ = ("lpid", "pages", "batch_pages", "shared_memory")
+    LPID_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    lpid: int
+    pages: _containers.RepeatedCompositeFieldContainer[PageRef]
+    batch_pages: int
+    shared_memory: bool
+    def __init__(self, lpid: _Optional[int] = ..., pages: _Optional[_Iterable[_Union[PageRef, _Mapping]]] = ..., batch_pages: _Optional[int] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class PageOutBatch(_message.Message):
+    __slots__ = ("first", "rc")
+    FIRST_FIELD_NUMBER: _ClassVar[int]
+    RC_FIELD_NUMBER: _ClassVar[int]
+    first: int
+    rc: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, first: _Optional[int] = ..., rc: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UvShareHvMemoryRequest(_message.Message):
+    __slots__ = ("lpid", "slot_id", "path", "ra_base", "size", "nonce_path", "nonce")
+    LPID_FIELD_NUMBER: _ClassVar[int]
+    SLOT_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    RA_BASE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_PATH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    lpid: int
+    slot_id: int
+    path: str
+    ra_base: int
+    size: int
+    nonce_path: str
+    nonce: bytes
+    def __init__(self, lpid: _Optional[int] = ..., slot_id: _Optional[int] = ..., path: _Optional[str] = ..., ra_base: _Optional[int] = ..., size: _Optional[int] = ..., nonce_path: _Optional[str] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+
+class UvShareHvMemoryResponse(_message.Message):
+    __slots__ = ("rc", "detail")
+    RC_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    rc: int
+    detail: str
+    def __init__(self, rc: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...

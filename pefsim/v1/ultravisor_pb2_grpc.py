@@ -105,6 +105,21 @@ class UltravisorServiceStub:
                 request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusRequest.SerializeToString,
                 response_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusResponse.FromString,
                 _registered_method=True)
+        self.UvPageInStream = channel.stream_stream(
+                '/pefsim.v1.UltravisorService/UvPageInStream',
+                request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.PageInBatch.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.PageBatchResult.FromString,
+                _registered_method=True)
+        self.UvPageOutStream = channel.unary_stream(
+                '/pefsim.v1.UltravisorService/UvPageOutStream',
+                request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.PageOutRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.PageOutBatch.FromString,
+                _registered_method=True)
+        self.UvShareHvMemory = channel.unary_unary(
+                '/pefsim.v1.UltravisorService/UvShareHvMemory',
+                request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvShareHvMemoryRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvShareHvMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class UltravisorServiceServicer:
@@ -214,6 +229,35 @@ class UltravisorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UvPageInStream(self, request_iterator, context):
+        """Not ucalls: pefsim's bulk data plane. Each page of a batch gets exactly the transition and
+        the result its UV_PAGE_IN / UV_PAGE_OUT would give (same checks, same state table), so the
+        ABI's per-page semantics hold; only the transport is batched. These two stream raw frames,
+        not protobuf-encoded messages (pefsim/dataplane.py):
+        u32 big-endian header length | header (the message below) | payload
+        where the payload is the batch's pages back to back (none with shared memory, see
+        UvShareHvMemory: the UV then reads and writes the HV's pages itself, as UV_PAGE_IN does on
+        hardware).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UvPageOutStream(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UvShareHvMemory(self, request, context):
+        """The HV offers the file behind a memslot's RAM; if the UV can open the same file (same host,
+        or a shared volume) page data no longer travels in the RPCs. rc: U_SUCCESS or U_P2 (cannot
+        open it, or it is not the HV's: the nonce does not match).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_UltravisorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -286,6 +330,21 @@ def add_UltravisorServiceServicer_to_server(servicer, server):
                     servicer.UvStatus,
                     request_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusRequest.FromString,
                     response_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusResponse.SerializeToString,
+            ),
+            'UvPageInStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.UvPageInStream,
+                    request_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.PageInBatch.FromString,
+                    response_serializer=pefsim_dot_v1_dot_ultravisor__pb2.PageBatchResult.SerializeToString,
+            ),
+            'UvPageOutStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.UvPageOutStream,
+                    request_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.PageOutRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_ultravisor__pb2.PageOutBatch.SerializeToString,
+            ),
+            'UvShareHvMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UvShareHvMemory,
+                    request_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvShareHvMemoryRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvShareHvMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -666,6 +725,87 @@ class UltravisorService:
             '/pefsim.v1.UltravisorService/UvStatus',
             pefsim_dot_v1_dot_ultravisor__pb2.UvStatusRequest.SerializeToString,
             pefsim_dot_v1_dot_ultravisor__pb2.UvStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UvPageInStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pefsim.v1.UltravisorService/UvPageInStream',
+            pefsim_dot_v1_dot_ultravisor__pb2.PageInBatch.SerializeToString,
+            pefsim_dot_v1_dot_ultravisor__pb2.PageBatchResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UvPageOutStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pefsim.v1.UltravisorService/UvPageOutStream',
+            pefsim_dot_v1_dot_ultravisor__pb2.PageOutRequest.SerializeToString,
+            pefsim_dot_v1_dot_ultravisor__pb2.PageOutBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UvShareHvMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pefsim.v1.UltravisorService/UvShareHvMemory',
+            pefsim_dot_v1_dot_ultravisor__pb2.UvShareHvMemoryRequest.SerializeToString,
+            pefsim_dot_v1_dot_ultravisor__pb2.UvShareHvMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

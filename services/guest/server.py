@@ -26,7 +26,7 @@ log = logging.getLogger("pefsim.guest")
 async def build_server(cfg: GuestConfig, listen: str, history: str | None = None
                        ) -> tuple[grpc.aio.Server, int, GuestProgram, GuestMetrics]:
     metrics = GuestMetrics()
-    server, port = rpc.new_server(listen, [], "pefsim.v1.GuestService")
+    server, port = await rpc.new_server(listen, [], "pefsim.v1.GuestService")
     guest = GuestProgram(cfg, endpoint=f"{rpc.host_of(listen)}:{port}", metrics=metrics)
     dispatcher = rpc.Dispatcher(
         service=guest, service_descriptor=guest_pb2.DESCRIPTOR.services_by_name["GuestService"],

@@ -27,8 +27,9 @@ import time
 import grpc
 
 from pefsim import faults
-from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest
+from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest, U, rc_name
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
+from services.hypervisor import bulk
 from services.hypervisor.errors import UvReset, UvUnreachable
 from services.hypervisor.hcalls.page import take_page
 
@@ -106,21 +107,40 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
 
 
 async def page_out_all(hv, vm) -> int:
-    """Every secure page back to the HV with its content (drop_pages with skip_page_out false).
-    Called with vm.lock held; returns the pages given back."""
-    recovered = 0
+    """Every secure page back to the HV with its content (drop_pages with skip_page_out false),
+    in bulk streams (or one UV_PAGE_OUT a page with --transfer unary). A page the UV refuses is
+    logged and lost, as in the kernel. Called with vm.lock held; returns the pages given back."""
+    got = [0]
     for slot, idx in list(vm.pages()):
         st = slot.state(idx)
-        if st == GfnState.GFN_NORMAL:
-            continue
-        if st == GfnState.GFN_SECURE_IN:
-            data = await persist(hv, vm, lambda: take_page(hv, vm, slot, idx), "UV_PAGE_OUT")
-            faults.reach("hv.abort.page_out", vm.name)
-            hv.state.mark_normal(slot, idx, data=data, scrub=data is None)
-            recovered += data is not None
-        else:
+        if st not in (GfnState.GFN_NORMAL, GfnState.GFN_SECURE_IN):
             hv.state.mark_normal(slot, idx, scrub=False)
-    return recovered
+
+    def secure_pages():
+        return [(s, i) for s, i in vm.pages() if s.state(i) == GfnState.GFN_SECURE_IN]
+
+    def give_back(slot, idx, data) -> None:
+        faults.reach("hv.abort.page_out", vm.name)
+        hv.state.mark_normal(slot, idx, data=data, scrub=data is None)
+        got[0] += data is not None
+
+    async def streamed():
+        async for batch, rcs, data in bulk.page_out(hv, vm, secure_pages()):
+            for (slot, idx), rc, page in zip(batch, rcs, data):
+                if rc != U.U_SUCCESS or page is None:
+                    log.error("lpid %d: page-out of 0x%x during abort -> %s; page lost", vm.lpid,
+                              slot.gpa(idx), rc_name(rc, U))
+                    page = None
+                else:
+                    hv.metrics.moved("out")
+                give_back(slot, idx, page)
+
+    async def one_by_one():
+        for slot, idx in secure_pages():
+            give_back(slot, idx, await take_page(hv, vm, slot, idx))
+
+    await persist(hv, vm, streamed if hv.cfg.transfer == "stream" else one_by_one, "abort page-out")
+    return got[0]
 
 
 async def terminate_once(hv, vm) -> int:

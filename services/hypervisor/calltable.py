@@ -40,6 +40,7 @@ CALLS = [
          opcode=Hcall.H_SVM_INIT_DONE, family=H),
     Call("H_SVM_INIT_ABORT", svm.h_svm_init_abort, UV_OR_GUEST, H.H_UNSUPPORTED,
          opcode=Hcall.H_SVM_INIT_ABORT, family=H),
+    Call("HSvmPageInBulk", page.h_svm_page_in_bulk, UV, H.H_UNSUPPORTED, family=H),
     Call("CreateVm", vm.create_vm, VMM, None, checks=(), result="errno", family=Errno),
     Call("RunVm", vm.run_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
     Call("StopVm", vm.stop_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
@@ -69,6 +70,7 @@ CALLS = [
 # call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
 # every observed result to these, with rpc.legal_results).
 RESULTS = {
+    "HSvmPageInBulk": (H.H_SUCCESS, H.H_PARAMETER, H.H_P2, H.H_P3, H.H_UNSUPPORTED),
     "H_SVM_PAGE_IN": (H.H_SUCCESS, H.H_PARAMETER),
     "H_SVM_PAGE_OUT": (H.H_SUCCESS, H.H_PARAMETER),
     "H_SVM_INIT_START": (H.H_SUCCESS, H.H_AUTHORITY, H.H_PARAMETER),
@@ -99,6 +101,8 @@ STATE_TABLE = {
     "H_SVM_PAGE_IN": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A, SECURE: A,
                       ABORTING: H.H_UNSUPPORTED},
     "H_SVM_PAGE_OUT": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A, SECURE: A,
+                       ABORTING: H.H_UNSUPPORTED},
+    "HSvmPageInBulk": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A, SECURE: A,
                        ABORTING: H.H_UNSUPPORTED},
     "H_SVM_INIT_START": {ABSENT: H.H_PARAMETER, NORMAL: A, TRANSIENT: A, SECURE: A, ABORTING: A},
     "H_SVM_INIT_DONE": {ABSENT: H.H_PARAMETER, NORMAL: H.H_UNSUPPORTED, TRANSIENT: A, SECURE: A,

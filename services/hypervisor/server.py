@@ -44,6 +44,8 @@ class HvConfig:
     resume_retry_s: float = 60.0  # how long an abort keeps trying to resume an unreachable guest
     session_grace_s: float = 10.0  # after a restart, how long a VMM has to come back
     uv_probe_s: float = 1.0  # how often the UV's boot id is checked
+    transfer: str = "stream"  # page data to/from the UV: "stream" (bulk) or "unary" (one ucall a page)
+    shared_memory: bool = True  # offer the UV the RAM files (pages then travel by real address)
 
 
 class Hypervisor:
@@ -161,6 +163,12 @@ class Hypervisor:
         self.history.record(call=name, dir="out", lpid=request.lpid, rc=resp.rc, **extra)
         return resp
 
+    async def check_answer_boot(self, call) -> None:
+        """A streamed answer's boot id (trailing metadata), as ucall checks a unary one's."""
+        boot_id = dict(await call.trailing_metadata() or ()).get(rpc.BOOT_ID_TRAILER, "")
+        if self.check_uv_boot(boot_id):
+            raise UvReset("stream")
+
     def observe_terminate(self, trigger: str, rc: int, seconds: float) -> None:
         self.metrics.terminate_seconds.labels(trigger, rc_name(rc, U)).observe(seconds)
 
@@ -217,6 +225,10 @@ def parse_args(argv=None) -> HvConfig:
                     help="after a restart, seconds a VMM has to reconnect before its VM is destroyed")
     ap.add_argument("--resume-retry", type=float, default=60.0,
                     help="seconds an abort keeps trying to resume an unreachable guest")
+    ap.add_argument("--transfer", choices=["stream", "unary"], default="stream",
+                    help="abort page-out as bulk streams (default) or one UV_PAGE_OUT per page")
+    ap.add_argument("--shared-memory", choices=["auto", "off"], default="auto",
+                    help="offer the UV this HV's RAM files (default: auto, used when it can open them)")
     ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
                     help=f"SIGKILL this process the N-th time it reaches NAME ({', '.join(faults.POINTS)})")
     ap.add_argument("--history", help="append a JSON line per served call to this file")
@@ -227,7 +239,8 @@ def parse_args(argv=None) -> HvConfig:
     return HvConfig(listen=a.listen, uv=a.uv, data_dir=a.data_dir,
                     abort_return=AbortReturn[f"ABORT_RETURN_{a.abort_return.upper()}"],
                     history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file,
-                    session_grace_s=a.session_grace, resume_retry_s=a.resume_retry)
+                    session_grace_s=a.session_grace, resume_retry_s=a.resume_retry,
+                    transfer=a.transfer, shared_memory=a.shared_memory == "auto")
 
 
 async def serve(cfg: HvConfig) -> None:

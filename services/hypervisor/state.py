@@ -66,6 +66,7 @@ from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gf
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 MAX_SLOT_ID = 0xFFFF
+IN_PLACE = object()  # page data the UV already wrote into the HV's page (shared memory)
 
 
 def vm_state_of(secure_guest: int) -> VmState:
@@ -81,8 +82,10 @@ def vm_state_of(secure_guest: int) -> VmState:
 class Slot:
     """One memslot: its RAM and its GFN-state bytes, each a file-backed shared mapping."""
 
-    def __init__(self, directory: Path, slot_id: int, base_gfn: int, npages: int, ra_base: int):
+    def __init__(self, directory: Path, slot_id: int, base_gfn: int, npages: int, ra_base: int,
+                 shared: bool = False):
         self.slot_id, self.base_gfn, self.npages, self.ra_base = slot_id, base_gfn, npages, ra_base
+        self.shared = shared  # the UV opened this slot's RAM file (pefsim/dataplane.py)
         self.ram_path = directory / f"slot-{slot_id}.ram"
         self.gfn_path = directory / f"slot-{slot_id}.gfn"
         self.ram = _map(self.ram_path, npages * PAGE_SIZE)
@@ -196,7 +199,8 @@ class HvState:
                     secure_guest=meta["secure_guest"], abort=meta.get("abort"),
                     had_session=meta.get("had_session", False), failed=meta.get("failed", ""))
             for s in meta["slots"]:
-                vm.slots[s["slot_id"]] = Slot(directory, s["slot_id"], s["base_gfn"], s["npages"], s["ra_base"])
+                vm.slots[s["slot_id"]] = Slot(directory, s["slot_id"], s["base_gfn"], s["npages"], s["ra_base"],
+                                              s.get("shared", False))
                 self.next_ra = max(self.next_ra, s["ra_base"] + s["npages"] * PAGE_SIZE)
             self.vms[vm.lpid] = vm
             self.next_lpid = max(self.next_lpid, vm.lpid + 1)
@@ -274,7 +278,7 @@ class HvState:
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
                 "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed,
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
-                           "ra_base": s.ra_base} for s in vm.slots.values()]}
+                           "ra_base": s.ra_base, "shared": s.shared} for s in vm.slots.values()]}
         tmp = vm.directory / "vm.json.tmp"
         tmp.write_text(json.dumps(meta, sort_keys=True))
         os.replace(tmp, vm.directory / "vm.json")
@@ -304,9 +308,11 @@ class HvState:
         self._set(slot, idx, GfnState.GFN_SECURE_IN)
         slot.page(idx)[:] = ZERO_PAGE
 
-    def mark_secure_out(self, slot: Slot, idx: int, ciphertext: bytes) -> None:
-        """-> GFN_SECURE_OUT: the HV page holds the ciphertext the UV handed out."""
-        slot.page(idx)[:] = ciphertext
+    def mark_secure_out(self, slot: Slot, idx: int, ciphertext) -> None:
+        """-> GFN_SECURE_OUT: the HV page holds the ciphertext the UV handed out (or wrote in
+        place, IN_PLACE)."""
+        if ciphertext is not IN_PLACE:
+            slot.page(idx)[:] = ciphertext
         self._set(slot, idx, GfnState.GFN_SECURE_OUT)
 
     def mark_shared(self, slot: Slot, idx: int) -> None:
@@ -317,7 +323,9 @@ class HvState:
     def mark_normal(self, slot: Slot, idx: int, data: bytes | None = None, scrub: bool = False) -> None:
         """-> GFN_NORMAL, holding ``data`` if given (a page given back by the UV); ``scrub``
         zeroes it instead (secure content dropped without page-out)."""
-        if data is not None:
+        if data is IN_PLACE:
+            pass
+        elif data is not None:
             slot.page(idx)[:] = data
         elif scrub:
             slot.page(idx)[:] = ZERO_PAGE

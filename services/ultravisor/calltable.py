@@ -11,7 +11,9 @@ from dataclasses import replace
 
 from pefsim.abi import PAGE_SHIFT, H, Role, SvmState, U, Ucall, is_secure_ra, page_aligned
 from pefsim.rpc import ALLOW, STATE, Call, Check
-from services.ultravisor.calls import access, memslot, page, share, svm
+from pefsim.dataplane import decoder
+from pefsim.v1 import ultravisor_pb2 as upb
+from services.ultravisor.calls import access, bulk, memslot, page, share, svm
 from services.ultravisor.state import SVM_MEM_SLOTS_NUM
 
 HV = frozenset({Role.ROLE_HV})
@@ -91,6 +93,12 @@ CALLS = [
         Check("gpa", lambda r: page_aligned(r.gpa), H.H_PARAMETER, "gpa not 64 KiB aligned"),
     )),
     Call("UvStatus", access.uv_status, ANYONE, None, checks=(), result=None),
+    # the bulk data plane: each page is checked as its UV_PAGE_IN / UV_PAGE_OUT (calls/bulk.py)
+    Call("UvPageInStream", bulk.uv_page_in_stream, HV, None, checks=(), result=None,
+         request_codec=decoder(upb.PageInBatch)),
+    Call("UvPageOutStream", bulk.uv_page_out_stream, HV, None, checks=(), result=None,
+         response_codec=bytes),
+    Call("UvShareHvMemory", bulk.uv_share_hv_memory, HV, U.U_PERMISSION, family=U),
 ]
 
 
@@ -109,6 +117,7 @@ RESULTS = {
     "UV_UNSHARE_ALL_PAGES": (U.U_SUCCESS, U.U_P2),
     "SvmLoad": (U.U_SUCCESS, U.U_PARAMETER, U.U_RETRY, U.U_BUSY, U.U_P2),
     "SvmStore": (U.U_SUCCESS, U.U_PARAMETER, U.U_RETRY, U.U_BUSY, U.U_P2),
+    "UvShareHvMemory": (U.U_SUCCESS, U.U_P2),
     "UvEvictPage": (H.H_SUCCESS, H.H_PARAMETER, H.H_P2, H.H_P3, H.H_UNSUPPORTED, H.H_HARDWARE),
 }
 CALLS = [replace(c, results=frozenset(RESULTS.get(c.name, ()))) for c in CALLS]
@@ -135,6 +144,7 @@ STATE_TABLE = {
     "SvmLoad": {ABSENT: U.U_PERMISSION, ACTIVE: U.U_PERMISSION, SECURE: A, ABORT: U.U_PERMISSION},
     "SvmStore": {ABSENT: U.U_PERMISSION, ACTIVE: U.U_PERMISSION, SECURE: A, ABORT: U.U_PERMISSION},
     "UvEvictPage": {ABSENT: H.H_PARAMETER, ACTIVE: H.H_STATE, SECURE: A, ABORT: H.H_STATE},
+    "UvShareHvMemory": {ABSENT: U.U_PARAMETER, ACTIVE: A, SECURE: A, ABORT: U.U_STATE},
 }
 
 

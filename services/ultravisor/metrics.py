@@ -20,6 +20,10 @@ class UvMetrics(ServiceMetrics):
         self.esm_seconds = Histogram(
             "pefsim_uv_esm_duration_seconds", "UV_ESM from entry to its end, by outcome.",
             ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.page_in_seconds = Histogram(
+            "pefsim_uv_esm_page_in_duration_seconds",
+            "ESM's page-in of the whole guest (ESM_COPY_ALL), by transfer.", ["transfer"],
+            buckets=LATENCY_BUCKETS, registry=r)
         self.esm_failures = Counter(
             "pefsim_uv_esm_failures_total", "ESM attempts that went to the abort path, by reason.",
             ["reason"], registry=r)

@@ -35,6 +35,7 @@ class UvConfig:
     ready_file: str | None = None
     hcall_timeout_s: float = 30.0  # an hcall of the ESM context that takes longer failed
     abort_attempt_timeout_s: float = 30.0  # one H_SVM_INIT_ABORT attempt; then it is made again
+    transfer: str = "stream"  # ESM page-in: "stream" (HSvmPageInBulk) or "unary" (H_SVM_PAGE_IN a page)
 
 
 class Ultravisor:
@@ -43,6 +44,7 @@ class Ultravisor:
     def __init__(self, cfg: UvConfig):
         self.cfg = cfg
         self.state = UvState(cfg.pool_pages)
+        self.hvmem = self.state.hvmem
         self.hv = rpc.Peer(cfg.hv, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub)
         self.trusted = load_public_key(cfg.trusted_key) if cfg.trusted_key else None
         self.metrics = UvMetrics(self.state)
@@ -74,6 +76,8 @@ def parse_args(argv=None) -> UvConfig:
                     help="pages ESM copies: every GFN (default) or the measured regions only")
     ap.add_argument("--trusted-key", type=Path, required=True,
                     help="Ed25519 public key (PEM) that ESM blobs must be signed with")
+    ap.add_argument("--transfer", choices=["stream", "unary"], default="stream",
+                    help="ESM page-in in bulk (default) or one H_SVM_PAGE_IN per page (the kernel's way)")
     ap.add_argument("--abort-attempt-timeout", type=float, default=30.0,
                     help="seconds one H_SVM_INIT_ABORT attempt may take before it is made again")
     ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
@@ -85,7 +89,7 @@ def parse_args(argv=None) -> UvConfig:
     if a.pool_pages < 0:
         ap.error("--pool-pages must be >= 0")
     faults.configure(a.failpoint)
-    return UvConfig(abort_attempt_timeout_s=a.abort_attempt_timeout, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
+    return UvConfig(abort_attempt_timeout_s=a.abort_attempt_timeout, transfer=a.transfer, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
                     esm_copy=EsmCopy[f"ESM_COPY_{a.esm_copy.upper()}"], trusted_key=a.trusted_key,
                     history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file)
 

@@ -61,9 +61,11 @@ from typing import Any
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pefsim import faults
+from pefsim.dataplane import HvMemory
 from pefsim.abi import PAGE_SIZE, SECURE_RA_BASE, GpfState, SvmState, gfn_of
 
 SVM_MEM_SLOTS_NUM = 32  # slot ids the UV accepts per SVM (firmware's SVM_MEM_SLOTS_NUM)
+ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class SecurePool:
@@ -96,7 +98,7 @@ class SecurePool:
     def release(self, frame: int) -> None:
         """Scrub a frame and return it to the pool."""
         off = frame * PAGE_SIZE
-        self.mem[off:off + PAGE_SIZE] = bytes(PAGE_SIZE)
+        self.mem[off:off + PAGE_SIZE] = ZERO_PAGE
         self._free.append(frame)
 
     def view(self, frame: int) -> memoryview:
@@ -174,6 +176,7 @@ class UvState:
         self.svms: dict[int, Svm] = {}
         self.terminated: list[int] = []
         self.boot_id = os.urandom(8).hex()  # a restarted UV is a new machine: nothing survives
+        self.hvmem = HvMemory()  # HV RAM files the HV shared, per SVM and slot
 
     def svm_state(self, lpid: int) -> int:
         svm = self.svms.get(lpid)
@@ -197,6 +200,7 @@ class UvState:
         svm = self.svms.pop(lpid, None)
         if svm is None:
             return 0
+        self.hvmem.drop(lpid)
         freed = 0
         leak = faults.mutant("uv-terminate-keeps-pages")
         for gpf in svm.gpfs.values():
@@ -223,6 +227,7 @@ class UvState:
         return True
 
     def remove_slot(self, svm: Svm, slotid: int) -> None:
+        self.hvmem.drop(svm.lpid, slotid)
         base, npages = svm.slots.pop(slotid)
         for gfn in range(base, base + npages):
             gpf = svm.gpfs.pop(gfn, None)
@@ -243,12 +248,15 @@ class UvState:
             self.pool.release(gpf.frame)
             gpf.frame = None
 
-    def mark_secure(self, gpf: Gpf, data: bytes | memoryview | None) -> None:
-        """-> GPF_SECURE holding ``data`` (or zeros)."""
+    def mark_secure(self, gpf: Gpf, data) -> None:
+        """-> GPF_SECURE holding ``data``: bytes, a page source that fills the frame itself
+        (pefsim/dataplane.py: one copy, straight into the pool), or None for zeros."""
         frame = self._take_frame(gpf)
         view = self.pool.view(frame)
         if data is None:
-            view[:] = bytes(PAGE_SIZE)
+            view[:] = ZERO_PAGE
+        elif hasattr(data, "fill"):
+            data.fill(view)
         else:
             view[:] = data
         gpf.state = GpfState.GPF_SECURE

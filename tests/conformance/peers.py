@@ -21,8 +21,9 @@ from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb
 from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
 
 
-def _handlers(service_cls, impl) -> grpc.GenericRpcHandler:
-    """Generic handlers for every RPC ``impl`` defines (others: UNIMPLEMENTED)."""
+def _handlers(service_cls, impl, codecs: dict | None = None) -> grpc.GenericRpcHandler:
+    """Generic handlers for every RPC ``impl`` defines (others: UNIMPLEMENTED); ``codecs`` gives
+    (request deserializer, response serializer) for the raw-frame RPCs."""
     desc = service_cls
     pb2 = impl.pb2
     methods = {}
@@ -30,9 +31,12 @@ def _handlers(service_cls, impl) -> grpc.GenericRpcHandler:
         fn = getattr(impl, m.name, None)
         if fn is None:
             continue
-        methods[m.name] = grpc.unary_unary_rpc_method_handler(
-            fn, request_deserializer=getattr(pb2, m.input_type.name).FromString,
-            response_serializer=getattr(pb2, m.output_type.name).SerializeToString)
+        req, resp = (codecs or {}).get(m.name, (getattr(pb2, m.input_type.name).FromString,
+                                                getattr(pb2, m.output_type.name).SerializeToString))
+        make = (grpc.stream_stream_rpc_method_handler if m.client_streaming and m.server_streaming
+                else grpc.unary_stream_rpc_method_handler if m.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        methods[m.name] = make(fn, request_deserializer=req, response_serializer=resp)
     return grpc.method_handlers_generic_handler(desc.full_name, methods)
 
 
@@ -119,6 +123,15 @@ class ScriptedHv:
             g.pages[gfn] = bytes(PAGE_SIZE)
         return hpb.HSvmPageInResponse(rc=H.H_SUCCESS if rc == U.U_SUCCESS else H.H_PARAMETER)
 
+    async def HSvmPageInBulk(self, req, context):
+        """The bulk form, done page by page with the ABI's H_SVM_PAGE_IN."""
+        rcs = []
+        for gpa in req.guest_pa:
+            one = await self.H_SVM_PAGE_IN(hpb.HSvmPageInRequest(lpid=req.lpid, guest_pa=gpa, flags=req.flags,
+                                                                 order=req.order), context)
+            rcs.append(one.rc)
+        return hpb.HSvmPageInBulkResponse(rc=next((r for r in rcs if r != H.H_SUCCESS), H.H_SUCCESS), rcs=rcs)
+
     async def H_SVM_PAGE_OUT(self, req, context):
         custom = await self._enter("H_SVM_PAGE_OUT", req)
         if custom:
@@ -174,8 +187,12 @@ class ScriptedUv:
         self.server: grpc.aio.Server | None = None
 
     async def __aenter__(self) -> "ScriptedUv":
+        from pefsim.dataplane import decoder
+
         self.server, _ = await rpc.start_server(self.listen, [
-            _handlers(upb.DESCRIPTOR.services_by_name["UltravisorService"], self)])
+            _handlers(upb.DESCRIPTOR.services_by_name["UltravisorService"], self,
+                      {"UvPageInStream": (decoder(upb.PageInBatch), upb.PageBatchResult.SerializeToString),
+                       "UvPageOutStream": (upb.PageOutRequest.FromString, bytes)})])
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -199,6 +216,41 @@ class ScriptedUv:
             return fn(req)
         self.pages[(req.lpid, gfn_of(req.dest_gpa))] = req.data
         return upb.UvPageInResponse(rc=U.U_SUCCESS)
+
+    async def UvPageInStream(self, frames, context):
+        """The bulk page-in, kept like UV_PAGE_IN's pages (this UV shares no memory)."""
+        async for frame in frames:
+            hdr, payload, rcs = frame.header, frame.payload, []
+            for n, ref in enumerate(hdr.pages):
+                self.seen.append(("UV_PAGE_IN", upb.UvPageInRequest(
+                    lpid=hdr.lpid, src_ra=ref.ra, dest_gpa=ref.gpa, order=ref.order,
+                    data=bytes(payload[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]))))
+                fn = self.answers.get("UV_PAGE_IN")
+                if fn:
+                    rcs.append(fn(self.seen[-1][1]).rc)
+                else:
+                    self.pages[(hdr.lpid, gfn_of(ref.gpa))] = bytes(payload[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
+                    rcs.append(U.U_SUCCESS)
+            yield upb.PageBatchResult(rc=rcs)
+
+    async def UvPageOutStream(self, req, context):
+        """The bulk page-out: each page as UV_PAGE_OUT would give it back."""
+        from pefsim.dataplane import encode
+
+        size = req.batch_pages or 32
+        for first in range(0, len(req.pages), size):
+            rcs, parts = [], []
+            for ref in req.pages[first:first + size]:
+                one = await self.UV_PAGE_OUT(upb.UvPageOutRequest(lpid=req.lpid, dest_ra=ref.ra, src_gpa=ref.gpa,
+                                                                  order=ref.order), context)
+                rcs.append(one.rc)
+                if one.rc == U.U_SUCCESS:
+                    parts.append(one.data)
+            yield encode(upb.PageOutBatch(first=first, rc=rcs), parts)
+
+    async def UvShareHvMemory(self, req, context):
+        self.seen.append(("UvShareHvMemory", req))
+        return upb.UvShareHvMemoryResponse(rc=U.U_P2, detail="the scripted UV shares no memory")
 
     async def UV_PAGE_OUT(self, req, context):
         fn = self._answer("UV_PAGE_OUT", req)

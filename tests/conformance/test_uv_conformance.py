@@ -55,6 +55,26 @@ class UvCtx:
     def shared_count(self) -> int:
         return self.status.shared_pages if self.status else -1
 
+    shared_page_in_ok: bool = False
+    files: list = field(default_factory=list)
+
+    def share_request(self, good: bool, slot_id: int = 0) -> upb.UvShareHvMemoryRequest:
+        """An offer of a real file standing in for the HV's RAM (this test's ``ram`` bytes)."""
+        import tempfile
+
+        ram = tempfile.NamedTemporaryFile(delete=False)
+        ram.write(self.ram)
+        ram.close()
+        nonce = tempfile.NamedTemporaryFile(delete=False)
+        nonce.write(b"n" * 16 if good else b"x" * 16)
+        nonce.close()
+        self.files += [ram.name, nonce.name]
+        self.ram_path = ram.name
+        return upb.UvShareHvMemoryRequest(lpid=self.lpid, slot_id=slot_id, path=ram.name, ra_base=HV_RA_BASE,
+                                          size=len(self.ram), nonce_path=nonce.name, nonce=b"n" * 16)
+
+    ram: bytes = b""
+
 
 def esm_request(c: UvCtx, image: GuestImage) -> upb.UvEsmRequest:
     return upb.UvEsmRequest(vcpu=common_pb2.VcpuContext(lpid=c.lpid, nip=image.kbase + 0x1004),
@@ -90,6 +110,7 @@ class Side:
         self.hv.guests[c.lpid] = Guest(image, blob)
         c.plain = image.page(c.secure_gfn)
         c.pagedout_plain = image.page(c.pagedout_gfn)
+        c.ram = bytes(NPAGES * PAGE_SIZE)
         self.teardown.append(lambda: self.stub("hv").UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=c.lpid)))
         if row.state == "SVM_ACTIVE":
             registered, release = asyncio.Event(), asyncio.Event()
@@ -163,6 +184,15 @@ async def run_row(stack, uv_addr: str, hv_listen: str, row: Row) -> None:
             resp = await make_call(side.stub, CALL[row.call], row, c)
             if row.then:
                 words, test = row.then
+                if "shared_page_in_ok" in test.__code__.co_names:
+                    # a paged-out page's ciphertext, written at its real address in the shared file
+                    with open(c.ram_path, "r+b") as fh:
+                        fh.seek(c.pagedout_gfn * PAGE_SIZE)
+                        fh.write(c.cipher)
+                    again = await side.stub("hv").UV_PAGE_IN(upb.UvPageInRequest(
+                        lpid=c.lpid, src_ra=HV_RA_BASE + gpa_of(c.pagedout_gfn), dest_gpa=gpa_of(c.pagedout_gfn),
+                        order=PAGE_SHIFT))
+                    c.shared_page_in_ok = again.rc == U.U_SUCCESS
                 if "page_in_again_ok" in test.__code__.co_names:
                     again = await side.stub("hv").UV_PAGE_IN(upb.UvPageInRequest(
                         lpid=c.lpid, src_ra=HV_RA_BASE, dest_gpa=gpa_of(c.pagedout_gfn), order=PAGE_SHIFT,
@@ -172,6 +202,10 @@ async def run_row(stack, uv_addr: str, hv_listen: str, row: Row) -> None:
                 assert test(c, resp), f"{row.call} in {row.state} ({row.case}): not true that {words}"
         finally:
             await side.close()
+            import os
+
+            for path in c.files if "c" in dir() else []:
+                os.unlink(path)
 
 
 def row_id(row: Row) -> str:

@@ -9,6 +9,7 @@ import time
 from pefsim.abi import Errno, SecureGuest, U, VmState, gpa_of
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from services.hypervisor.abort import unregister
+from services.hypervisor.bulk import offer_memory
 from services.hypervisor.errors import UvUnreachable
 from services.hypervisor.hcalls.svm import drop_secure
 from services.hypervisor.state import MAX_SLOT_ID
@@ -151,6 +152,7 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
                 return pb.SetMemslotResponse(errno=Errno.ENOSPC)
             for idx in range(slot.npages):
                 hv.state.mark_secure_in(slot, idx)
+            await offer_memory(hv, vm, slot)
     return pb.SetMemslotResponse(errno=Errno.OK)
 
 

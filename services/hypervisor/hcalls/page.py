@@ -10,7 +10,9 @@ import logging
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, GfnState, H, PageInFlag, U, rc_name
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from pefsim import faults
+from services.hypervisor import bulk
 from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.state import IN_PLACE
 
 log = logging.getLogger("pefsim.hv")
 
@@ -30,6 +32,8 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
             data = b""
         elif before == GfnState.GFN_SECURE_IN:
             return pb.HSvmPageInResponse(rc=H.H_PARAMETER)  # already paged in
+        elif slot.shared:
+            data = b""  # the UV reads the page at src_ra itself
         else:
             data = bytes(slot.page(idx))  # plaintext (normal/shared) or ciphertext (paged out)
         try:
@@ -69,6 +73,43 @@ async def h_svm_page_out(hv, req: pb.HSvmPageOutRequest, caller) -> pb.HSvmPageO
     return pb.HSvmPageOutResponse(rc=H.H_SUCCESS)
 
 
+async def h_svm_page_in_bulk(hv, req: pb.HSvmPageInBulkRequest, caller) -> pb.HSvmPageInBulkResponse:
+    """H_SVM_PAGE_IN for many pages (flags 0): each page gets H_SVM_PAGE_IN's checks and result;
+    the pages travel to the UV in batches (bulk.py). H_PAGE_IN_SHARED is H_SVM_PAGE_IN's alone
+    (H_P2 here)."""
+    vm = hv.state.vms[req.lpid]
+    call = hv.dispatcher.calls["H_SVM_PAGE_IN"]
+    rcs: list[int] = [H.H_PARAMETER] * len(req.guest_pa)
+    todo, where = [], {}
+    async with vm.lock:
+        for i, gpa in enumerate(req.guest_pa):
+            rc, _ = hv.dispatcher.precheck(call, pb.HSvmPageInRequest(lpid=req.lpid, guest_pa=gpa, flags=req.flags,
+                                                                      order=req.order), caller)
+            located = vm.locate(gpa) if rc is None else None
+            if rc is None and req.flags != PageInFlag.H_PAGE_IN_NONSHARED:
+                rc = H.H_P2
+            elif rc is None and (located is None or located[0].state(located[1]) == GfnState.GFN_SECURE_IN
+                                 or located[0].gpa(located[1]) != gpa):
+                rc = H.H_PARAMETER  # no memslot, already in, or unaligned (the UV answers U_P3)
+            if rc is not None:
+                rcs[i] = rc
+            else:
+                todo.append(located)
+                where[located] = i
+        try:
+            async for batch, results in bulk.page_in(hv, vm, todo):
+                for (slot, idx), rc in zip(batch, results):
+                    if rc == U.U_SUCCESS:
+                        faults.reach("hv.esm.page_in", vm.name)
+                        hv.state.mark_secure_in(slot, idx)
+                        hv.metrics.moved("in")
+                        rcs[where[(slot, idx)]] = H.H_SUCCESS
+        except UvUnreachable:
+            pass  # the pages not answered stay normal, with their data: H_PARAMETER
+    first_bad = next((rc for rc in rcs if rc != H.H_SUCCESS), H.H_SUCCESS)
+    return pb.HSvmPageInBulkResponse(rc=first_bad, rcs=rcs)
+
+
 async def take_page(hv, vm, slot, idx: int) -> bytes | None:
     """UV_PAGE_OUT of a GFN_SECURE_IN page: its content (ciphertext, or plaintext while the SVM
     is aborting), or None if the UV refused or sent no whole page (logged). Raises UvUnreachable
@@ -76,6 +117,9 @@ async def take_page(hv, vm, slot, idx: int) -> bytes | None:
     Called with vm.lock held; the caller decides the GFN's next state."""
     resp = await hv.ucall("UV_PAGE_OUT", upb.UvPageOutRequest(
         lpid=vm.lpid, dest_ra=slot.ra(idx), src_gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT))
+    if resp.rc == U.U_SUCCESS and resp.in_place and slot.shared:
+        hv.metrics.moved("out")
+        return IN_PLACE
     if resp.rc != U.U_SUCCESS or len(resp.data) != PAGE_SIZE:
         log.error("lpid %d: UV_PAGE_OUT(0x%x) -> %s, %d bytes", vm.lpid, slot.gpa(idx),
                   rc_name(resp.rc, U), len(resp.data))

@@ -10,7 +10,7 @@ import logging
 
 from pefsim.abi import GfnState, H, SecureGuest, U, gpa_of
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
-from services.hypervisor import abort
+from services.hypervisor import abort, bulk
 from services.hypervisor.errors import UvUnreachable
 
 log = logging.getLogger("pefsim.hv")
@@ -40,6 +40,7 @@ async def h_svm_init_start(hv, req: pb.HSvmInitStartRequest, caller) -> pb.HSvmI
                     await abort.unregister(hv, vm, done)
                 return pb.HSvmInitStartResponse(rc=H.H_PARAMETER)
             registered.append(slot.slot_id)
+            await bulk.offer_memory(hv, vm, slot)
     return pb.HSvmInitStartResponse(rc=H.H_SUCCESS)
 
 

@@ -1,12 +1,15 @@
 """UV_PAGE_IN, UV_PAGE_OUT and UV_PAGE_INVAL (HV -> UV).
 
 Arguments checked before the SVM state (order, page addresses) are in calltable.py; what depends
-on the page's GPF state is here, following the table at the top of state.py.
+on the page's GPF state is here, following the table at the top of state.py. ``page_in_one`` and
+``page_out_one`` are each page's work, shared with the bulk calls (calls/bulk.py), so a page gets
+the same transition and result whichever way it travels.
 """
 from __future__ import annotations
 
 from pefsim import faults
-from pefsim.abi import PAGE_SIZE, GpfState, SvmState, U, gfn_of, page_aligned
+from pefsim.abi import GpfState, SvmState, U, gfn_of, page_aligned
+from pefsim.dataplane import BytesSource
 from pefsim.v1 import ultravisor_pb2 as pb
 
 
@@ -17,52 +20,79 @@ def _gpf_of(svm, gpa: int):
     return svm.gpf(gfn_of(gpa))
 
 
+def page_source(uv, lpid: int, src_ra: int, data):
+    """Where a page-in's data is: in the call, or (no data, shared memory) at src_ra in the HV's
+    memory, which the UV reads itself as the hardware's UV_PAGE_IN does."""
+    if not len(data):
+        shared = uv.hvmem.source(lpid, src_ra)
+        if shared is not None:
+            return shared
+    return BytesSource(data)
+
+
+def page_in_one(uv, svm, gpa: int, source) -> int:
+    """One page's UV_PAGE_IN after the call-table checks. Called with svm.lock held."""
+    gpf = _gpf_of(svm, gpa)
+    if gpf is None:
+        return U.U_P3
+    st = gpf.state
+    if st in (GpfState.GPF_HV_SHARING, GpfState.GPF_SHARED, GpfState.GPF_SHARED_INV):
+        uv.state.mark_shared(gpf)  # the share callback: map the HV page
+        return U.U_SUCCESS
+    if st == GpfState.GPF_HV_UNSHARING:
+        uv.state.mark_secure(gpf, None)  # unshare: a fresh zeroed secure page, no copy
+        return U.U_SUCCESS
+    if not source.whole():
+        return U.U_P2  # no page at src_ra
+    if st == GpfState.GPF_PAGEDOUT:
+        if not uv.state.page_in_sealed(svm, gfn_of(gpa), gpf, source.read()):
+            return U.U_P3  # tampered or replayed: hypervisor tampering
+    elif st == GpfState.GPF_SECURE and svm.state == SvmState.SVM_SECURE:
+        return U.U_P2  # page-in of a page that is not paged out
+    else:  # UNBACKED, or SECURE again during ESM: plain copy
+        uv.state.mark_secure(gpf, source)
+    uv.metrics.moved("in")
+    return U.U_SUCCESS
+
+
+def page_out_one(uv, svm, gpa: int, dest_ra: int = 0) -> tuple[int, object, bool]:
+    """One page's UV_PAGE_OUT after the call-table checks: (rc, data, in_place). With the HV's
+    memory shared, the page is written at dest_ra and no data travels. Called with svm.lock held."""
+    gpf = _gpf_of(svm, gpa)
+    if gpf is None:
+        return U.U_P3, b"", False
+    if gpf.state == GpfState.GPF_HV_UNSHARING:
+        return U.U_RETRY, b"", False  # HV thinks secure, UV not committed yet
+    if gpf.state != GpfState.GPF_SECURE:
+        return U.U_PARAMETER, b"", False
+    uv.metrics.moved("out")
+    if svm.state == SvmState.SVM_ABORT:
+        # The guest resumes as a normal VM and needs its content back. The SVM never went
+        # secure, so nothing the HV did not already have leaves the UV. The page stays until
+        # UV_SVM_TERMINATE, so asking again (an HV that lost the answer) is harmless.
+        if faults.mutant("uv-abort-pageout-no-data"):
+            return U.U_SUCCESS, b"", False
+        data = uv.state.pool.view(gpf.frame)
+    else:
+        plain = bytes(uv.state.pool.view(gpf.frame)) if faults.mutant("uv-pageout-plaintext") else None
+        data = plain or uv.state.page_out(svm, gfn_of(gpa), gpf)
+    if dest_ra and uv.hvmem.write(svm.lpid, dest_ra, data):
+        return U.U_SUCCESS, b"", True
+    return U.U_SUCCESS, data, False
+
+
 async def uv_page_in(uv, req: pb.UvPageInRequest, caller) -> pb.UvPageInResponse:
     svm = uv.state.svms[req.lpid]
-    gpf = _gpf_of(svm, req.dest_gpa)
-    if gpf is None:
-        return pb.UvPageInResponse(rc=U.U_P3)
-    gfn = gfn_of(req.dest_gpa)
     async with svm.lock:
-        st = gpf.state
-        if st in (GpfState.GPF_HV_SHARING, GpfState.GPF_SHARED, GpfState.GPF_SHARED_INV):
-            uv.state.mark_shared(gpf)  # the share callback: map the HV page
-        elif st == GpfState.GPF_HV_UNSHARING:
-            uv.state.mark_secure(gpf, None)  # unshare: a fresh zeroed secure page, no copy
-        elif len(req.data) != PAGE_SIZE:
-            return pb.UvPageInResponse(rc=U.U_P2)  # no page at src_ra
-        elif st == GpfState.GPF_PAGEDOUT:
-            if not uv.state.page_in_sealed(svm, gfn, gpf, req.data):
-                return pb.UvPageInResponse(rc=U.U_P3)  # tampered or replayed: hypervisor tampering
-        elif st == GpfState.GPF_SECURE and svm.state == SvmState.SVM_SECURE:
-            return pb.UvPageInResponse(rc=U.U_P2)  # page-in of a page that is not paged out
-        else:  # UNBACKED, or SECURE again during ESM: plain copy
-            uv.state.mark_secure(gpf, req.data)
-        uv.metrics.moved("in")
-    return pb.UvPageInResponse(rc=U.U_SUCCESS)
+        rc = page_in_one(uv, svm, req.dest_gpa, page_source(uv, req.lpid, req.src_ra, req.data))
+    return pb.UvPageInResponse(rc=rc)
 
 
 async def uv_page_out(uv, req: pb.UvPageOutRequest, caller) -> pb.UvPageOutResponse:
     svm = uv.state.svms[req.lpid]
-    gpf = _gpf_of(svm, req.src_gpa)
-    if gpf is None:
-        return pb.UvPageOutResponse(rc=U.U_P3)
     async with svm.lock:
-        if gpf.state == GpfState.GPF_HV_UNSHARING:
-            return pb.UvPageOutResponse(rc=U.U_RETRY)  # HV thinks secure, UV not committed yet
-        if gpf.state != GpfState.GPF_SECURE:
-            return pb.UvPageOutResponse(rc=U.U_PARAMETER)
-        uv.metrics.moved("out")
-        if svm.state == SvmState.SVM_ABORT and faults.mutant("uv-abort-pageout-no-data"):
-            return pb.UvPageOutResponse(rc=U.U_SUCCESS)
-        if svm.state == SvmState.SVM_ABORT:
-            # The guest resumes as a normal VM and needs its content back. The SVM never went
-            # secure, so nothing the HV did not already have leaves the UV. The page stays
-            # until UV_SVM_TERMINATE, so asking again (an HV that lost the answer) is harmless.
-            return pb.UvPageOutResponse(rc=U.U_SUCCESS, data=bytes(uv.state.pool.view(gpf.frame)))
-        plain = bytes(uv.state.pool.view(gpf.frame)) if faults.mutant("uv-pageout-plaintext") else None
-        sealed = uv.state.page_out(svm, gfn_of(req.src_gpa), gpf)
-    return pb.UvPageOutResponse(rc=U.U_SUCCESS, data=plain or sealed)
+        rc, data, in_place = page_out_one(uv, svm, req.src_gpa, req.dest_ra)
+    return pb.UvPageOutResponse(rc=rc, data=bytes(data), in_place=in_place)
 
 
 async def uv_page_inval(uv, req: pb.UvPageInvalRequest, caller) -> pb.UvPageInvalResponse:
@@ -76,3 +106,5 @@ async def uv_page_inval(uv, req: pb.UvPageInvalRequest, caller) -> pb.UvPageInva
         elif gpf.state != GpfState.GPF_SHARED_INV:  # already invalid: no-op success
             return pb.UvPageInvalResponse(rc=U.U_P2)  # a secure page: the UV ignores it
     return pb.UvPageInvalResponse(rc=U.U_SUCCESS)
+
+

@@ -1,0 +1,144 @@
+"""pefsim's bulk data plane: raw frames for page batches, and the HV memory the UV can share.
+
+Frames. ``UvPageInStream`` requests and ``UvPageOutStream`` responses carry page data. Protobuf
+would copy every page into and out of a message; a frame is instead
+
+    u32 big-endian header length | header (a protobuf message, no page data) | payload
+
+and the receiver reads the payload through a memoryview of the buffer gRPC hands it, so a page is
+copied once on the way in (into the mmap it lands in). The sender builds the frame with a single
+join over memoryviews of its mmap.
+
+Shared memory. When UV and HV run on one host (or share a volume), the HV offers the UV the file
+behind each memslot's RAM (``UvShareHvMemory``). The UV then reads a page at its real address
+with one ``preadv`` into the secure frame, and writes a page given back with one ``pwritev`` into
+the HV's file: the RPCs carry page numbers only. The UV does not mmap the HV's file, so its
+resident memory stays its own pool.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from pefsim.abi import PAGE_SIZE
+
+_LEN = struct.Struct(">I")
+
+
+@dataclass(slots=True)
+class Frame:
+    header: object
+    payload: memoryview
+
+
+def encode(header, payload_parts=()) -> bytes:
+    h = header.SerializeToString()
+    return b"".join([_LEN.pack(len(h)), h, *payload_parts])
+
+
+def decoder(header_cls):
+    def decode(data: bytes) -> Frame:
+        (n,) = _LEN.unpack_from(data)
+        view = memoryview(data)
+        return Frame(header_cls.FromString(bytes(view[4:4 + n])), view[4 + n:])
+    return decode
+
+
+def serialize(message) -> bytes:
+    """For the frames' plain-protobuf other direction."""
+    return message.SerializeToString()
+
+
+@dataclass(slots=True)
+class Page:
+    """The fields of one page's UV_PAGE_IN / UV_PAGE_OUT, as the call table's checks read them."""
+
+    lpid: int
+    src_ra: int = 0
+    dest_ra: int = 0
+    dest_gpa: int = 0
+    src_gpa: int = 0
+    flags: int = 0
+    order: int = 16
+    data: bytes = b""
+
+
+# -- where page data comes from and goes to -----------------------------------------------------
+
+
+class BytesSource:
+    """Page data carried by the call (a unary ucall's bytes, or a slice of a frame's payload)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def whole(self) -> bool:
+        return len(self.data) == PAGE_SIZE
+
+    def read(self) -> bytes:
+        return bytes(self.data)
+
+    def fill(self, view: memoryview) -> None:
+        view[:] = self.data
+
+
+class FileSource:
+    """A page read from the HV's shared RAM file at a real address (one copy, into ``view``)."""
+
+    __slots__ = ("fd", "offset")
+
+    def __init__(self, fd: int, offset: int):
+        self.fd, self.offset = fd, offset
+
+    def whole(self) -> bool:
+        return True
+
+    def read(self) -> bytes:
+        return os.pread(self.fd, PAGE_SIZE, self.offset)
+
+    def fill(self, view: memoryview) -> None:
+        if os.preadv(self.fd, [view], self.offset) != PAGE_SIZE:
+            raise OSError("short read from the HV's memory")
+
+
+class HvMemory:
+    """The HV RAM files a UV was offered, by real-address range."""
+
+    def __init__(self):
+        self.ranges: dict[tuple[int, int], tuple[int, int, int]] = {}  # (lpid, slot) -> (ra, size, fd)
+
+    def add(self, lpid: int, slot_id: int, path: str, ra_base: int, size: int) -> None:
+        self.drop(lpid, slot_id)
+        fd = os.open(path, os.O_RDWR)
+        if os.fstat(fd).st_size < size:
+            os.close(fd)
+            raise OSError(f"{path} is smaller than the slot")
+        self.ranges[(lpid, slot_id)] = (ra_base, size, fd)
+
+    def drop(self, lpid: int, slot_id: int | None = None) -> None:
+        for key in [k for k in self.ranges if k[0] == lpid and (slot_id is None or k[1] == slot_id)]:
+            os.close(self.ranges.pop(key)[2])
+
+    def locate(self, lpid: int, ra: int) -> tuple[int, int] | None:
+        """(fd, offset) of the page at ``ra`` in one of ``lpid``'s shared files, or None."""
+        for (owner, _), (base, size, fd) in self.ranges.items():
+            if owner == lpid and base <= ra and ra + PAGE_SIZE <= base + size:
+                return fd, ra - base
+        return None
+
+    def source(self, lpid: int, ra: int) -> FileSource | None:
+        where = self.locate(lpid, ra)
+        return None if where is None else FileSource(*where)
+
+    def write(self, lpid: int, ra: int, data) -> bool:
+        """Write a page into the HV's memory at ``ra``; False if that memory is not shared."""
+        where = self.locate(lpid, ra)
+        if where is None:
+            return False
+        fd, offset = where
+        if os.pwritev(fd, [data], offset) != PAGE_SIZE:
+            raise OSError("short write to the HV's memory")
+        return True
