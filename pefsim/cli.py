@@ -271,6 +271,16 @@ def main(argv=None) -> int:
     p.add_argument("--metrics-listen", help="serve the harness's metrics (faults, runs) on host:port")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_chaos)
+    p = sub.add_parser("bench", help="page transfer against memcpy and raw TCP, in one run")
+    p.add_argument("--guest-mib", type=float, default=1024, help="guest size (default 1 GiB)")
+    p.add_argument("--unary-mib", type=float, default=64,
+                   help="guest size for the one-call-a-page run (default 64 MiB: it is slow)")
+    p.add_argument("--hcalls", type=int, default=2000, help="hcalls timed for the latency (default 2000)")
+    p.add_argument("--scaling", default="", metavar="N,N,...",
+                   help="also N guests aborting at once, e.g. 1,4,16,64")
+    p.add_argument("--scale-guest-mib", type=float, default=16, help="guest size in the scaling runs")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=lambda a: __import__("pefsim.bench", fromlist=["main"]).main(a))
     p = sub.add_parser("keys", help="make an Ed25519 key pair for ESM blobs")
     p.add_argument("--out", required=True, help="directory for esm-signing.key / .pub")
     p.add_argument("--if-missing", action="store_true", help="keep a key pair that is already there")

@@ -7,6 +7,7 @@ the results arrive, so a kill between two batches leaves every page in a state i
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -20,7 +21,8 @@ from pefsim.v1 import ultravisor_pb2 as upb
 from services.hypervisor.errors import UvUnreachable
 
 log = logging.getLogger("pefsim.hv.bulk")
-BATCH = 32  # pages per frame: 2 MiB (measured: 16-64 pages per message is the grpcio optimum)
+BATCH = 16  # pages per frame: 1 MiB (measured: 16-64 pages per message is the grpcio optimum)
+WINDOW = 4  # frames in flight before the first is answered: bounds the memory a stream holds
 SERVICE = "/pefsim.v1.UltravisorService"
 
 
@@ -41,8 +43,11 @@ async def page_in(hv, vm, items):
     call = channel.stream_stream(f"{SERVICE}/UvPageInStream", request_serializer=bytes,
                                  response_deserializer=upb.PageBatchResult.FromString)
 
-    def frames():
+    window = asyncio.Semaphore(WINDOW)
+
+    async def frames():
         for batch in batches:
+            await window.acquire()  # released as each answer arrives
             slot = batch[0][0]
             refs = [upb.PageRef(ra=slot.ra(idx), gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT)
                     for slot, idx in batch]
@@ -53,6 +58,7 @@ async def page_in(hv, vm, items):
     try:
         i = 0
         async for result in stream:
+            window.release()
             yield batches[i], list(result.rc)
             i += 1
     except grpc.aio.AioRpcError as exc:

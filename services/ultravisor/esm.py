@@ -102,11 +102,12 @@ async def page_in_all(uv, svm) -> None:
     """Every GFN of every slot, with its content: one H_SVM_PAGE_IN a page (--transfer unary), or
     HSvmPageInBulk (the same per-page semantics, batched; the default)."""
     gfns = sorted(svm.gfns())
+    t0 = time.perf_counter()
     if uv.cfg.transfer == "unary":
         for gfn in gfns:
             await page_in(uv, svm, gfn)
+        uv.metrics.page_in_seconds.labels("unary").observe(time.perf_counter() - t0)
         return
-    t0 = time.perf_counter()
     for first in range(0, len(gfns), BULK_PAGES):
         if svm.destroyed:
             raise EsmFailed("terminated")

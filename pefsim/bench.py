@@ -1,0 +1,321 @@
+"""``pefsim bench``: page transfer against the machine's own limits, measured in one run.
+
+  (a) physical references: memcpy of 64 KiB slices between two mmaps, and raw TCP over loopback
+      between two Python processes (sendall / recv_into of 64 KiB buffers);
+  (b) pefsim's ESM page-in and abort page-out of a guest (default 1 GiB) over the gRPC stream,
+      over shared memory, and with one unary call a page (on a smaller guest: it is slow);
+  (c) control-plane latency of a simple hcall (H_SVM_PAGE_OUT of a page that is not secure: the
+      checks, the lock and H_SUCCESS), p50 / p99;
+  (d) the HV's and UV's peak RSS;
+  and, with --scaling, N guests aborting at once.
+
+Speeds are ratios to (a), printed with the targets they are held to; they are measurements, not
+tests (tests only check that the bench runs and its JSON is well formed).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import mmap
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, H, Role
+from pefsim.blob import make_blob
+from pefsim.demo import Operator
+from pefsim.image import GuestImage
+from pefsim.stack import LocalStack, StackConfig
+from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as hpb
+
+MiB = 1 << 20
+
+
+class Progress:
+    def __init__(self, steps: int, enabled: bool):
+        self.steps, self.done, self.enabled = steps, 0, enabled
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.enabled:
+            width = 30
+            filled = width * self.done // self.steps
+            sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.steps} {what:<48}")
+            sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+# -- (a) physical references -----------------------------------------------------------------------
+
+def touched_mmap(size: int) -> mmap.mmap:
+    m = mmap.mmap(-1, size)
+    page = bytes(range(256)) * (PAGE_SIZE // 256)
+    for off in range(0, size, PAGE_SIZE):
+        m[off:off + PAGE_SIZE] = page
+    return m
+
+
+def memcpy_Bps(size: int) -> float:
+    src, dst = touched_mmap(size), mmap.mmap(-1, size)
+    s, d = memoryview(src), memoryview(dst)
+    t0 = time.perf_counter()
+    for off in range(0, size, PAGE_SIZE):
+        d[off:off + PAGE_SIZE] = s[off:off + PAGE_SIZE]
+    seconds = time.perf_counter() - t0
+    s.release()
+    d.release()
+    src.close()
+    dst.close()
+    return size / seconds
+
+
+RECEIVER = r"""
+import mmap, socket, sys
+size, port = int(sys.argv[1]), int(sys.argv[2])
+buf = mmap.mmap(-1, size)
+view = memoryview(buf)
+s = socket.create_connection(("127.0.0.1", port))
+got = 0
+while got < size:
+    n = s.recv_into(view[got:got + 65536])
+    if not n:
+        break
+    got += n
+s.sendall(b"k")
+"""
+
+
+def tcp_Bps(size: int) -> float:
+    src = touched_mmap(size)
+    view = memoryview(src)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        child = subprocess.Popen([sys.executable, "-c", RECEIVER, str(size), str(listener.getsockname()[1])])
+        conn, _ = listener.accept()
+        with conn:
+            t0 = time.perf_counter()
+            for off in range(0, size, PAGE_SIZE):
+                conn.sendall(view[off:off + PAGE_SIZE])
+            conn.recv(1)
+            seconds = time.perf_counter() - t0
+    child.wait()
+    view.release()
+    src.close()
+    return size / seconds
+
+
+# -- (b) pefsim ---------------------------------------------------------------------------------------
+
+def scrape(addr: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def start_stack(root: Path, mode: str, pool_bytes: int) -> LocalStack:
+    cfg = StackConfig(run_dir=root / mode, transfer="unary" if mode == "unary" else "stream",
+                      shared_memory=mode == "shm", pool_pages=max(pool_bytes // PAGE_SIZE, 16))
+    return LocalStack(cfg).start()
+
+
+async def abort_guests(stack: LocalStack, sizes: list[int], tag: str) -> list[dict]:
+    """Boot guests whose blob does not match (so ESM pages everything in, then aborts and pages
+    everything out); returns their reports, in order."""
+    op = Operator(stack.uv_addr, stack.hv_addr)
+    try:
+        names = []
+        for i, size in enumerate(sizes):
+            name = f"{tag}-{i}"
+            blob = make_blob(GuestImage.of_size(name, size), stack.signing_key(), omit=("kernel",))
+            op.guest(name, await asyncio.to_thread(stack.add_guest, name, size, blob, True, False,
+                                                    ("--resume-timeout", "3600")))
+            names.append(name)
+        boots = await asyncio.gather(*(op.guest(n).Boot(guest_pb2.BootRequest(), timeout=3600) for n in names))
+        for rep in boots:
+            if rep.report.outcome != "aborted" or not rep.report.memory_intact:
+                raise RuntimeError(f"bench guest {rep.report.name}: {rep.report.outcome} {rep.report.detail}")
+            await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.report.lpid))
+        return [dict(name=r.report.name, abort_s=r.report.abort_latency_s) for r in boots]
+    finally:
+        await op.close()
+
+
+def transfer(root: Path, mode: str, size: int) -> dict:
+    """Page-in and page-out of one guest of ``size`` bytes in ``mode`` (stream, shm, unary)."""
+    stack = start_stack(root, mode, size)
+    try:
+        asyncio.run(abort_guests(stack, [size], mode))
+        uv, hv = scrape(stack.metrics_targets()["uv"]), scrape(stack.metrics_targets()["hv"])
+        transfer_label = "unary" if mode == "unary" else "stream"
+        pagein_s = uv[f'pefsim_uv_esm_page_in_duration_seconds_sum{{transfer="{transfer_label}"}}']
+        abort_hv_s = sum(v for k, v in hv.items() if k.startswith("pefsim_hv_abort_duration_seconds_sum"))
+        abort_e2e_s = sum(v for k, v in uv.items() if k.startswith("pefsim_uv_abort_duration_seconds_sum"))
+        return {"pagein_Bps": size / pagein_s, "pageout_Bps": size / abort_hv_s, "abort_s": abort_e2e_s,
+                "hv_rss": peak_rss(stack.procs["hv"].popen.pid), "uv_rss": peak_rss(stack.procs["uv"].popen.pid)}
+    finally:
+        stack.stop()
+
+
+async def hcall_latency(stack: LocalStack, n: int) -> list[float]:
+    from pefsim import rpc
+    from pefsim.v1 import hypervisor_pb2_grpc
+
+    op = Operator(stack.uv_addr, stack.hv_addr)
+    uv_role = rpc.Peer(stack.hv_addr, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub)
+    try:
+        vm = await op.hv.stub.CreateVm(hpb.CreateVmRequest(
+            name="hcall-bench", vcpu_endpoint="127.0.0.1:1", secure_capable=True,
+            memslots=[common_pb2.Memslot(slot_id=0, base_gfn=0, npages=16)]))
+        await uv_role.stub.H_SVM_INIT_START(hpb.HSvmInitStartRequest(lpid=vm.lpid))  # -> transient
+        request = hpb.HSvmPageOutRequest(lpid=vm.lpid, guest_pa=0, flags=0, order=PAGE_SHIFT)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            rc = (await uv_role.stub.H_SVM_PAGE_OUT(request)).rc
+            samples.append(time.perf_counter() - t0)
+            assert rc == H.H_SUCCESS, rc
+        await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=vm.lpid))
+        return samples
+    finally:
+        await uv_role.close()
+        await op.close()
+
+
+def scaling(root: Path, counts: list[int], guest_bytes: int, progress: Progress) -> list[dict]:
+    rows = []
+    for n in counts:
+        stack = start_stack(root / f"scale-{n}", "shm", n * guest_bytes)
+        try:
+            t0 = time.perf_counter()
+            reports = asyncio.run(abort_guests(stack, [guest_bytes] * n, f"s{n}"))
+            uv = scrape(stack.metrics_targets()["uv"])
+            wall = time.perf_counter() - t0
+            lat = sorted(r["abort_s"] for r in reports)
+            pagein_s = sum(v for k, v in uv.items() if k.startswith("pefsim_uv_esm_page_in_duration_seconds_sum"))
+            rows.append({"guests": n, "guest_bytes": guest_bytes, "wall_s": round(wall, 3),
+                         "abort_MBps": n * guest_bytes / 1e6 / max(lat[-1], 1e-9),
+                         "pagein_busy_s": round(pagein_s, 3),
+                         "abort_p50_s": statistics.median(lat), "abort_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]})
+        finally:
+            stack.stop()
+        progress.step(f"{n} guests aborting at once")
+    return rows
+
+
+TARGETS = [
+    ("stream page-in and page-out >= 0.35 x raw TCP", lambda r: min(r["pagein_stream_MBps"], r["pageout_stream_MBps"]) / r["tcp_MBps"], 0.35, ">="),
+    ("shared memory >= 0.5 x memcpy", lambda r: min(r["pagein_shm_MBps"], r["pageout_shm_MBps"]) / r["memcpy_MBps"], 0.5, ">="),
+    ("bulk stream >= 12 x unary", lambda r: r["pagein_stream_MBps"] / r["pagein_unary_MBps"], 12, ">="),
+    ("shared memory >= 50 x unary", lambda r: r["pagein_shm_MBps"] / r["pagein_unary_MBps"], 50, ">="),
+    ("abort (stream) <= 3.5 x raw TCP time", lambda r: r["abort_latency_s"]["stream"] / (r["guest_bytes"] / (r["tcp_MBps"] * 1e6)), 3.5, "<="),
+    ("abort (shm) <= 3 x memcpy time", lambda r: r["abort_latency_s"]["shm"] / (r["guest_bytes"] / (r["memcpy_MBps"] * 1e6)), 3.0, "<="),
+    ("HV RSS <= guest + 64 MiB", lambda r: r["hv_rss_bytes"] / (r["guest_bytes"] + 64 * MiB), 1.0, "<="),
+    ("UV RSS <= secure pool + 64 MiB", lambda r: r["uv_rss_bytes"] / (r["guest_bytes"] + 64 * MiB), 1.0, "<="),
+]
+
+
+def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2000,
+        scale_counts: list[int] | None = None, scale_guest_bytes: int = 16 * MiB, show_progress: bool = True) -> dict:
+    progress = Progress(8 + len(scale_counts or []), show_progress)
+    with tempfile.TemporaryDirectory(prefix="pefsim-bench-") as tmp:
+        root = Path(tmp)
+        memcpy = memcpy_Bps(guest_bytes)
+        progress.step("memcpy of 64 KiB slices")
+        tcp = tcp_Bps(guest_bytes)
+        progress.step("raw TCP over loopback")
+        stream = transfer(root, "stream", guest_bytes)
+        progress.step("ESM page-in and abort page-out, gRPC stream")
+        shm = transfer(root, "shm", guest_bytes)
+        progress.step("ESM page-in and abort page-out, shared memory")
+        unary = transfer(root, "unary", min(unary_bytes, guest_bytes))
+        progress.step("ESM page-in and abort page-out, unary")
+        stack = start_stack(root, "hcall", 16 * PAGE_SIZE)
+        try:
+            samples = sorted(asyncio.run(hcall_latency(stack, hcalls)))
+        finally:
+            stack.stop()
+        progress.step("hcall latency")
+        rows = scaling(root, scale_counts or [], scale_guest_bytes, progress)
+        progress.step("done")
+        progress.end()
+    result = {
+        "guest_bytes": guest_bytes,
+        "memcpy_MBps": round(memcpy / 1e6, 1), "tcp_MBps": round(tcp / 1e6, 1),
+        "pagein_stream_MBps": round(stream["pagein_Bps"] / 1e6, 1),
+        "pageout_stream_MBps": round(stream["pageout_Bps"] / 1e6, 1),
+        "pagein_shm_MBps": round(shm["pagein_Bps"] / 1e6, 1),
+        "pageout_shm_MBps": round(shm["pageout_Bps"] / 1e6, 1),
+        "pagein_unary_MBps": round(unary["pagein_Bps"] / 1e6, 2),
+        "abort_latency_s": {"stream": round(stream["abort_s"], 4), "shm": round(shm["abort_s"], 4)},
+        "hcall_p50_us": round(statistics.median(samples) * 1e6, 1),
+        "hcall_p99_us": round(samples[min(len(samples) - 1, int(0.99 * len(samples)))] * 1e6, 1),
+        "hv_rss_bytes": max(stream["hv_rss"], shm["hv_rss"]),
+        "uv_rss_bytes": max(stream["uv_rss"], shm["uv_rss"]),
+    }
+    if rows:
+        result["scaling"] = rows
+    return result
+
+
+def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
+    out = []
+    for name, ratio, bound, op in TARGETS:
+        value = ratio(result)
+        out.append((name, value, bound, op, value >= bound if op == ">=" else value <= bound))
+    return out
+
+
+def render(result: dict) -> str:
+    mb = result["guest_bytes"] / MiB
+    lines = [f"pefsim bench: guest {mb:.0f} MiB, {os.cpu_count()} CPUs", "",
+             f"{'what':<44}{'value':>14}", "-" * 58]
+    for key, label, unit in [
+        ("memcpy_MBps", "memcpy, 64 KiB slices", "MB/s"), ("tcp_MBps", "raw TCP loopback, 64 KiB", "MB/s"),
+        ("pagein_stream_MBps", "ESM page-in, gRPC stream", "MB/s"),
+        ("pageout_stream_MBps", "abort page-out, gRPC stream", "MB/s"),
+        ("pagein_shm_MBps", "ESM page-in, shared memory", "MB/s"),
+        ("pageout_shm_MBps", "abort page-out, shared memory", "MB/s"),
+        ("pagein_unary_MBps", "ESM page-in, one H_SVM_PAGE_IN a page", "MB/s"),
+        ("hcall_p50_us", "hcall latency p50", "us"), ("hcall_p99_us", "hcall latency p99", "us")]:
+        lines.append(f"{label:<44}{result[key]:>10} {unit}")
+    lines.append(f"{'abort latency, stream / shared memory':<44}{result['abort_latency_s']['stream']:>8.3f} s / "
+                 f"{result['abort_latency_s']['shm']:.3f} s")
+    lines.append(f"{'peak RSS, HV / UV':<44}{result['hv_rss_bytes'] / MiB:>8.0f} / {result['uv_rss_bytes'] / MiB:.0f} MiB")
+    lines += ["", "targets (ratios measured in this run)", "-" * 58]
+    for name, value, bound, op, ok in targets(result):
+        lines.append(f"{'ok  ' if ok else 'MISS'} {name:<44} {value:6.2f} ({op} {bound})")
+    if result.get("scaling"):
+        lines += ["", "guests aborting at once (shared memory)", "-" * 58,
+                  f"{'N':>4} {'aggregate MB/s':>15} {'abort p50 s':>12} {'abort p99 s':>12}"]
+        for row in result["scaling"]:
+            lines.append(f"{row['guests']:>4} {row['abort_MBps']:>15.1f} {row['abort_p50_s']:>12.3f} {row['abort_p99_s']:>12.3f}")
+    return "\n".join(lines)
+
+
+def main(a) -> int:
+    result = run(guest_bytes=int(a.guest_mib * MiB), unary_bytes=int(a.unary_mib * MiB), hcalls=a.hcalls,
+                 scale_counts=[int(n) for n in a.scaling.split(",")] if a.scaling else None,
+                 scale_guest_bytes=int(a.scale_guest_mib * MiB), show_progress=not a.json)
+    print(json.dumps(result) if a.json else render(result))
+    return 0
