@@ -142,7 +142,7 @@ def start_stack(root: Path, mode: str, pool_bytes: int) -> LocalStack:
 async def abort_guests(stack: LocalStack, sizes: list[int], tag: str) -> list[dict]:
     """Boot guests whose blob does not match (so ESM pages everything in, then aborts and pages
     everything out); returns their reports, in order."""
-    op = Operator(stack.uv_addr, stack.hv_addr)
+    op = Operator.of(stack)
     try:
         names = []
         for i, size in enumerate(sizes):
@@ -181,8 +181,9 @@ async def hcall_latency(stack: LocalStack, n: int) -> list[float]:
     from pefsim import rpc
     from pefsim.v1 import hypervisor_pb2_grpc
 
-    op = Operator(stack.uv_addr, stack.hv_addr)
-    uv_role = rpc.Peer(stack.hv_addr, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub)
+    op = Operator.of(stack)
+    uv_role = rpc.Peer(stack.hv_addr, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub, "uv",
+                       stack.tls("uv"), "hv")
     try:
         vm = await op.hv.stub.CreateVm(hpb.CreateVmRequest(
             name="hcall-bench", vcpu_endpoint="127.0.0.1:1", secure_capable=True,

@@ -142,10 +142,12 @@ def cmd_status(a) -> int:
     from pefsim.demo import Operator
     from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 
-    info = json.loads(Path(a.stack).read_text())
+    from pefsim.stack import LocalStack
+
+    stack = LocalStack.attach(Path(a.stack))
 
     async def fetch():
-        op = Operator(info["uv"], info["hv"])
+        op = Operator.of(stack)
         try:
             return (await op.uv.stub.UvStatus(upb.UvStatusRequest()),
                     await op.hv.stub.HvStatus(hpb.HvStatusRequest()))
@@ -190,6 +192,17 @@ def cmd_chaos(a) -> int:
             print(f"  run {v['run']}: {v['invariant']}: {v['detail']}")
         print(f"records: {summary['results']}")
     return 1 if summary["violations"] else 0
+
+
+def cmd_certs(a) -> int:
+    from pefsim.tls import file_name, make_ca, make_cert
+
+    out = Path(a.out)
+    make_ca(out)
+    for identity in a.identity or ["uv", "hv", "operator"]:
+        make_cert(out, identity)
+        print(out / f"{file_name(identity)}.pem")
+    return 0
 
 
 def cmd_keys(a) -> int:
@@ -281,6 +294,11 @@ def main(argv=None) -> int:
     p.add_argument("--scale-guest-mib", type=float, default=16, help="guest size in the scaling runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=lambda a: __import__("pefsim.bench", fromlist=["main"]).main(a))
+    p = sub.add_parser("certs", help="a project CA and mTLS certificates (kept if already there)")
+    p.add_argument("--out", required=True, help="directory for ca.pem/ca.key and <identity>.pem/.key")
+    p.add_argument("--identity", action="append",
+                   help="uv, hv, operator or guest:<name> (repeatable; default uv, hv, operator)")
+    p.set_defaults(func=cmd_certs)
     p = sub.add_parser("keys", help="make an Ed25519 key pair for ESM blobs")
     p.add_argument("--out", required=True, help="directory for esm-signing.key / .pub")
     p.add_argument("--if-missing", action="store_true", help="keep a key pair that is already there")

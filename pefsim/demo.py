@@ -50,14 +50,21 @@ class GuestResult:
 class Operator:
     """The operator's view of a stack: stubs to the UV, the HV and each guest."""
 
-    def __init__(self, uv: str, hv: str):
-        self.uv = rpc.Peer(uv, Role.ROLE_OPERATOR, ultravisor_pb2_grpc.UltravisorServiceStub, "demo")
-        self.hv = rpc.Peer(hv, Role.ROLE_OPERATOR, hypervisor_pb2_grpc.HypervisorServiceStub, "demo")
+    def __init__(self, uv: str, hv: str, tls=None):
+        self.tls = tls
+        self.uv = rpc.Peer(uv, Role.ROLE_OPERATOR, ultravisor_pb2_grpc.UltravisorServiceStub, "demo", tls, "uv")
+        self.hv = rpc.Peer(hv, Role.ROLE_OPERATOR, hypervisor_pb2_grpc.HypervisorServiceStub, "demo", tls, "hv")
         self.guests: dict[str, rpc.Peer] = {}
+
+    @classmethod
+    def of(cls, stack) -> "Operator":
+        """The operator of a stack (a LocalStack or a compose backend), with its credentials."""
+        return cls(stack.uv_addr, stack.hv_addr, stack.tls("operator"))
 
     def guest(self, name: str, addr: str | None = None):
         if addr is not None:
-            self.guests[name] = rpc.Peer(addr, Role.ROLE_OPERATOR, guest_pb2_grpc.GuestServiceStub, "demo")
+            self.guests[name] = rpc.Peer(addr, Role.ROLE_OPERATOR, guest_pb2_grpc.GuestServiceStub, "demo",
+                                         self.tls, "guest")
         return self.guests[name].stub
 
     async def close(self) -> None:
@@ -69,7 +76,7 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None
     """The four scenarios; ``before_boot`` (a coroutine function) runs once every guest process
     is up and before any boots (the observability tests wait for a first scrape there)."""
     key = stack.signing_key()
-    op = Operator(stack.uv_addr, stack.hv_addr)
+    op = Operator.of(stack)
     events: list[tuple[int, str, str]] = []
     results = {name: GuestResult(name=f"g-{name}", expected=name) for name in SCENARIOS}
     try:

@@ -37,6 +37,7 @@ BOOT_ID_TRAILER = "pefsim-boot-id"  # every answer says which boot of the servic
 # 4 MiB default. (Measured by the bulk-transfer issue: window options change nothing; the max
 # message length is what matters.)
 MAX_MESSAGE_BYTES = 64 << 20
+MAX_CONCURRENT_RPCS = 2048  # per server: beyond it, RESOURCE_EXHAUSTED (a bounded queue)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -104,6 +105,7 @@ class Call:
     result: str | None = "rc"  # response field with the PEF result ("rc", "errno"; None: none)
     family: Any = None  # enum of the result values (H, U, Errno): names for logs and metrics
     results: frozenset = frozenset()  # what the handler itself may answer (beyond the checks)
+    owned: bool = False  # a guest may make it only for its own VM / SVM (the dispatcher's owner_of)
     request_codec: Callable[[bytes], Any] | None = None  # raw frames instead of protobuf
     response_codec: Callable[[Any], bytes] | None = None
 
@@ -118,8 +120,18 @@ class Caller:
         return Role(self.role).name
 
 
+ROLE_NAMES = {"uv": Role.ROLE_UV, "hv": Role.ROLE_HV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR}
+
+
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
-    """Who is calling, from the request metadata (insecure mode: asserted, not authenticated)."""
+    """Who is calling: with mTLS, the verified client certificate's identity (``uv``, ``hv``,
+    ``operator``, ``guest:<name>``); in insecure mode, what the request metadata asserts."""
+    from pefsim.tls import identity_of
+
+    identity = identity_of(context.auth_context() or {})
+    if identity is not None:
+        role, _, name = identity.partition(":")
+        return Caller(int(ROLE_NAMES.get(role, Role.ROLE_UNSPECIFIED)), name or role)
     md = dict(context.invocation_metadata() or ())
     role = md.get(ROLE_HEADER, "")
     try:
@@ -176,7 +188,8 @@ class Dispatcher:
     def __init__(self, *, service: Any, service_descriptor: Any, pb2: Any, calls: Iterable[Call],
                  state_table: Mapping[str, Mapping[Any, Any]],
                  state_of: Callable[[Any, Call, Any], Any] | None, observer: CallObserver,
-                 history: History, boot_id: str = ""):
+                 history: History, boot_id: str = "", owner_of: Callable[[Any, Any], str | None] | None = None,
+                 max_inflight_per_peer: int = 128):
         self.service = service
         self.descriptor = service_descriptor
         self.pb2 = pb2
@@ -186,6 +199,9 @@ class Dispatcher:
         self.observer = observer
         self.history = history
         self.boot_id = boot_id
+        self.owner_of = owner_of
+        self.max_inflight = max_inflight_per_peer
+        self.inflight: dict[tuple[int, str], int] = {}
         check_call_table(service_descriptor, self.calls.values(), state_table)
         for call in self.calls.values():
             self.observer.prepare_call(call.name, possible_results(call, state_table))
@@ -277,6 +293,10 @@ class Dispatcher:
         state the table was consulted in (None if it was not reached)."""
         if caller.role not in call.callers:
             return (DENIED if call.wrong_caller is None else call.wrong_caller), None
+        if call.owned and caller.role == Role.ROLE_GUEST and self.owner_of is not None:
+            owner = self.owner_of(self.service, request)
+            if owner is not None and owner != caller.name:  # another guest's VM or SVM
+                return (DENIED if call.wrong_caller is None else call.wrong_caller), None
         state = None
         for check in call.checks:
             if check is STATE:
@@ -290,6 +310,23 @@ class Dispatcher:
 
     async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
                        context: grpc.aio.ServicerContext | None = None) -> Any:
+        """One call, holding one of the caller's in-flight slots (a flood from one peer gets
+        RESOURCE_EXHAUSTED instead of starving the others)."""
+        key = (caller.role, caller.name)
+        if self.inflight.get(key, 0) >= self.max_inflight:
+            self.history.record(call=call.name, caller=caller.role_name, who=caller.name, refused="inflight")
+            if context is not None:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"{caller.role_name} {caller.name}: more than {self.max_inflight} calls in flight")
+            raise RuntimeError("too many calls in flight")
+        self.inflight[key] = self.inflight.get(key, 0) + 1
+        try:
+            return await self._dispatch(call, resp_cls, request, caller, context)
+        finally:
+            self.inflight[key] -= 1
+
+    async def _dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
+                        context: grpc.aio.ServicerContext | None = None) -> Any:
         t0 = time.perf_counter()
         self._boot_trailer(context)
         rc, state = self.precheck(call, request, caller)
@@ -421,40 +458,48 @@ class _BidiMetadataInterceptor(grpc.aio.StreamStreamClientInterceptor):
         return await continuation(client_call_details._replace(metadata=md), request_iterator)
 
 
-def channel(target: str, role: int, identity: str = "") -> grpc.aio.Channel:
-    """An aio channel whose every call carries the caller's role (and identity)."""
-    md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
-    if identity:
-        md += ((IDENTITY_HEADER, identity),)
-    return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS,
-                                     interceptors=[_MetadataInterceptor(md), _StreamMetadataInterceptor(md),
-                                                   _BidiMetadataInterceptor(md)])
+def channel(target: str, role: int, identity: str = "", tls=None, server_role: str = "") -> grpc.aio.Channel:
+    """An aio channel to ``target``. With ``tls`` (pefsim.tls.Tls) it is mTLS, presenting that
+    identity's certificate and accepting only a server certificate for ``server_role``; without,
+    every call asserts the caller's role (and identity) in its metadata."""
+    interceptors = []
+    if tls is None:
+        md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
+        if identity:
+            md += ((IDENTITY_HEADER, identity),)
+        interceptors = [_MetadataInterceptor(md), _StreamMetadataInterceptor(md), _BidiMetadataInterceptor(md)]
+        return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=interceptors)
+    options = CLIENT_OPTIONS + ([("grpc.ssl_target_name_override", server_role)] if server_role else [])
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
 
 
 # ---------------------------------------------------------------------------------------------
 # Servers
 
 
-async def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "") -> tuple[grpc.aio.Server, int]:
+async def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "",
+                     tls=None) -> tuple[grpc.aio.Server, int]:
     """A server with the services' handlers and the standard gRPC health service (SERVING for
-    the overall server and ``service_name``), bound to ``host:port`` (port 0 picks one)."""
+    the overall server and ``service_name``), bound to ``host:port`` (port 0 picks one); with
+    ``tls`` only clients with a certificate from the project CA get through the handshake."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    server = grpc.aio.server(options=SERVER_OPTIONS)
+    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     server.add_generic_rpc_handlers(handlers)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     for name in ("", service_name):
         await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {listen}")
     return server, port
 
 
-async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "") -> tuple[grpc.aio.Server, int]:
+async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "",
+                       tls=None) -> tuple[grpc.aio.Server, int]:
     """Build and start a server on ``host:port``; return it and its port."""
-    server, port = await new_server(listen, handlers, service_name)
+    server, port = await new_server(listen, handlers, service_name, tls)
     await server.start()
     return server, port
 
@@ -514,13 +559,15 @@ class Peer:
     role: int
     stub_cls: Any
     identity: str = ""
+    tls: Any = None  # pefsim.tls.Tls: mTLS with this identity's certificate
+    server_role: str = ""  # the role the server's certificate must name (with tls)
     _channel: grpc.aio.Channel | None = field(default=None, repr=False)
     _stub: Any = field(default=None, repr=False)
 
     @property
     def stub(self) -> Any:
         if self._stub is None:
-            self._channel = channel(self.target, self.role, self.identity)
+            self._channel = channel(self.target, self.role, self.identity, self.tls, self.server_role)
             self._stub = self.stub_cls(self._channel)
         return self._stub
 

@@ -113,6 +113,7 @@ class StackConfig:
     shared_memory: bool = True  # the HV offers the UV its RAM files (pages travel by address)
     proxies: bool = False  # route HV <-> UV through fault-injecting proxies (pefsim/chaos/proxy.py)
     mutants: tuple[str, ...] = ()  # deliberate bugs for every service (pefsim/faults.py)
+    insecure: bool = False  # plaintext gRPC instead of mTLS (pefsim/tls.py)
 
 
 class LocalStack:
@@ -136,10 +137,29 @@ class LocalStack:
         base = Path(info["run_dir"])
         stack = cls(StackConfig(run_dir=base / f"attached-{os.getpid()}"))
         stack.key_dir, stack.attached = base / "keys", True
+        stack.cfg.insecure = not (base / "tls" / "ca.pem").exists()
         stack.uv_addr, stack.hv_addr = info["uv"], info["hv"]
         return stack
 
-    # -- keys -----------------------------------------------------------------------------------
+    # -- keys and certificates ------------------------------------------------------------------
+
+    @property
+    def tls_dir(self) -> Path:
+        return (self.run_dir.parent if self.attached else self.run_dir) / "tls"
+
+    def tls(self, identity: str):
+        """Credentials for ``identity`` (minted by the stack's CA on first use), or None when the
+        stack is insecure."""
+        from pefsim.tls import Tls, make_ca, make_cert
+
+        if self.cfg.insecure:
+            return None
+        make_ca(self.tls_dir)
+        make_cert(self.tls_dir, identity)
+        return Tls(self.tls_dir, identity)
+
+    def _tls_args(self, identity: str) -> list[str]:
+        return ["--insecure"] if self.tls(identity) is None else ["--tls-dir", str(self.tls_dir)]
 
     def signing_key(self):
         priv = self.key_dir / "esm-signing.key"
@@ -207,12 +227,12 @@ class LocalStack:
             proc = self._proc(name, "services.ultravisor", [
                 "--listen", listen, "--hv", peer, "--pool-pages", str(self.cfg.pool_pages),
                 "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub"),
-                "--transfer", self.cfg.transfer])
+                "--transfer", self.cfg.transfer, *self._tls_args("uv")])
         else:
             proc = self._proc(name, "services.hypervisor", [
                 "--listen", listen, "--uv", peer, "--data-dir", str(self.run_dir / f"{name}-data"),
                 "--abort-return", abort_return or self.cfg.abort_return, "--transfer", self.cfg.transfer,
-                "--shared-memory", "auto" if self.cfg.shared_memory else "off"])
+                "--shared-memory", "auto" if self.cfg.shared_memory else "off", *self._tls_args("hv")])
         proc.start()
         proc.wait_ready()
         self.write_stack_file()
@@ -223,7 +243,7 @@ class LocalStack:
         """Start a guest process; returns its Guest service address."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         args = ["--name", name, "--mem-mib", str(mem_bytes / (1 << 20)), "--hv", self.hv_addr,
-                "--uv", self.uv_addr, "--listen", f"{self.cfg.host}:0"]
+                "--uv", self.uv_addr, "--listen", f"{self.cfg.host}:0", *self._tls_args(f"guest:{name}")]
         if blob is not None:
             path = self.run_dir / f"{name}.blob"
             path.write_bytes(blob)

@@ -17,9 +17,9 @@ class LocalBackend:
     supports_failpoints = True
 
     def __init__(self, run_dir: Path, *, proxies: bool, mutants: tuple[str, ...], abort_return: str,
-                 pool_pages: int):
+                 pool_pages: int, insecure: bool = False):
         self.stack = LocalStack(StackConfig(run_dir=run_dir, proxies=proxies, mutants=mutants,
-                                            abort_return=abort_return, pool_pages=pool_pages))
+                                            abort_return=abort_return, pool_pages=pool_pages, insecure=insecure))
 
     # -- life cycle -----------------------------------------------------------------------------
 
@@ -39,6 +39,9 @@ class LocalBackend:
 
     def signing_key(self):
         return self.stack.signing_key()
+
+    def tls(self, identity: str):
+        return self.stack.tls(identity)
 
     def publish_metrics(self, addr: str) -> None:
         """Let the stack's Prometheus scrape the harness (job "chaos")."""

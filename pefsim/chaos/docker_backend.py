@@ -50,6 +50,7 @@ class DockerBackend:
         self.network = f"{project}_pefsim"
         self.guests: dict[str, object] = {}
         self._histories = Path(tempfile.mkdtemp(prefix="pefsim-docker-histories-"))
+        self._tls_dir: Path | None = None
 
     # -- the compose stack -------------------------------------------------------------------------
 
@@ -69,11 +70,23 @@ class DockerBackend:
             raise RuntimeError(f"{svc}: port {PORTS[svc]} is not published")
         return f"127.0.0.1:{binding[0]['HostPort']}"
 
+    def tls(self, identity: str):
+        """The stack's credentials (copied out of its tls volume): operator, or guest:harness for
+        any guest this backend starts."""
+        from pefsim.tls import Tls
+
+        if self._tls_dir is None:
+            self._tls_dir = Path(tempfile.mkdtemp(prefix="pefsim-docker-tls-"))
+            stream, _ = self.container("uv").get_archive("/tls/.")
+            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+                tar.extractall(self._tls_dir, filter="data")
+        return Tls(self._tls_dir, "guest:harness" if identity.startswith("guest:") else identity)
+
     def wait_healthy(self, svc: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
-                if check(self._published(svc), timeout=1):
+                if check(self._published(svc), timeout=1, tls=self.tls("operator"), server_role=svc):
                     return
             except RuntimeError:
                 pass
@@ -101,10 +114,10 @@ class DockerBackend:
     def histories(self) -> dict[str, Path]:
         """The services' call histories, copied out of their containers."""
         out = {}
-        for svc in ("uv", "hv"):
+        for svc, where in (("uv", "/scratch/uv.history.jsonl"), ("hv", "/data/hv.history.jsonl")):
             path = self._histories / f"{svc}.history.jsonl"
             try:
-                stream, _ = self.container(svc).get_archive(f"/data/{svc}.history.jsonl")
+                stream, _ = self.container(svc).get_archive(where)
                 with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
                     path.write_bytes(tar.extractfile(tar.getmembers()[0]).read())
             except Exception:  # noqa: BLE001 - a missing history is an empty one for the checkers
@@ -130,7 +143,8 @@ class DockerBackend:
     def alive(self, svc: str) -> bool:
         c = self.container(svc)
         c.reload()
-        return c.status == "running" and check(self._published(svc), timeout=1)
+        return c.status == "running" and check(self._published(svc), timeout=1, tls=self.tls("operator"),
+                                               server_role=svc)
 
     def restart(self, svc: str, failpoints: tuple[str, ...] = ()) -> None:
         if failpoints:
@@ -158,9 +172,10 @@ class DockerBackend:
         command = ["python", "-m", "services.guest", "--name", name, "--hv", "hv:7102", "--uv", "uv:7101",
                    "--listen", "0.0.0.0:7103", "--advertise", f"{cname}:7103",
                    "--mem-mib", str(mem_bytes / (1 << 20)), "--blob-hex", blob.hex(),
-                   "--metrics-listen", "0.0.0.0:9103", *extra]
+                   "--metrics-listen", "0.0.0.0:9103", "--identity", "guest:harness", "--tls-dir", "/tls", *extra]
         container = self.client.containers.run(
             self.image, command, name=cname, detach=True, init=True, network=self.network,
+            volumes={f"{self.project}_tls": {"bind": "/tls", "mode": "ro"}},
             labels={GUEST_LABEL: "1", "com.docker.compose.project": f"{self.project}-chaos"},
             ports={"7103/tcp": ("127.0.0.1", None)})
         self.guests[name] = container
@@ -168,7 +183,8 @@ class DockerBackend:
         while time.monotonic() < deadline:
             container.reload()
             binding = container.attrs["NetworkSettings"]["Ports"].get("7103/tcp") or []
-            if binding and check(f"127.0.0.1:{binding[0]['HostPort']}", timeout=1):
+            if binding and check(f"127.0.0.1:{binding[0]['HostPort']}", timeout=1, tls=self.tls("operator"),
+                                 server_role="guest"):
                 return f"127.0.0.1:{binding[0]['HostPort']}"
             if container.status == "exited":
                 raise RuntimeError(f"guest {name} exited: {container.logs()[-2000:].decode(errors='replace')}")

@@ -248,7 +248,7 @@ async def boot(ctx: RunCtx, role: str):
 
 
 async def one_run(cfg: ChaosConfig, backend, run: int, plan: Plan, store: Path, metrics=None) -> dict:
-    op = Operator(backend.uv_addr, backend.hv_addr)
+    op = Operator.of(backend)
     ctx = RunCtx(cfg=cfg, backend=backend, run=run, plan=plan, op=op, metrics=metrics or ChaosMetrics())
     t0 = time.time()
     record = {"run": run, "plan": plan.as_json(), "final_bound_s": cfg.final_bound_s, "guests": {},

@@ -46,10 +46,12 @@ class HSvmPageOutResponse(_message.Message):
     def __init__(self, rc: _Optional[int] = ...) -> None: ...
 
 class HSvmInitStartRequest(_message.Message):
-    __slots__ = ("lpid",)
+    __slots__ = ("lpid", "vcpu_owner")
     LPID_FIELD_NUMBER: _ClassVar[int]
+    VCPU_OWNER_FIELD_NUMBER: _ClassVar[int]
     lpid: int
-    def __init__(self, lpid: _Optional[int] = ...) -> None: ...
+    vcpu_owner: str
+    def __init__(self, lpid: _Optional[int] = ..., vcpu_owner: _Optional[str] = ...) -> None: ...
 
 class HSvmInitStartResponse(_message.Message):
     __slots__ = ("rc",)

@@ -59,6 +59,7 @@ class GuestConfig:
     # once secure, every other page reads as zeros (the INIT_DONE sweep does not copy)
     resume_timeout_s: float = 120.0
     hv_wait_s: float = 60.0  # how long the guest waits for an unreachable HV to come back
+    tls: object = None  # pefsim.tls.Tls for guest:<name> (mTLS) or None (insecure)
 
 
 class GuestProgram:
@@ -69,8 +70,8 @@ class GuestProgram:
         self.metrics = metrics or GuestMetrics()
         self.endpoint = endpoint
         self.image = GuestImage.of_size(cfg.name, cfg.mem_bytes)
-        self.hv = rpc.Peer(cfg.hv, Role.ROLE_GUEST, hypervisor_pb2_grpc.HypervisorServiceStub, cfg.name)
-        self.uv = rpc.Peer(cfg.uv, Role.ROLE_GUEST, ultravisor_pb2_grpc.UltravisorServiceStub, cfg.name)
+        self.hv = rpc.Peer(cfg.hv, Role.ROLE_GUEST, hypervisor_pb2_grpc.HypervisorServiceStub, cfg.name, cfg.tls, "hv")
+        self.uv = rpc.Peer(cfg.uv, Role.ROLE_GUEST, ultravisor_pb2_grpc.UltravisorServiceStub, cfg.name, cfg.tls, "uv")
         self.vcpu_state = VcpuState.VCPU_STOPPED
         self.lpid = 0
         self._resume: asyncio.Future | None = None

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from pefsim import rpc
+from pefsim import rpc, tls
 from pefsim.abi import PAGE_SIZE
 from pefsim.v1 import guest_pb2
 from services.guest import calltable
@@ -26,7 +26,7 @@ log = logging.getLogger("pefsim.guest")
 async def build_server(cfg: GuestConfig, listen: str, history: str | None = None
                        ) -> tuple[grpc.aio.Server, int, GuestProgram, GuestMetrics]:
     metrics = GuestMetrics()
-    server, port = await rpc.new_server(listen, [], "pefsim.v1.GuestService")
+    server, port = await rpc.new_server(listen, [], "pefsim.v1.GuestService", cfg.tls)
     guest = GuestProgram(cfg, endpoint=f"{rpc.host_of(listen)}:{port}", metrics=metrics)
     dispatcher = rpc.Dispatcher(
         service=guest, service_descriptor=guest_pb2.DESCRIPTOR.services_by_name["GuestService"],
@@ -40,6 +40,7 @@ async def build_server(cfg: GuestConfig, listen: str, history: str | None = None
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="pefsim-guest", description="pefsim guest (VMM + vCPU)")
     ap.add_argument("--name", help="guest name (default: this host's name, e.g. a container's)")
+    ap.add_argument("--identity", help="the mTLS identity to present (default guest:<name>)")
     ap.add_argument("--mem-mib", type=float, default=4.0, help="guest memory in MiB (64 KiB pages)")
     ap.add_argument("--hv", required=True, help="host:port of the Hypervisor service")
     ap.add_argument("--uv", required=True, help="host:port of the Ultravisor service")
@@ -61,6 +62,7 @@ def parse_args(argv=None):
     ap.add_argument("--hv-wait", type=float, default=60.0,
                     help="seconds the guest waits for an unreachable HV to come back")
     ap.add_argument("--boot", action="store_true", help="run the boot program at start")
+    tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
     ap.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
@@ -88,7 +90,7 @@ def parse_args(argv=None):
     return a, GuestConfig(name=a.name, mem_bytes=mem_bytes, hv=a.hv, uv=a.uv, blob=blob,
                           svm=not a.no_svm, secure_capable=not a.no_secure_capable,
                           measured_only=a.measured_only, resume_timeout_s=a.resume_timeout,
-                          hv_wait_s=a.hv_wait)
+                          hv_wait_s=a.hv_wait, tls=tls.from_args(ap, a, a.identity or f"guest:{a.name}"))
 
 
 async def serve(a, cfg: GuestConfig) -> None:

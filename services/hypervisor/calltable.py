@@ -39,31 +39,31 @@ CALLS = [
     Call("H_SVM_INIT_DONE", svm.h_svm_init_done, UV, H.H_UNSUPPORTED,
          opcode=Hcall.H_SVM_INIT_DONE, family=H),
     Call("H_SVM_INIT_ABORT", svm.h_svm_init_abort, UV_OR_GUEST, H.H_UNSUPPORTED,
-         opcode=Hcall.H_SVM_INIT_ABORT, family=H),
+         opcode=Hcall.H_SVM_INIT_ABORT, family=H, owned=True),
     Call("HSvmPageInBulk", page.h_svm_page_in_bulk, UV, H.H_UNSUPPORTED, family=H),
     Call("CreateVm", vm.create_vm, VMM, None, checks=(), result="errno", family=Errno),
-    Call("RunVm", vm.run_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
-    Call("StopVm", vm.stop_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
-    Call("ResetVm", vm.reset_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
-    Call("DestroyVm", vm.destroy_vm, VMM, None, checks=(STATE,), result="errno", family=Errno),
-    Call("SetMemslot", vm.set_memslot, VMM, None, checks=(STATE,), result="errno", family=Errno),
+    Call("RunVm", vm.run_vm, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
+    Call("StopVm", vm.stop_vm, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
+    Call("ResetVm", vm.reset_vm, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
+    Call("DestroyVm", vm.destroy_vm, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
+    Call("SetMemslot", vm.set_memslot, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
     Call("VcpuLoad", memory.vcpu_load, frozenset({Role.ROLE_GUEST, Role.ROLE_UV}), None,
          checks=(STATE, ALIGNED,
                  Check("npages", lambda r: 0 < r.npages <= memory.MAX_ACCESS_PAGES, Errno.EINVAL,
                        "npages 0 or above the per-call limit")),
-         result="errno", family=Errno),
+         result="errno", family=Errno, owned=True),
     Call("VcpuStore", memory.vcpu_store, frozenset({Role.ROLE_GUEST, Role.ROLE_UV}), None,
          checks=(STATE, ALIGNED,
                  Check("data", lambda r: 0 < len(r.data) <= memory.MAX_ACCESS_PAGES << PAGE_SHIFT
                        and page_aligned(len(r.data)), Errno.EINVAL,
                        "data not a whole number of pages")),
-         result="errno", family=Errno),
+         result="errno", family=Errno, owned=True),
     Call("HostReadPage", memory.host_read_page, VMM, None, checks=(STATE, ALIGNED),
          result="errno", family=Errno),
     Call("HostUnmapPage", memory.host_unmap_page, VMM, None, checks=(STATE, ALIGNED),
          result="errno", family=Errno),
     Call("HvStatus", vm.hv_status, ANYONE, None, checks=(), result=None),
-    Call("VmSession", vm.vm_session, VMM, None, checks=(STATE,), result="errno", family=Errno),
+    Call("VmSession", vm.vm_session, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
 ]
 
 
@@ -117,3 +117,9 @@ STATE_TABLE = {
 
 def state_of(hv, call: Call, request) -> VmState:
     return hv.state.vm_state(request_lpid(request))
+
+
+def owner_of(hv, request) -> str | None:
+    """The identity of the VMM that created the VM, for the calls only its guest may make."""
+    vm = hv.state.vms.get(request_lpid(request))
+    return None if vm is None or not vm.owner else vm.owner

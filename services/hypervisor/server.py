@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 
-from pefsim import faults, rpc
+from pefsim import faults, rpc, tls
 from pefsim.abi import AbortReturn, GfnState, Role, SecureGuest, U, rc_name
 from pefsim.image import page_digest
 from pefsim.v1 import guest_pb2, guest_pb2_grpc, hypervisor_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
@@ -46,6 +46,7 @@ class HvConfig:
     uv_probe_s: float = 1.0  # how often the UV's boot id is checked
     transfer: str = "stream"  # page data to/from the UV: "stream" (bulk) or "unary" (one ucall a page)
     shared_memory: bool = True  # offer the UV the RAM files (pages then travel by real address)
+    tls: object = None  # pefsim.tls.Tls (mTLS) or None (insecure)
 
 
 class Hypervisor:
@@ -54,7 +55,7 @@ class Hypervisor:
     def __init__(self, cfg: HvConfig):
         self.cfg = cfg
         self.state = HvState(cfg.data_dir)
-        self.uv = rpc.Peer(cfg.uv, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub)
+        self.uv = rpc.Peer(cfg.uv, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub, "hv", cfg.tls, "uv")
         self.vcpus: dict[int, rpc.Peer] = {}
         self.metrics = HvMetrics(self.state)
         self.history = rpc.History(cfg.history, "hv")
@@ -63,7 +64,8 @@ class Hypervisor:
         self.dispatcher = rpc.Dispatcher(
             service=self, service_descriptor=hypervisor_pb2.DESCRIPTOR.services_by_name["HypervisorService"],
             pb2=hypervisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
-            state_of=calltable.state_of, observer=self.metrics, history=self.history)
+            state_of=calltable.state_of, observer=self.metrics, history=self.history,
+            owner_of=calltable.owner_of)
 
     # -- start-up: recovery and background tasks -----------------------------------------------
 
@@ -186,8 +188,8 @@ class Hypervisor:
     def vcpu(self, vm: Vm) -> rpc.Peer:
         peer = self.vcpus.get(vm.lpid)
         if peer is None:
-            peer = self.vcpus[vm.lpid] = rpc.Peer(vm.vcpu_endpoint, Role.ROLE_HV,
-                                                  guest_pb2_grpc.GuestServiceStub)
+            peer = self.vcpus[vm.lpid] = rpc.Peer(vm.vcpu_endpoint, Role.ROLE_HV, guest_pb2_grpc.GuestServiceStub,
+                                                  "hv", self.cfg.tls, "guest")
         return peer
 
     async def forget_vcpu(self, lpid: int) -> None:
@@ -207,7 +209,8 @@ class Hypervisor:
 async def build_server(cfg: HvConfig) -> tuple[grpc.aio.Server, int, Hypervisor]:
     hv = Hypervisor(cfg)
     hv.recover()
-    server, port = await rpc.start_server(cfg.listen, [hv.dispatcher.generic_handler()], "pefsim.v1.HypervisorService")
+    server, port = await rpc.start_server(cfg.listen, [hv.dispatcher.generic_handler()], "pefsim.v1.HypervisorService",
+                                          cfg.tls)
     hv.start_background()
     return server, port, hv
 
@@ -231,6 +234,7 @@ def parse_args(argv=None) -> HvConfig:
                     help="offer the UV this HV's RAM files (default: auto, used when it can open them)")
     ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
                     help=f"SIGKILL this process the N-th time it reaches NAME ({', '.join(faults.POINTS)})")
+    tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
     ap.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
@@ -240,7 +244,8 @@ def parse_args(argv=None) -> HvConfig:
                     abort_return=AbortReturn[f"ABORT_RETURN_{a.abort_return.upper()}"],
                     history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file,
                     session_grace_s=a.session_grace, resume_retry_s=a.resume_retry,
-                    transfer=a.transfer, shared_memory=a.shared_memory == "auto")
+                    transfer=a.transfer, shared_memory=a.shared_memory == "auto",
+                    tls=tls.from_args(ap, a, "hv"))
 
 
 async def serve(cfg: HvConfig) -> None:

@@ -140,6 +140,7 @@ class Vm:
     abort: dict | None = None
     had_session: bool = False  # a VMM held a session: after a restart it must come back
     failed: str = ""  # why the HV failed the VM (e.g. "uv-reset")
+    owner: str = ""  # identity of the guest whose VMM created it ("" when an operator did)
     # in memory only
     abort_task: Any = None
     sessions: int = 0
@@ -197,7 +198,8 @@ class HvState:
             vm = Vm(lpid=meta["lpid"], name=meta["name"], directory=directory,
                     vcpu_endpoint=meta["vcpu_endpoint"], secure_capable=meta["secure_capable"],
                     secure_guest=meta["secure_guest"], abort=meta.get("abort"),
-                    had_session=meta.get("had_session", False), failed=meta.get("failed", ""))
+                    had_session=meta.get("had_session", False), failed=meta.get("failed", ""),
+                    owner=meta.get("owner", ""))
             for s in meta["slots"]:
                 vm.slots[s["slot_id"]] = Slot(directory, s["slot_id"], s["base_gfn"], s["npages"], s["ra_base"],
                                               s.get("shared", False))
@@ -232,7 +234,7 @@ class HvState:
     def lpid_file(self) -> Path:
         return self.data_dir / "next-lpid"
 
-    def create_vm(self, name: str, vcpu_endpoint: str, secure_capable: bool) -> Vm:
+    def create_vm(self, name: str, vcpu_endpoint: str, secure_capable: bool, owner: str = "") -> Vm:
         """A new VM. lpids are never reused by this data directory, even across restarts."""
         try:
             self.next_lpid = max(self.next_lpid, int(self.lpid_file.read_text()))
@@ -248,7 +250,7 @@ class HvState:
             shutil.rmtree(directory)
         directory.mkdir(parents=True)
         vm = self.vms[lpid] = Vm(lpid=lpid, name=name, directory=directory,
-                                 vcpu_endpoint=vcpu_endpoint, secure_capable=secure_capable)
+                                 vcpu_endpoint=vcpu_endpoint, secure_capable=secure_capable, owner=owner)
         return vm
 
     def add_slot(self, vm: Vm, slot_id: int, base_gfn: int, npages: int) -> Slot:
@@ -276,7 +278,7 @@ class HvState:
         """Write the VM's metadata (atomically) next to its RAM."""
         meta = {"lpid": vm.lpid, "name": vm.name, "vcpu_endpoint": vm.vcpu_endpoint,
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
-                "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed,
+                "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed, "owner": vm.owner,
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
                            "ra_base": s.ra_base, "shared": s.shared} for s in vm.slots.values()]}
         tmp = vm.directory / "vm.json.tmp"

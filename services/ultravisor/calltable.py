@@ -71,18 +71,18 @@ CALLS = [
     Call("UV_SVM_TERMINATE", svm.uv_svm_terminate, HV, U.U_PERMISSION,
          opcode=Ucall.UV_SVM_TERMINATE, family=U),
     Call("UV_SHARE_PAGE", share.uv_share_page, SVM, U.U_PERMISSION, opcode=Ucall.UV_SHARE_PAGE,
-         family=U, checks=(SECURE_CALLER, STATE)),
+         family=U, checks=(SECURE_CALLER, STATE), owned=True),
     Call("UV_UNSHARE_PAGE", share.uv_unshare_page, SVM, U.U_PERMISSION,
-         opcode=Ucall.UV_UNSHARE_PAGE, family=U, checks=(SECURE_CALLER, STATE)),
+         opcode=Ucall.UV_UNSHARE_PAGE, family=U, checks=(SECURE_CALLER, STATE), owned=True),
     Call("UV_UNSHARE_ALL_PAGES", share.uv_unshare_all_pages, SVM, U.U_PERMISSION,
-         opcode=Ucall.UV_UNSHARE_ALL_PAGES, family=U, checks=(SECURE_CALLER, STATE)),
-    Call("SvmLoad", access.svm_load, SVM, U.U_PERMISSION, family=U, checks=(
+         opcode=Ucall.UV_UNSHARE_ALL_PAGES, family=U, checks=(SECURE_CALLER, STATE), owned=True),
+    Call("SvmLoad", access.svm_load, SVM, U.U_PERMISSION, family=U, owned=True, checks=(
         SECURE_CALLER, STATE,
         Check("gpa", lambda r: page_aligned(r.gpa), U.U_PARAMETER, "gpa not 64 KiB aligned"),
         Check("npages", lambda r: 0 < r.npages <= access.MAX_ACCESS_PAGES, U.U_PARAMETER,
               "npages 0 or above the per-call limit"),
     )),
-    Call("SvmStore", access.svm_store, SVM, U.U_PERMISSION, family=U, checks=(
+    Call("SvmStore", access.svm_store, SVM, U.U_PERMISSION, family=U, owned=True, checks=(
         SECURE_CALLER, STATE,
         Check("gpa", lambda r: page_aligned(r.gpa), U.U_PARAMETER, "gpa not 64 KiB aligned"),
         Check("data", lambda r: 0 < len(r.data) <= access.MAX_ACCESS_PAGES << PAGE_SHIFT
@@ -152,3 +152,11 @@ def state_of(uv, call: Call, request) -> SvmState:
     from pefsim.rpc import request_lpid
 
     return uv.state.svm_state(request_lpid(request))
+
+
+def owner_of(uv, request) -> str | None:
+    """The identity that made the SVM's UV_ESM (its guest), for the calls only it may make."""
+    from pefsim.rpc import request_lpid
+
+    svm = uv.state.svms.get(request_lpid(request))
+    return None if svm is None else svm.owner

@@ -65,7 +65,7 @@ async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:
 
 async def _secure(uv, svm, req) -> pb.UvEsmResponse:
     lpid = svm.lpid
-    rc = (await hcall(uv, "H_SVM_INIT_START", hpb.HSvmInitStartRequest(lpid=lpid))).rc
+    rc = (await hcall(uv, "H_SVM_INIT_START", hpb.HSvmInitStartRequest(lpid=lpid, vcpu_owner=svm.owner))).rc
     if rc != H.H_SUCCESS:
         raise EsmFailed("init-start", rc_name(rc, H))
     measured_only = uv.cfg.esm_copy == EsmCopy.ESM_COPY_MEASURED

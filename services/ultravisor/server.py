@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from pefsim import faults, rpc
+from pefsim import faults, rpc, tls
 from pefsim.abi import EsmCopy, Role
 from pefsim.blob import load_public_key
 from pefsim.v1 import hypervisor_pb2_grpc, ultravisor_pb2
@@ -36,6 +36,10 @@ class UvConfig:
     hcall_timeout_s: float = 30.0  # an hcall of the ESM context that takes longer failed
     abort_attempt_timeout_s: float = 30.0  # one H_SVM_INIT_ABORT attempt; then it is made again
     transfer: str = "stream"  # ESM page-in: "stream" (HSvmPageInBulk) or "unary" (H_SVM_PAGE_IN a page)
+    tls: object = None  # pefsim.tls.Tls (mTLS) or None (insecure)
+    max_svms: int = 256  # SVM objects at once; UV_ESM beyond it: U_RETRY (allocation failure)
+    max_svm_pages: int = 1 << 20  # secure memory one SVM may reserve (64 GiB); beyond: U_PARAMETER
+    max_inflight_per_peer: int = 128  # concurrent calls from one identity
 
 
 class Ultravisor:
@@ -45,7 +49,7 @@ class Ultravisor:
         self.cfg = cfg
         self.state = UvState(cfg.pool_pages)
         self.hvmem = self.state.hvmem
-        self.hv = rpc.Peer(cfg.hv, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub)
+        self.hv = rpc.Peer(cfg.hv, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub, "uv", cfg.tls, "hv")
         self.trusted = load_public_key(cfg.trusted_key) if cfg.trusted_key else None
         self.metrics = UvMetrics(self.state)
         self.history = rpc.History(cfg.history, "uv")
@@ -53,7 +57,8 @@ class Ultravisor:
             service=self, service_descriptor=ultravisor_pb2.DESCRIPTOR.services_by_name["UltravisorService"],
             pb2=ultravisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
             state_of=calltable.state_of, observer=self.metrics, history=self.history,
-            boot_id=self.state.boot_id)
+            boot_id=self.state.boot_id, owner_of=calltable.owner_of,
+            max_inflight_per_peer=cfg.max_inflight_per_peer)
 
     async def close(self) -> None:
         await self.hv.close()
@@ -62,7 +67,8 @@ class Ultravisor:
 
 async def build_server(cfg: UvConfig) -> tuple[grpc.aio.Server, int, Ultravisor]:
     uv = Ultravisor(cfg)
-    server, port = await rpc.start_server(cfg.listen, [uv.dispatcher.generic_handler()], "pefsim.v1.UltravisorService")
+    server, port = await rpc.start_server(cfg.listen, [uv.dispatcher.generic_handler()], "pefsim.v1.UltravisorService",
+                                          cfg.tls)
     return server, port, uv
 
 
@@ -78,10 +84,16 @@ def parse_args(argv=None) -> UvConfig:
                     help="Ed25519 public key (PEM) that ESM blobs must be signed with")
     ap.add_argument("--transfer", choices=["stream", "unary"], default="stream",
                     help="ESM page-in in bulk (default) or one H_SVM_PAGE_IN per page (the kernel's way)")
+    ap.add_argument("--max-svms", type=int, default=256, help="SVMs at once (UV_ESM beyond: U_RETRY)")
+    ap.add_argument("--max-svm-pages", type=int, default=1 << 20,
+                    help="secure memory one SVM may reserve, in pages (beyond: U_PARAMETER)")
+    ap.add_argument("--max-inflight-per-peer", type=int, default=128,
+                    help="concurrent calls one identity may have in flight (beyond: RESOURCE_EXHAUSTED)")
     ap.add_argument("--abort-attempt-timeout", type=float, default=30.0,
                     help="seconds one H_SVM_INIT_ABORT attempt may take before it is made again")
     ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
                     help=f"SIGKILL this process the N-th time it reaches NAME ({', '.join(faults.POINTS)})")
+    tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
     ap.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
@@ -89,7 +101,9 @@ def parse_args(argv=None) -> UvConfig:
     if a.pool_pages < 0:
         ap.error("--pool-pages must be >= 0")
     faults.configure(a.failpoint)
-    return UvConfig(abort_attempt_timeout_s=a.abort_attempt_timeout, transfer=a.transfer, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
+    return UvConfig(abort_attempt_timeout_s=a.abort_attempt_timeout, transfer=a.transfer,
+                    tls=tls.from_args(ap, a, "uv"), max_svms=a.max_svms, max_svm_pages=a.max_svm_pages,
+                    max_inflight_per_peer=a.max_inflight_per_peer, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
                     esm_copy=EsmCopy[f"ESM_COPY_{a.esm_copy.upper()}"], trusted_key=a.trusted_key,
                     history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file)
 

@@ -55,9 +55,10 @@ class ScriptedHv:
 
     pb2 = hpb
 
-    def __init__(self, listen: str, uv_addr: str):
+    def __init__(self, listen: str, uv_addr: str, stack=None):
         self.listen = listen
-        self.uv = rpc.Peer(uv_addr, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub)
+        self.tls = stack.tls("hv") if stack is not None else None
+        self.uv = rpc.Peer(uv_addr, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub, "hv", self.tls, "uv")
         self.guests: dict[int, Guest] = {}
         self.seen: list[tuple[str, Any]] = []
         self.events: dict[tuple[str, int], asyncio.Event] = {}
@@ -67,7 +68,7 @@ class ScriptedHv:
 
     async def __aenter__(self) -> "ScriptedHv":
         self.server, _ = await rpc.start_server(self.listen, [
-            _handlers(hpb.DESCRIPTOR.services_by_name["HypervisorService"], self)])
+            _handlers(hpb.DESCRIPTOR.services_by_name["HypervisorService"], self)], tls=self.tls)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -178,8 +179,9 @@ class ScriptedUv:
 
     pb2 = upb
 
-    def __init__(self, listen: str):
+    def __init__(self, listen: str, stack=None):
         self.listen = listen
+        self.tls = stack.tls("uv") if stack is not None else None
         self.pages: dict[tuple[int, int], bytes] = {}
         self.sent: dict[tuple[int, int], bytes] = {}  # (lpid, gfn) -> what UV_PAGE_OUT handed out
         self.seen: list[tuple[str, Any]] = []
@@ -192,7 +194,7 @@ class ScriptedUv:
         self.server, _ = await rpc.start_server(self.listen, [
             _handlers(upb.DESCRIPTOR.services_by_name["UltravisorService"], self,
                       {"UvPageInStream": (decoder(upb.PageInBatch), upb.PageBatchResult.SerializeToString),
-                       "UvPageOutStream": (upb.PageOutRequest.FromString, bytes)})])
+                       "UvPageOutStream": (upb.PageOutRequest.FromString, bytes)})], tls=self.tls)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -277,14 +279,15 @@ class ScriptedVcpu:
 
     pb2 = guest_pb2
 
-    def __init__(self, listen: str):
+    def __init__(self, listen: str, stack=None):
         self.listen = listen
+        self.tls = stack.tls("guest:vcpu") if stack is not None else None
         self.resumes: list[guest_pb2.VcpuResumeRequest] = []
         self.server: grpc.aio.Server | None = None
 
     async def __aenter__(self) -> "ScriptedVcpu":
         self.server, _ = await rpc.start_server(self.listen, [
-            _handlers(guest_pb2.DESCRIPTOR.services_by_name["GuestService"], self)])
+            _handlers(guest_pb2.DESCRIPTOR.services_by_name["GuestService"], self)], tls=self.tls)
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -295,8 +298,15 @@ class ScriptedVcpu:
         return guest_pb2.VcpuResumeResponse(rc=H.H_SUCCESS)
 
 
-def caller(addr: str, role: int, stub_cls, name: str = "conformance") -> rpc.Peer:
-    return rpc.Peer(addr, role, stub_cls, name)
+IDENTITIES = {Role.ROLE_UV: "uv", Role.ROLE_HV: "hv", Role.ROLE_GUEST: "guest:conformance",
+              Role.ROLE_OPERATOR: "operator"}
+
+
+def caller(addr: str, role: int, stub_cls, stack=None, server_role: str = "") -> rpc.Peer:
+    """A client making calls as ``role`` (with the stack's certificate for it, under mTLS)."""
+    identity = IDENTITIES[role]
+    tls = stack.tls(identity) if stack is not None else None
+    return rpc.Peer(addr, role, stub_cls, identity.partition(":")[2] or identity, tls, server_role)
 
 
 ROLES = {"uv": Role.ROLE_UV, "hv": Role.ROLE_HV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR}

@@ -96,10 +96,10 @@ async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) 
     hv_addr = hvs["uv" if v10 else "guest"]
     name = "hv-v10" if v10 else "hv"
     setups = set(filter(None, row.setup.split(",")))
-    peers = {who: caller(hv_addr, role, hypervisor_pb2_grpc.HypervisorServiceStub)
+    peers = {who: caller(hv_addr, role, hypervisor_pb2_grpc.HypervisorServiceStub, stack, "hv")
              for who, role in ROLES.items()}
     stub = lambda who: peers[who].stub  # noqa: E731
-    async with ScriptedUv(uv_listen) as uv, ScriptedVcpu(vcpu_listen) as vcpu:
+    async with ScriptedUv(uv_listen, stack) as uv, ScriptedVcpu(vcpu_listen, stack) as vcpu:
         lpid = 99999
         try:
             if row.state != "VM_ABSENT":

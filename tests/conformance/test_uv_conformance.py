@@ -86,7 +86,7 @@ class Side:
 
     def __init__(self, stack, uv_addr: str, hv: ScriptedHv):
         self.stack, self.hv = stack, hv
-        self.peers = {name: caller(uv_addr, role, ultravisor_pb2_grpc.UltravisorServiceStub)
+        self.peers = {name: caller(uv_addr, role, ultravisor_pb2_grpc.UltravisorServiceStub, stack, "uv")
                       for name, role in ROLES.items()}
         self.teardown: list = []
 
@@ -177,7 +177,7 @@ class Side:
 
 
 async def run_row(stack, uv_addr: str, hv_listen: str, row: Row) -> None:
-    async with ScriptedHv(hv_listen, uv_addr) as hv:
+    async with ScriptedHv(hv_listen, uv_addr, stack) as hv:
         side = Side(stack, uv_addr, hv)
         try:
             c = await side.setup(row)

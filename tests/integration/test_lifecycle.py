@@ -50,7 +50,7 @@ def test_demo_json_reports_four_outcomes_intact():
 def test_secure_guest_runs_from_uv_memory(stack, run):
     """A guest goes secure: every page went to the UV, the HV holds only zeroed device pages."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             name = unique("sec")
             rep = await boot_guest(stack, op, name)
@@ -80,7 +80,7 @@ def test_bad_blob_aborts_with_memory_intact(stack, run, bad, reason):
     """Any blob mismatch, missing item or bad signature -> abort: the guest resumes after UV_ESM
     as a normal VM with H_PARAMETER, memory byte-identical, and the UV forgets the SVM."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             name = unique("bad")
             kw = dict(bad)
@@ -107,7 +107,7 @@ def test_abort_pages_come_back_from_the_uv(stack, run):
     """The abort really copies each page back out of the UV: the HV scrubbed its pages when they
     went secure, so the intact memory the guest finds came through UV_PAGE_OUT."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             name = unique("back")
             rep = await boot_guest(stack, op, name, blob=blob_for(stack, name, omit=("kernel",)))
@@ -129,7 +129,7 @@ def test_abort_pages_come_back_from_the_uv(stack, run):
 def test_no_secure_capability_aborts(stack, run):
     """Without KVM_CAP_PPC_SECURE_GUEST, H_SVM_INIT_START answers H_AUTHORITY and ESM aborts."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             rep = await boot_guest(stack, op, unique("nocap"), extra=("--no-secure-capable",))
             assert (rep.outcome, rep.esm_rc, rep.memory_intact) == ("aborted", H.H_PARAMETER, True)
@@ -147,7 +147,7 @@ def test_secure_memory_exhaustion_aborts(stack_factory, run):
     small = stack_factory(pool_pages=8)
 
     async def scenario():
-        op = Operator(small.uv_addr, small.hv_addr)
+        op = Operator.of(small)
         try:
             rep = await boot_guest(small, op, unique("big"))
             assert (rep.outcome, rep.esm_rc, rep.memory_intact) == ("aborted", H.H_PARAMETER, True)
@@ -166,7 +166,7 @@ def test_abort_returning_to_uv_v10(stack_factory, run):
     v10 = stack_factory(abort_return="uv")
 
     async def scenario():
-        op = Operator(v10.uv_addr, v10.hv_addr)
+        op = Operator.of(v10)
         try:
             name = unique("v10")
             rep = await boot_guest(v10, op, name, blob=blob_for(v10, name, omit=("bootargs",)))
@@ -188,7 +188,7 @@ def test_measured_only_esm(stack_factory, run):
     measured = stack_factory(esm_copy="measured")
 
     async def scenario():
-        op = Operator(measured.uv_addr, measured.hv_addr)
+        op = Operator.of(measured)
         try:
             name = unique("meas")
             image = GuestImage.of_size(name, MEM)
@@ -207,7 +207,7 @@ def test_host_touch_pages_out_ciphertext_and_tamper_is_refused(stack, run):
     """After INIT_DONE the host touching a page gets AES-GCM ciphertext only; a tampered or
     replayed ciphertext is refused with U_P3 and the page stays intact in the UV's keeping."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             name = unique("enc")
             rep = await boot_guest(stack, op, name)
@@ -255,7 +255,7 @@ def test_share_unshare_and_page_inval(stack, run):
     """Shared pages are zeroed on share, readable by both sides, zeroed on unshare; the HV's
     unmap of a shared page invalidates the UV's mapping, which the next access restores."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             name = unique("share")
             rep = await boot_guest(stack, op, name)
@@ -266,7 +266,8 @@ def test_share_unshare_and_page_inval(stack, run):
             image = GuestImage.of_size(name, MEM)
             gfn = image.npages - 2
             vcpu = common_pb2.VcpuContext(lpid=rep.lpid, msr_s=True)
-            svm = rpc.Peer(stack.uv_addr, Role.ROLE_GUEST, ultravisor_pb2_grpc.UltravisorServiceStub, name)
+            svm = rpc.Peer(stack.uv_addr, Role.ROLE_GUEST, ultravisor_pb2_grpc.UltravisorServiceStub, name,
+                           stack.tls(f"guest:{name}"), "uv")
             try:
                 share = await svm.stub.UV_SHARE_PAGE(upb.UvSharePageRequest(vcpu=vcpu, gfn=gfn, npages=1))
                 assert share.rc == U.U_SUCCESS
@@ -294,7 +295,7 @@ def test_memslot_hotplug_while_secure(stack, run):
     """A memslot added to a secure VM is registered with the UV (and its GFNs made secure); a
     deleted one is dropped and unregistered."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             rep = await boot_guest(stack, op, unique("hotplug"))
             slot = common_pb2.Memslot(slot_id=1, base_gfn=1024, npages=4)
@@ -320,7 +321,7 @@ def test_reset_needs_stopped_vcpus_and_drops_secure_content(stack, run):
     """KVM_PPC_SVM_OFF: EBUSY while a vCPU runs; then secure contents dropped without page-out,
     memslots unregistered, the SVM terminated; the HV keeps no plaintext of them."""
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             rep = await boot_guest(stack, op, unique("reset"))
             busy = await op.hv.stub.ResetVm(hpb.ResetVmRequest(lpid=rep.lpid))

@@ -25,7 +25,7 @@ def test_hv_that_never_answers_the_abort_costs_one_svm(stack_factory, run):
     hostile = stack_factory(mutants=("hv-abort-hangs",))
 
     async def scenario():
-        op = Operator(hostile.uv_addr, hostile.hv_addr)
+        op = Operator.of(hostile)
         try:
             other = await boot_guest(hostile, op, unique("other"))
             assert other.outcome == "secure"
@@ -60,7 +60,7 @@ def test_frozen_hv_does_not_stop_the_uv(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             sec = await boot_guest(stack, op, unique("sec"))
             hv = stack.procs["hv"]
@@ -84,7 +84,7 @@ def test_guest_waits_for_a_restarting_hv(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             normal = await boot_guest(stack, op, unique("normal"), extra=("--no-svm",))
             assert normal.outcome == "normal" and normal.memory_intact
@@ -117,7 +117,7 @@ def test_vmm_that_does_not_come_back_loses_its_vm(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             sec = await boot_guest(stack, op, unique("orphan"))
             stack.procs["hv"].kill()
@@ -144,7 +144,7 @@ def test_abort_result_code_is_h_parameter_after_recovery(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator(stack.uv_addr, stack.hv_addr)
+        op = Operator.of(stack)
         try:
             name = unique("mid")
             await asyncio.to_thread(stack.restart, "hv", (f"hv.abort.page_out:5@{name}",))

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 
-from pefsim.abi import Errno, SecureGuest, U, VmState, gpa_of
+from pefsim.abi import Errno, Role, SecureGuest, U, VmState, gpa_of
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from services.hypervisor.abort import unregister
 from services.hypervisor.bulk import offer_memory
@@ -30,7 +30,8 @@ def _slots_valid(slots) -> bool:
 async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
     if not req.memslots or not _slots_valid(req.memslots) or not req.vcpu_endpoint:
         return pb.CreateVmResponse(errno=Errno.EINVAL)
-    vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable)
+    owner = caller.name if caller.role == Role.ROLE_GUEST else ""
+    vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable, owner)
     for s in req.memslots:
         hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
     log.info("lpid %d created for %s: %d pages", vm.lpid, vm.name, vm.npages)

@@ -21,6 +21,10 @@ async def h_svm_init_start(hv, req: pb.HSvmInitStartRequest, caller) -> pb.HSvmI
     through the UV), then H_AUTHORITY without the secure-guest capability, then every memslot is
     registered with the UV; a refusal unregisters the ones already registered -> H_PARAMETER."""
     vm = hv.state.vms[req.lpid]
+    if req.vcpu_owner and vm.owner and req.vcpu_owner != vm.owner:
+        # not this VM's vCPU (impossible on hardware): refused before anything changes
+        log.error("lpid %d: INIT_START for %s's VM on behalf of %s: refused", vm.lpid, vm.owner, req.vcpu_owner)
+        return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
     async with vm.lock:
         hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_START)
         if not vm.secure_capable:

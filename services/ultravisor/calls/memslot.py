@@ -10,7 +10,7 @@ async def uv_register_mem_slot(uv, req: pb.UvRegisterMemSlotRequest, caller) -> 
     U_PARAMETER: duplicate slot id, overlap with another slot, or the pool cannot reserve it."""
     svm = uv.state.svms[req.lpid]
     base, npages = gfn_of(req.start_gpa), gfn_of(req.size)
-    if req.slotid in svm.slots:
+    if req.slotid in svm.slots or svm.reserved + npages > uv.cfg.max_svm_pages:
         return pb.UvRegisterMemSlotResponse(rc=U.U_PARAMETER)
     for other_base, other_n in svm.slots.values():
         if base < other_base + other_n and other_base < base + npages:

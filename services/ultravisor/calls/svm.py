@@ -16,6 +16,8 @@ log = logging.getLogger("pefsim.uv")
 async def uv_esm(uv, req: pb.UvEsmRequest, caller) -> pb.UvEsmResponse:
     """Create the SVM (SVM_ACTIVE) and run the ESM context (esm.py) to its end. The context is
     its own task, shielded from the caller: a guest that hangs up does not stop it half-way."""
+    if len(uv.state.svms) >= uv.cfg.max_svms:
+        return pb.UvEsmResponse(rc=U.U_RETRY, resumed=True)  # no room for another SVM object
     svm = uv.state.create_svm(req.vcpu.lpid, caller.name)
     task = asyncio.ensure_future(esm.run_esm(uv, svm, req))
     svm.esm_task = task
