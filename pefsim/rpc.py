@@ -168,6 +168,27 @@ class History:
             self._fh = None
 
 
+@dataclass(frozen=True)
+class Malformed:
+    """What a request that does not parse becomes: the call answers INVALID_ARGUMENT."""
+
+    why: str
+
+
+def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's malformed input
+            return Malformed(f"{type(exc).__name__}: {exc}")
+    return parse
+
+
+async def _refuse_malformed(request: Any, context, name: str) -> None:
+    if isinstance(request, Malformed):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: malformed request ({request.why})")
+
+
 class CallObserver:
     """Receives one observation per dispatched call (the service's metrics implement it)."""
 
@@ -219,12 +240,13 @@ class Dispatcher:
             else:
                 make, bind = grpc.unary_unary_rpc_method_handler, self._bind
             handlers[method.name] = make(
-                bind(call, resp_cls), request_deserializer=call.request_codec or req_cls.FromString,
+                bind(call, resp_cls), request_deserializer=_safe(call.request_codec or req_cls.FromString),
                 response_serializer=call.response_codec or resp_cls.SerializeToString)
         return grpc.method_handlers_generic_handler(self.descriptor.full_name, handlers)
 
     def _bind(self, call: Call, resp_cls: Any) -> Callable[..., Awaitable[Any]]:
         async def rpc(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await _refuse_malformed(request, context, call.name)
             return await self.dispatch(call, resp_cls, request, caller_of(context), context)
 
         rpc.__name__ = call.name
@@ -234,6 +256,7 @@ class Dispatcher:
         """A server-streaming call: the checks answer with one message carrying the result; a
         call that passes them streams what its handler (an async generator) yields."""
         async def rpc(request: Any, context: grpc.aio.ServicerContext):
+            await _refuse_malformed(request, context, call.name)
             caller = caller_of(context)
             self._boot_trailer(context)
             rc, state = self.precheck(call, request, caller)
@@ -264,7 +287,12 @@ class Dispatcher:
             if caller.role not in call.callers:
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"{call.name} is not for {caller.role_name}")
-            async for item in call.handler(self.service, requests, caller):
+            async def checked():
+                async for request in requests:
+                    await _refuse_malformed(request, context, call.name)
+                    yield request
+
+            async for item in call.handler(self.service, checked(), caller):
                 yield item
 
         rpc.__name__ = call.name

@@ -114,6 +114,7 @@ class StackConfig:
     proxies: bool = False  # route HV <-> UV through fault-injecting proxies (pefsim/chaos/proxy.py)
     mutants: tuple[str, ...] = ()  # deliberate bugs for every service (pefsim/faults.py)
     insecure: bool = False  # plaintext gRPC instead of mTLS (pefsim/tls.py)
+    uv_args: tuple[str, ...] = ()  # more options for the UV (limits, ...)
 
 
 class LocalStack:
@@ -227,7 +228,7 @@ class LocalStack:
             proc = self._proc(name, "services.ultravisor", [
                 "--listen", listen, "--hv", peer, "--pool-pages", str(self.cfg.pool_pages),
                 "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub"),
-                "--transfer", self.cfg.transfer, *self._tls_args("uv")])
+                "--transfer", self.cfg.transfer, *self._tls_args("uv"), *self.cfg.uv_args])
         else:
             proc = self._proc(name, "services.hypervisor", [
                 "--listen", listen, "--uv", peer, "--data-dir", str(self.run_dir / f"{name}-data"),

@@ -59,9 +59,9 @@ CALLS = [
                        "data not a whole number of pages")),
          result="errno", family=Errno, owned=True),
     Call("HostReadPage", memory.host_read_page, VMM, None, checks=(STATE, ALIGNED),
-         result="errno", family=Errno),
+         result="errno", family=Errno, owned=True),
     Call("HostUnmapPage", memory.host_unmap_page, VMM, None, checks=(STATE, ALIGNED),
-         result="errno", family=Errno),
+         result="errno", family=Errno, owned=True),
     Call("HvStatus", vm.hv_status, ANYONE, None, checks=(), result=None),
     Call("VmSession", vm.vm_session, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
 ]
