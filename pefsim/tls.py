@@ -17,11 +17,6 @@ import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 VALID_DAYS = 3650
 
 
@@ -33,11 +28,18 @@ def role_of(identity: str) -> str:
     return identity.split(":", 1)[0]
 
 
-def _key() -> ec.EllipticCurvePrivateKey:
+# The certificate code imports `cryptography` when it runs: a service that only loads its
+# credentials (the HV) does not carry the X.509 machinery in its memory.
+
+def _key():
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def _write_key(key, path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
     path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     path.chmod(0o600)
@@ -45,6 +47,10 @@ def _write_key(key, path: Path) -> None:
 
 def make_ca(directory: Path) -> None:
     """A new CA in ``directory`` (ca.pem, ca.key), unless one is there."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     directory.mkdir(parents=True, exist_ok=True)
     if (directory / "ca.pem").exists():
         return
@@ -62,6 +68,10 @@ def make_ca(directory: Path) -> None:
 
 def make_cert(directory: Path, identity: str) -> None:
     """A certificate for ``identity`` signed by the CA in ``directory``, unless one is there."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
     stem = file_name(identity)
     if (directory / f"{stem}.pem").exists():
         return

@@ -25,7 +25,7 @@ from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
 
 log = logging.getLogger("pefsim.guest")
 
-BATCH_PAGES = 64  # pages per VcpuStore/VcpuLoad/SvmLoad (4 MiB messages)
+BATCH_PAGES = 16  # pages per VcpuStore/VcpuLoad/SvmLoad (1 MiB messages: small transient buffers)
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 UCALL_OFFSET = 0x1000  # where in the kernel image prom_init's `sc 2` sits
 
