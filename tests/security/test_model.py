@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import (Bundle, RuleBasedStateMachine, invariant, rule,
                                  run_state_machine_as_test)
 
-from pefsim.abi import HV_RA_BASE, PAGE_SHIFT, PAGE_SIZE, U
+from pefsim.abi import HV_RA_BASE, PAGE_SHIFT, PAGE_SIZE, SvmState, U
+from pefsim.rpc import ALLOW, STATE
+from services.ultravisor import calltable
 from pefsim.blob import make_blob
 from pefsim.image import GuestImage
 from pefsim.stack import LocalStack, StackConfig, free_port
@@ -27,6 +29,17 @@ from tests.conftest import assert_clean_exit
 
 NPAGES = 16
 _lpids = itertools.count(5000)
+CALLS = {c.name: c for c in calltable.CALLS}
+
+
+def refused(call: str, state) -> int | None:
+    """What the call table answers before any handler runs in ``state`` (None: the handler's)."""
+    cell = calltable.STATE_TABLE[call][state]
+    return None if cell is ALLOW else int(cell)
+
+
+def order_check(call: str) -> int:
+    return int(next(c.rc for c in CALLS[call].checks if c is not STATE and c.arg == "order"))
 
 
 class Harness:
@@ -112,7 +125,7 @@ class UvModel(RuleBasedStateMachine):
     def page_out(self, lpid, gfn):
         svm = self.model.get(lpid)
         if svm is None:
-            expected = U.U_PARAMETER
+            expected = refused("UV_PAGE_OUT", SvmState.SVM_ABSENT)
         elif gfn >= NPAGES:
             expected = U.U_P3
         else:
@@ -132,7 +145,7 @@ class UvModel(RuleBasedStateMachine):
         if tamper:
             data = bytes([data[0] ^ 1]) + data[1:]
         if svm is None:
-            expected = U.U_PARAMETER
+            expected = refused("UV_PAGE_IN", SvmState.SVM_ABSENT)
         else:
             state = svm["pages"][gfn]
             expected = {"secure": U.U_P2, "shared": U.U_SUCCESS,
@@ -148,7 +161,7 @@ class UvModel(RuleBasedStateMachine):
         svm = self.model.get(lpid)
         resp = self.h.call(lambda: self.h.as_guest.stub.UV_SHARE_PAGE(upb.UvSharePageRequest(
             vcpu=common_pb2.VcpuContext(lpid=lpid, msr_s=True), gfn=gfn, npages=1)))
-        assert resp.rc == (U.U_PERMISSION if svm is None else U.U_SUCCESS)
+        assert resp.rc == (refused("UV_SHARE_PAGE", SvmState.SVM_ABSENT) if svm is None else U.U_SUCCESS)
         if svm is not None:
             svm["pages"][gfn] = "shared"
 
@@ -157,7 +170,7 @@ class UvModel(RuleBasedStateMachine):
         svm = self.model.get(lpid)
         resp = self.h.call(lambda: self.h.as_guest.stub.UV_UNSHARE_PAGE(upb.UvUnsharePageRequest(
             vcpu=common_pb2.VcpuContext(lpid=lpid, msr_s=True), gfn=gfn, npages=1)))
-        assert resp.rc == (U.U_PERMISSION if svm is None else U.U_SUCCESS)
+        assert resp.rc == (refused("UV_UNSHARE_PAGE", SvmState.SVM_ABSENT) if svm is None else U.U_SUCCESS)
         if svm is not None and svm["pages"][gfn] == "shared":
             svm["pages"][gfn] = "secure"
 
@@ -165,17 +178,18 @@ class UvModel(RuleBasedStateMachine):
     def wrong_order(self, lpid, order):
         resp = self.h.call(lambda: self.h.as_hv.stub.UV_PAGE_OUT(upb.UvPageOutRequest(
             lpid=lpid, dest_ra=HV_RA_BASE, src_gpa=0, order=order)))
-        assert resp.rc == U.U_P5
+        assert resp.rc == order_check("UV_PAGE_OUT")  # order is checked before anything else
 
     @rule(lpid=svms)
     def guest_tries_terminate(self, lpid):
         resp = self.h.call(lambda: self.h.as_guest.stub.UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=lpid)))
-        assert resp.rc == U.U_PERMISSION
+        assert resp.rc == CALLS["UV_SVM_TERMINATE"].wrong_caller
 
     @rule(lpid=svms)
     def terminate(self, lpid):
         resp = self.h.call(lambda: self.h.as_hv.stub.UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=lpid)))
-        assert resp.rc == U.U_SUCCESS
+        absent = refused("UV_SVM_TERMINATE", SvmState.SVM_ABSENT)
+        assert resp.rc == (absent if lpid not in self.model else U.U_SUCCESS)
         self.model.pop(lpid, None)
 
     @invariant()
