@@ -174,16 +174,17 @@ class Hypervisor:
     def observe_terminate(self, trigger: str, rc: int, seconds: float) -> None:
         self.metrics.terminate_seconds.labels(trigger, rc_name(rc, U)).observe(seconds)
 
-    async def terminate(self, vm: Vm, trigger: str) -> int:
+    async def terminate(self, vm: Vm, trigger: str) -> tuple[int, float]:
         """UV_SVM_TERMINATE for the VM; returns its result (U_FUNCTION when the UV could not be
-        reached: the call did not happen)."""
+        reached: the call did not happen) and how long it took (the value the metric observed)."""
         t0 = time.perf_counter()
         try:
             rc = (await self.ucall("UV_SVM_TERMINATE", upb.UvSvmTerminateRequest(lpid=vm.lpid))).rc
         except UvUnreachable:
             rc = U.U_FUNCTION
-        self.observe_terminate(trigger, rc, time.perf_counter() - t0)
-        return rc
+        seconds = time.perf_counter() - t0
+        self.observe_terminate(trigger, rc, seconds)
+        return rc, seconds
 
     def vcpu(self, vm: Vm) -> rpc.Peer:
         peer = self.vcpus.get(vm.lpid)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
 from pefsim.abi import Errno, Role, SecureGuest, U, VmState, gpa_of
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
@@ -69,7 +68,7 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
         for slot in sorted(vm.slots.values(), key=lambda s: s.slot_id):
             drop_secure(hv, vm, [slot])
             await unregister(hv, vm, slot.slot_id)
-        rc = await hv.terminate(vm, "reset")
+        rc, _ = await hv.terminate(vm, "reset")
         if rc != U.U_SUCCESS:
             return pb.ResetVmResponse(errno=Errno.EINVAL)
         hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE)
@@ -91,9 +90,8 @@ async def destroy(hv, vm, trigger: str) -> pb.DestroyVmResponse:
             return pb.DestroyVmResponse(errno=Errno.ENOENT)
         terminated, rc, seconds = False, 0, 0.0
         if vm.secure_guest != 0 or vm.abort is not None:
-            t0 = time.perf_counter()
-            rc = await hv.terminate(vm, "destroy")
-            seconds, terminated = time.perf_counter() - t0, True
+            rc, seconds = await hv.terminate(vm, "destroy")
+            terminated = True
         hv.state.destroy_vm(vm)
         vm.gone.set()
     await hv.forget_vcpu(vm.lpid)
