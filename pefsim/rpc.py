@@ -458,45 +458,42 @@ def check_call_table(service_descriptor: Any, calls: Iterable[Call],
 # Clients
 
 
-class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+class _RoleMetadata:
+    """Adds the caller's asserted role and identity to every call (insecure mode only). grpc.aio
+    files an interceptor under one call kind, so there is a subclass per kind."""
+
     def __init__(self, metadata: tuple[tuple[str, str], ...]):
         self.metadata = metadata
 
+    def _details(self, client_call_details):
+        return client_call_details._replace(metadata=tuple(client_call_details.metadata or ()) + self.metadata)
+
+
+class _UnaryUnaryRole(_RoleMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, client_call_details, request):
-        md = tuple(client_call_details.metadata or ()) + self.metadata
-        details = client_call_details._replace(metadata=md)
-        return await continuation(details, request)
+        return await continuation(self._details(client_call_details), request)
 
 
-class _StreamMetadataInterceptor(grpc.aio.UnaryStreamClientInterceptor):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]):
-        self.metadata = metadata
-
+class _UnaryStreamRole(_RoleMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, client_call_details, request):
-        md = tuple(client_call_details.metadata or ()) + self.metadata
-        return await continuation(client_call_details._replace(metadata=md), request)
+        return await continuation(self._details(client_call_details), request)
 
 
-class _BidiMetadataInterceptor(grpc.aio.StreamStreamClientInterceptor):
-    def __init__(self, metadata: tuple[tuple[str, str], ...]):
-        self.metadata = metadata
-
+class _StreamStreamRole(_RoleMetadata, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
-        md = tuple(client_call_details.metadata or ()) + self.metadata
-        return await continuation(client_call_details._replace(metadata=md), request_iterator)
+        return await continuation(self._details(client_call_details), request_iterator)
 
 
 def channel(target: str, role: int, identity: str = "", tls=None, server_role: str = "") -> grpc.aio.Channel:
     """An aio channel to ``target``. With ``tls`` (pefsim.tls.Tls) it is mTLS, presenting that
     identity's certificate and accepting only a server certificate for ``server_role``; without,
     every call asserts the caller's role (and identity) in its metadata."""
-    interceptors = []
     if tls is None:
         md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
         if identity:
             md += ((IDENTITY_HEADER, identity),)
-        interceptors = [_MetadataInterceptor(md), _StreamMetadataInterceptor(md), _BidiMetadataInterceptor(md)]
-        return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=[
+            _UnaryUnaryRole(md), _UnaryStreamRole(md), _StreamStreamRole(md)])
     options = CLIENT_OPTIONS + ([("grpc.ssl_target_name_override", server_role)] if server_role else [])
     return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
 

@@ -340,3 +340,20 @@ def test_reset_needs_stopped_vcpus_and_drops_secure_content(stack, run):
         finally:
             await op.close()
     run(scenario())
+
+
+def test_insecure_stack_runs_the_life_cycle(stack_factory, run):
+    """With --insecure (roles asserted in metadata) the life cycle and the role checks work too."""
+    from pefsim.demo import run_demo, succeeded
+
+    plain = stack_factory(insecure=True)
+    summary = run(run_demo(plain, MEM))
+    assert succeeded(summary), summary["guests"]
+
+    async def wrong_role():
+        guest = rpc.Peer(plain.uv_addr, Role.ROLE_GUEST, ultravisor_pb2_grpc.UltravisorServiceStub, "someone")
+        try:
+            return (await guest.stub.UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=1))).rc
+        finally:
+            await guest.close()
+    assert run(wrong_role()) == U.U_PERMISSION
