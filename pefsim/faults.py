@@ -19,6 +19,7 @@ log = logging.getLogger("pefsim.faults")
 
 POINTS = {
     "hv.esm.page_in": "the HV got UV_PAGE_IN's answer for an ESM page-in, before recording it",
+    "hv.esm.init_done": "the HV recorded H_SVM_INIT_DONE, before answering it",
     "hv.abort.page_out": "the HV got a page back with UV_PAGE_OUT during an abort, before writing it",
     "hv.abort.before_terminate": "the abort paged everything out, before UV_SVM_TERMINATE",
     "hv.abort.before_resume": "UV_SVM_TERMINATE done, before the guest is resumed",

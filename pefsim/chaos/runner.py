@@ -84,7 +84,11 @@ def plan_run(cfg: ChaosConfig, rng: random.Random, npages: int, backend, victim:
     plan = Plan(cfg.fault, cfg.during)
     if cfg.fault == "kill-hv" and cfg.during in ("abort", "esm") and backend.supports_failpoints:
         if cfg.during == "esm":
-            plan.failpoint = f"hv.esm.page_in:{rng.randint(1, npages)}@{victim}"
+            # mostly between page-ins; one run in four after INIT_DONE, before its answer
+            if rng.random() < 0.25:
+                plan.failpoint = f"hv.esm.init_done@{victim}"
+            else:
+                plan.failpoint = f"hv.esm.page_in:{rng.randint(1, npages)}@{victim}"
         else:
             point = rng.choices(ABORT_POINTS, weights=(6, 2, 2))[0]
             nth = rng.randint(1, npages) if point == "hv.abort.page_out" else 1

@@ -48,6 +48,25 @@ async def hcall(uv, name: str, request):
         raise EsmFailed("hv-unreachable", f"{name}: {exc.code().name}") from None
 
 
+async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
+    """Make an hcall whose effect is idempotent until the HV answers it: a transport failure
+    (the HV died, froze or is cut off) leaves it unknown whether the HV acted, so the call is
+    made again, backing off up to 2 s. Returns the answer, or None once the SVM is terminated
+    (the HV finished the work and its answer was lost)."""
+    delay, attempts = 0.05, 0
+    while not svm.destroyed:
+        try:
+            return await getattr(uv.hv.stub, name)(request, timeout=timeout_s, wait_for_ready=True)
+        except grpc.aio.AioRpcError as exc:
+            attempts += 1
+            uv.metrics.hcall_retries.labels(name).inc()
+            log.error("lpid %d: %s attempt %d failed in transport (%s); the SVM keeps its pages; "
+                      "asking again in %.2f s", svm.lpid, name, attempts, exc.code().name, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    return None
+
+
 async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:
     t0 = time.perf_counter()
     try:
@@ -86,11 +105,14 @@ async def _secure(uv, svm, req) -> pb.UvEsmResponse:
                                        "bootargs": str(chosen.get("bootargs", "")).encode()})
     except BlobError as bad:
         raise EsmFailed(f"blob-{bad.reason}") from None
-    rc = (await hcall(uv, "H_SVM_INIT_DONE", hpb.HSvmInitDoneRequest(lpid=lpid))).rc
-    if rc != H.H_SUCCESS:
-        raise EsmFailed("init-done", rc_name(rc, H))
-    if svm.destroyed:
+    # H_SVM_INIT_DONE succeeds again when repeated, so a lost answer is asked for again: giving
+    # up would abort an SVM the HV may already hold as secure.
+    resp = await hcall_until_answered(uv, svm, "H_SVM_INIT_DONE", hpb.HSvmInitDoneRequest(lpid=lpid),
+                                      uv.cfg.hcall_timeout_s)
+    if resp is None or svm.destroyed:
         raise EsmFailed("terminated")
+    if resp.rc != H.H_SUCCESS:
+        raise EsmFailed("init-done", rc_name(resp.rc, H))
     uv.state.set_svm_state(svm, SvmState.SVM_SECURE)
     return pb.UvEsmResponse(rc=U.U_SUCCESS, resumed=True, msr_s=True, nip=req.kbase)
 
@@ -182,24 +204,11 @@ async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmRe
     trace = common_pb2.Trace(abort_issued_unix_ns=svm.abort_issued_ns)
     request = hpb.HSvmInitAbortRequest(lpid=lpid, srr0=resume_at, srr1_msr_s=False, trace=trace, token=token)
     t0 = time.perf_counter()
-    delay, attempts = 0.05, 0
-    while True:
-        if svm.destroyed:
-            # the HV finished the abort (its UV_SVM_TERMINATE arrived) but its answer was lost
-            uv.metrics.abort_seconds.labels("terminated-by-hv").observe(time.perf_counter() - t0)
-            return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
-        try:
-            resp = await uv.hv.stub.H_SVM_INIT_ABORT(request, timeout=uv.cfg.abort_attempt_timeout_s,
-                                                     wait_for_ready=True)
-            break
-        except grpc.aio.AioRpcError as exc:
-            attempts += 1
-            uv.metrics.abort_retries.inc()
-            log.error("lpid %d: H_SVM_INIT_ABORT attempt %d failed in transport (%s); the SVM "
-                      "stays in SVM_ABORT with its pages; asking again in %.2f s", lpid, attempts,
-                      exc.code().name, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+    resp = await hcall_until_answered(uv, svm, "H_SVM_INIT_ABORT", request, uv.cfg.abort_attempt_timeout_s)
+    if resp is None:
+        # the HV finished the abort (its UV_SVM_TERMINATE arrived) but its answer was lost
+        uv.metrics.abort_seconds.labels("terminated-by-hv").observe(time.perf_counter() - t0)
+        return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
     if resp.rc == H.H_PARAMETER and resp.returned_to == AbortReturn.ABORT_RETURN_GUEST:
         uv.metrics.abort_seconds.labels("resumed-by-hv").observe(time.perf_counter() - t0)
         return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)

@@ -27,9 +27,12 @@ class UvMetrics(ServiceMetrics):
         self.esm_failures = Counter(
             "pefsim_uv_esm_failures_total", "ESM attempts that went to the abort path, by reason.",
             ["reason"], registry=r)
-        self.abort_retries = Counter(
-            "pefsim_uv_abort_retries_total",
-            "H_SVM_INIT_ABORT attempts made again after a transport failure.", registry=r)
+        self.hcall_retries = Counter(
+            "pefsim_uv_hcall_retries_total",
+            "H_SVM_INIT_DONE / H_SVM_INIT_ABORT attempts made again after a transport failure.",
+            ["call"], registry=r)
+        for call in ("H_SVM_INIT_DONE", "H_SVM_INIT_ABORT"):
+            self.hcall_retries.labels(call)  # exported at 0 before the first retry
         pending = Gauge("pefsim_uv_abort_pending_seconds",
                         "Age of the oldest SVM waiting in SVM_ABORT for the HV (0: none).", registry=r)
         pending.set_function(lambda: max(

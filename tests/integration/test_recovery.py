@@ -6,7 +6,7 @@ import signal
 import time
 import urllib.request
 
-from pefsim.abi import H
+from pefsim.abi import H, U, VmState
 from pefsim.demo import Operator
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
@@ -159,6 +159,34 @@ def test_abort_result_code_is_h_parameter_after_recovery(stack_factory, run):
             await asyncio.to_thread(stack.restart, "hv")
             rep = (await asyncio.wait_for(boot, 60)).report
             assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("aborted", H.H_PARAMETER, 1, True)
+        finally:
+            await op.close()
+    run(scenario())
+
+
+def test_init_done_whose_answer_is_lost_is_asked_again(stack_factory, run):
+    """kill -9 of the HV after it recorded H_SVM_INIT_DONE, before answering: the UV asks again
+    (the call succeeds when repeated) instead of aborting, and the guest comes up secure with all
+    its memory, the HV holding it as secure too."""
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator.of(stack)
+        try:
+            name = unique("done")
+            await asyncio.to_thread(stack.restart, "hv", (f"hv.esm.init_done@{name}",))
+            addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20, blob_for(stack, name))
+            op.guest(name, addr)
+            boot = asyncio.ensure_future(op.guest(name).Boot(guest_pb2.BootRequest()))
+            deadline = time.monotonic() + 30
+            while stack.procs["hv"].alive and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not stack.procs["hv"].alive, "the failpoint did not fire"
+            await asyncio.to_thread(stack.restart, "hv")
+            rep = (await asyncio.wait_for(boot, 60)).report
+            assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("secure", U.U_SUCCESS, 1, True)
+            vm = next(v for v in (await op.hv.stub.HvStatus(hpb.HvStatusRequest())).vms if v.lpid == rep.lpid)
+            assert vm.state == VmState.VM_SECURE.name
         finally:
             await op.close()
     run(scenario())

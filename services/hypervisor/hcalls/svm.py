@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from pefsim import faults
 from pefsim.abi import GfnState, H, SecureGuest, U, gpa_of
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from services.hypervisor import abort, bulk
@@ -60,6 +61,7 @@ async def h_svm_init_done(hv, req: pb.HSvmInitDoneRequest, caller) -> pb.HSvmIni
                 hv.state.mark_secure_in(slot, idx)
         hv.state.set_secure_guest(vm, vm.secure_guest | SecureGuest.KVMPPC_SECURE_INIT_DONE)
     log.info("LPID %d went secure", vm.lpid)
+    faults.reach("hv.esm.init_done", vm.name)
     return pb.HSvmInitDoneResponse(rc=H.H_SUCCESS)
 
 
