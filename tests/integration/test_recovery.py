@@ -138,6 +138,20 @@ def test_vmm_that_does_not_come_back_loses_its_vm(stack_factory, run):
     run(scenario())
 
 
+async def boot_through_hv_kill(stack, op, name: str, failpoint: str, **blob_kw):
+    """Boot guest ``name`` (1 MiB) on an HV armed to kill itself at ``failpoint`` for it; once
+    it has, restart the HV and return the guest's boot report."""
+    await asyncio.to_thread(stack.restart, "hv", (f"{failpoint}@{name}",))
+    addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20, blob_for(stack, name, **blob_kw))
+    boot = asyncio.ensure_future(op.guest(name, addr).Boot(guest_pb2.BootRequest()))
+    deadline = time.monotonic() + 30
+    while stack.procs["hv"].alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not stack.procs["hv"].alive, "the failpoint did not fire"
+    await asyncio.to_thread(stack.restart, "hv")
+    return (await asyncio.wait_for(boot, 60)).report
+
+
 def test_abort_result_code_is_h_parameter_after_recovery(stack_factory, run):
     """kill -9 of the HV between two page-outs of an abort: the restarted HV finishes it, the
     guest is resumed once with H_PARAMETER and finds all its memory."""
@@ -146,18 +160,8 @@ def test_abort_result_code_is_h_parameter_after_recovery(stack_factory, run):
     async def scenario():
         op = Operator.of(stack)
         try:
-            name = unique("mid")
-            await asyncio.to_thread(stack.restart, "hv", (f"hv.abort.page_out:5@{name}",))
-            addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20,
-                                           blob_for(stack, name, omit=("initrd",)))
-            op.guest(name, addr)
-            boot = asyncio.ensure_future(op.guest(name).Boot(guest_pb2.BootRequest()))
-            deadline = time.monotonic() + 30
-            while stack.procs["hv"].alive and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            assert not stack.procs["hv"].alive, "the failpoint did not fire"
-            await asyncio.to_thread(stack.restart, "hv")
-            rep = (await asyncio.wait_for(boot, 60)).report
+            rep = await boot_through_hv_kill(stack, op, unique("mid"), "hv.abort.page_out:5",
+                                             omit=("initrd",))
             assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("aborted", H.H_PARAMETER, 1, True)
         finally:
             await op.close()
@@ -173,17 +177,7 @@ def test_init_done_whose_answer_is_lost_is_asked_again(stack_factory, run):
     async def scenario():
         op = Operator.of(stack)
         try:
-            name = unique("done")
-            await asyncio.to_thread(stack.restart, "hv", (f"hv.esm.init_done@{name}",))
-            addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20, blob_for(stack, name))
-            op.guest(name, addr)
-            boot = asyncio.ensure_future(op.guest(name).Boot(guest_pb2.BootRequest()))
-            deadline = time.monotonic() + 30
-            while stack.procs["hv"].alive and time.monotonic() < deadline:
-                await asyncio.sleep(0.01)
-            assert not stack.procs["hv"].alive, "the failpoint did not fire"
-            await asyncio.to_thread(stack.restart, "hv")
-            rep = (await asyncio.wait_for(boot, 60)).report
+            rep = await boot_through_hv_kill(stack, op, unique("done"), "hv.esm.init_done")
             assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("secure", U.U_SUCCESS, 1, True)
             vm = next(v for v in (await op.hv.stub.HvStatus(hpb.HvStatusRequest())).vms if v.lpid == rep.lpid)
             assert vm.state == VmState.VM_SECURE.name
