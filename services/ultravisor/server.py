@@ -111,8 +111,8 @@ def parse_args(argv=None) -> UvConfig:
 async def serve(cfg: UvConfig) -> None:
     server, port, uv = await build_server(cfg)
     metrics_port = uv.metrics.serve(cfg.metrics_listen)
-    log.info("ultravisor serving on %s (port %d), pool %d pages, hv %s", cfg.listen, port,
-             cfg.pool_pages, cfg.hv)
+    log.info("ultravisor serving on %s (port %d), pool %d pages (%s), hv %s", cfg.listen, port,
+             cfg.pool_pages, uv.state.pool.residency, cfg.hv)
     rpc.write_ready_file(cfg.ready_file, port=port, metrics_port=metrics_port, boot_id=uv.state.boot_id)
     await rpc.serve_until_signalled(server, uv.close)
 

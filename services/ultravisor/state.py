@@ -68,12 +68,28 @@ SVM_MEM_SLOTS_NUM = 32  # slot ids the UV accepts per SVM (firmware's SVM_MEM_SL
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-class SecurePool:
-    """The UV's fixed-size secure memory: an anonymous mmap of 64 KiB frames."""
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 
-    def __init__(self, pages: int):
+
+class SecurePool:
+    """The UV's fixed-size secure memory: an anonymous mmap of 64 KiB frames.
+
+    Like the secure memory firmware sets aside at boot, the pool is made resident when the UV
+    starts (``populate``): a first touch costs a fault and a zeroing per 4 KiB, which on these
+    machines is ten times the copy itself (41 us against 4.5 us for a 64 KiB page-in), and no
+    hardware UV pays it on the page-in path. Without MADV_POPULATE_WRITE (Linux < 5.14) frames
+    become resident on first use, as before, and the UV says so at start."""
+
+    def __init__(self, pages: int, populate: bool = True):
         self.total = pages
         self.mem = mmap.mmap(-1, max(pages, 1) * PAGE_SIZE)
+        self.residency = "on first use"
+        if populate and pages:
+            try:
+                self.mem.madvise(MADV_POPULATE_WRITE)
+                self.residency = "resident"
+            except OSError as exc:  # an old kernel: the UV's start line says so
+                self.residency = f"on first use (MADV_POPULATE_WRITE: {exc.strerror})"
         self._free = list(range(pages - 1, -1, -1))
         self.reserved = 0
 

@@ -105,3 +105,22 @@ def test_svm_lock_is_per_svm(uv):
         async with a.lock:
             assert not b.lock.locked()
     asyncio.run(both())
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) << 10 for line in fh if line.startswith("VmRSS:"))
+
+
+def test_the_secure_pool_is_resident_from_the_start():
+    """Secure memory is set aside at boot: the pool's pages are resident before any page-in
+    (a first touch costs more than the copy), and still all zeros."""
+    from services.ultravisor.state import SecurePool
+
+    before = _rss_bytes()
+    pool = SecurePool(256)  # 16 MiB
+    assert pool.residency == "resident"
+    assert _rss_bytes() - before >= 15 << 20
+    assert pool.mem[:] == bytes(256 * PAGE_SIZE)
+    lazy = SecurePool(256, populate=False)
+    assert lazy.residency == "on first use"
