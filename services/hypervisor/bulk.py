@@ -22,16 +22,23 @@ from services.hypervisor.errors import UvUnreachable
 
 log = logging.getLogger("pefsim.hv.bulk")
 BATCH = 16  # pages per frame: 1 MiB (measured: 16-64 pages per message is the grpcio optimum)
+SHARED_BATCH = 256  # pages per frame through shared memory: no data travels, only page numbers,
+#                    so a frame is ~3 KiB and what counts is the per-message cost of gRPC
 WINDOW = 4  # frames in flight before the first is answered: bounds the memory a stream holds
 SERVICE = "/pefsim.v1.UltravisorService"
 
 
 def _batches(items):
-    """items: (slot, idx, ...) in any order -> lists of at most BATCH items of one slot."""
+    """items: (slot, idx, ...) in any order -> lists of at most batch_pages(slot) items of one slot."""
     for _, group in groupby(items, key=lambda it: it[0].slot_id):
         group = list(group)
-        for first in range(0, len(group), BATCH):
-            yield group[first:first + BATCH]
+        size = batch_pages(group[0][0])
+        for first in range(0, len(group), size):
+            yield group[first:first + size]
+
+
+def batch_pages(slot) -> int:
+    return SHARED_BATCH if slot.shared else BATCH
 
 
 async def page_in(hv, vm, items):
@@ -74,12 +81,12 @@ async def page_out(hv, vm, items):
 
     for batch_items in _group_by_slot(items):
         slot = batch_items[0][0]
-        request = upb.PageOutRequest(lpid=vm.lpid, batch_pages=BATCH, shared_memory=slot.shared, pages=[
+        request = upb.PageOutRequest(lpid=vm.lpid, batch_pages=batch_pages(slot), shared_memory=slot.shared, pages=[
             upb.PageRef(ra=slot.ra(idx), gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT) for _, idx in batch_items])
         call = hv.uv.channel.unary_stream(f"{SERVICE}/UvPageOutStream",
                                           request_serializer=upb.PageOutRequest.SerializeToString,
                                           response_deserializer=decoder(upb.PageOutBatch))
-        stream = call(request, timeout=hv.cfg.ucall_timeout_s + len(batch_items) / BATCH, wait_for_ready=True)
+        stream = call(request, timeout=hv.cfg.ucall_timeout_s + len(batch_items) / batch_pages(slot), wait_for_ready=True)
         try:
             async for frame in stream:
                 hdr, payload = frame.header, frame.payload

@@ -258,6 +258,34 @@ def test_dropped_and_truncated_streams(stack, run):
     run(scenario())
 
 
+def test_hostile_hv_cannot_make_the_uv_build_huge_frames(stack, run):
+    """UvPageOutStream with an absurd batch_pages: the UV caps each frame (MAX_BATCH pages with
+    data), so one request cannot make it hold the whole SVM in one message."""
+    from pefsim.dataplane import decoder
+    from services.ultravisor.calls.bulk import MAX_BATCH
+
+    async def scenario():
+        op = Operator.of(stack)
+        hv = as_(stack, "hv", stack.uv_addr, UV_STUB, "uv")
+        try:
+            rep = await secure_guest(stack, op)
+            npages = MEM // PAGE_SIZE
+            call = hv.channel.unary_stream("/pefsim.v1.UltravisorService/UvPageOutStream",
+                                           request_serializer=upb.PageOutRequest.SerializeToString,
+                                           response_deserializer=decoder(upb.PageOutBatch))
+            refs = [upb.PageRef(ra=HV_RA_BASE, gpa=(i % npages) << PAGE_SHIFT, order=PAGE_SHIFT)
+                    for i in range(3 * MAX_BATCH + 5)]
+            frames = [f async for f in call(upb.PageOutRequest(lpid=rep.lpid, batch_pages=10**6, pages=refs),
+                                            timeout=30)]
+            assert [len(f.header.rc) for f in frames] == [MAX_BATCH] * 3 + [5]
+            assert all(len(f.payload) <= MAX_BATCH * PAGE_SIZE for f in frames)
+            assert check(stack.uv_addr, tls=stack.tls("operator"), server_role="uv")
+        finally:
+            await hv.close()
+            await op.close()
+    run(scenario())
+
+
 SERVICES = [("uv", ultravisor_pb2_grpc, "UltravisorService", upb), ("hv", hypervisor_pb2_grpc,
             "HypervisorService", hpb), ("guest", guest_pb2_grpc, "GuestService", guest_pb2)]
 

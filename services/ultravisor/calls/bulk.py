@@ -13,6 +13,8 @@ from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor.calls.page import page_in_one, page_out_one
 
 DEFAULT_BATCH = 32
+MAX_BATCH = 64  # pages per page-out frame with data: 4 MiB, whatever batch_pages an HV asks for
+MAX_SHARED_BATCH = 1024  # through shared memory a frame carries results only
 
 
 async def uv_page_in_stream(uv, batches, caller):
@@ -48,7 +50,7 @@ async def uv_page_in_stream(uv, batches, caller):
 
 async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
     call = uv.dispatcher.calls["UV_PAGE_OUT"]
-    size = req.batch_pages or DEFAULT_BATCH
+    size = min(req.batch_pages or DEFAULT_BATCH, MAX_SHARED_BATCH if req.shared_memory else MAX_BATCH)
     pages = list(req.pages)
     for first in range(0, len(pages), size):
         rcs, parts = [], []
