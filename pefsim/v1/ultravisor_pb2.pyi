@@ -241,7 +241,7 @@ class UvStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class SvmInfo(_message.Message):
-    __slots__ = ("lpid", "state", "secure_pages", "reserved_pages", "pagedout_pages", "shared_pages", "memslots", "abort_pending_s")
+    __slots__ = ("lpid", "state", "secure_pages", "reserved_pages", "pagedout_pages", "shared_pages", "memslots", "abort_pending_s", "unanswered_hcall", "unanswered_s")
     LPID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SECURE_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +250,8 @@ class SvmInfo(_message.Message):
     SHARED_PAGES_FIELD_NUMBER: _ClassVar[int]
     MEMSLOTS_FIELD_NUMBER: _ClassVar[int]
     ABORT_PENDING_S_FIELD_NUMBER: _ClassVar[int]
+    UNANSWERED_HCALL_FIELD_NUMBER: _ClassVar[int]
+    UNANSWERED_S_FIELD_NUMBER: _ClassVar[int]
     lpid: int
     state: str
     secure_pages: int
@@ -258,7 +260,9 @@ class SvmInfo(_message.Message):
     shared_pages: int
     memslots: int
     abort_pending_s: float
-    def __init__(self, lpid: _Optional[int] = ..., state: _Optional[str] = ..., secure_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., pagedout_pages: _Optional[int] = ..., shared_pages: _Optional[int] = ..., memslots: _Optional[int] = ..., abort_pending_s: _Optional[float] = ...) -> None: ...
+    unanswered_hcall: str
+    unanswered_s: float
+    def __init__(self, lpid: _Optional[int] = ..., state: _Optional[str] = ..., secure_pages: _Optional[int] = ..., reserved_pages: _Optional[int] = ..., pagedout_pages: _Optional[int] = ..., shared_pages: _Optional[int] = ..., memslots: _Optional[int] = ..., abort_pending_s: _Optional[float] = ..., unanswered_hcall: _Optional[str] = ..., unanswered_s: _Optional[float] = ...) -> None: ...
 
 class UvStatusResponse(_message.Message):
     __slots__ = ("pool_pages_total", "pool_pages_in_use", "pool_pages_reserved", "svms", "terminated_lpids", "boot_id")

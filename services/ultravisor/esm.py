@@ -54,17 +54,21 @@ async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
     made again, backing off up to 2 s. Returns the answer, or None once the SVM is terminated
     (the HV finished the work and its answer was lost)."""
     delay, attempts = 0.05, 0
-    while not svm.destroyed:
-        try:
-            return await getattr(uv.hv.stub, name)(request, timeout=timeout_s, wait_for_ready=True)
-        except grpc.aio.AioRpcError as exc:
-            attempts += 1
-            uv.metrics.hcall_retries.labels(name).inc()
-            log.error("lpid %d: %s attempt %d failed in transport (%s); the SVM keeps its pages; "
-                      "asking again in %.2f s", svm.lpid, name, attempts, exc.code().name, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
-    return None
+    svm.unanswered = (name, time.time_ns())  # UvStatus and pefsim_uv_hcall_unanswered_seconds
+    try:
+        while not svm.destroyed:
+            try:
+                return await getattr(uv.hv.stub, name)(request, timeout=timeout_s, wait_for_ready=True)
+            except grpc.aio.AioRpcError as exc:
+                attempts += 1
+                uv.metrics.hcall_retries.labels(name).inc()
+                log.error("lpid %d: %s attempt %d failed in transport (%s); the SVM keeps its pages; "
+                          "asking again in %.2f s", svm.lpid, name, attempts, exc.code().name, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        return None
+    finally:
+        svm.unanswered = None
 
 
 async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:

@@ -31,8 +31,16 @@ class UvMetrics(ServiceMetrics):
             "pefsim_uv_hcall_retries_total",
             "H_SVM_INIT_DONE / H_SVM_INIT_ABORT attempts made again after a transport failure.",
             ["call"], registry=r)
+        unanswered = Gauge(
+            "pefsim_uv_hcall_unanswered_seconds",
+            "Age of the oldest H_SVM_INIT_DONE / H_SVM_INIT_ABORT the UV is still asking the HV "
+            "(first attempt to now; 0: none). An HV that never answers INIT_DONE shows here: the "
+            "SVM stays in SVM_ACTIVE meanwhile.", ["call"], registry=r)
         for call in ("H_SVM_INIT_DONE", "H_SVM_INIT_ABORT"):
             self.hcall_retries.labels(call)  # exported at 0 before the first retry
+            unanswered.labels(call).set_function(lambda call=call: max(
+                [(time.time_ns() - s.unanswered[1]) / 1e9 for s in state.svms.values()
+                 if s.unanswered and s.unanswered[0] == call] or [0.0]))
         pending = Gauge("pefsim_uv_abort_pending_seconds",
                         "Age of the oldest SVM waiting in SVM_ABORT for the HV (0: none).", registry=r)
         pending.set_function(lambda: max(

@@ -150,6 +150,7 @@ class Svm:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     destroyed: bool = False
     esm_task: Any = None  # the ESM context (esm.py) while it runs
+    unanswered: tuple[str, int] | None = None  # (hcall, first attempt ns) while esm.hcall_until_answered asks
 
     def slot_of(self, gfn: int) -> int | None:
         for slotid, (base, npages) in self.slots.items():

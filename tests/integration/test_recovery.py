@@ -138,9 +138,10 @@ def test_vmm_that_does_not_come_back_loses_its_vm(stack_factory, run):
     run(scenario())
 
 
-async def boot_through_hv_kill(stack, op, name: str, failpoint: str, **blob_kw):
+async def boot_through_hv_kill(stack, op, name: str, failpoint: str, while_down=None, **blob_kw):
     """Boot guest ``name`` (1 MiB) on an HV armed to kill itself at ``failpoint`` for it; once
-    it has, restart the HV and return the guest's boot report."""
+    it has (and ``await while_down()`` has returned), restart the HV and return the guest's boot
+    report."""
     await asyncio.to_thread(stack.restart, "hv", (f"{failpoint}@{name}",))
     addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20, blob_for(stack, name, **blob_kw))
     boot = asyncio.ensure_future(op.guest(name, addr).Boot(guest_pb2.BootRequest()))
@@ -148,6 +149,8 @@ async def boot_through_hv_kill(stack, op, name: str, failpoint: str, **blob_kw):
     while stack.procs["hv"].alive and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     assert not stack.procs["hv"].alive, "the failpoint did not fire"
+    if while_down is not None:
+        await while_down()
     await asyncio.to_thread(stack.restart, "hv")
     return (await asyncio.wait_for(boot, 60)).report
 
@@ -177,7 +180,22 @@ def test_init_done_whose_answer_is_lost_is_asked_again(stack_factory, run):
     async def scenario():
         op = Operator.of(stack)
         try:
-            rep = await boot_through_hv_kill(stack, op, unique("done"), "hv.esm.init_done")
+            seen = {}
+
+            async def while_down():  # the UV keeps asking, and says so
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    svms = (await op.uv.stub.UvStatus(upb.UvStatusRequest())).svms
+                    waiting = [s for s in svms if s.unanswered_hcall]
+                    gauge = metric(stack, "uv", 'pefsim_uv_hcall_unanswered_seconds{call="H_SVM_INIT_DONE"}')
+                    if waiting and waiting[0].unanswered_s > 0.2 and gauge > 0.2:
+                        seen.update(call=waiting[0].unanswered_hcall, state=waiting[0].state)
+                        return
+                    await asyncio.sleep(0.05)
+
+            rep = await boot_through_hv_kill(stack, op, unique("done"), "hv.esm.init_done", while_down)
+            assert seen == {"call": "H_SVM_INIT_DONE", "state": "SVM_ACTIVE"}
+            assert metric(stack, "uv", 'pefsim_uv_hcall_unanswered_seconds{call="H_SVM_INIT_DONE"}') == 0
             assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("secure", U.U_SUCCESS, 1, True)
             vm = next(v for v in (await op.hv.stub.HvStatus(hpb.HvStatusRequest())).vms if v.lpid == rep.lpid)
             assert vm.state == VmState.VM_SECURE.name

@@ -113,6 +113,8 @@ async def uv_status(uv, req: pb.UvStatusRequest, caller) -> pb.UvStatusResponse:
         shared_pages=s.count(GpfState.GPF_SHARED) + s.count(GpfState.GPF_SHARED_INV),
         memslots=len(s.slots),
         abort_pending_s=(now - s.abort_issued_ns) / 1e9 if s.abort_issued_ns else 0.0,
+        unanswered_hcall=s.unanswered[0] if s.unanswered else "",
+        unanswered_s=(now - s.unanswered[1]) / 1e9 if s.unanswered else 0.0,
     ) for s in sorted(st.svms.values(), key=lambda s: s.lpid)]
     return pb.UvStatusResponse(pool_pages_total=st.pool.total, pool_pages_in_use=st.pool.in_use,
                                pool_pages_reserved=st.pool.reserved, svms=svms,
