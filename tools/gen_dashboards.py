@@ -134,6 +134,7 @@ def chaos() -> dashboard.Dashboard:
             ("histogram_quantile(0.99, sum by (le) (rate(pefsim_chaos_recovery_seconds_bucket[$__rate_interval])))", "p99")),
          ts("Aborts waiting, hcalls retried", "none",
             ("max(pefsim_uv_abort_pending_seconds)", "oldest abort waiting (s)"),
+            ("max by (call) (pefsim_uv_hcall_unanswered_seconds)", "{{call}} unanswered (s)"),
             ("sum by (call) (pefsim_uv_hcall_retries_total)", "{{call}} retries"),
             ("sum(pefsim_hv_aborts_resumed_total)", "aborts finished after an HV restart"))],
         [ts("Violations, by invariant", "none", ("sum by (invariant) (pefsim_chaos_violations_total)", "{{invariant}}")),
