@@ -7,7 +7,10 @@
   (c) control-plane latency of a simple hcall (H_SVM_PAGE_OUT of a page that is not secure: the
       checks, the lock and H_SUCCESS), p50 / p99;
   (d) the HV's and UV's peak RSS;
-  and, with --scaling, N guests aborting at once.
+  and, with --scaling, N guests aborting at once; with --channel-options, the stream page-in and
+  page-out under each of a set of gRPC channel arguments (CHANNEL_VARIANTS, handed to every
+  service through $PEFSIM_GRPC_OPTIONS), in paired rounds, so which of them matter is measured
+  here rather than assumed.
 
 Speeds are ratios to (a), printed with the targets they are held to; they are measurements, not
 tests (tests only check that the bench runs and its JSON is well formed).
@@ -133,9 +136,9 @@ def peak_rss(pid: int) -> int:
     return 0
 
 
-def start_stack(root: Path, mode: str, pool_bytes: int) -> LocalStack:
+def start_stack(root: Path, mode: str, pool_bytes: int, env: dict | None = None) -> LocalStack:
     cfg = StackConfig(run_dir=root / mode, transfer="unary" if mode == "unary" else "stream",
-                      shared_memory=mode == "shm", pool_pages=max(pool_bytes // PAGE_SIZE, 16))
+                      shared_memory=mode == "shm", pool_pages=max(pool_bytes // PAGE_SIZE, 16), env=env or {})
     return LocalStack(cfg).start()
 
 
@@ -161,9 +164,9 @@ async def abort_guests(stack: LocalStack, sizes: list[int], tag: str) -> list[di
         await op.close()
 
 
-def transfer(root: Path, mode: str, size: int) -> dict:
+def transfer(root: Path, mode: str, size: int, env: dict | None = None) -> dict:
     """Page-in and page-out of one guest of ``size`` bytes in ``mode`` (stream, shm, unary)."""
-    stack = start_stack(root, mode, size)
+    stack = start_stack(root, mode, size, env)
     try:
         asyncio.run(abort_guests(stack, [size], mode))
         uv, hv = scrape(stack.metrics_targets()["uv"]), scrape(stack.metrics_targets()["hv"])
@@ -224,6 +227,35 @@ def scaling(root: Path, counts: list[int], guest_bytes: int, progress: Progress)
     return rows
 
 
+# gRPC channel arguments worth measuring for the bulk stream (on both ends of every channel).
+CHANNEL_VARIANTS = [
+    ("as shipped (pefsim.rpc)", {}),
+    ("bdp_probe off", {"grpc.http2.bdp_probe": 0}),
+    ("max HTTP/2 frame 16 MiB", {"grpc.http2.max_frame_size": (16 << 20) - 1}),
+    ("write buffer 4 MiB", {"grpc.http2.write_buffer_size": 4 << 20}),
+    ("TCP reads of 1-4 MiB", {"grpc.experimental.tcp_min_read_chunk_size": 1 << 20,
+                              "grpc.experimental.tcp_max_read_chunk_size": 4 << 20}),
+    ("TCP reads of at most 64 KiB", {"grpc.experimental.tcp_max_read_chunk_size": 64 << 10}),
+]
+
+
+def channel_options(root: Path, guest_bytes: int, rounds: int, progress: Progress) -> list[dict]:
+    """Each variant's stream page-in and page-out, ``rounds`` times in turn (paired rounds: a slow
+    moment of the machine hits every variant alike); medians."""
+    runs: dict[str, list[dict]] = {name: [] for name, _ in CHANNEL_VARIANTS}
+    for r in range(rounds):
+        for i, (name, options) in enumerate(CHANNEL_VARIANTS):
+            env = {"PEFSIM_GRPC_OPTIONS": json.dumps(options)} if options else {}
+            runs[name].append(transfer(root / f"opts-{r}-{i}", "stream", guest_bytes, env))
+        progress.step(f"channel options, round {r + 1}/{rounds}")
+    return [{"variant": name, "options": options,
+             "pagein_MBps": round(statistics.median(x["pagein_Bps"] for x in runs[name]) / 1e6, 1),
+             "pageout_MBps": round(statistics.median(x["pageout_Bps"] for x in runs[name]) / 1e6, 1),
+             "hv_rss_bytes": max(x["hv_rss"] for x in runs[name]),
+             "uv_rss_bytes": max(x["uv_rss"] for x in runs[name])}
+            for name, options in CHANNEL_VARIANTS]
+
+
 TARGETS = [
     ("stream page-in and page-out >= 0.35 x raw TCP", lambda r: min(r["pagein_stream_MBps"], r["pageout_stream_MBps"]) / r["tcp_MBps"], 0.35, ">="),
     ("shared memory >= 0.5 x memcpy", lambda r: min(r["pagein_shm_MBps"], r["pageout_shm_MBps"]) / r["memcpy_MBps"], 0.5, ">="),
@@ -237,8 +269,9 @@ TARGETS = [
 
 
 def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2000,
-        scale_counts: list[int] | None = None, scale_guest_bytes: int = 16 * MiB, show_progress: bool = True) -> dict:
-    progress = Progress(8 + len(scale_counts or []), show_progress)
+        scale_counts: list[int] | None = None, scale_guest_bytes: int = 16 * MiB, show_progress: bool = True,
+        option_rounds: int = 0, option_guest_bytes: int = 256 * MiB) -> dict:
+    progress = Progress(8 + len(scale_counts or []) + option_rounds, show_progress)
     with tempfile.TemporaryDirectory(prefix="pefsim-bench-") as tmp:
         root = Path(tmp)
         memcpy = memcpy_Bps(guest_bytes)
@@ -258,6 +291,7 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
             stack.stop()
         progress.step("hcall latency")
         rows = scaling(root, scale_counts or [], scale_guest_bytes, progress)
+        options = channel_options(root, option_guest_bytes, option_rounds, progress) if option_rounds else []
         progress.step("done")
         progress.end()
     result = {
@@ -276,6 +310,8 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
     }
     if rows:
         result["scaling"] = rows
+    if options:
+        result["channel_options"] = options
     return result
 
 
@@ -311,12 +347,19 @@ def render(result: dict) -> str:
                   f"{'N':>4} {'aggregate MB/s':>15} {'abort p50 s':>12} {'abort p99 s':>12}"]
         for row in result["scaling"]:
             lines.append(f"{row['guests']:>4} {row['abort_MBps']:>15.1f} {row['abort_p50_s']:>12.3f} {row['abort_p99_s']:>12.3f}")
+    if result.get("channel_options"):
+        lines += ["", "gRPC channel options, stream (medians of paired rounds)", "-" * 76,
+                  f"{'variant':<30} {'page-in MB/s':>13} {'page-out MB/s':>14} {'HV / UV peak RSS MiB':>21}"]
+        for row in result["channel_options"]:
+            rss = f"{row['hv_rss_bytes'] / MiB:.0f} / {row['uv_rss_bytes'] / MiB:.0f}"
+            lines.append(f"{row['variant']:<30} {row['pagein_MBps']:>13.1f} {row['pageout_MBps']:>14.1f} {rss:>21}")
     return "\n".join(lines)
 
 
 def main(a) -> int:
     result = run(guest_bytes=int(a.guest_mib * MiB), unary_bytes=int(a.unary_mib * MiB), hcalls=a.hcalls,
                  scale_counts=[int(n) for n in a.scaling.split(",")] if a.scaling else None,
-                 scale_guest_bytes=int(a.scale_guest_mib * MiB), show_progress=not a.json)
+                 scale_guest_bytes=int(a.scale_guest_mib * MiB), show_progress=not a.json,
+                 option_rounds=a.channel_options, option_guest_bytes=int(a.options_guest_mib * MiB))
     print(json.dumps(result) if a.json else render(result))
     return 0

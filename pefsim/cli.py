@@ -292,6 +292,9 @@ def main(argv=None) -> int:
     p.add_argument("--scaling", default="", metavar="N,N,...",
                    help="also N guests aborting at once, e.g. 1,4,16,64")
     p.add_argument("--scale-guest-mib", type=float, default=16, help="guest size in the scaling runs")
+    p.add_argument("--channel-options", type=int, default=0, metavar="ROUNDS",
+                   help="also the stream under each gRPC channel-option variant, ROUNDS paired rounds")
+    p.add_argument("--options-guest-mib", type=float, default=256, help="guest size in the channel-option runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=lambda a: __import__("pefsim.bench", fromlist=["main"]).main(a))
     p = sub.add_parser("certs", help="a project CA and mTLS certificates (kept if already there)")

@@ -58,6 +58,26 @@ SERVER_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+GRPC_OPTIONS_ENV = "PEFSIM_GRPC_OPTIONS"
+
+
+def with_overrides(options: list[tuple[str, Any]], raw: str | None = None) -> list[tuple[str, Any]]:
+    """``options`` with the channel arguments of $PEFSIM_GRPC_OPTIONS (a JSON object of name:
+    int or string) added or replaced: how ``pefsim bench --channel-options`` measures them."""
+    raw = os.environ.get(GRPC_OPTIONS_ENV, "") if raw is None else raw
+    if not raw:
+        return options
+    try:
+        extra = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{GRPC_OPTIONS_ENV}: not JSON ({exc})") from None
+    if not isinstance(extra, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool)
+                                              for v in extra.values()):
+        raise SystemExit(f"{GRPC_OPTIONS_ENV}: expected a JSON object of channel argument: int or string")
+    return [(k, v) for k, v in options if k not in extra] + list(extra.items())
+
+
+CLIENT_OPTIONS, SERVER_OPTIONS = with_overrides(CLIENT_OPTIONS), with_overrides(SERVER_OPTIONS)
 
 
 class _Allow:

@@ -115,6 +115,7 @@ class StackConfig:
     mutants: tuple[str, ...] = ()  # deliberate bugs for every service (pefsim/faults.py)
     insecure: bool = False  # plaintext gRPC instead of mTLS (pefsim/tls.py)
     uv_args: tuple[str, ...] = ()  # more options for the UV (limits, ...)
+    env: dict = field(default_factory=dict)  # more environment for every service (e.g. PEFSIM_GRPC_OPTIONS)
 
 
 class LocalStack:
@@ -178,7 +179,9 @@ class LocalStack:
                 "--history", str(self.run_dir / f"{name}.history.jsonl")]
         if self.cfg.metrics:
             argv += ["--metrics-listen", f"{self.cfg.host}:0"]
-        env = {"PEFSIM_MUTANTS": ",".join(self.cfg.mutants)} if self.cfg.mutants else {}
+        env = dict(self.cfg.env)
+        if self.cfg.mutants:
+            env["PEFSIM_MUTANTS"] = ",".join(self.cfg.mutants)
         proc = self.procs[name] = Proc(name, argv, logs / f"{name}.log", ready, env=env)
         return proc
 

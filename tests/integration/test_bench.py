@@ -14,7 +14,8 @@ KEYS = {"guest_bytes", "memcpy_MBps", "tcp_MBps", "pagein_stream_MBps", "pageout
 
 def test_bench_json_is_well_formed():
     out = subprocess.run([sys.executable, "-m", "pefsim", "bench", "--guest-mib", "4", "--unary-mib", "1",
-                          "--hcalls", "50", "--scaling", "1,2", "--scale-guest-mib", "1", "--json"],
+                          "--hcalls", "50", "--scaling", "1,2", "--scale-guest-mib", "1", "--channel-options", "1",
+                          "--options-guest-mib", "1", "--json"],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     doc = json.loads(out.stdout)
@@ -24,3 +25,22 @@ def test_bench_json_is_well_formed():
     assert all(doc[k] > 0 for k in KEYS - {"abort_latency_s"})
     assert all(v > 0 for v in doc["abort_latency_s"].values())
     assert [row["guests"] for row in doc["scaling"]] == [1, 2]
+    from pefsim.bench import CHANNEL_VARIANTS
+
+    assert [row["variant"] for row in doc["channel_options"]] == [name for name, _ in CHANNEL_VARIANTS]
+    assert all(row["pagein_MBps"] > 0 and row["pageout_MBps"] > 0 and row["hv_rss_bytes"] > 0
+               for row in doc["channel_options"])
+
+
+def test_grpc_option_overrides():
+    """$PEFSIM_GRPC_OPTIONS adds or replaces channel arguments; anything else is refused clearly."""
+    import pytest
+
+    from pefsim.rpc import with_overrides
+
+    base = [("grpc.a", 1), ("grpc.b", 2)]
+    assert with_overrides(base, "") == base
+    assert with_overrides(base, '{"grpc.b": 3, "grpc.c": "x"}') == [("grpc.a", 1), ("grpc.b", 3), ("grpc.c", "x")]
+    for bad in ("{not json", "[1, 2]", '{"grpc.a": 1.5}', '{"grpc.a": true}'):
+        with pytest.raises(SystemExit, match="PEFSIM_GRPC_OPTIONS"):
+            with_overrides(base, bad)
