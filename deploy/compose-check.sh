@@ -103,7 +103,7 @@ docker build -q -t "$PROM_IMAGE" --build-arg BASE_IMAGE="$BASE_IMAGE" \
 "${COMPOSE[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
 say "docker-compose up"
 "${COMPOSE[@]}" up -d 2>&1 | grep -v '^Creating' || true
-for svc in uv hv guest; do
+for svc in netproxy uv hv guest; do
     for _ in $(seq 150); do
         unhealthy=$("${COMPOSE[@]}" ps "$svc" | tail -n +3 | grep -vc '(healthy)' || true)
         [[ $unhealthy == 0 ]] && break
@@ -111,7 +111,7 @@ for svc in uv hv guest; do
     done
     [[ $unhealthy == 0 ]] || { "${COMPOSE[@]}" ps; "${COMPOSE[@]}" logs --tail 30 "$svc"; exit 1; }
 done
-say "healthy: uv, hv, guests"
+say "healthy: netproxy, uv, hv, guests"
 
 say "demo against the containers"
 "$PY" -m pefsim demo --compose --compose-project "$PROJECT" --json --mem-mib 4 >"$WORK/demo.json"
@@ -125,11 +125,14 @@ assert doc["uv_secure_pages_in_use"] == 0, doc
 print("[compose-check] demo: every guest's memory intact, no secure page left")
 PYEOF
 
-say "chaos through the Docker SDK: each fault kind the docker backend has, invariants checked"
-for spec in "kill-hv abort ${PEFSIM_COMPOSE_CHAOS_RUNS:-3}" "pause-hv abort 1" "kill-guest esm 1" "kill-uv secure 1"; do
-    read -r fault during runs <<<"$spec"
+say "chaos through the Docker SDK: every fault kind (net-* through the stack's netproxy), invariants checked"
+# (abort runs use 64 MiB guests: through shared memory a smaller abort is over before a fault lands)
+for spec in "kill-hv abort ${PEFSIM_COMPOSE_CHAOS_RUNS:-3} 64" "pause-hv abort 1 64" "kill-guest esm 1 16" \
+            "kill-uv secure 1 16" "net-reset abort 1 64" "net-blackhole esm 1 16" "net-latency abort 1 64" \
+            "net-bandwidth esm 1 16"; do
+    read -r fault during runs mib <<<"$spec"
     "$PY" -m pefsim chaos --backend docker --compose-project "$PROJECT" --fault "$fault" --during "$during" \
-        --runs "$runs" --seed 1 --mem-mib 16 --pause 1 --json --results "$WORK/chaos" >"$WORK/chaos.json"
+        --runs "$runs" --seed 1 --mem-mib "$mib" --pause 1 --fault-time 1 --json --results "$WORK/chaos" >"$WORK/chaos.json"
     "$PY" - "$WORK/chaos.json" "$fault" "$during" <<'PYEOF'
 import json, sys
 doc = json.loads(open(sys.argv[1]).read().strip().splitlines()[-1])

@@ -9,11 +9,26 @@ Faults, set and healed at any time:
   latency     each chunk waits ``value`` seconds before it is forwarded (order kept)
   bandwidth   forwarding is capped at ``value`` bytes per second per direction
 
-Runs on its own event loop in a background thread, so a synchronous harness can use it.
+Two ways to run it: ``ProxyThread`` (its own event loop in a background thread, for the local
+stack and a synchronous harness), and as a process of its own (the compose stack's ``netproxy``
+service, between the UV and HV containers), steered through a Unix socket in its container:
+
+    python -m pefsim.chaos.proxy serve --route 0.0.0.0:7111=uv:7101 --control /tmp/pefsim-netproxy.sock
+    python -m pefsim.chaos.proxy set latency 0.02 --control /tmp/pefsim-netproxy.sock
+    python -m pefsim.chaos.proxy heal --control ...     # or: status
+
+The control socket takes one JSON line ({"fault": name or null, "value": number} or
+{"status": true}) and answers one ({"ok": true, "t": when it took effect, "fault", "value",
+"bytes"} or {"ok": false, "error": ...}). Only who can enter the container can reach it (the
+Docker backend does, with ``docker exec``).
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import os
+import sys
 import threading
 import time
 
@@ -22,6 +37,9 @@ CHUNK = 256 << 10
 
 
 class FaultProxy:
+    """One listening address forwarding to one target (resolved again for every connection, so a
+    restarted container is found at its new address)."""
+
     def __init__(self, listen_port: int, target: tuple[str, int], host: str = "127.0.0.1"):
         self.host, self.listen_port, self.target = host, listen_port, target
         self.fault: str | None = None
@@ -137,3 +155,111 @@ class ProxyThread:
             self._call(proxy.stop)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+# -- as a process of its own ----------------------------------------------------------------------
+
+
+def parse_route(text: str) -> tuple[str, int, str, int]:
+    """LISTEN_HOST:PORT=TARGET_HOST:PORT"""
+    try:
+        listen, target = text.split("=")
+        lhost, lport = listen.rsplit(":", 1)
+        thost, tport = target.rsplit(":", 1)
+        return lhost, int(lport), thost, int(tport)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"route {text!r}: expected LISTEN_HOST:PORT=TARGET_HOST:PORT") from None
+
+
+def control_answer(proxies: list[FaultProxy], request: dict) -> dict:
+    if request.get("status"):
+        first = proxies[0]
+        return {"ok": True, "t": time.time(), "fault": first.fault, "value": first.value,
+                "bytes": sum(p.bytes for p in proxies)}
+    fault, value = request.get("fault"), request.get("value", 0.0)
+    try:
+        for proxy in proxies:
+            proxy.set_fault(fault, float(value))
+    except (ValueError, TypeError) as exc:
+        return {"ok": False, "error": str(exc)}
+    return {"ok": True, "t": time.time(), "fault": fault, "value": float(value),
+            "bytes": sum(p.bytes for p in proxies)}
+
+
+async def serve(routes: list[tuple[str, int, str, int]], control: str) -> None:
+    proxies = [FaultProxy(lport, (thost, tport), host=lhost) for lhost, lport, thost, tport in routes]
+    for proxy in proxies:
+        await proxy.start()
+
+    async def on_control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            try:
+                answer = control_answer(proxies, json.loads(line))
+            except (json.JSONDecodeError, AttributeError) as exc:
+                answer = {"ok": False, "error": f"not a JSON object: {exc}"}
+            writer.write(json.dumps(answer).encode() + b"\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    os.makedirs(os.path.dirname(control) or ".", exist_ok=True)
+    if os.path.exists(control):
+        os.unlink(control)
+    server = await asyncio.start_unix_server(on_control, control)
+    print(f"netproxy: {', '.join(f'{h}:{p} -> {th}:{tp}' for h, p, th, tp in routes)}; control {control}",
+          flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def ask(control: str, request: dict, timeout: float = 5.0) -> dict:
+    """One request to a running proxy's control socket."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(control)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pefsim.chaos.proxy",
+                                 description="pefsim's fault-injecting TCP proxy (HV <-> UV)")
+    ap.add_argument("--control", default="/tmp/pefsim-netproxy.sock", help="its Unix control socket")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("serve", help="run the proxy")
+    p.add_argument("--route", type=parse_route, action="append", required=True,
+                   help="LISTEN_HOST:PORT=TARGET_HOST:PORT (repeatable)")
+    p = sub.add_parser("set", help="inject a fault")
+    p.add_argument("fault", choices=FAULTS)
+    p.add_argument("value", type=float, nargs="?", default=0.0, help="latency in s, bandwidth in bytes/s")
+    sub.add_parser("heal", help="heal every fault")
+    sub.add_parser("status", help="the fault in force and the bytes forwarded")
+    a = ap.parse_args(argv)
+    if a.cmd == "serve":
+        try:
+            asyncio.run(serve(a.route, a.control))
+        except KeyboardInterrupt:
+            pass
+        return 0
+    request = {"status": True} if a.cmd == "status" else {"fault": a.fault if a.cmd == "set" else None,
+                                                         "value": getattr(a, "value", 0.0)}
+    try:
+        answer = ask(a.control, request)
+    except OSError as exc:
+        print(f"netproxy control {a.control}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(answer))
+    return 0 if answer.get("ok") else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
