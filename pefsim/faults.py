@@ -23,6 +23,8 @@ POINTS = {
     "hv.abort.page_out": "the HV got a page back with UV_PAGE_OUT during an abort, before writing it",
     "hv.abort.before_terminate": "the abort paged everything out, before UV_SVM_TERMINATE",
     "hv.abort.before_resume": "UV_SVM_TERMINATE done, before the guest is resumed",
+    "hv.secure.page_out": "the HV got UV_PAGE_OUT's answer for a secure page-out (H_SVM_PAGE_OUT, "
+                          "a host touch), before writing the ciphertext",
     "uv.esm.before_abort": "the UV decided to abort, before H_SVM_INIT_ABORT",
 }
 

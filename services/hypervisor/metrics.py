@@ -35,7 +35,12 @@ class HvMetrics(ServiceMetrics):
                                  "UV restarts noticed (its secure memory is gone).", registry=r)
         self.vms_failed = Counter("pefsim_hv_vms_failed_total", "VMs the HV failed, by reason.",
                                   ["reason"], registry=r)
-        self.vms_failed.labels("uv-reset")
+        for reason in ("uv-reset", "page-lost"):
+            self.vms_failed.labels(reason)
+        self.pages_lost = Counter(
+            "pefsim_hv_pages_lost_total",
+            "Secure pages the UV paged out in an answer the HV lost (killed or cut off before writing "
+            "it) with no shared memory to find it in: the VM fails with a machine check.", registry=r)
         self.zero(self.abort_seconds, "resumed", "duplicate", "not-waiting", "guest-unreachable",
                   "returned-to-uv", "cancelled")
         self.zero(self.terminate_seconds, *((trigger, result) for trigger in ("abort", "reset", "destroy")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from pefsim.image import page_digest
 from pefsim.v1 import guest_pb2, guest_pb2_grpc, hypervisor_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
 from services.hypervisor import abort, calltable
 from services.hypervisor.errors import UvReset, UvUnreachable
+from services.hypervisor.hcalls.page import settle_pageouts
 from services.hypervisor.metrics import HvMetrics
 from services.hypervisor.state import HvState, Vm
 
@@ -79,9 +79,12 @@ class Hypervisor:
             self.metrics.vms_recovered.inc(len(vms))
             log.warning("recovered %d VMs from %s; %d interrupted aborts to finish", len(vms),
                         self.cfg.data_dir, abort.recover(self))
+            for vm in vms:
+                if vm.pageouts_pending:
+                    self.tasks.append(asyncio.ensure_future(settle_pageouts(self, vm)))
 
     def start_background(self) -> None:
-        self.tasks = [asyncio.ensure_future(self.uv_monitor()), asyncio.ensure_future(self.watchdog())]
+        self.tasks += [asyncio.ensure_future(self.uv_monitor()), asyncio.ensure_future(self.watchdog())]
 
     async def uv_monitor(self) -> None:
         """Notice a UV restart (a machine reset): fail every VM whose state lived in it."""
@@ -121,10 +124,19 @@ class Hypervisor:
                     if st != GfnState.GFN_NORMAL:
                         self.state.mark_normal(slot, idx, scrub=st == GfnState.GFN_SECURE_IN)
                 self.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE, abort=None)
-            self.metrics.vms_failed.labels("uv-reset").inc()
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                await self.vcpu(vm).stub.MachineCheck(
-                    guest_pb2.MachineCheckRequest(lpid=vm.lpid, reason="uv-reset"), timeout=5)
+            await self.machine_check(vm, "uv-reset")
+
+    async def machine_check(self, vm, reason: str) -> None:
+        """Tell the guest its VM failed (``vm.failed`` says why; counted by reason). A guest that
+        cannot be reached learns it from its next call."""
+        vm.failed = reason
+        self.state.save(vm)
+        self.metrics.vms_failed.labels(reason).inc()
+        try:
+            await self.vcpu(vm).stub.MachineCheck(
+                guest_pb2.MachineCheckRequest(lpid=vm.lpid, reason=reason), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            log.warning("lpid %d: machine check (%s) not delivered: %s", vm.lpid, reason, exc.code().name)
 
     async def watchdog(self) -> None:
         """Destroy VMs whose VMM did not come back after a restart."""

@@ -44,7 +44,8 @@ data directory, 64 KiB pages; the GFN states sit beside it in a second mmapped f
 progress. Writes are ordered so that a kill between any two of them leaves a state the restarted
 HV can finish from: a GFN is marked secure before its HV page is scrubbed; a page given back is
 written before its GFN is marked normal; secure_guest = 0 is recorded together with the abort's
-next phase. ``HvState.load`` rebuilds every VM at start.
+next phase; a secure page-out (H_SVM_PAGE_OUT, host touch) is recorded as pending before the
+UV_PAGE_OUT and cleared after the ciphertext is written. ``HvState.load`` rebuilds every VM at start.
 
 Locking: ``Vm.lock`` is the per-VM uvmem_lock: every page-in, page-out, share, drop and any change
 of a GFN state happens under it. It is held across ucalls to the UV (which never call back into
@@ -141,6 +142,9 @@ class Vm:
     had_session: bool = False  # a VMM held a session: after a restart it must come back
     failed: str = ""  # why the HV failed the VM (e.g. "uv-reset")
     owner: str = ""  # identity of the guest whose VMM created it ("" when an operator did)
+    # GFNs whose UV_PAGE_OUT (H_SVM_PAGE_OUT, host touch) was asked and whose answer is not yet
+    # recorded: written before the ucall, so a restarted HV asks again (hcalls/page.py)
+    pageouts_pending: set[int] = field(default_factory=set)
     # in memory only
     abort_task: Any = None
     sessions: int = 0
@@ -199,7 +203,7 @@ class HvState:
                     vcpu_endpoint=meta["vcpu_endpoint"], secure_capable=meta["secure_capable"],
                     secure_guest=meta["secure_guest"], abort=meta.get("abort"),
                     had_session=meta.get("had_session", False), failed=meta.get("failed", ""),
-                    owner=meta.get("owner", ""))
+                    owner=meta.get("owner", ""), pageouts_pending=set(meta.get("pageouts_pending", [])))
             for s in meta["slots"]:
                 vm.slots[s["slot_id"]] = Slot(directory, s["slot_id"], s["base_gfn"], s["npages"], s["ra_base"],
                                               s.get("shared", False))
@@ -279,6 +283,7 @@ class HvState:
         meta = {"lpid": vm.lpid, "name": vm.name, "vcpu_endpoint": vm.vcpu_endpoint,
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
                 "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed, "owner": vm.owner,
+                "pageouts_pending": sorted(vm.pageouts_pending),
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
                            "ra_base": s.ra_base, "shared": s.shared} for s in vm.slots.values()]}
         tmp = vm.directory / "vm.json.tmp"

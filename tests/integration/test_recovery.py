@@ -6,7 +6,9 @@ import signal
 import time
 import urllib.request
 
-from pefsim.abi import H, U, VmState
+import grpc
+
+from pefsim.abi import PAGE_SHIFT, GfnState, H, U, VmState
 from pefsim.demo import Operator
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
@@ -199,6 +201,74 @@ def test_init_done_whose_answer_is_lost_is_asked_again(stack_factory, run):
             assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("secure", U.U_SUCCESS, 1, True)
             vm = next(v for v in (await op.hv.stub.HvStatus(hpb.HvStatusRequest())).vms if v.lpid == rep.lpid)
             assert vm.state == VmState.VM_SECURE.name
+        finally:
+            await op.close()
+    run(scenario())
+
+
+async def host_touch_through_hv_kill(stack, op, rep) -> None:
+    """Arm hv.secure.page_out for the guest, let the host touch its page 2 (the HV pages it out
+    and dies once the UV answered, before writing the ciphertext), and restart the HV."""
+    await asyncio.to_thread(stack.restart, "hv", (f"hv.secure.page_out@{rep.name}",))
+    try:
+        await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=2 << PAGE_SHIFT), timeout=10)
+        raise AssertionError("the failpoint did not fire")
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE
+    deadline = time.monotonic() + 10  # its connection drops a moment before its exit is reaped
+    while stack.procs["hv"].alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not stack.procs["hv"].alive, "the HV is still running: the failpoint did not fire"
+    await asyncio.to_thread(stack.restart, "hv")
+
+
+def test_secure_page_out_whose_answer_is_lost_is_found_in_shared_memory(stack_factory, run):
+    """kill -9 of the HV after the UV paged a secure page out (a host touch), before the HV wrote
+    it: the HV had recorded the page-out as pending, asks again after the restart, the UV answers
+    U_PARAMETER (already paged out), and the ciphertext is in the HV's RAM file because the UV
+    wrote it there before answering. The guest reads all its memory."""
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator.of(stack)
+        try:
+            rep = await boot_guest(stack, op, unique("touch"))
+            assert rep.outcome == "secure"
+            await host_touch_through_hv_kill(stack, op, rep)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                read = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=2 << PAGE_SHIFT))
+                if read.state == GfnState.GFN_SECURE_OUT:
+                    break
+                await asyncio.sleep(0.05)
+            assert read.state == GfnState.GFN_SECURE_OUT
+            verify = (await op.guest(rep.name).Verify(guest_pb2.VerifyRequest())).report
+            assert verify.memory_intact, verify.detail
+            assert metric(stack, "hv", "pefsim_hv_pages_lost_total") == 0
+        finally:
+            await op.close()
+    run(scenario())
+
+
+def test_secure_page_out_lost_without_shared_memory_fails_the_vm_loudly(stack_factory, run):
+    """The same kill with pages in the answers (no shared memory): the ciphertext died with the HV.
+    The restarted HV finds that out (U_PARAMETER to its repeated UV_PAGE_OUT), counts the page as
+    lost and fails the VM with a machine check, rather than letting the guest read garbage."""
+    stack = stack_factory(shared_memory=False)
+
+    async def scenario():
+        op = Operator.of(stack)
+        try:
+            rep = await boot_guest(stack, op, unique("lost"))
+            assert rep.outcome == "secure"
+            await host_touch_through_hv_kill(stack, op, rep)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and metric(stack, "hv", "pefsim_hv_pages_lost_total") < 1:
+                await asyncio.sleep(0.05)
+            assert metric(stack, "hv", "pefsim_hv_pages_lost_total") == 1
+            assert metric(stack, "hv", 'pefsim_hv_vms_failed_total{reason="page-lost"}') == 1
+            status = (await op.guest(rep.name).GuestStatus(guest_pb2.GuestStatusRequest())).report
+            assert (status.outcome, status.detail) == ("failed", "machine check: page-lost")
         finally:
             await op.close()
     run(scenario())

@@ -7,7 +7,7 @@ from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, GfnState, Role, SecureGuest
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from services.hypervisor.control.vm import vcpu_entry
 from services.hypervisor.errors import UvUnreachable
-from services.hypervisor.hcalls.page import take_page
+from services.hypervisor.hcalls.page import secure_page_out
 
 MAX_ACCESS_PAGES = 64  # pages per VcpuLoad/VcpuStore (4 MiB)
 
@@ -60,13 +60,8 @@ async def host_read_page(hv, req: pb.HostReadPageRequest, caller) -> pb.HostRead
     slot, idx = where
     async with vm.lock:
         if slot.state(idx) == GfnState.GFN_SECURE_IN:  # migrate_to_ram: UV_PAGE_OUT first
-            try:
-                data = await take_page(hv, vm, slot, idx)
-            except UvUnreachable:
-                data = None
-            if data is None:
+            if not await secure_page_out(hv, vm, slot, idx):
                 return pb.HostReadPageResponse(errno=Errno.EFAULT)  # SIGBUS to the host
-            hv.state.mark_secure_out(slot, idx, data)
         return pb.HostReadPageResponse(errno=Errno.OK, data=bytes(slot.page(idx)),
                                        state=slot.state(idx))
 

@@ -5,6 +5,7 @@ and GFN-state cases are here (H_PARAMETER), as in kvmppc_h_svm_page_in/_out.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, GfnState, H, PageInFlag, U, rc_name
@@ -12,7 +13,7 @@ from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from pefsim import faults
 from services.hypervisor import bulk
 from services.hypervisor.errors import UvUnreachable
-from services.hypervisor.state import IN_PLACE
+from services.hypervisor.state import IN_PLACE, ZERO_PAGE
 
 log = logging.getLogger("pefsim.hv")
 
@@ -63,14 +64,66 @@ async def h_svm_page_out(hv, req: pb.HSvmPageOutRequest, caller) -> pb.HSvmPageO
     async with vm.lock:
         if slot.state(idx) != GfnState.GFN_SECURE_IN:
             return pb.HSvmPageOutResponse(rc=H.H_SUCCESS)  # not device-backed: nothing to do
-        try:
-            data = await take_page(hv, vm, slot, idx)
-        except UvUnreachable:
-            data = None
-        if data is None:
+        if not await secure_page_out(hv, vm, slot, idx):
             return pb.HSvmPageOutResponse(rc=H.H_PARAMETER)
-        hv.state.mark_secure_out(slot, idx, data)
     return pb.HSvmPageOutResponse(rc=H.H_SUCCESS)
+
+
+async def secure_page_out(hv, vm, slot, idx: int) -> bool:
+    """A GFN_SECURE_IN page to GFN_SECURE_OUT (H_SVM_PAGE_OUT, a host touch): True once the HV
+    holds the UV's ciphertext. Called with vm.lock held.
+
+    The UV frees its frame when it answers UV_PAGE_OUT and the ABI has no acknowledgement, so the
+    HV records its intent first (``vm.pageouts_pending``, durable): an HV killed after the UV
+    answered, or whose answer was lost in transport, asks again (at restart: settle_pageouts).
+    If the UV then answers U_PARAMETER, it had already paged the page out: through shared memory
+    it wrote the ciphertext into the HV's RAM file before answering, so the page is there; with the
+    page in the lost answer it is gone, and the VM fails with a machine check ("page-lost")
+    instead of the guest reading garbage later."""
+    gfn = slot.base_gfn + idx
+    asked_before = gfn in vm.pageouts_pending
+    if not asked_before:
+        vm.pageouts_pending.add(gfn)
+        hv.state.save(vm)
+    try:
+        resp = await hv.ucall("UV_PAGE_OUT", upb.UvPageOutRequest(
+            lpid=vm.lpid, dest_ra=slot.ra(idx), src_gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT))
+    except UvUnreachable:
+        return False  # still pending: asked again by the next access or at restart
+    faults.reach("hv.secure.page_out", vm.name)
+    data = page_of(vm, slot, idx, resp)
+    if data is None and asked_before and resp.rc == U.U_PARAMETER:
+        if slot.shared:
+            data = IN_PLACE  # the first answer was lost; its ciphertext is in our RAM file
+        else:
+            log.error("lpid %d: the UV paged 0x%x out in an answer this HV lost: the page is gone",
+                      vm.lpid, slot.gpa(idx))
+            hv.metrics.pages_lost.inc()
+            hv.state.mark_secure_out(slot, idx, ZERO_PAGE)  # as the UV has it: paged out
+            vm.pageouts_pending.discard(gfn)
+            hv.state.save(vm)
+            asyncio.ensure_future(hv.machine_check(vm, "page-lost"))  # not under vm.lock
+            return False
+    if data is not None:
+        hv.metrics.moved("out")
+        hv.state.mark_secure_out(slot, idx, data)
+    vm.pageouts_pending.discard(gfn)
+    hv.state.save(vm)
+    return data is not None
+
+
+async def settle_pageouts(hv, vm) -> None:
+    """After a restart: ask again for every page-out the HV had asked for but not recorded."""
+    async with vm.lock:
+        for gfn in sorted(vm.pageouts_pending):
+            where = vm.locate(gfn << PAGE_SHIFT)
+            if where is None or where[0].state(where[1]) != GfnState.GFN_SECURE_IN:
+                vm.pageouts_pending.discard(gfn)  # recorded before the kill, or gone with its slot
+                hv.state.save(vm)
+                continue
+            done = await secure_page_out(hv, vm, *where)
+            log.warning("lpid %d: page-out of gfn 0x%x interrupted by a restart: %s", vm.lpid, gfn,
+                        "settled" if done else "still pending or lost")
 
 
 async def h_svm_page_in_bulk(hv, req: pb.HSvmPageInBulkRequest, caller) -> pb.HSvmPageInBulkResponse:
@@ -117,12 +170,19 @@ async def take_page(hv, vm, slot, idx: int) -> bytes | None:
     Called with vm.lock held; the caller decides the GFN's next state."""
     resp = await hv.ucall("UV_PAGE_OUT", upb.UvPageOutRequest(
         lpid=vm.lpid, dest_ra=slot.ra(idx), src_gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT))
-    if resp.rc == U.U_SUCCESS and resp.in_place and slot.shared:
+    data = page_of(vm, slot, idx, resp)
+    if data is not None:
         hv.metrics.moved("out")
+    return data
+
+
+def page_of(vm, slot, idx: int, resp) -> bytes | None:
+    """The page a UV_PAGE_OUT answer gives (IN_PLACE when the UV wrote it into our RAM file), or
+    None if it refused or sent no whole page (logged)."""
+    if resp.rc == U.U_SUCCESS and resp.in_place and slot.shared:
         return IN_PLACE
     if resp.rc != U.U_SUCCESS or len(resp.data) != PAGE_SIZE:
         log.error("lpid %d: UV_PAGE_OUT(0x%x) -> %s, %d bytes", vm.lpid, slot.gpa(idx),
                   rc_name(resp.rc, U), len(resp.data))
         return None
-    hv.metrics.moved("out")
     return resp.data
