@@ -82,7 +82,12 @@ class Plan:
 
 def plan_run(cfg: ChaosConfig, rng: random.Random, npages: int, backend, victim: str) -> Plan:
     plan = Plan(cfg.fault, cfg.during)
-    if cfg.fault == "kill-hv" and cfg.during in ("abort", "esm") and backend.supports_failpoints:
+    if cfg.fault == "kill-hv" and cfg.during == "secure" and backend.supports_failpoints:
+        # one run in two: inside a host touch of the secure victim, after the UV paged the page
+        # out and before the HV wrote the ciphertext (the others: kill -9 while it runs)
+        if rng.random() < 0.5:
+            plan.failpoint = f"hv.secure.page_out@{victim}"
+    elif cfg.fault == "kill-hv" and cfg.during in ("abort", "esm") and backend.supports_failpoints:
         if cfg.during == "esm":
             # mostly between page-ins; one run in four after INIT_DONE, before its answer
             if rng.random() < 0.25:
@@ -176,13 +181,34 @@ async def trigger(ctx: RunCtx, victim_boot: asyncio.Future) -> bool:
     return not victim_boot.done()
 
 
+async def touch_secure_victim(ctx: RunCtx, victim_boot: asyncio.Future) -> None:
+    """Once the victim is secure, the host touches its first data page: the HV pages it out (and
+    its armed failpoint kills it once the UV has answered)."""
+    rep = await asyncio.shield(victim_boot)
+    if rep.outcome != "secure":
+        return
+    gpa = GuestImage.of_size(ctx.names["victim"], ctx.cfg.mem_bytes).data_start
+    try:
+        await ctx.op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=gpa), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        if exc.code() != grpc.StatusCode.UNAVAILABLE:  # anything but the HV dying under the call
+            raise
+
+
 async def nemesis(ctx: RunCtx, victim_boot: asyncio.Future) -> FaultRecord:
     fault, backend, rec = ctx.plan.fault, ctx.backend, FaultRecord()
     if ctx.plan.failpoint:
         # the armed HV kills itself at the failpoint: wait for it (or for the run to end without)
         async def hv_died_or_run_over():
             return not backend.alive("hv") or victim_boot.done()
-        died = await poll(hv_died_or_run_over, ctx.cfg.final_bound_s, 0.002)
+
+        async def hv_died():
+            return not backend.alive("hv")
+        if ctx.plan.failpoint.startswith("hv.secure.page_out"):
+            await touch_secure_victim(ctx, victim_boot)
+            died = await poll(hv_died, 10, 0.002)
+        else:
+            died = await poll(hv_died_or_run_over, ctx.cfg.final_bound_s, 0.002)
         if died and not backend.alive("hv"):
             rec.injected, rec.t_inject = True, time.time()
             rec.detail = f"HV killed itself at {ctx.plan.failpoint}"
