@@ -9,6 +9,7 @@ from __future__ import annotations
 from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
                                start_http_server)
 
+from pefsim.abi import PAGE_SIZE
 from pefsim.rpc import CallObserver
 
 # From 0.5 ms to about 35 minutes, doubling: resolves a 16-page abort (milliseconds) and a
@@ -40,6 +41,22 @@ class ServiceMetrics(CallObserver):
     def observe_call(self, call: str, result: str, seconds: float) -> None:
         self.calls.labels(call, result).inc()
         self.call_seconds.labels(call, result).observe(seconds)
+
+    def page_counters(self, service: str, moved_by: str, directions: tuple[str, ...]) -> None:
+        """pefsim_<service>_pages_total and _page_bytes_total by direction, their children bound
+        once: ``moved`` runs for every page of a bulk transfer."""
+        self.pages = Counter(f"pefsim_{service}_pages_total",
+                             f"Pages moved {moved_by}, by direction ({', '.join(directions)}).",
+                             ["direction"], registry=self.registry)
+        self.page_bytes = Counter(f"pefsim_{service}_page_bytes_total",
+                                  f"Bytes of page data moved {moved_by}, by direction.", ["direction"],
+                                  registry=self.registry)
+        self._moved = {d: (self.pages.labels(d), self.page_bytes.labels(d)) for d in directions}
+
+    def moved(self, direction: str, pages: int = 1) -> None:
+        count, size = self._moved[direction]
+        count.inc(pages)
+        size.inc(pages * PAGE_SIZE)
 
     @staticmethod
     def zero(metric, *label_sets) -> None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from pefsim.abi import PAGE_SIZE, VmState
+from pefsim.abi import VmState
 from pefsim.metrics import LATENCY_BUCKETS, ServiceMetrics
 
 
@@ -19,14 +19,7 @@ class HvMetrics(ServiceMetrics):
             "pefsim_hv_terminate_duration_seconds",
             "UV_SVM_TERMINATE as issued by the HV, by trigger (abort, reset, destroy) and result.",
             ["trigger", "result"], buckets=LATENCY_BUCKETS, registry=r)
-        self.pages = Counter("pefsim_hv_pages_total", "Pages moved by the HV, by direction (in, out).",
-                             ["direction"], registry=r)
-        self.page_bytes = Counter("pefsim_hv_page_bytes_total",
-                                  "Bytes of page data moved by the HV, by direction.", ["direction"],
-                                  registry=r)
-        for direction in ("in", "out"):
-            self.pages.labels(direction)
-            self.page_bytes.labels(direction)
+        self.page_counters("hv", "by the HV", ("in", "out"))
         self.vms_recovered = Counter("pefsim_hv_vms_recovered_total",
                                      "VMs rebuilt from the data directory after a restart.", registry=r)
         self.aborts_resumed = Counter("pefsim_hv_aborts_resumed_total",
@@ -50,6 +43,3 @@ class HvMetrics(ServiceMetrics):
             vms.labels(st.name).set_function(
                 lambda st=st: sum(1 for vm in state.vms.values() if vm.state == st))
 
-    def moved(self, direction: str, pages: int = 1) -> None:
-        self.pages.labels(direction).inc(pages)
-        self.page_bytes.labels(direction).inc(pages * PAGE_SIZE)

@@ -5,7 +5,7 @@ import time
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from pefsim.abi import PAGE_SIZE, SvmState
+from pefsim.abi import SvmState
 from pefsim.metrics import LATENCY_BUCKETS, ServiceMetrics
 
 
@@ -50,20 +50,12 @@ class UvMetrics(ServiceMetrics):
             "pefsim_uv_terminate_duration_seconds",
             "UV_SVM_TERMINATE's work in the UV (scrub and free every page), by SVM state.",
             ["state"], buckets=LATENCY_BUCKETS, registry=r)
-        self.pages = Counter("pefsim_uv_pages_total",
-                             "Pages moved through the UV, by direction (in, out, shared).",
-                             ["direction"], registry=r)
-        self.page_bytes = Counter("pefsim_uv_page_bytes_total",
-                                  "Bytes of page data moved through the UV, by direction.",
-                                  ["direction"], registry=r)
+        self.page_counters("uv", "through the UV", ("in", "out", "shared"))
         self.zero(self.abort_seconds, "resumed-by-hv", "returned-to-uv", "refused", "terminated-by-hv",
                   "hv-unreachable")
         self.zero(self.esm_seconds, "secure", "aborted")
         self.zero(self.terminate_seconds, *(s.name for s in (SvmState.SVM_ACTIVE, SvmState.SVM_SECURE,
                                                               SvmState.SVM_ABORT)))
-        for direction in ("in", "out", "shared"):
-            self.pages.labels(direction)
-            self.page_bytes.labels(direction)
         pool = Gauge("pefsim_uv_secure_pages", "Secure memory pool, in 64 KiB pages, by kind.",
                      ["kind"], registry=r)
         pool.labels("total").set_function(lambda: state.pool.total)
@@ -75,6 +67,3 @@ class UvMetrics(ServiceMetrics):
             svms.labels(st.name).set_function(
                 lambda st=st: sum(1 for s in state.svms.values() if s.state == st))
 
-    def moved(self, direction: str, pages: int = 1) -> None:
-        self.pages.labels(direction).inc(pages)
-        self.page_bytes.labels(direction).inc(pages * PAGE_SIZE)
