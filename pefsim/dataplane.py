@@ -13,7 +13,8 @@ Shared memory. When UV and HV run on one host (or share a volume), the HV offers
 behind each memslot's RAM (``UvShareHvMemory``). The UV then reads a page at its real address
 with one ``preadv`` into the secure frame, and writes a page given back with one ``pwritev`` into
 the HV's file: the RPCs carry page numbers only. The UV does not mmap the HV's file, so its
-resident memory stays its own pool.
+resident memory stays its own pool. A bulk batch gathers its copies (``FileBatch``) and moves the
+pages at consecutive offsets of one file with a single preadv / pwritev.
 """
 from __future__ import annotations
 
@@ -104,6 +105,50 @@ class FileSource:
             raise OSError("short read from the HV's memory")
 
 
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class FileBatch:
+    """Shared-memory page copies gathered over one batch and done together (``flush``): pages at
+    consecutive offsets of one file go in one ``op`` call (os.preadv or os.pwritev), up to
+    IOV_MAX pages. The caller holds the SVM's lock from the first page's transition until after
+    the flush, so no frame is seen before its content lands and no answer leaves before the HV's
+    file holds the pages."""
+
+    __slots__ = ("op", "runs")
+
+    def __init__(self, op):
+        self.op = op
+        self.runs: list[tuple[int, int, list]] = []  # (fd, offset, buffers)
+
+    def add(self, fd: int, offset: int, buf) -> None:
+        if self.runs:
+            last_fd, last_offset, bufs = self.runs[-1]
+            if last_fd == fd and last_offset + len(bufs) * PAGE_SIZE == offset and len(bufs) < IOV_MAX:
+                bufs.append(buf)
+                return
+        self.runs.append((fd, offset, [buf]))
+
+    def flush(self) -> None:
+        runs, self.runs = self.runs, []
+        for fd, offset, bufs in runs:
+            if self.op(fd, bufs, offset) != len(bufs) * PAGE_SIZE:
+                raise OSError("short transfer with the HV's memory")
+
+
+class BatchedFileSource(FileSource):
+    """A FileSource whose copy into the frame is left to the batch's flush."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, fd: int, offset: int, batch: FileBatch):
+        super().__init__(fd, offset)
+        self.batch = batch
+
+    def fill(self, view: memoryview) -> None:
+        self.batch.add(self.fd, self.offset, view)
+
+
 class HvMemory:
     """The HV RAM files a UV was offered, by real-address range."""
 
@@ -129,16 +174,21 @@ class HvMemory:
                 return fd, ra - base
         return None
 
-    def source(self, lpid: int, ra: int) -> FileSource | None:
+    def source(self, lpid: int, ra: int, batch: FileBatch | None = None) -> FileSource | None:
         where = self.locate(lpid, ra)
-        return None if where is None else FileSource(*where)
+        if where is None:
+            return None
+        return FileSource(*where) if batch is None else BatchedFileSource(*where, batch)
 
-    def write(self, lpid: int, ra: int, data) -> bool:
-        """Write a page into the HV's memory at ``ra``; False if that memory is not shared."""
+    def write(self, lpid: int, ra: int, data, batch: FileBatch | None = None) -> bool:
+        """Write a page into the HV's memory at ``ra`` (now, or at ``batch``'s flush); False if
+        that memory is not shared."""
         where = self.locate(lpid, ra)
         if where is None:
             return False
         fd, offset = where
-        if os.pwritev(fd, [data], offset) != PAGE_SIZE:
+        if batch is not None:
+            batch.add(fd, offset, data)
+        elif os.pwritev(fd, [data], offset) != PAGE_SIZE:
             raise OSError("short write to the HV's memory")
         return True

@@ -7,8 +7,10 @@ checks, in the same order, against the same state table) and then the same per-p
 """
 from __future__ import annotations
 
+import os
+
 from pefsim.abi import PAGE_SIZE, U
-from pefsim.dataplane import BytesSource, Page, encode
+from pefsim.dataplane import BytesSource, FileBatch, Page, encode
 from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor.calls.page import page_in_one, page_out_one
 
@@ -26,6 +28,7 @@ async def uv_page_in_stream(uv, batches, caller):
         held = svm.lock if svm is not None else None
         if held is not None:
             await held.acquire()
+        copies = FileBatch(os.preadv) if hdr.shared_memory else None
         try:
             for ref in hdr.pages:
                 if hdr.shared_memory:
@@ -36,10 +39,12 @@ async def uv_page_in_stream(uv, batches, caller):
                             order=ref.order, data=data)
                 rc, _ = uv.dispatcher.precheck(call, page, caller)
                 if rc is None:
-                    source = (uv.hvmem.source(hdr.lpid, ref.ra) if hdr.shared_memory else BytesSource(data)) \
-                        or BytesSource(b"")
+                    source = (uv.hvmem.source(hdr.lpid, ref.ra, copies) if hdr.shared_memory
+                              else BytesSource(data)) or BytesSource(b"")
                     rc = page_in_one(uv, svm, ref.gpa, source)
                 rcs.append(int(rc))
+            if copies is not None:
+                copies.flush()  # every frame of the batch filled before the lock is released
         finally:
             if held is not None:
                 held.release()
@@ -58,15 +63,19 @@ async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
         held = svm.lock if svm is not None else None
         if held is not None:
             await held.acquire()
+        copies = FileBatch(os.pwritev) if req.shared_memory else None
         try:
             for ref in pages[first:first + size]:
                 page = Page(lpid=req.lpid, dest_ra=ref.ra, src_gpa=ref.gpa, flags=ref.flags, order=ref.order)
                 rc, _ = uv.dispatcher.precheck(call, page, caller)
                 if rc is None:
-                    rc, data, in_place = page_out_one(uv, svm, ref.gpa, ref.ra if req.shared_memory else 0)
+                    rc, data, in_place = page_out_one(uv, svm, ref.gpa, ref.ra if req.shared_memory else 0,
+                                                      copies)
                     if rc == U.U_SUCCESS and not in_place:
                         parts.append(data)
                 rcs.append(int(rc))
+            if copies is not None:
+                copies.flush()  # the HV's file holds the pages before the answer leaves
             frame = encode(pb.PageOutBatch(first=first, rc=rcs), parts)  # copies out under the lock
         finally:
             if held is not None:

@@ -55,9 +55,10 @@ def page_in_one(uv, svm, gpa: int, source) -> int:
     return U.U_SUCCESS
 
 
-def page_out_one(uv, svm, gpa: int, dest_ra: int = 0) -> tuple[int, object, bool]:
+def page_out_one(uv, svm, gpa: int, dest_ra: int = 0, batch=None) -> tuple[int, object, bool]:
     """One page's UV_PAGE_OUT after the call-table checks: (rc, data, in_place). With the HV's
-    memory shared, the page is written at dest_ra and no data travels. Called with svm.lock held."""
+    memory shared, the page is written at dest_ra (now, or at ``batch``'s flush: a FileBatch) and
+    no data travels. Called with svm.lock held."""
     gpf = _gpf_of(svm, gpa)
     if gpf is None:
         return U.U_P3, b"", False
@@ -76,7 +77,7 @@ def page_out_one(uv, svm, gpa: int, dest_ra: int = 0) -> tuple[int, object, bool
     else:
         plain = bytes(uv.state.pool.view(gpf.frame)) if faults.mutant("uv-pageout-plaintext") else None
         data = plain or uv.state.page_out(svm, gfn_of(gpa), gpf)
-    if dest_ra and uv.hvmem.write(svm.lpid, dest_ra, data):
+    if dest_ra and uv.hvmem.write(svm.lpid, dest_ra, data, batch):
         return U.U_SUCCESS, b"", True
     return U.U_SUCCESS, data, False
 
