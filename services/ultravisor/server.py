@@ -28,6 +28,7 @@ class UvConfig:
     listen: str = "127.0.0.1:0"
     hv: str = ""
     pool_pages: int = 4096
+    lazy_pool: bool = False  # pool frames resident on first use instead of at start
     esm_copy: int = EsmCopy.ESM_COPY_ALL
     trusted_key: Path | None = None
     history: str | None = None
@@ -47,7 +48,7 @@ class Ultravisor:
 
     def __init__(self, cfg: UvConfig):
         self.cfg = cfg
-        self.state = UvState(cfg.pool_pages)
+        self.state = UvState(cfg.pool_pages, populate_pool=not cfg.lazy_pool)
         self.hvmem = self.state.hvmem
         self.hv = rpc.Peer(cfg.hv, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub, "uv", cfg.tls, "hv")
         self.trusted = load_public_key(cfg.trusted_key) if cfg.trusted_key else None
@@ -77,7 +78,11 @@ def parse_args(argv=None) -> UvConfig:
     ap.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve gRPC on")
     ap.add_argument("--hv", required=True, help="host:port of the Hypervisor service")
     ap.add_argument("--pool-pages", type=int, default=4096,
-                    help="secure memory pool size in 64 KiB pages (default 4096 = 256 MiB)")
+                    help="secure memory pool size in 64 KiB pages (default 4096 = 256 MiB), made "
+                         "resident at start like firmware-reserved secure memory")
+    ap.add_argument("--lazy-pool", action="store_true",
+                    help="pool frames become resident on first use instead (less memory at start; "
+                         "each first page-in into a frame pays its page faults)")
     ap.add_argument("--esm-copy", choices=["all", "measured"], default="all",
                     help="pages ESM copies: every GFN (default) or the measured regions only")
     ap.add_argument("--trusted-key", type=Path, required=True,
@@ -104,6 +109,7 @@ def parse_args(argv=None) -> UvConfig:
     return UvConfig(abort_attempt_timeout_s=a.abort_attempt_timeout, transfer=a.transfer,
                     tls=tls.from_args(ap, a, "uv"), max_svms=a.max_svms, max_svm_pages=a.max_svm_pages,
                     max_inflight_per_peer=a.max_inflight_per_peer, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
+                    lazy_pool=a.lazy_pool,
                     esm_copy=EsmCopy[f"ESM_COPY_{a.esm_copy.upper()}"], trusted_key=a.trusted_key,
                     history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file)
 

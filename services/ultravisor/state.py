@@ -188,8 +188,8 @@ class UvState:
     """Every SVM of this UV and the pool they draw from. All GPF transitions go through the
     helpers below; nothing else assigns ``Gpf.state`` or ``Svm.state``."""
 
-    def __init__(self, pool_pages: int):
-        self.pool = SecurePool(pool_pages)
+    def __init__(self, pool_pages: int, populate_pool: bool = True):
+        self.pool = SecurePool(pool_pages, populate_pool)
         self.svms: dict[int, Svm] = {}
         self.terminated: list[int] = []
         self.boot_id = os.urandom(8).hex()  # a restarted UV is a new machine: nothing survives

@@ -124,3 +124,7 @@ def test_the_secure_pool_is_resident_from_the_start():
     assert pool.mem[:] == bytes(256 * PAGE_SIZE)
     lazy = SecurePool(256, populate=False)
     assert lazy.residency == "on first use"
+    from services.ultravisor.server import parse_args
+
+    cfg = parse_args(["--hv", "127.0.0.1:1", "--trusted-key", "k.pub", "--lazy-pool", "--insecure"])
+    assert cfg.lazy_pool and UvState(16, populate_pool=not cfg.lazy_pool).pool.residency == "on first use"
