@@ -1,9 +1,12 @@
-"""Fault hooks: failpoints (a `kill -9` at an exact place) and mutants (deliberate bugs).
+"""Fault hooks: failpoints (a `kill -9` or a stop at an exact place) and mutants (deliberate bugs).
 
-Failpoints. ``--failpoint NAME[:N][@VM]`` on a service (or ``PEFSIM_FAILPOINTS=NAME[:N][@VM],...``
+Failpoints. ``--failpoint NAME[:N][@VM][=stop]`` on a service (or ``PEFSIM_FAILPOINTS=...,...``
 in its environment) makes the process SIGKILL itself the N-th time (default: the first) it reaches
-the named point (counting only for the VM named VM, if given), so the chaos harness can kill a service between two exact steps of a protocol and
-check what the restarted service makes of it. Unarmed points cost a dictionary lookup.
+the named point (counting only for the VM named VM, if given), so the chaos harness can kill a
+service between two exact steps of a protocol and check what the restarted service makes of it.
+With ``=stop`` the process SIGSTOPs itself there instead: a breakpoint at which the harness
+injects another fault (a partition, a pause, a UV crash) and then lets it go on with SIGCONT, so
+that fault lands inside a window however short it is. Unarmed points cost a dictionary lookup.
 
 Mutants. ``PEFSIM_MUTANTS=name,...`` turns on deliberate bugs, each breaking one invariant the
 chaos checkers test, so tests can show every checker catches a broken build. No mutant is on
@@ -40,7 +43,8 @@ MUTANTS = {
 }
 
 _counts: dict[str, int] = {}
-_armed: dict[str, tuple[int, str]] = {}  # point -> (hit number, VM name or "")
+_armed: dict[str, tuple[int, str, str]] = {}  # point -> (hit number, VM name or "", "kill" | "stop")
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
 _mutants: set[str] = set()
 
 
@@ -48,13 +52,16 @@ def configure(failpoints: list[str] | None = None) -> None:
     """Arm failpoints from the command line and PEFSIM_FAILPOINTS; read PEFSIM_MUTANTS."""
     specs = list(failpoints or []) + [s for s in os.environ.get("PEFSIM_FAILPOINTS", "").split(",") if s]
     for spec in specs:
+        spec, _, action = spec.partition("=")
         spec, _, who = spec.partition("@")
         name, _, nth = spec.partition(":")
         if name not in POINTS:
             raise SystemExit(f"unknown failpoint {name!r}; known: {', '.join(POINTS)}")
-        _armed[name] = (int(nth or 1), who)
-        log.warning("failpoint armed: %s at hit %d%s (the process will SIGKILL itself)", name,
-                    _armed[name][0], f" of {who}" if who else "")
+        if (action or "kill") not in ACTIONS:
+            raise SystemExit(f"failpoint {name}: unknown action {action!r}; known: {', '.join(ACTIONS)}")
+        _armed[name] = (int(nth or 1), who, action or "kill")
+        log.warning("failpoint armed: %s at hit %d%s (the process will %s itself)", name,
+                    _armed[name][0], f" of {who}" if who else "", ACTIONS[_armed[name][2]].name)
     for name in filter(None, os.environ.get("PEFSIM_MUTANTS", "").split(",")):
         if name not in MUTANTS:
             raise SystemExit(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
@@ -63,18 +70,20 @@ def configure(failpoints: list[str] | None = None) -> None:
 
 
 def reach(name: str, who: str = "") -> None:
-    """Mark a failpoint (reached on behalf of VM ``who``); SIGKILL this process if it is armed
-    for this hit."""
+    """Mark a failpoint (reached on behalf of VM ``who``); SIGKILL (or SIGSTOP) this process if
+    it is armed for this hit."""
     if name not in _armed:
         return
-    nth, only = _armed[name]
+    nth, only, action = _armed[name]
     if only and only != who:
         return
     _counts[name] = _counts.get(name, 0) + 1
     if _counts[name] == nth:
-        log.warning("failpoint %s hit %d: killing this process", name, _counts[name])
-        logging.shutdown()
-        os.kill(os.getpid(), signal.SIGKILL)
+        log.warning("failpoint %s hit %d: %s", name, _counts[name],
+                    "killing this process" if action == "kill" else "stopping until SIGCONT")
+        if action == "kill":
+            logging.shutdown()
+        os.kill(os.getpid(), ACTIONS[action])
 
 
 def mutant(name: str) -> bool:

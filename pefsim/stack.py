@@ -73,6 +73,17 @@ class Proc:
     def alive(self) -> bool:
         return self.popen is not None and self.popen.poll() is None
 
+    @property
+    def stopped(self) -> bool:
+        """Stopped by SIGSTOP (state T in /proc): a failpoint's breakpoint, or pause-hv."""
+        if not self.alive:
+            return False
+        try:
+            with open(f"/proc/{self.popen.pid}/stat") as fh:
+                return fh.read().rpartition(")")[2].split()[0] in ("T", "t")
+        except OSError:  # exited in between
+            return False
+
     def signal(self, sig: int) -> None:
         if self.alive:
             os.kill(self.popen.pid, sig)

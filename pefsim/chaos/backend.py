@@ -64,6 +64,9 @@ class LocalBackend:
     def alive(self, svc: str) -> bool:
         return self.stack.procs[svc].alive
 
+    def stopped(self, svc: str) -> bool:
+        return self.stack.procs[svc].stopped
+
     def restart(self, svc: str, failpoints: tuple[str, ...] = ()) -> None:
         self.stack.restart(svc, failpoints)
 

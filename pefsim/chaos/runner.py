@@ -98,6 +98,11 @@ def plan_run(cfg: ChaosConfig, rng: random.Random, npages: int, backend, victim:
             point = rng.choices(ABORT_POINTS, weights=(6, 2, 2))[0]
             nth = rng.randint(1, npages) if point == "hv.abort.page_out" else 1
             plan.failpoint = f"{point}:{nth}@{victim}"
+    elif cfg.fault != "kill-hv" and cfg.during in ("abort", "esm") and backend.supports_failpoints:
+        # a breakpoint: the HV stops itself at a seeded page of the window, the fault is put in
+        # place, and the HV goes on (a window of a few milliseconds is hit every time)
+        point = "hv.abort.page_out" if cfg.during == "abort" else "hv.esm.page_in"
+        plan.failpoint = f"{point}:{rng.randint(1, npages)}@{victim}=stop"
     else:
         # a moment inside the window: page moves take about a millisecond each
         plan.delay_s = round(rng.uniform(0.0, min(0.05, npages * 0.0003)), 4)
@@ -197,6 +202,8 @@ async def touch_secure_victim(ctx: RunCtx, victim_boot: asyncio.Future) -> None:
 
 async def nemesis(ctx: RunCtx, victim_boot: asyncio.Future) -> FaultRecord:
     fault, backend, rec = ctx.plan.fault, ctx.backend, FaultRecord()
+    if ctx.plan.failpoint.endswith("=stop"):
+        return await at_breakpoint(ctx, victim_boot, fault, rec)
     if ctx.plan.failpoint:
         # the armed HV kills itself at the failpoint: wait for it (or for the run to end without)
         async def hv_died_or_run_over():
@@ -232,11 +239,38 @@ async def nemesis(ctx: RunCtx, victim_boot: asyncio.Future) -> FaultRecord:
     return rec
 
 
-async def inject(ctx: RunCtx, fault: str, rec: FaultRecord) -> None:
+async def at_breakpoint(ctx: RunCtx, victim_boot: asyncio.Future, fault: str, rec: FaultRecord) -> FaultRecord:
+    """The HV stops itself at the plan's breakpoint; the fault is put in place while it is
+    stopped, the HV is let go, and the fault runs its course."""
+    backend = ctx.backend
+
+    async def hv_stopped_or_run_over():
+        return backend.stopped("hv") or victim_boot.done()
+    await poll(hv_stopped_or_run_over, ctx.cfg.final_bound_s, 0.002)
+    if not backend.stopped("hv"):
+        rec.detail, rec.t_heal = "the victim finished before the breakpoint", time.time()
+        return rec
+    rec.injected, rec.t_inject = True, time.time()
+    ctx.metrics.faults.labels(fault).inc()
+    ctx.metrics.active.labels(fault).set(1)
+    try:
+        await inject(ctx, fault, rec, release=lambda: backend.cont("hv"))
+    finally:
+        ctx.metrics.active.labels(fault).set(0)
+        backend.cont("hv")  # whatever happened, the HV is not left stopped
+    rec.detail += f" (the HV stopped at {ctx.plan.failpoint.removesuffix('=stop')})"
+    rec.t_heal = time.time()
+    return rec
+
+
+async def inject(ctx: RunCtx, fault: str, rec: FaultRecord, release=lambda: None) -> None:
+    """Put the fault in place, call ``release`` (it lets a stopped HV go on: see at_breakpoint),
+    and heal it."""
     backend = ctx.backend
     if fault in ("kill-hv", "kill-uv"):
         svc = fault.removeprefix("kill-")
         backend.kill(svc)
+        release()
         await asyncio.to_thread(backend.restart, svc)
         rec.detail = f"kill -9 {svc} ({ctx.plan.during}), restarted"
     elif fault == "pause-hv":
@@ -246,10 +280,12 @@ async def inject(ctx: RunCtx, fault: str, rec: FaultRecord) -> None:
         rec.detail = f"SIGSTOP hv for {ctx.cfg.pause_s} s"
     elif fault == "kill-guest":
         backend.kill_guest(ctx.names["victim"])
+        release()
         rec.detail = "kill -9 the victim guest mid-ESM"
     elif fault.startswith("net-"):
         kind = fault.removeprefix("net-")
         backend.net_fault(kind, ctx.plan.value)
+        release()
         await asyncio.sleep(ctx.cfg.fault_s)
         backend.net_heal()
         rec.detail = f"HV<->UV {kind} {ctx.plan.value or ''} for {ctx.cfg.fault_s} s"

@@ -7,6 +7,7 @@ import time
 import urllib.request
 
 import grpc
+import pytest
 
 from pefsim.abi import PAGE_SHIFT, GfnState, H, U, VmState
 from pefsim.demo import Operator
@@ -272,3 +273,33 @@ def test_secure_page_out_lost_without_shared_memory_fails_the_vm_loudly(stack_fa
         finally:
             await op.close()
     run(scenario())
+
+
+def test_a_stop_failpoint_is_a_breakpoint(stack_factory, run):
+    """``=stop``: the HV stops itself at the exact step (the chaos harness puts another fault in
+    place there) and goes on from it after SIGCONT; an unknown action is refused at start."""
+    import signal
+
+    from pefsim import faults
+
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator.of(stack)
+        try:
+            name = unique("bp")
+            await asyncio.to_thread(stack.restart, "hv", (f"hv.esm.page_in:3@{name}=stop",))
+            addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20, blob_for(stack, name))
+            boot = asyncio.ensure_future(op.guest(name, addr).Boot(guest_pb2.BootRequest()))
+            deadline = time.monotonic() + 30
+            while not stack.procs["hv"].stopped and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert stack.procs["hv"].stopped and not boot.done()
+            stack.procs["hv"].signal(signal.SIGCONT)
+            rep = (await asyncio.wait_for(boot, 60)).report
+            assert (rep.outcome, rep.memory_intact) == ("secure", True)
+        finally:
+            await op.close()
+    run(scenario())
+    with pytest.raises(SystemExit, match="unknown action"):
+        faults.configure(["hv.esm.page_in:1@x=explode"])
