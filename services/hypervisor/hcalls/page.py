@@ -102,7 +102,7 @@ async def secure_page_out(hv, vm, slot, idx: int) -> bool:
             hv.state.mark_secure_out(slot, idx, ZERO_PAGE)  # as the UV has it: paged out
             vm.pageouts_pending.discard(gfn)
             hv.state.save(vm)
-            asyncio.ensure_future(hv.machine_check(vm, "page-lost"))  # not under vm.lock
+            hv.tasks.append(asyncio.ensure_future(hv.machine_check(vm, "page-lost")))  # not under vm.lock
             return False
     if data is not None:
         hv.metrics.moved("out")
