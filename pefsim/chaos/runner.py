@@ -17,6 +17,7 @@ under the results directory (``latest`` points at the newest).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import random
 import statistics
@@ -217,26 +218,33 @@ async def nemesis(ctx: RunCtx, victim_boot: asyncio.Future) -> FaultRecord:
         else:
             died = await poll(hv_died_or_run_over, ctx.cfg.final_bound_s, 0.002)
         if died and not backend.alive("hv"):
-            rec.injected, rec.t_inject = True, time.time()
-            rec.detail = f"HV killed itself at {ctx.plan.failpoint}"
-            ctx.metrics.faults.labels(fault).inc()
-            ctx.metrics.active.labels(fault).set(1)
-        await asyncio.to_thread(backend.restart, "hv")  # disarmed
-        ctx.metrics.active.labels(fault).set(0)
-        rec.t_heal = time.time()
+            with fault_window(ctx, fault, rec):
+                rec.detail = f"HV killed itself at {ctx.plan.failpoint}"
+                await asyncio.to_thread(backend.restart, "hv")  # disarmed
+        else:
+            await asyncio.to_thread(backend.restart, "hv")  # disarmed
+            rec.t_heal = time.time()
         return rec
     if not await trigger(ctx, victim_boot):
         rec.detail, rec.t_heal = "the victim finished before the fault point", time.time()
         return rec
+    with fault_window(ctx, fault, rec):
+        await inject(ctx, fault, rec)
+    return rec
+
+
+@contextlib.contextmanager
+def fault_window(ctx: RunCtx, fault: str, rec: FaultRecord):
+    """The block is the fault's time in effect: recorded as injected (counted, shown active)
+    when it starts, healed when it ends."""
     rec.injected, rec.t_inject = True, time.time()
     ctx.metrics.faults.labels(fault).inc()
     ctx.metrics.active.labels(fault).set(1)
     try:
-        await inject(ctx, fault, rec)
+        yield
     finally:
         ctx.metrics.active.labels(fault).set(0)
-    rec.t_heal = time.time()
-    return rec
+        rec.t_heal = time.time()
 
 
 async def at_breakpoint(ctx: RunCtx, victim_boot: asyncio.Future, fault: str, rec: FaultRecord) -> FaultRecord:
@@ -250,16 +258,12 @@ async def at_breakpoint(ctx: RunCtx, victim_boot: asyncio.Future, fault: str, re
     if not backend.stopped("hv"):
         rec.detail, rec.t_heal = "the victim finished before the breakpoint", time.time()
         return rec
-    rec.injected, rec.t_inject = True, time.time()
-    ctx.metrics.faults.labels(fault).inc()
-    ctx.metrics.active.labels(fault).set(1)
-    try:
-        await inject(ctx, fault, rec, release=lambda: backend.cont("hv"))
-    finally:
-        ctx.metrics.active.labels(fault).set(0)
-        backend.cont("hv")  # whatever happened, the HV is not left stopped
+    with fault_window(ctx, fault, rec):
+        try:
+            await inject(ctx, fault, rec, release=lambda: backend.cont("hv"))
+        finally:
+            backend.cont("hv")  # whatever happened, the HV is not left stopped
     rec.detail += f" (the HV stopped at {ctx.plan.failpoint.removesuffix('=stop')})"
-    rec.t_heal = time.time()
     return rec
 
 
