@@ -7,6 +7,7 @@ checks, in the same order, against the same state table) and then the same per-p
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from pefsim.abi import PAGE_SIZE, U
@@ -19,17 +20,20 @@ MAX_BATCH = 64  # pages per page-out frame with data: 4 MiB, whatever batch_page
 MAX_SHARED_BATCH = 1024  # through shared memory a frame carries results only
 
 
+def lock_of(svm):
+    """The SVM's lock for one batch, or nothing to hold when there is no SVM (every page of the
+    batch then gets the state table's answer for SVM_ABSENT)."""
+    return svm.lock if svm is not None else contextlib.nullcontext()
+
+
 async def uv_page_in_stream(uv, batches, caller):
     call = uv.dispatcher.calls["UV_PAGE_IN"]
     async for frame in batches:
         hdr, payload = frame.header, frame.payload
         rcs, offset = [], 0
         svm = uv.state.svms.get(hdr.lpid)
-        held = svm.lock if svm is not None else None
-        if held is not None:
-            await held.acquire()
         copies = FileBatch(os.preadv) if hdr.shared_memory else None
-        try:
+        async with lock_of(svm):
             for ref in hdr.pages:
                 if hdr.shared_memory:
                     data = b""
@@ -45,9 +49,6 @@ async def uv_page_in_stream(uv, batches, caller):
                 rcs.append(int(rc))
             if copies is not None:
                 copies.flush()  # every frame of the batch filled before the lock is released
-        finally:
-            if held is not None:
-                held.release()
         uv.dispatcher.record_batch("UvPageInStream", "UV_PAGE_IN", hdr.lpid, caller, rcs,
                                    uv.state.svm_state(hdr.lpid))
         yield pb.PageBatchResult(rc=rcs)
@@ -60,11 +61,8 @@ async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
     for first in range(0, len(pages), size):
         rcs, parts = [], []
         svm = uv.state.svms.get(req.lpid)
-        held = svm.lock if svm is not None else None
-        if held is not None:
-            await held.acquire()
         copies = FileBatch(os.pwritev) if req.shared_memory else None
-        try:
+        async with lock_of(svm):
             for ref in pages[first:first + size]:
                 page = Page(lpid=req.lpid, dest_ra=ref.ra, src_gpa=ref.gpa, flags=ref.flags, order=ref.order)
                 rc, _ = uv.dispatcher.precheck(call, page, caller)
@@ -77,9 +75,6 @@ async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
             if copies is not None:
                 copies.flush()  # the HV's file holds the pages before the answer leaves
             frame = encode(pb.PageOutBatch(first=first, rc=rcs), parts)  # copies out under the lock
-        finally:
-            if held is not None:
-                held.release()
         uv.dispatcher.record_batch("UvPageOutStream", "UV_PAGE_OUT", req.lpid, caller, rcs,
                                    uv.state.svm_state(req.lpid))
         yield frame
