@@ -38,12 +38,71 @@ def encode(header, payload_parts=()) -> bytes:
     return b"".join([_LEN.pack(len(h)), h, *payload_parts])
 
 
-def decoder(header_cls):
+def decoder(header_cls, max_pages: int | None = None):
+    """Frame parser; with ``max_pages``, a header naming more pages than that does not parse."""
     def decode(data: bytes) -> Frame:
         (n,) = _LEN.unpack_from(data)
         view = memoryview(data)
-        return Frame(header_cls.FromString(bytes(view[4:4 + n])), view[4 + n:])
+        header = header_cls.FromString(bytes(view[4:4 + n]))
+        if max_pages is not None:
+            limit_pages(header, max_pages)
+        return Frame(header, view[4 + n:])
     return decode
+
+
+# -- page runs ----------------------------------------------------------------------------------
+#
+# A PageRef names one page or a run of ``count`` pages at consecutive addresses. Each page of a run
+# is still its own UV_PAGE_IN / UV_PAGE_OUT with its own result; a run only lets both sides check
+# and move its pages together (services/ultravisor/calls/page.py: page_in_run, page_out_run).
+
+MAX_FRAME_PAGES = 1024  # pages one PageInBatch may name
+MAX_REQUEST_PAGES = 1 << 20  # pages one PageOutRequest may name (64 GiB)
+
+
+def pages_named(refs) -> int:
+    return sum(ref.count or 1 for ref in refs)
+
+
+def limit_pages(message, max_pages: int):
+    """``message`` if its pages, runs counted out, are at most ``max_pages``; else ValueError
+    (the request does not parse: INVALID_ARGUMENT)."""
+    n = pages_named(message.pages)
+    if n > max_pages:
+        raise ValueError(f"{n} pages named, at most {max_pages} per message")
+    return message
+
+
+def limited(message_cls, max_pages: int):
+    """A request parser that refuses messages naming more than ``max_pages`` pages."""
+    return lambda data: limit_pages(message_cls.FromString(data), max_pages)
+
+
+def runs_of(refs):
+    """[(ra, gpa, flags, order, count)] of PageRefs."""
+    return [(ref.ra, ref.gpa, ref.flags, ref.order, ref.count or 1) for ref in refs]
+
+
+def pages_of(refs):
+    """(ra, gpa, flags, order) of every page the PageRefs name, runs counted out."""
+    for ra, gpa, flags, order, n in runs_of(refs):
+        for i in range(n):
+            yield ra + i * PAGE_SIZE, gpa + i * PAGE_SIZE, flags, order
+
+
+def split_runs(runs, size: int):
+    """Lists of runs holding at most ``size`` pages each (runs cut where they must be)."""
+    out, room = [], size
+    for ra, gpa, flags, order, n in runs:
+        while n:
+            take = min(n, room)
+            out.append((ra, gpa, flags, order, take))
+            ra, gpa, n, room = ra + take * PAGE_SIZE, gpa + take * PAGE_SIZE, n - take, room - take
+            if not room:
+                yield out
+                out, room = [], size
+    if out:
+        yield out
 
 
 def serialize(message) -> bytes:

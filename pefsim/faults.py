@@ -86,6 +86,12 @@ def reach(name: str, who: str = "") -> None:
         os.kill(os.getpid(), ACTIONS[action])
 
 
+def armed(name: str) -> bool:
+    """Whether a failpoint is armed: code that moves pages in runs then takes them one by one,
+    so the failpoint's hit count is still a page count."""
+    return name in _armed
+
+
 def mutant(name: str) -> bool:
     assert name in MUTANTS, name
     return name in _mutants

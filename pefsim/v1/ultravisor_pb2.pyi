@@ -281,16 +281,18 @@ class UvStatusResponse(_message.Message):
     def __init__(self, pool_pages_total: _Optional[int] = ..., pool_pages_in_use: _Optional[int] = ..., pool_pages_reserved: _Optional[int] = ..., svms: _Optional[_Iterable[_Union[SvmInfo, _Mapping]]] = ..., terminated_lpids: _Optional[_Iterable[int]] = ..., boot_id: _Optional[str] = ...) -> None: ...
 
 class PageRef(_message.Message):
-    __slots__ = ("ra", "gpa", "flags", "order")
+    __slots__ = ("ra", "gpa", "flags", "order", "count")
     RA_FIELD_NUMBER: _ClassVar[int]
     GPA_FIELD_NUMBER: _ClassVar[int]
     FLAGS_FIELD_NUMBER: _ClassVar[int]
     ORDER_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
     ra: int
     gpa: int
     flags: int
     order: int
-    def __init__(self, ra: _Optional[int] = ..., gpa: _Optional[int] = ..., flags: _Optional[int] = ..., order: _Optional[int] = ...) -> None: ...
+    count: int
+    def __init__(self, ra: _Optional[int] = ..., gpa: _Optional[int] = ..., flags: _Optional[int] = ..., order: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class PageInBatch(_message.Message):
     __slots__ = ("lpid", "pages", "shared_memory")

@@ -111,33 +111,48 @@ async def page_out_all(hv, vm) -> int:
     in bulk streams (or one UV_PAGE_OUT a page with --transfer unary). A page the UV refuses is
     logged and lost, as in the kernel. Called with vm.lock held; returns the pages given back."""
     got = [0]
-    for slot, idx in list(vm.pages()):
-        st = slot.state(idx)
-        if st not in (GfnState.GFN_NORMAL, GfnState.GFN_SECURE_IN):
-            hv.state.mark_normal(slot, idx, scrub=False)
+    for slot in vm.slots.values():
+        if slot.count(GfnState.GFN_NORMAL) + slot.count(GfnState.GFN_SECURE_IN) == slot.npages:
+            continue  # nothing but normal and secure pages: the usual case
+        for idx in range(slot.npages):
+            if slot.state(idx) not in (GfnState.GFN_NORMAL, GfnState.GFN_SECURE_IN):
+                hv.state.mark_normal(slot, idx, scrub=False)
 
-    def secure_pages():
-        return [(s, i) for s, i in vm.pages() if s.state(i) == GfnState.GFN_SECURE_IN]
+    def secure_runs():
+        return [(slot, idx, n, 0) for slot in sorted(vm.slots.values(), key=lambda s: s.base_gfn)
+                for idx, n in slot.runs_in(GfnState.GFN_SECURE_IN)]
 
     def give_back(slot, idx, data) -> None:
         faults.reach("hv.abort.page_out", vm.name)
         hv.state.mark_normal(slot, idx, data=data, scrub=data is None)
         got[0] += data is not None
 
+    by_page = faults.armed("hv.abort.page_out")  # a failpoint counts pages: take them one by one
+
     async def streamed():
-        async for batch, rcs, data in bulk.page_out(hv, vm, secure_pages()):
-            for (slot, idx), rc, page in zip(batch, rcs, data):
-                if rc != U.U_SUCCESS or page is None:
-                    log.error("lpid %d: page-out of 0x%x during abort -> %s; page lost", vm.lpid,
-                              slot.gpa(idx), rc_name(rc, U))
-                    page = None
-                else:
-                    hv.metrics.moved("out")
-                give_back(slot, idx, page)
+        async for batch, rcs, data in bulk.page_out(hv, vm, secure_runs()):
+            done = 0
+            for slot, idx, n, _ in batch:
+                pages, results = data[done:done + n], rcs[done:done + n]
+                done += n
+                if not by_page and results.count(U.U_SUCCESS) == n and None not in pages:
+                    hv.state.mark_normal_run(slot, idx, pages)
+                    hv.metrics.moved("out", n)
+                    got[0] += n
+                    continue
+                for i, (rc, page) in enumerate(zip(results, pages)):
+                    if rc != U.U_SUCCESS or page is None:
+                        log.error("lpid %d: page-out of 0x%x during abort -> %s; page lost", vm.lpid,
+                                  slot.gpa(idx + i), rc_name(rc, U))
+                        page = None
+                    else:
+                        hv.metrics.moved("out")
+                    give_back(slot, idx + i, page)
 
     async def one_by_one():
-        for slot, idx in secure_pages():
-            give_back(slot, idx, await take_page(hv, vm, slot, idx))
+        for slot, first, n, _ in secure_runs():
+            for idx in range(first, first + n):
+                give_back(slot, idx, await take_page(hv, vm, slot, idx))
 
     await persist(hv, vm, streamed if hv.cfg.transfer == "stream" else one_by_one, "abort page-out")
     return got[0]

@@ -1,9 +1,12 @@
 """The HV's side of pefsim's bulk data plane (pefsim/dataplane.py): page batches streamed to and
 from the UV, and the offer of its RAM files to the UV (shared memory).
 
-Batches never mix slots: a batch's pages all travel with data, or all through shared memory.
-The caller holds vm.lock and decides each page's transition from its result, page by page, as
-the results arrive, so a kill between two batches leaves every page in a state it can explain.
+Pages travel as runs, (slot, idx, n, pos): n pages of one slot from idx (``pos`` is the caller's
+index of the run's first page, handed back with it), sent as PageRefs with a count; each page
+still gets its own result. Batches never mix slots: a batch's pages all travel with data, or all
+through shared memory. The caller holds vm.lock and decides each page's transition from its
+result as the results arrive, so a kill between two batches leaves every page in a state it can
+explain.
 """
 from __future__ import annotations
 
@@ -28,24 +31,42 @@ WINDOW = 4  # frames in flight before the first is answered: bounds the memory a
 SERVICE = "/pefsim.v1.UltravisorService"
 
 
-def _batches(items):
-    """items: (slot, idx, ...) in any order -> lists of at most batch_pages(slot) items of one slot."""
-    for _, group in groupby(items, key=lambda it: it[0].slot_id):
-        group = list(group)
-        size = batch_pages(group[0][0])
-        for first in range(0, len(group), size):
-            yield group[first:first + size]
+def _batches(runs):
+    """runs: (slot, idx, n, pos) in any order -> lists of runs of one slot holding at most
+    batch_pages(slot) pages each (a run cut where it must be; ``pos`` follows the cut)."""
+    batch, room = [], 0
+    for slot, idx, n, pos in runs:
+        if batch and slot.slot_id != batch[0][0].slot_id:
+            yield batch
+            batch = []
+        if not batch:
+            room = batch_pages(slot)
+        while n:
+            take = min(n, room)
+            batch.append((slot, idx, take, pos))
+            idx, pos, n, room = idx + take, pos + take, n - take, room - take
+            if not room:
+                yield batch
+                batch, room = [], batch_pages(slot)
+    if batch:
+        yield batch
 
 
 def batch_pages(slot) -> int:
     return SHARED_BATCH if slot.shared else BATCH
 
 
-async def page_in(hv, vm, items):
-    """Stream pages to the UV (UvPageInStream). ``items``: (slot, idx) pairs. Yields, batch by
-    batch, (items of the batch, their UV_PAGE_IN results). Raises UvUnreachable on transport
-    failure (pages not yet answered are still normal in the HV, with their data)."""
-    batches = list(_batches(items))
+def _refs(runs):
+    return [upb.PageRef(ra=slot.ra(idx), gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT, count=n)
+            for slot, idx, n, _ in runs]
+
+
+async def page_in(hv, vm, runs):
+    """Stream pages to the UV (UvPageInStream). ``runs``: (slot, idx, n, pos), n pages from idx
+    (``pos`` is the caller's, handed back). Yields, batch by batch, (runs of the batch, one
+    UV_PAGE_IN result per page). Raises UvUnreachable on transport failure (pages not yet
+    answered are still normal in the HV, with their data)."""
+    batches = list(_batches(runs))
     channel = hv.uv.channel
     call = channel.stream_stream(f"{SERVICE}/UvPageInStream", request_serializer=bytes,
                                  response_deserializer=upb.PageBatchResult.FromString)
@@ -56,10 +77,8 @@ async def page_in(hv, vm, items):
         for batch in batches:
             await window.acquire()  # released as each answer arrives
             slot = batch[0][0]
-            refs = [upb.PageRef(ra=slot.ra(idx), gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT)
-                    for slot, idx in batch]
-            payload = () if slot.shared else [slot.page(idx) for _, idx in batch]
-            yield encode(upb.PageInBatch(lpid=vm.lpid, pages=refs, shared_memory=slot.shared), payload)
+            payload = () if slot.shared else [slot.run(idx, n) for slot, idx, n, _ in batch]
+            yield encode(upb.PageInBatch(lpid=vm.lpid, pages=_refs(batch), shared_memory=slot.shared), payload)
 
     stream = call(frames(), timeout=hv.cfg.ucall_timeout_s + len(batches), wait_for_ready=True)
     try:
@@ -74,25 +93,45 @@ async def page_in(hv, vm, items):
     await hv.check_answer_boot(stream)
 
 
-async def page_out(hv, vm, items):
-    """Take pages back from the UV (UvPageOutStream). ``items``: (slot, idx) pairs. Yields
-    (items of the batch, results, page data list) where data is IN_PLACE for shared memory."""
+def _take(runs: list, count: int) -> list:
+    """The first ``count`` pages of ``runs`` (removed from it), as runs."""
+    out = []
+    while count:
+        slot, idx, n, pos = runs[0]
+        take = min(n, count)
+        out.append((slot, idx, take, pos))
+        if take == n:
+            runs.pop(0)
+        else:
+            runs[0] = (slot, idx + take, n - take, pos + take)
+        count -= take
+    return out
+
+
+async def page_out(hv, vm, runs):
+    """Take pages back from the UV (UvPageOutStream). ``runs``: (slot, idx, n, pos). Yields
+    (runs of the batch, one result per page, one data per page) where a page's data is IN_PLACE
+    for shared memory and None when the UV gave none."""
     from services.hypervisor.state import IN_PLACE
 
-    for batch_items in _group_by_slot(items):
-        slot = batch_items[0][0]
-        request = upb.PageOutRequest(lpid=vm.lpid, batch_pages=batch_pages(slot), shared_memory=slot.shared, pages=[
-            upb.PageRef(ra=slot.ra(idx), gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT) for _, idx in batch_items])
+    for slot_runs in _group_by_slot(runs):
+        slot = slot_runs[0][0]
+        total = sum(n for _, _, n, _ in slot_runs)
+        request = upb.PageOutRequest(lpid=vm.lpid, batch_pages=batch_pages(slot), shared_memory=slot.shared,
+                                     pages=_refs(slot_runs))
         call = hv.uv.channel.unary_stream(f"{SERVICE}/UvPageOutStream",
                                           request_serializer=upb.PageOutRequest.SerializeToString,
                                           response_deserializer=decoder(upb.PageOutBatch))
-        stream = call(request, timeout=hv.cfg.ucall_timeout_s + len(batch_items) / batch_pages(slot), wait_for_ready=True)
+        stream = call(request, timeout=hv.cfg.ucall_timeout_s + total / batch_pages(slot), wait_for_ready=True)
+        left = list(slot_runs)
         try:
             async for frame in stream:
                 hdr, payload = frame.header, frame.payload
-                batch = batch_items[hdr.first:hdr.first + len(hdr.rc)]
+                rcs = list(hdr.rc)[:total]  # results past the pages asked for are not ours
+                total -= len(rcs)
+                batch = _take(left, len(rcs))
                 data, offset = [], 0
-                for rc in hdr.rc:
+                for rc in rcs:
                     if rc != U.U_SUCCESS:
                         data.append(None)
                     elif slot.shared:
@@ -101,15 +140,15 @@ async def page_out(hv, vm, items):
                         page = payload[offset:offset + (1 << PAGE_SHIFT)]
                         offset += 1 << PAGE_SHIFT
                         data.append(page if len(page) == 1 << PAGE_SHIFT else None)  # short: lost
-                yield batch, list(hdr.rc), data
+                yield batch, rcs, data
         except grpc.aio.AioRpcError as exc:
             log.error("UvPageOutStream: UV unreachable (%s)", exc.code().name)
             raise UvUnreachable("UvPageOutStream") from None
         await hv.check_answer_boot(stream)
 
 
-def _group_by_slot(items):
-    for _, group in groupby(items, key=lambda it: it[0].slot_id):
+def _group_by_slot(runs):
+    for _, group in groupby(runs, key=lambda run: run[0].slot_id):
         yield list(group)
 
 

@@ -57,6 +57,7 @@ import asyncio
 import json
 import mmap
 import os
+import re
 import shutil
 import secrets
 from dataclasses import dataclass, field
@@ -68,6 +69,11 @@ from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gf
 ZERO_PAGE = bytes(PAGE_SIZE)
 MAX_SLOT_ID = 0xFFFF
 IN_PLACE = object()  # page data the UV already wrote into the HV's page (shared memory)
+_ZEROS = memoryview(bytes(256 * PAGE_SIZE))  # never written: reads cost no memory
+
+
+def _zeros(n: int):
+    return _ZEROS[:n * PAGE_SIZE] if n <= 256 else bytes(n * PAGE_SIZE)
 
 
 def vm_state_of(secure_guest: int) -> VmState:
@@ -113,6 +119,19 @@ class Slot:
 
     def count(self, state: int) -> int:
         return self.states[:].count(bytes([state]))
+
+    def run(self, idx: int, n: int) -> memoryview:
+        """The RAM of ``n`` pages from ``idx``, back to back."""
+        return memoryview(self.ram)[idx * PAGE_SIZE:(idx + n) * PAGE_SIZE]
+
+    def all_in(self, idx: int, n: int, state: int) -> bool:
+        """Whether the ``n`` GFNs from ``idx`` are all in ``state``."""
+        return self.states[idx:idx + n].count(state) == n
+
+    def runs_in(self, state: int):
+        """(idx, n) of every run of consecutive GFNs in ``state``."""
+        for m in re.finditer(re.escape(bytes([state])) + b"+", self.states[:]):
+            yield m.start(), m.end() - m.start()
 
 
 def _map(path: Path, size: int) -> mmap.mmap:
@@ -315,6 +334,11 @@ class HvState:
         self._set(slot, idx, GfnState.GFN_SECURE_IN)
         slot.page(idx)[:] = ZERO_PAGE
 
+    def mark_secure_in_run(self, slot: Slot, idx: int, n: int) -> None:
+        """mark_secure_in for ``n`` GFNs from ``idx`` (the states first, then the scrub)."""
+        slot.states[idx:idx + n] = bytes([GfnState.GFN_SECURE_IN]) * n
+        slot.run(idx, n)[:] = _zeros(n)
+
     def mark_secure_out(self, slot: Slot, idx: int, ciphertext) -> None:
         """-> GFN_SECURE_OUT: the HV page holds the ciphertext the UV handed out (or wrote in
         place, IN_PLACE)."""
@@ -337,6 +361,14 @@ class HvState:
         elif scrub:
             slot.page(idx)[:] = ZERO_PAGE
         self._set(slot, idx, GfnState.GFN_NORMAL)
+
+    def mark_normal_run(self, slot: Slot, idx: int, pages: list) -> None:
+        """mark_normal for ``len(pages)`` GFNs from ``idx``, each given back by the UV (its data,
+        or IN_PLACE): every page written before the GFNs are marked normal."""
+        for i, data in enumerate(pages):
+            if data is not IN_PLACE:
+                slot.page(idx + i)[:] = data
+        slot.states[idx:idx + len(pages)] = bytes([GfnState.GFN_NORMAL]) * len(pages)
 
     def restore(self, slot: Slot, idx: int, state: int) -> None:
         """Put a GFN back in the state it had before a transition that the UV refused."""

@@ -4,6 +4,11 @@ Read by the dispatcher (pefsim/rpc.py), by the conformance tests (tests/conforma
 tools/gen_conformance.py, which writes docs/conformance.md from it. A row's ``checks`` are in the
 order the ABI's code performs them; STATE marks where the state table below is consulted (for the
 SVM of the request's lpid; SVM_ABSENT when there is none).
+
+The bulk calls check a run of pages (PageRef.count) at its two ends (calls/bulk.py: run_passes),
+so every check of UV_PAGE_IN and UV_PAGE_OUT must either not depend on the page's addresses or,
+on addresses, hold for every address between two that pass (``_ra_ok``: not 0, below secure
+memory). tests/unit/test_page_runs.py compares runs with single pages.
 """
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from dataclasses import replace
 
 from pefsim.abi import PAGE_SHIFT, H, Role, SvmState, U, Ucall, is_secure_ra, page_aligned
 from pefsim.rpc import ALLOW, STATE, Call, Check
-from pefsim.dataplane import decoder
+from pefsim.dataplane import MAX_FRAME_PAGES, MAX_REQUEST_PAGES, decoder, limited
 from pefsim.v1 import ultravisor_pb2 as upb
 from services.ultravisor.calls import access, bulk, memslot, page, share, svm
 from services.ultravisor.state import SVM_MEM_SLOTS_NUM
@@ -95,9 +100,9 @@ CALLS = [
     Call("UvStatus", access.uv_status, ANYONE, None, checks=(), result=None),
     # the bulk data plane: each page is checked as its UV_PAGE_IN / UV_PAGE_OUT (calls/bulk.py)
     Call("UvPageInStream", bulk.uv_page_in_stream, HV, None, checks=(), result=None,
-         request_codec=decoder(upb.PageInBatch)),
+         request_codec=decoder(upb.PageInBatch, MAX_FRAME_PAGES)),
     Call("UvPageOutStream", bulk.uv_page_out_stream, HV, None, checks=(), result=None,
-         response_codec=bytes),
+         request_codec=limited(upb.PageOutRequest, MAX_REQUEST_PAGES), response_codec=bytes),
     Call("UvShareHvMemory", bulk.uv_share_hv_memory, HV, U.U_PERMISSION, family=U),
 ]
 

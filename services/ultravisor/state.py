@@ -111,6 +111,16 @@ class SecurePool:
         """A zeroed frame (free frames are always zero)."""
         return self._free.pop()
 
+    def take(self, n: int) -> list[int]:
+        """``n`` zeroed frames: the ones ``n`` calls of alloc() would give, in that order."""
+        if n > len(self._free):
+            raise IndexError("secure pool exhausted")
+        if n <= 0:
+            return []
+        frames = self._free[:-n - 1:-1]
+        del self._free[-n:]
+        return frames
+
     def release(self, frame: int) -> None:
         """Scrub a frame and return it to the pool."""
         off = frame * PAGE_SIZE
@@ -277,6 +287,19 @@ class UvState:
         else:
             view[:] = data
         gpf.state = GpfState.GPF_SECURE
+
+    def mark_secure_run(self, svm: Svm, gfn: int, n: int) -> list[memoryview]:
+        """``n`` GPFs from ``gfn``, each UNBACKED without a frame -> GPF_SECURE, each on a fresh
+        frame; returns the frames for the caller to fill before it releases the SVM's lock."""
+        frames = self.pool.take(n)
+        gpfs = svm.gpfs
+        for g, frame in zip(range(gfn, gfn + n), frames):
+            gpf = gpfs.get(g)
+            if gpf is None:
+                gpfs[g] = Gpf(GpfState.GPF_SECURE, frame)
+            else:
+                gpf.state, gpf.frame = GpfState.GPF_SECURE, frame
+        return [self.pool.view(frame) for frame in frames]
 
     def page_out(self, svm: Svm, gfn: int, gpf: Gpf) -> bytes:
         """GPF_SECURE -> GPF_PAGEDOUT: encrypt under the SVM key, free the frame, hand back the

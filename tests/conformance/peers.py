@@ -16,6 +16,7 @@ import grpc
 
 from pefsim import rpc
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, AbortReturn, Errno, H, HV_RA_BASE, PageInFlag, Role, U, gfn_of, gpa_of
+from pefsim.dataplane import pages_of
 from pefsim.image import GuestImage
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb
 from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
@@ -223,15 +224,15 @@ class ScriptedUv:
         """The bulk page-in, kept like UV_PAGE_IN's pages (this UV shares no memory)."""
         async for frame in frames:
             hdr, payload, rcs = frame.header, frame.payload, []
-            for n, ref in enumerate(hdr.pages):
+            for n, (ra, gpa, _, order) in enumerate(pages_of(hdr.pages)):
                 self.seen.append(("UV_PAGE_IN", upb.UvPageInRequest(
-                    lpid=hdr.lpid, src_ra=ref.ra, dest_gpa=ref.gpa, order=ref.order,
+                    lpid=hdr.lpid, src_ra=ra, dest_gpa=gpa, order=order,
                     data=bytes(payload[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]))))
                 fn = self.answers.get("UV_PAGE_IN")
                 if fn:
                     rcs.append(fn(self.seen[-1][1]).rc)
                 else:
-                    self.pages[(hdr.lpid, gfn_of(ref.gpa))] = bytes(payload[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
+                    self.pages[(hdr.lpid, gfn_of(gpa))] = bytes(payload[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
                     rcs.append(U.U_SUCCESS)
             yield upb.PageBatchResult(rc=rcs)
 
@@ -240,11 +241,12 @@ class ScriptedUv:
         from pefsim.dataplane import encode
 
         size = req.batch_pages or 32
-        for first in range(0, len(req.pages), size):
+        pages = list(pages_of(req.pages))
+        for first in range(0, len(pages), size):
             rcs, parts = [], []
-            for ref in req.pages[first:first + size]:
-                one = await self.UV_PAGE_OUT(upb.UvPageOutRequest(lpid=req.lpid, dest_ra=ref.ra, src_gpa=ref.gpa,
-                                                                  order=ref.order), context)
+            for ra, gpa, _, order in pages[first:first + size]:
+                one = await self.UV_PAGE_OUT(upb.UvPageOutRequest(lpid=req.lpid, dest_ra=ra, src_gpa=gpa,
+                                                                  order=order), context)
                 rcs.append(one.rc)
                 if one.rc == U.U_SUCCESS:
                     parts.append(one.data)

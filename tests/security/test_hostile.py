@@ -260,7 +260,8 @@ def test_dropped_and_truncated_streams(stack, run):
 
 def test_hostile_hv_cannot_make_the_uv_build_huge_frames(stack, run):
     """UvPageOutStream with an absurd batch_pages: the UV caps each frame (MAX_BATCH pages with
-    data), so one request cannot make it hold the whole SVM in one message."""
+    data), so one request cannot make it hold the whole SVM in one message; page runs whose
+    counts name billions of pages are refused (INVALID_ARGUMENT) in both bulk calls."""
     from pefsim.dataplane import decoder
     from services.ultravisor.calls.bulk import MAX_BATCH
 
@@ -279,6 +280,23 @@ def test_hostile_hv_cannot_make_the_uv_build_huge_frames(stack, run):
                                             timeout=30)]
             assert [len(f.header.rc) for f in frames] == [MAX_BATCH] * 3 + [5]
             assert all(len(f.payload) <= MAX_BATCH * PAGE_SIZE for f in frames)
+            # runs naming billions of pages: refused whole, before any page is looked at
+            bomb = [upb.PageRef(ra=HV_RA_BASE, gpa=0, order=PAGE_SHIFT, count=0xFFFFFFFF)] * 4
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in call(upb.PageOutRequest(lpid=rep.lpid, pages=bomb), timeout=30):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            from pefsim.dataplane import encode
+            stream = hv.channel.stream_stream("/pefsim.v1.UltravisorService/UvPageInStream",
+                                              request_serializer=bytes,
+                                              response_deserializer=upb.PageBatchResult.FromString)
+
+            async def bomb_frames():
+                yield encode(upb.PageInBatch(lpid=rep.lpid, pages=bomb, shared_memory=True))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                async for _ in stream(bomb_frames(), timeout=30):
+                    pass
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert check(stack.uv_addr, tls=stack.tls("operator"), server_role="uv")
         finally:
             await hv.close()

@@ -126,37 +126,69 @@ async def settle_pageouts(hv, vm) -> None:
                         "settled" if done else "still pending or lost")
 
 
+def _runs_of(gpas):
+    """(first index, count) of each run of consecutive page addresses in ``gpas``."""
+    start = 0
+    for i in range(1, len(gpas) + 1):
+        if i == len(gpas) or gpas[i] != gpas[i - 1] + PAGE_SIZE:
+            yield start, i - start
+            start = i
+
+
 async def h_svm_page_in_bulk(hv, req: pb.HSvmPageInBulkRequest, caller) -> pb.HSvmPageInBulkResponse:
     """H_SVM_PAGE_IN for many pages (flags 0): each page gets H_SVM_PAGE_IN's checks and result;
     the pages travel to the UV in batches (bulk.py). H_PAGE_IN_SHARED is H_SVM_PAGE_IN's alone
-    (H_P2 here)."""
+    (H_P2 here). Consecutive addresses inside one slot, none of them paged in already, are checked
+    and moved as a run (the checks at its two ends: none of them depends on the address); any
+    other page alone."""
     vm = hv.state.vms[req.lpid]
     call = hv.dispatcher.calls["H_SVM_PAGE_IN"]
-    rcs: list[int] = [H.H_PARAMETER] * len(req.guest_pa)
-    todo, where = [], {}
+    gpas = list(req.guest_pa)
+    rcs: list[int] = [H.H_PARAMETER] * len(gpas)
+
+    def checked(i: int):
+        """H_SVM_PAGE_IN's answer for page i before the UV is asked (None: ask the UV)."""
+        rc, _ = hv.dispatcher.precheck(call, pb.HSvmPageInRequest(lpid=req.lpid, guest_pa=gpas[i], flags=req.flags,
+                                                                  order=req.order), caller)
+        return H.H_P2 if rc is None and req.flags != PageInFlag.H_PAGE_IN_NONSHARED else rc
+
+    todo = []
+    by_page = faults.armed("hv.esm.page_in")  # a failpoint counts pages: take them one by one
     async with vm.lock:
-        for i, gpa in enumerate(req.guest_pa):
-            rc, _ = hv.dispatcher.precheck(call, pb.HSvmPageInRequest(lpid=req.lpid, guest_pa=gpa, flags=req.flags,
-                                                                      order=req.order), caller)
-            located = vm.locate(gpa) if rc is None else None
-            if rc is None and req.flags != PageInFlag.H_PAGE_IN_NONSHARED:
-                rc = H.H_P2
-            elif rc is None and (located is None or located[0].state(located[1]) == GfnState.GFN_SECURE_IN
-                                 or located[0].gpa(located[1]) != gpa):
-                rc = H.H_PARAMETER  # no memslot, already in, or unaligned (the UV answers U_P3)
-            if rc is not None:
-                rcs[i] = rc
-            else:
-                todo.append(located)
-                where[located] = i
+        for first, n in _runs_of(gpas):
+            located = vm.locate(gpas[first])
+            if (n > 1 and not by_page and located is not None and located[1] + n <= located[0].npages
+                    and located[0].gpa(located[1]) == gpas[first] and checked(first) is None
+                    and checked(first + n - 1) is None and located[0].all_in(located[1], n, GfnState.GFN_NORMAL)):
+                todo.append((*located, n, first))
+                continue
+            for i in range(first, first + n):
+                rc = checked(i)
+                located = vm.locate(gpas[i]) if rc is None else None
+                if rc is None and (located is None or located[0].state(located[1]) == GfnState.GFN_SECURE_IN
+                                   or located[0].gpa(located[1]) != gpas[i]):
+                    rc = H.H_PARAMETER  # no memslot, already in, or unaligned (the UV answers U_P3)
+                if rc is not None:
+                    rcs[i] = rc
+                else:
+                    todo.append((*located, 1, i))
         try:
             async for batch, results in bulk.page_in(hv, vm, todo):
-                for (slot, idx), rc in zip(batch, results):
-                    if rc == U.U_SUCCESS:
-                        faults.reach("hv.esm.page_in", vm.name)
-                        hv.state.mark_secure_in(slot, idx)
-                        hv.metrics.moved("in")
-                        rcs[where[(slot, idx)]] = H.H_SUCCESS
+                done = 0
+                for slot, idx, n, pos in batch:
+                    got = results[done:done + n]
+                    done += n
+                    if not by_page and got.count(U.U_SUCCESS) == n:
+                        hv.state.mark_secure_in_run(slot, idx, n)
+                        hv.metrics.moved("in", n)
+                        rcs[pos:pos + n] = [H.H_SUCCESS] * n
+                        continue
+                    for i, rc in enumerate(got):
+                        if rc == U.U_SUCCESS:
+                            faults.reach("hv.esm.page_in", vm.name)
+                            hv.state.mark_secure_in(slot, idx + i)
+                            hv.metrics.moved("in")
+                            rcs[pos + i] = H.H_SUCCESS
         except UvUnreachable:
             pass  # the pages not answered stay normal, with their data: H_PARAMETER
     first_bad = next((rc for rc in rcs if rc != H.H_SUCCESS), H.H_SUCCESS)

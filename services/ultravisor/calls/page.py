@@ -3,7 +3,10 @@
 Arguments checked before the SVM state (order, page addresses) are in calltable.py; what depends
 on the page's GPF state is here, following the table at the top of state.py. ``page_in_one`` and
 ``page_out_one`` are each page's work, shared with the bulk calls (calls/bulk.py), so a page gets
-the same transition and result whichever way it travels.
+the same transition and result whichever way it travels; ``page_in_run`` and ``page_out_run``
+take a run of pages in the one common case of each (ESM's page-in of unbacked pages, the abort's
+page-out) together, giving every page what the one-page functions would, and decline any other
+case (tests/unit/test_page_runs.py holds them to that).
 """
 from __future__ import annotations
 
@@ -80,6 +83,51 @@ def page_out_one(uv, svm, gpa: int, dest_ra: int = 0, batch=None) -> tuple[int, 
     if dest_ra and uv.hvmem.write(svm.lpid, dest_ra, data, batch):
         return U.U_SUCCESS, b"", True
     return U.U_SUCCESS, data, False
+
+
+def _one_slot(svm, gpa: int, n: int) -> bool:
+    """Whether n pages from ``gpa`` are page-aligned and all inside one registered slot."""
+    if not page_aligned(gpa):
+        return False
+    first = svm.slot_of(gfn_of(gpa))
+    return first is not None and first == svm.slot_of(gfn_of(gpa) + n - 1)
+
+
+def page_in_run(uv, svm, gpa: int, n: int, fill) -> bool:
+    """UV_PAGE_IN of ``n`` pages at consecutive GPAs from ``gpa`` when every one is UNBACKED (ESM
+    paging a guest in) and its data is whole: each -> GPF_SECURE on a fresh frame, which
+    ``fill(views)`` fills; each page's result is U_SUCCESS, as page_in_one would give it. False,
+    with nothing changed, for any other case: the caller then takes the pages one by one.
+    Called after the call-table checks passed for the run, with svm.lock held."""
+    if not _one_slot(svm, gpa, n):
+        return False
+    gpfs, first = svm.gpfs, gfn_of(gpa)
+    for gfn in range(first, first + n):
+        gpf = gpfs.get(gfn)
+        if gpf is not None and (gpf.state != GpfState.GPF_UNBACKED or gpf.frame is not None):
+            return False
+    fill(uv.state.mark_secure_run(svm, first, n))
+    uv.metrics.moved("in", n)
+    return True
+
+
+def page_out_run(uv, svm, gpa: int, n: int, place) -> bool:
+    """UV_PAGE_OUT of ``n`` pages at consecutive GPAs from ``gpa`` of an aborting SVM when every
+    one is GPF_SECURE: ``place(views)`` gets their frames (the plaintext, kept until
+    UV_SVM_TERMINATE); each page's result is U_SUCCESS, as page_out_one would give it. False, with
+    nothing done, for any other case (a secure SVM's pages are encrypted one by one by
+    page_out_one). Called after the call-table checks passed for the run, with svm.lock held."""
+    if svm.state != SvmState.SVM_ABORT or faults.mutant("uv-abort-pageout-no-data") or not _one_slot(svm, gpa, n):
+        return False
+    gpfs, first, views = svm.gpfs, gfn_of(gpa), []
+    for gfn in range(first, first + n):
+        gpf = gpfs.get(gfn)
+        if gpf is None or gpf.state != GpfState.GPF_SECURE:
+            return False
+        views.append(uv.state.pool.view(gpf.frame))
+    place(views)
+    uv.metrics.moved("out", n)
+    return True
 
 
 async def uv_page_in(uv, req: pb.UvPageInRequest, caller) -> pb.UvPageInResponse:
