@@ -168,30 +168,38 @@ IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class FileBatch:
-    """Shared-memory page copies gathered over one batch and done together (``flush``): pages at
-    consecutive offsets of one file go in one ``op`` call (os.preadv or os.pwritev), up to
-    IOV_MAX pages. The caller holds the SVM's lock from the first page's transition until after
-    the flush, so no frame is seen before its content lands and no answer leaves before the HV's
-    file holds the pages."""
+    """Shared-memory page copies gathered over one batch and done together (``flush``): buffers
+    at consecutive offsets of one file go in one ``op`` call (os.preadv or os.pwritev), up to
+    IOV_MAX buffers (a buffer is a page, or several pages back to back). The caller holds the
+    SVM's lock from the first page's transition until after the flush, so no frame is seen
+    before its content lands and no answer leaves before the HV's file holds the pages."""
 
     __slots__ = ("op", "runs")
 
     def __init__(self, op):
         self.op = op
-        self.runs: list[tuple[int, int, list]] = []  # (fd, offset, buffers)
+        self.runs: list[list] = []  # [fd, offset, buffers, bytes]
 
     def add(self, fd: int, offset: int, buf) -> None:
+        size = len(buf)
         if self.runs:
-            last_fd, last_offset, bufs = self.runs[-1]
-            if last_fd == fd and last_offset + len(bufs) * PAGE_SIZE == offset and len(bufs) < IOV_MAX:
-                bufs.append(buf)
+            run = self.runs[-1]
+            if run[0] == fd and run[1] + run[3] == offset and len(run[2]) < IOV_MAX:
+                run[2].append(buf)
+                run[3] += size
                 return
-        self.runs.append((fd, offset, [buf]))
+        self.runs.append([fd, offset, [buf], size])
+
+    def add_run(self, fd: int, offset: int, bufs) -> None:
+        """Buffers back to back in the file from ``offset`` (as ``add`` for each)."""
+        for buf in bufs:
+            self.add(fd, offset, buf)
+            offset += len(buf)
 
     def flush(self) -> None:
         runs, self.runs = self.runs, []
-        for fd, offset, bufs in runs:
-            if self.op(fd, bufs, offset) != len(bufs) * PAGE_SIZE:
+        for fd, offset, bufs, size in runs:
+            if self.op(fd, bufs, offset) != size:
                 raise OSError("short transfer with the HV's memory")
 
 

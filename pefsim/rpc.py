@@ -15,6 +15,7 @@ Two error channels stay apart:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -329,9 +330,9 @@ class Dispatcher:
         it batches (``batched``), and the state the batch saw."""
         call = self.calls[batched]
         counts: dict[str, int] = {}
-        for rc in rcs:
+        for rc, n in collections.Counter(rcs).items():
             key = result_name(call, rc)
-            counts[key] = counts.get(key, 0) + 1
+            counts[key] = counts.get(key, 0) + n
         for key, n in counts.items():
             self.observer.observe_batch(batched, key, n)
         self.history.record(call=name, batches=batched, caller=caller.role_name, who=caller.name, lpid=lpid,

@@ -25,7 +25,7 @@ from services.hypervisor.errors import UvUnreachable
 
 log = logging.getLogger("pefsim.hv.bulk")
 BATCH = 16  # pages per frame: 1 MiB (measured: 16-64 pages per message is the grpcio optimum)
-SHARED_BATCH = 256  # pages per frame through shared memory: no data travels, only page numbers,
+SHARED_BATCH = 1024  # pages per frame through shared memory: no data travels, only page numbers,
 #                    so a frame is ~3 KiB and what counts is the per-message cost of gRPC
 WINDOW = 4  # frames in flight before the first is answered: bounds the memory a stream holds
 SERVICE = "/pefsim.v1.UltravisorService"

@@ -69,11 +69,12 @@ from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gf
 ZERO_PAGE = bytes(PAGE_SIZE)
 MAX_SLOT_ID = 0xFFFF
 IN_PLACE = object()  # page data the UV already wrote into the HV's page (shared memory)
-_ZEROS = memoryview(bytes(256 * PAGE_SIZE))  # never written: reads cost no memory
+_ZERO_RUN = 1024  # pages
+_ZEROS = memoryview(bytes(_ZERO_RUN * PAGE_SIZE))  # never written: it reads as the zero page, no memory
 
 
 def _zeros(n: int):
-    return _ZEROS[:n * PAGE_SIZE] if n <= 256 else bytes(n * PAGE_SIZE)
+    return _ZEROS[:n * PAGE_SIZE] if n <= _ZERO_RUN else bytes(n * PAGE_SIZE)
 
 
 def vm_state_of(secure_guest: int) -> VmState:

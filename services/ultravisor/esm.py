@@ -121,7 +121,7 @@ async def _secure(uv, svm, req) -> pb.UvEsmResponse:
     return pb.UvEsmResponse(rc=U.U_SUCCESS, resumed=True, msr_s=True, nip=req.kbase)
 
 
-BULK_PAGES = 4096  # pages per HSvmPageInBulk call (256 MiB)
+BULK_PAGES = 16384  # pages per HSvmPageInBulk call (1 GiB)
 
 
 async def page_in_all(uv, svm) -> None:

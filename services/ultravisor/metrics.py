@@ -61,7 +61,8 @@ class UvMetrics(ServiceMetrics):
         pool.labels("total").set_function(lambda: state.pool.total)
         pool.labels("in_use").set_function(lambda: state.pool.in_use)
         pool.labels("reserved").set_function(lambda: state.pool.reserved)
-        pool.labels("free").set_function(lambda: state.pool.total - state.pool.in_use)
+        pool.labels("free").set_function(lambda: state.pool.total - state.pool.in_use - state.pool.scrubbing)
+        pool.labels("scrubbing").set_function(lambda: state.pool.scrubbing)
         svms = Gauge("pefsim_uv_svms", "SVM objects, by state.", ["state"], registry=r)
         for st in (SvmState.SVM_ACTIVE, SvmState.SVM_SECURE, SvmState.SVM_ABORT):
             svms.labels(st.name).set_function(

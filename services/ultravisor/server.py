@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,7 @@ from pefsim.blob import load_public_key
 from pefsim.v1 import hypervisor_pb2_grpc, ultravisor_pb2
 from services.ultravisor import calltable
 from services.ultravisor.metrics import UvMetrics
-from services.ultravisor.state import UvState
+from services.ultravisor.state import UvState, scrub_in_background
 
 log = logging.getLogger("pefsim.uv")
 
@@ -120,7 +121,11 @@ async def serve(cfg: UvConfig) -> None:
     log.info("ultravisor serving on %s (port %d), pool %d pages (%s), hv %s", cfg.listen, port,
              cfg.pool_pages, uv.state.pool.residency, cfg.hv)
     rpc.write_ready_file(cfg.ready_file, port=port, metrics_port=metrics_port, boot_id=uv.state.boot_id)
-    await rpc.serve_until_signalled(server, uv.close)
+    scrubber = asyncio.ensure_future(scrub_in_background(uv.state.pool))
+    try:
+        await rpc.serve_until_signalled(server, uv.close)
+    finally:
+        scrubber.cancel()
 
 
 def main(argv=None) -> None:

@@ -37,10 +37,16 @@ GPF states (GpfState, the UV's per-guest-page-frame states; the subset pefsim us
   UV_PAGE_INVAL              U_P2       U_P2           U_P2         ->SHARED_INV  U_P2        U_P2
   share                      ->HV_SHARING (after paging a PAGEDOUT page back in)
   unshare                    SHARED(_INV) -> HV_UNSHARING
-  UV_SVM_TERMINATE           every frame scrubbed and freed, reservation returned, key dropped
+  UV_SVM_TERMINATE           every frame given back to be scrubbed, reservation returned, key dropped
+
+Scrubbing. A frame given back (UV_SVM_TERMINATE, page-out, share, memslot removal) is scrubbed
+before anyone gets it again, but not on the caller's time: it waits, neither free nor in use, for
+the UV's background scrubber (``scrub_in_background``, 4 MiB at a time between calls), and alloc
+scrubs one itself if no free frame is left. So UV_SVM_TERMINATE costs its bookkeeping, not a
+memset of the SVM's memory, and the guest an abort resumes does not wait for it.
 
 Invariants (checked by tests and the chaos checkers)
-  * a free pool frame holds zeros (frames are scrubbed when released);
+  * a free pool frame holds zeros (frames are scrubbed before they are free again);
   * a frame belongs to at most one GPF of one SVM;
   * pages in use <= pages reserved <= pages total; an SVM's frames <= its reservation.
 
@@ -90,12 +96,20 @@ class SecurePool:
                 self.residency = "resident"
             except OSError as exc:  # an old kernel: the UV's start line says so
                 self.residency = f"on first use (MADV_POPULATE_WRITE: {exc.strerror})"
+        self._view = memoryview(self.mem)  # the pool is never closed: frames are slices of it
         self._free = list(range(pages - 1, -1, -1))
+        self._dirty: list[int] = []  # released, not yet scrubbed: neither free nor in use
         self.reserved = 0
+        self.wake_scrubber = lambda: None  # the UV's background scrubber (scrub_in_background)
 
     @property
     def in_use(self) -> int:
-        return self.total - len(self._free)
+        return self.total - len(self._free) - len(self._dirty)
+
+    @property
+    def scrubbing(self) -> int:
+        """Frames released and waiting to be scrubbed."""
+        return len(self._dirty)
 
     def reserve(self, n: int) -> bool:
         if self.reserved + n > self.total:
@@ -108,11 +122,16 @@ class SecurePool:
         self.reserved -= n
 
     def alloc(self) -> int:
-        """A zeroed frame (free frames are always zero)."""
+        """A zeroed frame (free frames are always zero; a dirty one is scrubbed first if no frame
+        is free)."""
+        if not self._free:
+            self.scrub(1)
         return self._free.pop()
 
     def take(self, n: int) -> list[int]:
         """``n`` zeroed frames: the ones ``n`` calls of alloc() would give, in that order."""
+        if n > len(self._free):
+            self.scrub(n - len(self._free))
         if n > len(self._free):
             raise IndexError("secure pool exhausted")
         if n <= 0:
@@ -122,20 +141,46 @@ class SecurePool:
         return frames
 
     def release(self, frame: int) -> None:
-        """Scrub a frame and return it to the pool."""
-        off = frame * PAGE_SIZE
-        self.mem[off:off + PAGE_SIZE] = ZERO_PAGE
-        self._free.append(frame)
+        """Give a frame back: it is scrubbed before anyone gets it again (by the background
+        scrubber, or by alloc / take if they need it sooner)."""
+        self._dirty.append(frame)
+        self.wake_scrubber()
+
+    def scrub(self, n: int | None = None) -> int:
+        """Zero up to ``n`` released frames (all of them: None) and free them; returns how many."""
+        n = len(self._dirty) if n is None else min(n, len(self._dirty))
+        if n <= 0:
+            return 0
+        frames = self._dirty[-n:]
+        del self._dirty[-n:]
+        for frame in frames:
+            off = frame * PAGE_SIZE
+            self.mem[off:off + PAGE_SIZE] = ZERO_PAGE
+        self._free.extend(frames)
+        return n
 
     def view(self, frame: int) -> memoryview:
         off = frame * PAGE_SIZE
-        return memoryview(self.mem)[off:off + PAGE_SIZE]
+        return self._view[off:off + PAGE_SIZE]
+
+    def views(self, frames: list[int]) -> list[memoryview]:
+        """The frames' memory in order, one view per run of consecutive frames."""
+        out, start, prev = [], None, None
+        for frame in frames:
+            if start is None or frame != prev + 1:
+                if start is not None:
+                    out.append(self._view[start * PAGE_SIZE:(prev + 1) * PAGE_SIZE])
+                start = frame
+            prev = frame
+        if start is not None:
+            out.append(self._view[start * PAGE_SIZE:(prev + 1) * PAGE_SIZE])
+        return out
 
     def ra(self, frame: int) -> int:
         return SECURE_RA_BASE + frame * PAGE_SIZE
 
 
-@dataclass
+@dataclass(slots=True)
 class Gpf:
     state: int = GpfState.GPF_UNBACKED
     frame: int | None = None
@@ -188,6 +233,20 @@ class Svm:
     @property
     def frames(self) -> int:
         return sum(1 for g in self.gpfs.values() if g.frame is not None)
+
+
+SCRUB_STEP = 64  # frames (4 MiB) the background scrubber zeroes between two turns of the loop
+
+
+async def scrub_in_background(pool: SecurePool) -> None:
+    """Zero released frames while the UV has nothing better to do; runs for the UV's life."""
+    wake = asyncio.Event()
+    pool.wake_scrubber = wake.set
+    while True:
+        await wake.wait()
+        wake.clear()
+        while pool.scrub(SCRUB_STEP):
+            await asyncio.sleep(0)
 
 
 def _aad(lpid: int, gfn: int, version: int) -> bytes:
@@ -290,7 +349,8 @@ class UvState:
 
     def mark_secure_run(self, svm: Svm, gfn: int, n: int) -> list[memoryview]:
         """``n`` GPFs from ``gfn``, each UNBACKED without a frame -> GPF_SECURE, each on a fresh
-        frame; returns the frames for the caller to fill before it releases the SVM's lock."""
+        frame; returns the frames (SecurePool.views) for the caller to fill before it releases
+        the SVM's lock."""
         frames = self.pool.take(n)
         gpfs = svm.gpfs
         for g, frame in zip(range(gfn, gfn + n), frames):
@@ -299,7 +359,7 @@ class UvState:
                 gpfs[g] = Gpf(GpfState.GPF_SECURE, frame)
             else:
                 gpf.state, gpf.frame = GpfState.GPF_SECURE, frame
-        return [self.pool.view(frame) for frame in frames]
+        return self.pool.views(frames)
 
     def page_out(self, svm: Svm, gfn: int, gpf: Gpf) -> bytes:
         """GPF_SECURE -> GPF_PAGEDOUT: encrypt under the SVM key, free the frame, hand back the

@@ -39,3 +39,35 @@ def test_file_batch_moves_consecutive_pages_in_one_call_each_run(tmp_path):
             short.flush()
     finally:
         os.close(fd)
+
+
+def test_file_batch_takes_buffers_of_several_pages(tmp_path):
+    """A run's frames come as views of several pages back to back (SecurePool.views): they join
+    the run of the page before them, and the flush moves every byte to its place."""
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(8 * PAGE_SIZE))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        batch = FileBatch(os.pwritev)
+        batch.add(fd, 0, b"\x01" * PAGE_SIZE)
+        batch.add_run(fd, PAGE_SIZE, [b"\x02" * (3 * PAGE_SIZE), b"\x03" * PAGE_SIZE])
+        batch.add_run(fd, 6 * PAGE_SIZE, [b"\x04" * (2 * PAGE_SIZE)])
+        assert [(offset, len(bufs), size) for _, offset, bufs, size in batch.runs] == [
+            (0, 3, 5 * PAGE_SIZE), (6 * PAGE_SIZE, 1, 2 * PAGE_SIZE)]
+        batch.flush()
+        data = path.read_bytes()
+        assert [data[i * PAGE_SIZE] for i in range(8)] == [1, 2, 2, 2, 3, 0, 4, 4]
+    finally:
+        os.close(fd)
+
+
+def test_pool_views_are_one_per_run_of_consecutive_frames():
+    from services.ultravisor.state import SecurePool
+
+    pool = SecurePool(16, populate=False)
+    for frame in range(16):
+        pool.view(frame)[:1] = bytes([frame])
+    views = pool.views([3, 4, 5, 9, 2, 3])
+    assert [len(v) // PAGE_SIZE for v in views] == [3, 1, 2]
+    assert [v[0] for v in views] == [3, 9, 2]
+    assert pool.views([]) == []

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from pefsim.abi import PAGE_SIZE, GpfState
-from services.ultravisor.state import UvState
+from services.ultravisor.state import UvState, scrub_in_background
 
 
 @pytest.fixture
@@ -35,10 +35,51 @@ def test_terminate_scrubs_frees_and_unreserves(uv):
     frames = [svm.gpf(g).frame for g in range(4)]
     assert uv.pool.in_use == 4
     assert uv.destroy_svm(1) == 4
-    assert (uv.pool.in_use, uv.pool.reserved) == (0, 0)
+    assert (uv.pool.in_use, uv.pool.reserved, uv.pool.scrubbing) == (0, 0, 4)
+    assert [bytes(uv.pool.view(f))[:1] for f in frames] == [b"\x01", b"\x02", b"\x03", b"\x04"]  # not yet
+    assert uv.pool.scrub() == 4 and uv.pool.scrubbing == 0
     for f in frames:
         assert bytes(uv.pool.view(f)) == bytes(PAGE_SIZE)
     assert uv.terminated == [1] and 1 not in uv.svms and svm.key == b""
+
+
+def test_a_released_frame_is_never_handed_out_unscrubbed():
+    """With every frame released and none scrubbed yet, alloc and take scrub what they hand out."""
+    uv = UvState(4)
+    svm = secure_svm(uv)
+    for gfn in range(4):
+        uv.mark_secure(svm.gpf(gfn), b"\xaa" * PAGE_SIZE)
+    uv.destroy_svm(1)
+    assert uv.pool.scrubbing == 4 and uv.pool.in_use == 0
+    one = uv.pool.alloc()
+    assert bytes(uv.pool.view(one)) == bytes(PAGE_SIZE)
+    more = uv.pool.take(3)
+    assert all(bytes(uv.pool.view(f)) == bytes(PAGE_SIZE) for f in more)
+    assert sorted([one, *more]) == [0, 1, 2, 3] and uv.pool.scrubbing == 0
+    with pytest.raises(IndexError):
+        uv.pool.take(1)
+
+
+def test_the_background_scrubber_zeroes_released_frames():
+    async def scenario():
+        uv = UvState(300)
+        task = asyncio.ensure_future(scrub_in_background(uv.pool))
+        await asyncio.sleep(0)
+        svm = uv.create_svm(1, "g")
+        assert uv.add_slot(svm, 0, 0, 300)
+        for gfn in range(300):
+            uv.mark_secure(svm.gpf(gfn), b"\x55" * PAGE_SIZE)
+        uv.destroy_svm(1)
+        assert uv.pool.scrubbing == 300
+        for _ in range(100):
+            if not uv.pool.scrubbing:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return uv
+    uv = asyncio.run(scenario())
+    assert uv.pool.scrubbing == 0 and uv.pool.in_use == 0
+    assert all(bytes(uv.pool.view(f)) == bytes(PAGE_SIZE) for f in range(300))
 
 
 def test_page_out_encrypts_and_page_in_decrypts(uv):
@@ -87,7 +128,9 @@ def test_share_frees_the_frame(uv):
     frame = gpf.frame
     uv.mark_sharing(gpf)
     uv.mark_shared(gpf)
-    assert gpf.frame is None and bytes(uv.pool.view(frame)) == bytes(PAGE_SIZE)
+    assert gpf.frame is None and uv.pool.in_use == 0 and uv.pool.scrubbing == 1
+    uv.pool.scrub()
+    assert bytes(uv.pool.view(frame)) == bytes(PAGE_SIZE)
 
 
 def test_remove_slot_releases_its_pages(uv):

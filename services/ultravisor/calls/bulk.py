@@ -46,17 +46,17 @@ def shared_run(uv, lpid: int, ra: int, n: int):
 
 
 def batch_copies(copies: FileBatch, fd: int, offset: int):
-    """Queue a run's pages, page i at ``offset`` + i pages of ``fd``, on a FileBatch."""
-    def queue(views):
-        for i, view in enumerate(views):
-            copies.add(fd, offset + i * PAGE_SIZE, view)
-    return queue
+    """Queue a run's pages (views of its frames, in order) at ``offset`` of ``fd`` on a FileBatch."""
+    return lambda views: copies.add_run(fd, offset, views)
 
 
 def copy_from(data):
+    """Fill views, in order, from ``data`` (the run's pages back to back)."""
     def fill(views):
-        for i, view in enumerate(views):
-            view[:] = data[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+        at = 0
+        for view in views:
+            view[:] = data[at:at + len(view)]
+            at += len(view)
     return fill
 
 

@@ -25,13 +25,14 @@ async def uv_esm(uv, req: pb.UvEsmRequest, caller) -> pb.UvEsmResponse:
 
 
 async def uv_svm_terminate(uv, req: pb.UvSvmTerminateRequest, caller) -> pb.UvSvmTerminateResponse:
-    """Destroy the SVM: every secure page scrubbed and freed, slots, GPF map and key dropped."""
+    """Destroy the SVM: every secure page given back to the pool (scrubbed before any reuse,
+    state.py), slots, GPF map and key dropped."""
     svm = uv.state.svms[req.lpid]
     t0, state = time.perf_counter(), SvmState(svm.state).name
     async with svm.lock:
         freed = uv.state.destroy_svm(req.lpid)
     uv.metrics.terminate_seconds.labels(state).observe(time.perf_counter() - t0)
-    log.info("lpid %d terminated, %d secure pages scrubbed and freed", req.lpid, freed)
+    log.info("lpid %d terminated, %d secure pages freed (to be scrubbed)", req.lpid, freed)
     if faults.mutant("uv-terminate-bad-rc"):
         return pb.UvSvmTerminateResponse(rc=U.U_P2, pages_freed=freed)
     return pb.UvSvmTerminateResponse(rc=U.U_SUCCESS, pages_freed=freed)
