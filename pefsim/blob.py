@@ -74,9 +74,20 @@ def parse_blob(blob: bytes) -> tuple[Manifest, bytes, bytes]:
     return manifest, body, sig
 
 
-def verify_blob(blob: bytes, trusted: Ed25519PublicKey, measured: dict[str, bytes]) -> Manifest:
-    """Check signature and every digest against ``measured`` (item -> the bytes the UV read from
-    secure memory). All items are evaluated, as the real UV does; the first failure is raised."""
+def measure(data: bytes) -> str:
+    """An item's digest as the manifest holds it (SHA-512, hex)."""
+    return hashlib.sha512(data).hexdigest()
+
+
+def new_measurement():
+    """A running measurement (``update`` it piece by piece; ``hexdigest`` as ``measure`` gives)."""
+    return hashlib.sha512()
+
+
+def verify_blob(blob: bytes, trusted: Ed25519PublicKey, measured: dict[str, str]) -> Manifest:
+    """Check signature and every digest against ``measured`` (item -> the digest of what the UV
+    read from secure memory, ``measure``). All items are evaluated, as the real UV does; the
+    first failure is raised."""
     manifest, body, sig = parse_blob(blob)
     try:
         trusted.verify(sig, body)
@@ -87,7 +98,7 @@ def verify_blob(blob: bytes, trusted: Ed25519PublicKey, measured: dict[str, byte
         want = manifest.digests.get(item)
         if want is None:
             failures.append(BlobError(f"missing-{item}"))
-        elif hashlib.sha512(measured[item]).hexdigest() != want:
+        elif measured[item] != want:
             failures.append(BlobError(f"mismatch-{item}"))
     if failures:
         raise failures[0]

@@ -27,7 +27,7 @@ import grpc
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, AbortReturn, EsmCopy, GpfState, H, PageInFlag,
                         SvmState, U, gfn_of, gpa_of, rc_name)
 from pefsim import faults
-from pefsim.blob import BlobError, kernel_size, verify_blob
+from pefsim.blob import BlobError, kernel_size, measure, new_measurement, verify_blob
 from pefsim.image import FDT_MAGIC
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as pb
 
@@ -100,13 +100,13 @@ async def _secure(uv, svm, req) -> pb.UvEsmResponse:
     blob = await read_region(uv, svm, blob_start, blob_end - blob_start)
     try:
         ksize = kernel_size(blob)
-        kernel = await read_region(uv, svm, req.kbase, ksize)
+        kernel = await measure_region(uv, svm, req.kbase, ksize)
         initrd_start, initrd_end = chosen["linux,initrd-start"], chosen["linux,initrd-end"]
-        initrd = await read_region(uv, svm, initrd_start, initrd_end - initrd_start)
+        initrd = await measure_region(uv, svm, initrd_start, initrd_end - initrd_start)
         if uv.trusted is None:
             raise BlobError("no-trusted-key")
         verify_blob(blob, uv.trusted, {"kernel": kernel, "initrd": initrd,
-                                       "bootargs": str(chosen.get("bootargs", "")).encode()})
+                                       "bootargs": measure(str(chosen.get("bootargs", "")).encode())})
     except BlobError as bad:
         raise EsmFailed(f"blob-{bad.reason}") from None
     # H_SVM_INIT_DONE succeeds again when repeated, so a lost answer is asked for again: giving
@@ -160,20 +160,33 @@ async def page_in(uv, svm, gfn: int) -> None:
         raise EsmFailed("page-in", f"gfn {gfn}: {rc_name(rc, H)}")
 
 
-async def read_region(uv, svm, gpa: int, length: int) -> bytes:
-    """Bytes of guest memory from secure pages (paging in what is missing)."""
+async def region(uv, svm, gpa: int, length: int):
+    """The pieces of guest memory from ``gpa`` for ``length`` bytes, in order, as views of the
+    secure pages (paging in what is missing): measured or copied without a copy of the whole."""
     if length < 0 or length > (64 << 20):
         raise EsmFailed("fdt", f"bad region length {length}")
-    out = bytearray()
     first, last = gfn_of(gpa), gfn_of(gpa + max(length, 1) - 1)
+    start, left = gpa - gpa_of(first), length
     for gfn in range(first, last + 1):
         if svm.slot_of(gfn) is None:
             raise EsmFailed("fdt", f"region outside memory at gfn {gfn}")
         await page_in(uv, svm, gfn)
-        gpf = svm.gpfs[gfn]
-        out += uv.state.pool.view(gpf.frame)
-    start = gpa - gpa_of(first)
-    return bytes(out[start:start + length])
+        piece = uv.state.pool.view(svm.gpfs[gfn].frame)[start:start + left]
+        start, left = 0, left - len(piece)
+        yield piece
+
+
+async def read_region(uv, svm, gpa: int, length: int) -> bytes:
+    """Bytes of guest memory from secure pages (paging in what is missing)."""
+    return b"".join([bytes(piece) async for piece in region(uv, svm, gpa, length)])
+
+
+async def measure_region(uv, svm, gpa: int, length: int) -> str:
+    """The digest of a region of guest memory (blob.measure), read page by page."""
+    digest = new_measurement()
+    async for piece in region(uv, svm, gpa, length):
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 async def read_fdt(uv, svm, fdt_gpa: int) -> dict:

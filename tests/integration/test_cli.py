@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from pefsim.blob import load_public_key, verify_blob
+from pefsim.blob import load_public_key, measure, verify_blob
 from pefsim.image import GuestImage
 from pefsim.stack import ROOT
 
@@ -73,7 +73,8 @@ def test_keys_and_blob_commands(tmp_path):
     assert made.returncode == 0, made.stderr
     img = GuestImage.of_size("g", 1 << 20)
     verify_blob(out.read_bytes(), load_public_key(tmp_path / "k/esm-signing.pub"),
-                {"kernel": img.kernel_bytes(), "initrd": img.initrd_bytes(), "bootargs": img.bootargs.encode()})
+                {"kernel": measure(img.kernel_bytes()), "initrd": measure(img.initrd_bytes()),
+                 "bootargs": measure(img.bootargs.encode())})
     bad = pefsim("blob", "--name", "g", "--mem-mib", "1", "--key", str(tmp_path / "k/esm-signing.key"),
                  "-o", str(out), "--tamper", "nonsense")
     assert bad.returncode != 0 and "unknown blob item" in bad.stderr

@@ -4,14 +4,15 @@ from __future__ import annotations
 import pytest
 
 from pefsim.abi import PAGE_SIZE
-from pefsim.blob import BlobError, kernel_size, make_blob, new_signing_key, parse_blob, verify_blob
+from pefsim.blob import BlobError, kernel_size, make_blob, measure, new_signing_key, parse_blob, verify_blob
 from pefsim.image import GuestImage
 
 IMG = GuestImage.of_size("g", 1 << 20)
 
 
 def measured(img=IMG):
-    return {"kernel": img.kernel_bytes(), "initrd": img.initrd_bytes(), "bootargs": img.bootargs.encode()}
+    return {"kernel": measure(img.kernel_bytes()), "initrd": measure(img.initrd_bytes()),
+            "bootargs": measure(img.bootargs.encode())}
 
 
 def test_good_blob_verifies():
