@@ -76,9 +76,11 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
     try:
         if faults.mutant("hv-abort-hangs"):
             await asyncio.Event().wait()
+        phases = hv.metrics.abort_phase_seconds
         if vm.abort["phase"] == PAGE_OUT:
             async with vm.lock:
-                recovered = await page_out_all(hv, vm)
+                with phases.labels(PAGE_OUT).time():
+                    recovered = await page_out_all(hv, vm)
                 if v10:
                     for slot_id in sorted(vm.slots):
                         await unregister(hv, vm, slot_id)
@@ -90,11 +92,13 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
                                           abort=dict(vm.abort, phase=TERMINATE))
         if vm.abort["phase"] == TERMINATE:
             faults.reach("hv.abort.before_terminate", vm.name)
-            await persist(hv, vm, lambda: terminate_once(hv, vm), "UV_SVM_TERMINATE")
+            with phases.labels(TERMINATE).time():
+                await persist(hv, vm, lambda: terminate_once(hv, vm), "UV_SVM_TERMINATE")
             hv.state.set_abort(vm, dict(vm.abort, phase=RESUME))
         faults.reach("hv.abort.before_resume", vm.name)
         journal = vm.abort
-        outcome = await resume_vcpu(hv, vm, journal)
+        with phases.labels(RESUME).time():
+            outcome = await resume_vcpu(hv, vm, journal)
         hv.state.set_abort(vm, None)
     except AbortCancelled:
         hv.metrics.abort_seconds.labels("cancelled").observe(time.perf_counter() - t0)

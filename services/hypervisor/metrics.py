@@ -15,6 +15,11 @@ class HvMetrics(ServiceMetrics):
             "pefsim_hv_abort_duration_seconds",
             "H_SVM_INIT_ABORT from entry to the guest's resume (or the return to the UV), by outcome.",
             ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.abort_phase_seconds = Histogram(
+            "pefsim_hv_abort_phase_duration_seconds",
+            "Each phase of H_SVM_INIT_ABORT: page-out (every secure page back), terminate "
+            "(UV_SVM_TERMINATE until answered), resume (the guest's vCPU); a phase an HV restart "
+            "interrupted is timed again from the restart.", ["phase"], buckets=LATENCY_BUCKETS, registry=r)
         self.terminate_seconds = Histogram(
             "pefsim_hv_terminate_duration_seconds",
             "UV_SVM_TERMINATE as issued by the HV, by trigger (abort, reset, destroy) and result.",
@@ -36,6 +41,7 @@ class HvMetrics(ServiceMetrics):
             "it) with no shared memory to find it in: the VM fails with a machine check.", registry=r)
         self.zero(self.abort_seconds, "resumed", "duplicate", "not-waiting", "guest-unreachable",
                   "returned-to-uv", "cancelled")
+        self.zero(self.abort_phase_seconds, "page-out", "terminate", "resume")
         self.zero(self.terminate_seconds, *((trigger, result) for trigger in ("abort", "reset", "destroy")
                                             for result in ("U_SUCCESS", "U_FUNCTION", "U_PERMISSION")))
         vms = Gauge("pefsim_hv_vms", "VMs, by state.", ["state"], registry=r)
