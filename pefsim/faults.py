@@ -6,7 +6,10 @@ the named point (counting only for the VM named VM, if given), so the chaos harn
 service between two exact steps of a protocol and check what the restarted service makes of it.
 With ``=stop`` the process SIGSTOPs itself there instead: a breakpoint at which the harness
 injects another fault (a partition, a pause, a UV crash) and then lets it go on with SIGCONT, so
-that fault lands inside a window however short it is. Unarmed points cost a dictionary lookup.
+that fault lands inside a window however short it is. With ``=lose`` (only at points right after
+an answer arrived, LOSABLE) the process drops that answer as if the network had lost it and goes
+on running: the caller takes the same path as for a transport failure. Unarmed points cost a
+dictionary lookup.
 
 Mutants. ``PEFSIM_MUTANTS=name,...`` turns on deliberate bugs, each breaking one invariant the
 chaos checkers test, so tests can show every checker catches a broken build. No mutant is on
@@ -31,6 +34,8 @@ POINTS = {
     "uv.esm.before_abort": "the UV decided to abort, before H_SVM_INIT_ABORT",
 }
 
+LOSABLE = {"hv.secure.page_out"}  # points whose caller treats reach() == True as a lost answer
+
 MUTANTS = {
     "uv-abort-pageout-no-data": "UV_PAGE_OUT in SVM_ABORT answers U_SUCCESS without the page (the "
                                 "open-source UV): the aborted guest's memory is garbage (invariant 1)",
@@ -44,7 +49,7 @@ MUTANTS = {
 
 _counts: dict[str, int] = {}
 _armed: dict[str, tuple[int, str, str]] = {}  # point -> (hit number, VM name or "", "kill" | "stop")
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "lose": None}
 _mutants: set[str] = set()
 
 
@@ -59,9 +64,12 @@ def configure(failpoints: list[str] | None = None) -> None:
             raise SystemExit(f"unknown failpoint {name!r}; known: {', '.join(POINTS)}")
         if (action or "kill") not in ACTIONS:
             raise SystemExit(f"failpoint {name}: unknown action {action!r}; known: {', '.join(ACTIONS)}")
+        if action == "lose" and name not in LOSABLE:
+            raise SystemExit(f"failpoint {name}: no answer to lose there; =lose works at {', '.join(sorted(LOSABLE))}")
         _armed[name] = (int(nth or 1), who, action or "kill")
-        log.warning("failpoint armed: %s at hit %d%s (the process will %s itself)", name,
-                    _armed[name][0], f" of {who}" if who else "", ACTIONS[_armed[name][2]].name)
+        log.warning("failpoint armed: %s at hit %d%s (%s)", name, _armed[name][0], f" of {who}" if who else "",
+                    "the answer will be dropped" if action == "lose"
+                    else f"the process will {ACTIONS[_armed[name][2]].name} itself")
     for name in filter(None, os.environ.get("PEFSIM_MUTANTS", "").split(",")):
         if name not in MUTANTS:
             raise SystemExit(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
@@ -69,21 +77,26 @@ def configure(failpoints: list[str] | None = None) -> None:
         log.warning("MUTANT ON: %s: %s", name, MUTANTS[name])
 
 
-def reach(name: str, who: str = "") -> None:
+def reach(name: str, who: str = "") -> bool:
     """Mark a failpoint (reached on behalf of VM ``who``); SIGKILL (or SIGSTOP) this process if
-    it is armed for this hit."""
+    it is armed for this hit. True if the answer just received must be dropped (``=lose``)."""
     if name not in _armed:
-        return
+        return False
     nth, only, action = _armed[name]
     if only and only != who:
-        return
+        return False
     _counts[name] = _counts.get(name, 0) + 1
-    if _counts[name] == nth:
-        log.warning("failpoint %s hit %d: %s", name, _counts[name],
-                    "killing this process" if action == "kill" else "stopping until SIGCONT")
-        if action == "kill":
-            logging.shutdown()
-        os.kill(os.getpid(), ACTIONS[action])
+    if _counts[name] != nth:
+        return False
+    log.warning("failpoint %s hit %d: %s", name, _counts[name],
+                {"kill": "killing this process", "stop": "stopping until SIGCONT",
+                 "lose": "dropping the answer as if lost in transport"}[action])
+    if action == "lose":
+        return True
+    if action == "kill":
+        logging.shutdown()
+    os.kill(os.getpid(), ACTIONS[action])
+    return False
 
 
 def armed(name: str) -> bool:

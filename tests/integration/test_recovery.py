@@ -9,7 +9,7 @@ import urllib.request
 import grpc
 import pytest
 
-from pefsim.abi import PAGE_SHIFT, GfnState, H, U, VmState
+from pefsim.abi import PAGE_SHIFT, Errno, GfnState, H, U, VmState
 from pefsim.demo import Operator
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
@@ -270,6 +270,34 @@ def test_secure_page_out_lost_without_shared_memory_fails_the_vm_loudly(stack_fa
             assert metric(stack, "hv", 'pefsim_hv_vms_failed_total{reason="page-lost"}') == 1
             status = (await op.guest(rep.name).GuestStatus(guest_pb2.GuestStatusRequest())).report
             assert (status.outcome, status.detail) == ("failed", "machine check: page-lost")
+        finally:
+            await op.close()
+    run(scenario())
+
+
+def test_secure_page_out_whose_answer_is_lost_is_settled_before_the_uv_pages_it_in(stack_factory, run):
+    """The UV pages a secure page out for a host touch and the answer is lost on the way (the HV
+    stays up: failpoint ``=lose``). The page is pending in the HV and paged out in the UV. When
+    the guest then reads it, the UV asks for it back with H_SVM_PAGE_IN: the HV settles the
+    pending page-out first (its repeated UV_PAGE_OUT gets U_PARAMETER; the ciphertext is in its RAM
+    file) and pages the ciphertext in, instead of answering H_PARAMETER for a page it still
+    thought secure. The guest reads all its memory."""
+    stack = stack_factory()
+
+    async def scenario():
+        op = Operator.of(stack)
+        try:
+            rep = await boot_guest(stack, op, unique("lose"))
+            assert rep.outcome == "secure"
+            await asyncio.to_thread(stack.restart, "hv", (f"hv.secure.page_out@{rep.name}=lose",))
+            read = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=2 << PAGE_SHIFT),
+                                                 timeout=10)
+            assert read.errno == Errno.EFAULT  # the answer was lost: the touch fails, the page-out is pending
+            assert stack.procs["hv"].alive
+            verify = (await op.guest(rep.name).Verify(guest_pb2.VerifyRequest())).report
+            assert verify.memory_intact, verify.detail
+            assert "page-in of gfn 0x2 with its page-out pending: settled" in stack.procs["hv"].log_path.read_text()
+            assert metric(stack, "hv", "pefsim_hv_pages_lost_total") == 0
         finally:
             await op.close()
     run(scenario())

@@ -26,6 +26,7 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
     slot, idx = where
     shared = req.flags == PageInFlag.H_PAGE_IN_SHARED
     async with vm.lock:
+        await settle_pageout(hv, vm, slot, idx)
         before = slot.state(idx)
         if shared:
             # skip_page_out: a device-backed page's secure content is abandoned, not paged out;
@@ -75,7 +76,8 @@ async def secure_page_out(hv, vm, slot, idx: int) -> bool:
 
     The UV frees its frame when it answers UV_PAGE_OUT and the ABI has no acknowledgement, so the
     HV records its intent first (``vm.pageouts_pending``, durable): an HV killed after the UV
-    answered, or whose answer was lost in transport, asks again (at restart: settle_pageouts).
+    answered, or whose answer was lost in transport, asks again (at restart: settle_pageouts;
+    before the UV pages it in: settle_pageout; at the next host touch).
     If the UV then answers U_PARAMETER, it had already paged the page out: through shared memory
     it wrote the ciphertext into the HV's RAM file before answering, so the page is there; with the
     page in the lost answer it is gone, and the VM fails with a machine check ("page-lost")
@@ -90,7 +92,8 @@ async def secure_page_out(hv, vm, slot, idx: int) -> bool:
             lpid=vm.lpid, dest_ra=slot.ra(idx), src_gpa=slot.gpa(idx), flags=0, order=PAGE_SHIFT))
     except UvUnreachable:
         return False  # still pending: asked again by the next access or at restart
-    faults.reach("hv.secure.page_out", vm.name)
+    if faults.reach("hv.secure.page_out", vm.name):
+        return False  # the answer was lost (a failpoint): as for UvUnreachable
     data = page_of(vm, slot, idx, resp)
     if data is None and asked_before and resp.rc == U.U_PARAMETER:
         if slot.shared:
@@ -110,6 +113,16 @@ async def secure_page_out(hv, vm, slot, idx: int) -> bool:
     vm.pageouts_pending.discard(gfn)
     hv.state.save(vm)
     return data is not None
+
+
+async def settle_pageout(hv, vm, slot, idx: int) -> None:
+    """Before the UV's H_SVM_PAGE_IN of a page whose secure page-out is still pending (its answer
+    was lost, the HV stayed up): settle it first, so the page-in finds the ciphertext (or the page
+    counted lost) instead of a GFN that still looks secure. Called with vm.lock held."""
+    if slot.base_gfn + idx in vm.pageouts_pending and slot.state(idx) == GfnState.GFN_SECURE_IN:
+        done = await secure_page_out(hv, vm, slot, idx)
+        log.warning("lpid %d: page-in of gfn 0x%x with its page-out pending: %s", vm.lpid,
+                    slot.base_gfn + idx, "settled" if done else "still pending or lost")
 
 
 async def settle_pageouts(hv, vm) -> None:
@@ -155,6 +168,10 @@ async def h_svm_page_in_bulk(hv, req: pb.HSvmPageInBulkRequest, caller) -> pb.HS
     todo = []
     by_page = faults.armed("hv.esm.page_in")  # a failpoint counts pages: take them one by one
     async with vm.lock:
+        for gpa in gpas if vm.pageouts_pending else ():
+            located = vm.locate(gpa)
+            if located is not None:
+                await settle_pageout(hv, vm, *located)
         for first, n in _runs_of(gpas):
             located = vm.locate(gpas[first])
             if (n > 1 and not by_page and located is not None and located[1] + n <= located[0].npages
