@@ -229,10 +229,10 @@ UV_ROWS = [
         then=("the UV holds nothing of the SVM", lambda c, r: c.gone())),
     Row("UV", "UV_SVM_TERMINATE", S, "a secure SVM", "U_SUCCESS", "UV code",
         lambda c: upb.UvSvmTerminateRequest(lpid=c.lpid),
-        then=("every page scrubbed and freed", lambda c, r: r.pages_freed == c.frames and c.gone())),
+        then=("every page freed (scrubbed before reuse)", lambda c, r: r.pages_freed == c.frames and c.gone())),
     Row("UV", "UV_SVM_TERMINATE", B, "an aborting SVM (the merged abort's last ucall)", "U_SUCCESS",
         "kernel / UV code", lambda c: upb.UvSvmTerminateRequest(lpid=c.lpid),
-        then=("every page scrubbed and freed", lambda c, r: r.pages_freed == c.npages and c.gone())),
+        then=("every page freed (scrubbed before reuse)", lambda c, r: r.pages_freed == c.npages and c.gone())),
     Row("UV", "UV_SVM_TERMINATE", S, "made by the guest", "U_PERMISSION", "UV code",
         lambda c: upb.UvSvmTerminateRequest(lpid=c.lpid), caller="guest"),
     # UV_SHARE_PAGE / UV_UNSHARE_PAGE / UV_UNSHARE_ALL_PAGES -------------------------------------
@@ -618,8 +618,11 @@ CHOICES = [
      "open-source UV returns 0 without copying anything: the merged abort would then hand the guest "
      "garbage. That bug is not copied.", "pefsim"),
     ("Scrubbing",
-     "The UV zeroes every secure frame when it is released (page-out, share, memslot removal, "
-     "UV_SVM_TERMINATE): a free frame always holds zeros. The open-source UV does not scrub. The HV "
+     "The UV zeroes every secure frame it is given back (page-out, share, memslot removal, "
+     "UV_SVM_TERMINATE) before the frame is free again: a background task does it between calls, "
+     "and an allocation that finds no free frame scrubs one itself, so a free frame always holds "
+     "zeros and UV_SVM_TERMINATE does not wait for a memset of the SVM's memory. The open-source "
+     "UV does not scrub. The HV "
      "zeroes its page when a GFN goes secure (the kernel frees it) and when it becomes shared (the "
      "UV's zeroing on share).", "pefsim"),
     ("Encrypted page-out",
