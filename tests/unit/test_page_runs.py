@@ -125,47 +125,46 @@ def ram_file(tmp_path, name: str):
     return path
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["data", "shm"])
-@pytest.mark.parametrize("seed", range(80))
-def test_page_in_runs_match_single_pages(seed, shared, tmp_path):
+def single_pages_and_runs_agree(seed: int, tmp_path, shared: bool, svm_states: list, move) -> None:
+    """Set up two UVs alike from ``seed``, draw the same runs, and ``move(uv, runs, single,
+    svm_state, ram)`` them on one as single pages and on the other as runs: what it returns must
+    be the same."""
     async def scenario():
         results = []
         for single in (True, False):
             rng = random.Random(seed)
-            svm_state = rng.choice([SvmState.SVM_ACTIVE, SvmState.SVM_ACTIVE, SvmState.SVM_SECURE])
-            uv = make_uv(rng, svm_state, ram_file(tmp_path, f"ram-{single}") if shared else None)
-            runs = draw_runs(rng)
-            rcs = await page_in(uv, runs, single, shared)
-            assert len(rcs) == sum(r[4] for r in runs)
-            results.append((rcs, snapshot(uv)))
+            svm_state = rng.choice(svm_states)
+            ram = ram_file(tmp_path, f"ram-{single}") if shared else None
+            uv = make_uv(rng, svm_state, ram)
+            results.append(await move(uv, draw_runs(rng), single, svm_state, ram))
             await uv.close()
         assert results[0] == results[1]
-        return results[0][0]
-    rcs = asyncio.run(scenario())
-    assert all(isinstance(rc, int) for rc in rcs)
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["data", "shm"])
+@pytest.mark.parametrize("seed", range(80))
+def test_page_in_runs_match_single_pages(seed, shared, tmp_path):
+    async def move(uv, runs, single, svm_state, ram):
+        rcs = await page_in(uv, runs, single, shared)
+        assert len(rcs) == sum(r[4] for r in runs) and all(isinstance(rc, int) for rc in rcs)
+        return rcs, snapshot(uv)
+    single_pages_and_runs_agree(seed, tmp_path, shared,
+                                [SvmState.SVM_ACTIVE, SvmState.SVM_ACTIVE, SvmState.SVM_SECURE], move)
 
 
 @pytest.mark.parametrize("shared", [False, True], ids=["data", "shm"])
 @pytest.mark.parametrize("seed", range(80))
 def test_page_out_runs_match_single_pages(seed, shared, tmp_path):
-    async def scenario():
-        results = []
-        for single in (True, False):
-            rng = random.Random(seed)
-            svm_state = rng.choice([SvmState.SVM_ABORT, SvmState.SVM_ABORT, SvmState.SVM_SECURE])
-            ram = ram_file(tmp_path, f"ram-{single}") if shared else None
-            uv = make_uv(rng, svm_state, ram)
-            runs = draw_runs(rng)
-            rcs, data = await page_out(uv, runs, single, shared)
-            state = snapshot(uv)
-            if svm_state == SvmState.SVM_SECURE:  # ciphertext under each UV's own key: sizes only
-                data = len(data)
-                state = {g: s for g, (s, _) in state["gpfs"].items()}
-            results.append((rcs, data, state, ram.read_bytes() if ram is not None and svm_state == SvmState.SVM_ABORT
-                            else None))
-            await uv.close()
-        assert results[0] == results[1]
-    asyncio.run(scenario())
+    async def move(uv, runs, single, svm_state, ram):
+        rcs, data = await page_out(uv, runs, single, shared)
+        state = snapshot(uv)
+        if svm_state == SvmState.SVM_SECURE:  # ciphertext under each UV's own key: sizes only
+            data = len(data)
+            state = {g: s for g, (s, _) in state["gpfs"].items()}
+        return rcs, data, state, ram.read_bytes() if ram is not None and svm_state == SvmState.SVM_ABORT else None
+    single_pages_and_runs_agree(seed, tmp_path, shared,
+                                [SvmState.SVM_ABORT, SvmState.SVM_ABORT, SvmState.SVM_SECURE], move)
 
 
 def test_the_common_cases_take_the_run_path(tmp_path):
