@@ -119,13 +119,11 @@ def page_out_run(uv, svm, gpa: int, n: int, place) -> bool:
     page_out_one). Called after the call-table checks passed for the run, with svm.lock held."""
     if svm.state != SvmState.SVM_ABORT or faults.mutant("uv-abort-pageout-no-data") or not _one_slot(svm, gpa, n):
         return False
-    gpfs, first, frames = svm.gpfs, gfn_of(gpa), []
-    for gfn in range(first, first + n):
-        gpf = gpfs.get(gfn)
-        if gpf is None or gpf.state != GpfState.GPF_SECURE:
-            return False
-        frames.append(gpf.frame)
-    place(uv.state.pool.views(frames))
+    first = gfn_of(gpa)
+    gpfs = list(map(svm.gpfs.get, range(first, first + n)))
+    if any(gpf is None or gpf.state != GpfState.GPF_SECURE for gpf in gpfs):
+        return False
+    place(uv.state.pool.views([gpf.frame for gpf in gpfs]))
     uv.metrics.moved("out", n)
     return True
 
