@@ -47,9 +47,14 @@ CHANNEL_OPTIONS = [
 # Clients ping an idle connection so a peer that vanished (killed, frozen, blackholed) is noticed
 # in seconds rather than at the TCP timeout; servers accept those pings.
 # A restarted peer is reconnected to within a second (the default backoff grows to 120 s).
+# min_reconnect_backoff_ms is not a backoff: it is gRPC's MIN_CONNECT_TIMEOUT, the time one
+# connection attempt (TCP, TLS, HTTP/2 SETTINGS) is given. At 100 ms, handshakes with a service
+# busy on a loaded machine (16 guests booting at once on 2 cores) timed out and fail-fast calls
+# got UNAVAILABLE for a call never sent; 2 s leaves a blackholed attempt at most 2 s behind a heal.
+CONNECT_TIMEOUT_MS = 2000
 CLIENT_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 3000),

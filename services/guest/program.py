@@ -229,11 +229,15 @@ class GuestProgram:
                 log.error("UV_ESM task failed: %r", ucall.exception())
 
     async def _uv_esm(self) -> None:
+        """The ultracall. It waits for the UV to be reachable before it is sent (wait_for_ready:
+        a `sc 2` does not fail because a connection is not up yet; a call never sent would leave
+        this vCPU waiting for a resume nobody owes it). Once sent, a transport failure is
+        ambiguous (the UV may be running the ESM), so the vCPU waits for its resume."""
         try:
             resp = await self.uv.stub.UV_ESM(upb.UvEsmRequest(
-                vcpu=self.vcpu_context(), kbase=self.image.kbase, fdt=self.image.fdt))
+                vcpu=self.vcpu_context(), kbase=self.image.kbase, fdt=self.image.fdt), wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
-            self.event(f"UV_ESM: UV unreachable ({exc.code().name}); waiting for a resume")
+            self.event(f"UV_ESM: UV unreachable ({exc.code().name}: {exc.details()}); waiting for a resume")
             return
         if resp.resumed:
             self.resume(Resume(r3=resp.rc, msr_s=resp.msr_s, nip=resp.nip, by=Role.ROLE_UV,
