@@ -210,3 +210,13 @@ def test_requests_naming_too_many_pages_do_not_parse():
     huge = upb.PageOutRequest(lpid=7, pages=[upb.PageRef(ra=HV_RA_BASE, gpa=0, count=0xFFFFFFFF)] * 3)
     with pytest.raises(ValueError, match="pages named"):
         limited(upb.PageOutRequest, 1 << 20)(huge.SerializeToString())
+
+
+def test_hv_groups_bulk_page_ins_into_runs_of_consecutive_addresses():
+    from services.hypervisor.hcalls.page import _runs_of
+
+    P = PAGE_SIZE
+    assert list(_runs_of([])) == []
+    assert list(_runs_of([P * i for i in range(5, 12)])) == [(0, 7)]  # one run, the fast way
+    assert list(_runs_of([0, P, 2 * P, 7 * P, 8 * P, 3 * P, 3 * P + 1, 0])) == [(0, 3), (3, 2), (5, 1), (6, 1), (7, 1)]
+    assert list(_runs_of([P, 0, 2 * P])) == [(0, 1), (1, 1), (2, 1)]

@@ -141,6 +141,9 @@ async def settle_pageouts(hv, vm) -> None:
 
 def _runs_of(gpas):
     """(first index, count) of each run of consecutive page addresses in ``gpas``."""
+    if gpas and gpas == list(range(gpas[0], gpas[0] + len(gpas) * PAGE_SIZE, PAGE_SIZE)):
+        yield 0, len(gpas)  # ESM's usual request: one run (compared in C, not page by page)
+        return
     start = 0
     for i in range(1, len(gpas) + 1):
         if i == len(gpas) or gpas[i] != gpas[i - 1] + PAGE_SIZE:
