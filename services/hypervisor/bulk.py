@@ -19,14 +19,15 @@ from itertools import groupby
 import grpc
 
 from pefsim.abi import PAGE_SHIFT, U
-from pefsim.dataplane import decoder, encode
+from pefsim.dataplane import MAX_FRAME_PAGES, decoder, encode
 from pefsim.v1 import ultravisor_pb2 as upb
 from services.hypervisor.errors import UvUnreachable
 
 log = logging.getLogger("pefsim.hv.bulk")
 BATCH = 16  # pages per frame: 1 MiB (measured: 16-64 pages per message is the grpcio optimum)
-SHARED_BATCH = 1024  # pages per frame through shared memory: no data travels, only page numbers,
-#                    so a frame is ~3 KiB and what counts is the per-message cost of gRPC
+# pages per frame through shared memory, as many as a frame may name: no data travels, only runs
+# of page numbers, so what counts is the per-message cost of gRPC
+SHARED_BATCH = MAX_FRAME_PAGES
 WINDOW = 4  # frames in flight before the first is answered: bounds the memory a stream holds
 SERVICE = "/pefsim.v1.UltravisorService"
 

@@ -13,13 +13,13 @@ import contextlib
 import os
 
 from pefsim.abi import PAGE_SIZE, U
-from pefsim.dataplane import BytesSource, FileBatch, Page, encode, runs_of, split_runs
+from pefsim.dataplane import MAX_FRAME_PAGES, BytesSource, FileBatch, Page, encode, runs_of, split_runs
 from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor.calls.page import page_in_one, page_in_run, page_out_one, page_out_run
 
 DEFAULT_BATCH = 32
 MAX_BATCH = 64  # pages per page-out frame with data: 4 MiB, whatever batch_pages an HV asks for
-MAX_SHARED_BATCH = 1024  # through shared memory a frame carries results only
+MAX_SHARED_BATCH = MAX_FRAME_PAGES  # through shared memory a frame carries results only
 
 
 def lock_of(svm):
