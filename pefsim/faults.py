@@ -48,7 +48,7 @@ MUTANTS = {
 }
 
 _counts: dict[str, int] = {}
-_armed: dict[str, tuple[int, str, str]] = {}  # point -> (hit number, VM name or "", "kill" | "stop")
+_armed: dict[str, tuple[int, str, str]] = {}  # point -> (hit number, VM name or "", an ACTIONS key)
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "lose": None}
 _mutants: set[str] = set()
 

@@ -48,7 +48,8 @@ class UvMetrics(ServiceMetrics):
              if s.state == SvmState.SVM_ABORT and s.abort_issued_ns] or [0.0]))
         self.terminate_seconds = Histogram(
             "pefsim_uv_terminate_duration_seconds",
-            "UV_SVM_TERMINATE's work in the UV (scrub and free every page), by SVM state.",
+            "UV_SVM_TERMINATE's work in the UV (free every page; the scrub is done in the background), "
+            "by SVM state.",
             ["state"], buckets=LATENCY_BUCKETS, registry=r)
         self.page_counters("uv", "through the UV", ("in", "out", "shared"))
         self.zero(self.abort_seconds, "resumed-by-hv", "returned-to-uv", "refused", "terminated-by-hv",
@@ -61,7 +62,7 @@ class UvMetrics(ServiceMetrics):
         pool.labels("total").set_function(lambda: state.pool.total)
         pool.labels("in_use").set_function(lambda: state.pool.in_use)
         pool.labels("reserved").set_function(lambda: state.pool.reserved)
-        pool.labels("free").set_function(lambda: state.pool.total - state.pool.in_use - state.pool.scrubbing)
+        pool.labels("free").set_function(lambda: state.pool.free)
         pool.labels("scrubbing").set_function(lambda: state.pool.scrubbing)
         svms = Gauge("pefsim_uv_svms", "SVM objects, by state.", ["state"], registry=r)
         for st in (SvmState.SVM_ACTIVE, SvmState.SVM_SECURE, SvmState.SVM_ABORT):

@@ -107,6 +107,11 @@ class SecurePool:
         return self.total - len(self._free) - len(self._dirty)
 
     @property
+    def free(self) -> int:
+        """Frames zeroed and ready to hand out."""
+        return len(self._free)
+
+    @property
     def scrubbing(self) -> int:
         """Frames released and waiting to be scrubbed."""
         return len(self._dirty)
@@ -122,20 +127,19 @@ class SecurePool:
         self.reserved -= n
 
     def alloc(self) -> int:
-        """A zeroed frame (free frames are always zero; a dirty one is scrubbed first if no frame
-        is free)."""
-        if not self._free:
-            self.scrub(1)
-        return self._free.pop()
+        """A zeroed frame (free frames are always zero; a released one is scrubbed first if no
+        frame is free)."""
+        return self.take(1)[0]
 
     def take(self, n: int) -> list[int]:
-        """``n`` zeroed frames: the ones ``n`` calls of alloc() would give, in that order."""
+        """``n`` zeroed frames, the most recently freed first (released ones are scrubbed first
+        if too few are free)."""
+        if n <= 0:
+            return []
         if n > len(self._free):
             self.scrub(n - len(self._free))
         if n > len(self._free):
             raise IndexError("secure pool exhausted")
-        if n <= 0:
-            return []
         frames = self._free[:-n - 1:-1]
         del self._free[-n:]
         return frames

@@ -96,9 +96,10 @@ def _one_slot(svm, gpa: int, n: int) -> bool:
 def page_in_run(uv, svm, gpa: int, n: int, fill) -> bool:
     """UV_PAGE_IN of ``n`` pages at consecutive GPAs from ``gpa`` when every one is UNBACKED (ESM
     paging a guest in) and its data is whole: each -> GPF_SECURE on a fresh frame, which
-    ``fill(views)`` fills (the frames in order, SecurePool.views); each page's result is U_SUCCESS, as page_in_one would give it. False,
-    with nothing changed, for any other case: the caller then takes the pages one by one.
-    Called after the call-table checks passed for the run, with svm.lock held."""
+    ``fill(views)`` fills (the frames in order, SecurePool.views); each page's result is
+    U_SUCCESS, as page_in_one would give it. False, with nothing changed, for any other case: the
+    caller then takes the pages one by one. Called after the call-table checks passed for the
+    run, with svm.lock held."""
     if not _one_slot(svm, gpa, n):
         return False
     gpfs, first = svm.gpfs, gfn_of(gpa)
@@ -114,9 +115,10 @@ def page_in_run(uv, svm, gpa: int, n: int, fill) -> bool:
 def page_out_run(uv, svm, gpa: int, n: int, place) -> bool:
     """UV_PAGE_OUT of ``n`` pages at consecutive GPAs from ``gpa`` of an aborting SVM when every
     one is GPF_SECURE: ``place(views)`` gets their frames, in order (SecurePool.views: the
-    plaintext, kept until UV_SVM_TERMINATE); each page's result is U_SUCCESS, as page_out_one would give it. False, with
-    nothing done, for any other case (a secure SVM's pages are encrypted one by one by
-    page_out_one). Called after the call-table checks passed for the run, with svm.lock held."""
+    plaintext, kept until UV_SVM_TERMINATE); each page's result is U_SUCCESS, as page_out_one
+    would give it. False, with nothing done, for any other case (a secure SVM's pages are
+    encrypted one by one by page_out_one). Called after the call-table checks passed for the run,
+    with svm.lock held."""
     if svm.state != SvmState.SVM_ABORT or faults.mutant("uv-abort-pageout-no-data") or not _one_slot(svm, gpa, n):
         return False
     first = gfn_of(gpa)
