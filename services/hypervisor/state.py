@@ -65,11 +65,12 @@ from pathlib import Path
 from typing import Any
 
 from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gfn_of, gpa_of
+from pefsim.dataplane import MAX_FRAME_PAGES
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 MAX_SLOT_ID = 0xFFFF
 IN_PLACE = object()  # page data the UV already wrote into the HV's page (shared memory)
-_ZERO_RUN = 1024  # pages
+_ZERO_RUN = MAX_FRAME_PAGES  # the most pages one batch scrubs at once
 _ZEROS = memoryview(bytes(_ZERO_RUN * PAGE_SIZE))  # never written: it reads as the zero page, no memory
 
 
@@ -107,7 +108,7 @@ class Slot:
         return self.base_gfn <= gfn < self.base_gfn + self.npages
 
     def page(self, idx: int) -> memoryview:
-        return memoryview(self.ram)[idx * PAGE_SIZE:(idx + 1) * PAGE_SIZE]
+        return self.run(idx, 1)
 
     def state(self, idx: int) -> GfnState:
         return GfnState(self.states[idx])
@@ -332,8 +333,7 @@ class HvState:
     def mark_secure_in(self, slot: Slot, idx: int) -> None:
         """-> GFN_SECURE_IN: the data now lives in the UV; the HV page is scrubbed (after the
         state is recorded, so a kill in between never leaves a normal GFN without its data)."""
-        self._set(slot, idx, GfnState.GFN_SECURE_IN)
-        slot.page(idx)[:] = ZERO_PAGE
+        self.mark_secure_in_run(slot, idx, 1)
 
     def mark_secure_in_run(self, slot: Slot, idx: int, n: int) -> None:
         """mark_secure_in for ``n`` GFNs from ``idx`` (the states first, then the scrub)."""

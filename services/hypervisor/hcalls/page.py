@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, GfnState, H, PageInFlag, U, rc_name
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, GfnState, H, PageInFlag, U, gfn_of, gpa_of, rc_name
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from pefsim import faults
 from services.hypervisor import bulk
@@ -171,8 +171,9 @@ async def h_svm_page_in_bulk(hv, req: pb.HSvmPageInBulkRequest, caller) -> pb.HS
     todo = []
     by_page = faults.armed("hv.esm.page_in")  # a failpoint counts pages: take them one by one
     async with vm.lock:
-        for gpa in gpas if vm.pageouts_pending else ():
-            located = vm.locate(gpa)
+        asked = {gfn_of(gpa) for gpa in gpas} if vm.pageouts_pending else set()
+        for gfn in sorted(vm.pageouts_pending & asked):  # pending page-outs of pages asked for
+            located = vm.locate(gpa_of(gfn))
             if located is not None:
                 await settle_pageout(hv, vm, *located)
         for first, n in _runs_of(gpas):
