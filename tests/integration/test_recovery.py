@@ -207,10 +207,21 @@ def test_init_done_whose_answer_is_lost_is_asked_again(stack_factory, run):
     run(scenario())
 
 
-async def host_touch_through_hv_kill(stack, op, rep) -> None:
-    """Arm hv.secure.page_out for the guest, let the host touch its page 2 (the HV pages it out
-    and dies once the UV answered, before writing the ciphertext), and restart the HV."""
-    await asyncio.to_thread(stack.restart, "hv", (f"hv.secure.page_out@{rep.name}",))
+async def secure_guest_with_armed_hv(stack, op, prefix: str, action: str = ""):
+    """Boot a guest to secure, then restart the HV with hv.secure.page_out armed for it (``action``:
+    "" kills the HV there, "=lose" drops the UV's answer); returns the guest's report."""
+    rep = await boot_guest(stack, op, unique(prefix))
+    assert rep.outcome == "secure"
+    await asyncio.to_thread(stack.restart, "hv", (f"hv.secure.page_out@{rep.name}{action}",))
+    return rep
+
+
+async def host_touch_through_hv_kill(stack, op, prefix: str):
+    """A secure guest, an HV armed to kill itself at hv.secure.page_out for it
+    (secure_guest_with_armed_hv), the host touching the guest's page 2 (the HV pages it out and
+    dies once the UV answered, before writing the ciphertext), and the HV restarted; returns the
+    guest's report."""
+    rep = await secure_guest_with_armed_hv(stack, op, prefix)
     try:
         await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=2 << PAGE_SHIFT), timeout=10)
         raise AssertionError("the failpoint did not fire")
@@ -221,6 +232,7 @@ async def host_touch_through_hv_kill(stack, op, rep) -> None:
         await asyncio.sleep(0.01)
     assert not stack.procs["hv"].alive, "the HV is still running: the failpoint did not fire"
     await asyncio.to_thread(stack.restart, "hv")
+    return rep
 
 
 def test_secure_page_out_whose_answer_is_lost_is_found_in_shared_memory(stack_factory, run):
@@ -233,9 +245,7 @@ def test_secure_page_out_whose_answer_is_lost_is_found_in_shared_memory(stack_fa
     async def scenario():
         op = Operator.of(stack)
         try:
-            rep = await boot_guest(stack, op, unique("touch"))
-            assert rep.outcome == "secure"
-            await host_touch_through_hv_kill(stack, op, rep)
+            rep = await host_touch_through_hv_kill(stack, op, "touch")
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
                 read = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=2 << PAGE_SHIFT))
@@ -260,9 +270,7 @@ def test_secure_page_out_lost_without_shared_memory_fails_the_vm_loudly(stack_fa
     async def scenario():
         op = Operator.of(stack)
         try:
-            rep = await boot_guest(stack, op, unique("lost"))
-            assert rep.outcome == "secure"
-            await host_touch_through_hv_kill(stack, op, rep)
+            rep = await host_touch_through_hv_kill(stack, op, "lost")
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and metric(stack, "hv", "pefsim_hv_pages_lost_total") < 1:
                 await asyncio.sleep(0.05)
@@ -287,9 +295,7 @@ def test_secure_page_out_whose_answer_is_lost_is_settled_before_the_uv_pages_it_
     async def scenario():
         op = Operator.of(stack)
         try:
-            rep = await boot_guest(stack, op, unique("lose"))
-            assert rep.outcome == "secure"
-            await asyncio.to_thread(stack.restart, "hv", (f"hv.secure.page_out@{rep.name}=lose",))
+            rep = await secure_guest_with_armed_hv(stack, op, "lose", "=lose")
             read = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=2 << PAGE_SHIFT),
                                                  timeout=10)
             assert read.errno == Errno.EFAULT  # the answer was lost: the touch fails, the page-out is pending
