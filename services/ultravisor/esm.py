@@ -150,8 +150,7 @@ async def page_in(uv, svm, gfn: int) -> None:
     """Have the HV move one page in (H_SVM_PAGE_IN -> UV_PAGE_IN), unless it is already here."""
     if svm.destroyed:
         raise EsmFailed("terminated")
-    gpf = svm.gpfs.get(gfn)
-    if gpf is not None and gpf.state == GpfState.GPF_SECURE:
+    if svm.gpf(gfn).state == GpfState.GPF_SECURE:
         return
     rc = (await hcall(uv, "H_SVM_PAGE_IN", hpb.HSvmPageInRequest(
         lpid=svm.lpid, guest_pa=gpa_of(gfn), flags=PageInFlag.H_PAGE_IN_NONSHARED,
@@ -171,7 +170,7 @@ async def region(uv, svm, gpa: int, length: int):
         if svm.slot_of(gfn) is None:
             raise EsmFailed("fdt", f"region outside memory at gfn {gfn}")
         await page_in(uv, svm, gfn)
-        piece = uv.state.pool.view(svm.gpfs[gfn].frame)[start:start + left]
+        piece = uv.state.pool.view(svm.gpf(gfn).frame)[start:start + left]
         start, left = 0, left - len(piece)
         yield piece
 

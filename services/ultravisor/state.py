@@ -61,6 +61,7 @@ import mmap
 import os
 import struct
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,8 +98,9 @@ class SecurePool:
             except OSError as exc:  # an old kernel: the UV's start line says so
                 self.residency = f"on first use (MADV_POPULATE_WRITE: {exc.strerror})"
         self._view = memoryview(self.mem)  # the pool is never closed: frames are slices of it
-        self._free = list(range(pages - 1, -1, -1))
-        self._dirty: list[int] = []  # released, not yet scrubbed: neither free nor in use
+        # frame numbers packed (4 bytes each, not an int object each), the next one to hand out last
+        self._free = array("i", range(pages - 1, -1, -1))
+        self._dirty = array("i")  # released, not yet scrubbed: neither free nor in use
         self.reserved = 0
         self.wake_scrubber = lambda: None  # the UV's background scrubber (scrub_in_background)
 
@@ -140,15 +142,22 @@ class SecurePool:
             self.scrub(n - len(self._free))
         if n > len(self._free):
             raise IndexError("secure pool exhausted")
-        frames = self._free[:-n - 1:-1]
+        frames = self._free[-n:]
         del self._free[-n:]
-        return frames
+        frames.reverse()
+        return frames.tolist()
 
     def release(self, frame: int) -> None:
         """Give a frame back: it is scrubbed before anyone gets it again (by the background
         scrubber, or by alloc / take if they need it sooner)."""
         self._dirty.append(frame)
         self.wake_scrubber()
+
+    def release_all(self, frames: list[int]) -> None:
+        """release() of each of ``frames``."""
+        if frames:
+            self._dirty.extend(frames)
+            self.wake_scrubber()
 
     def scrub(self, n: int | None = None) -> int:
         """Zero up to ``n`` released frames (all of them: None) and free them; returns how many."""
@@ -184,13 +193,78 @@ class SecurePool:
         return SECURE_RA_BASE + frame * PAGE_SIZE
 
 
-@dataclass(slots=True)
+NO_FRAME = -1
+
+
+class SlotPages:
+    """One memslot's GPF records, packed: a state byte, a frame number (NO_FRAME: none) and a
+    page-out version per page, ~7 bytes a page instead of a Python object each (a 64 GiB guest
+    has a million pages, and the UV's RSS bound is its pool + 64 MiB)."""
+
+    __slots__ = ("base", "npages", "states", "frames", "versions")
+
+    def __init__(self, base: int, npages: int):
+        self.base, self.npages = base, npages
+        self.states = bytearray([GpfState.GPF_UNBACKED]) * npages
+        self.frames = array("i", [NO_FRAME]) * npages
+        self.versions = array("I", [0]) * npages
+
+    def contains(self, gfn: int) -> bool:
+        return self.base <= gfn < self.base + self.npages
+
+    def all_in(self, idx: int, n: int, state: int) -> bool:
+        return self.states.count(state, idx, idx + n) == n
+
+    def used_frames(self) -> list[int]:
+        return [f for f in self.frames if f != NO_FRAME]
+
+
 class Gpf:
-    state: int = GpfState.GPF_UNBACKED
-    frame: int | None = None
-    version: int = 0  # page-out count: bound into the AAD so an older ciphertext never decrypts
-    nonce: bytes = b""
-    tag: bytes = b""
+    """One GPF's record: a view of its slot's arrays (SlotPages) and of the SVM's sealing data,
+    made on demand; reading or setting a field reads or sets the arrays."""
+
+    __slots__ = ("_slot", "_i", "_svm", "gfn")
+
+    def __init__(self, svm: "Svm", slot: SlotPages, gfn: int):
+        self._svm, self._slot, self._i, self.gfn = svm, slot, gfn - slot.base, gfn
+
+    @property
+    def state(self) -> int:
+        return self._slot.states[self._i]
+
+    @state.setter
+    def state(self, value: int) -> None:
+        self._slot.states[self._i] = value
+
+    @property
+    def frame(self) -> int | None:
+        frame = self._slot.frames[self._i]
+        return None if frame == NO_FRAME else frame
+
+    @frame.setter
+    def frame(self, value: int | None) -> None:
+        self._slot.frames[self._i] = NO_FRAME if value is None else value
+
+    @property
+    def version(self) -> int:
+        """Page-out count: bound into the AAD so an older ciphertext never decrypts."""
+        return self._slot.versions[self._i]
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self._slot.versions[self._i] = value
+
+    @property
+    def sealing(self) -> tuple[bytes, bytes]:
+        """(nonce, tag) of the page's latest ciphertext, kept only while it is paged out."""
+        return self._svm.sealed.get(self.gfn, (b"", b""))
+
+    @sealing.setter
+    def sealing(self, value: tuple[bytes, bytes] | None) -> None:
+        if value is None:
+            self._svm.sealed.pop(self.gfn, None)
+        else:
+            self._svm.sealed[self.gfn] = value
 
 
 @dataclass
@@ -198,8 +272,8 @@ class Svm:
     lpid: int
     owner: str  # identity of the guest that made UV_ESM
     state: int = SvmState.SVM_ACTIVE
-    slots: dict[int, tuple[int, int]] = field(default_factory=dict)  # slotid -> (base_gfn, npages)
-    gpfs: dict[int, Gpf] = field(default_factory=dict)
+    slots: dict[int, SlotPages] = field(default_factory=dict)  # slotid -> its pages
+    sealed: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # gfn -> (nonce, tag), paged out
     key: bytes = field(default_factory=lambda: AESGCM.generate_key(bit_length=256))
     nonce_prefix: bytes = field(default_factory=lambda: os.urandom(4))
     nonce_counter: int = 0
@@ -212,31 +286,43 @@ class Svm:
     unanswered: tuple[str, int] | None = None  # (hcall, first attempt ns) while esm.hcall_until_answered asks
 
     def slot_of(self, gfn: int) -> int | None:
-        for slotid, (base, npages) in self.slots.items():
-            if base <= gfn < base + npages:
+        for slotid, slot in self.slots.items():
+            if slot.contains(gfn):
                 return slotid
+        return None
+
+    def pages_of(self, gfn: int) -> SlotPages | None:
+        for slot in self.slots.values():
+            if slot.contains(gfn):
+                return slot
         return None
 
     def in_slots(self, gpa: int) -> bool:
         return self.slot_of(gfn_of(gpa)) is not None
 
     def gfns(self):
-        for base, npages in self.slots.values():
-            yield from range(base, base + npages)
+        for slot in self.slots.values():
+            yield from range(slot.base, slot.base + slot.npages)
 
     def gpf(self, gfn: int) -> Gpf:
-        """The GPF record of a gfn inside a slot (created UNBACKED on first use)."""
-        rec = self.gpfs.get(gfn)
-        if rec is None:
-            rec = self.gpfs[gfn] = Gpf()
-        return rec
+        """The GPF record of a gfn inside a slot (UNBACKED until the page is first used);
+        KeyError outside every slot (callers check the slots first)."""
+        slot = self.pages_of(gfn)
+        if slot is None:
+            raise KeyError(f"gfn {gfn} is in no memslot of SVM {self.lpid}")
+        return Gpf(self, slot, gfn)
+
+    def gfns_in(self, *states: int) -> list[int]:
+        """Every gfn whose GPF is in one of ``states``, in order within each slot."""
+        return [slot.base + i for slot in self.slots.values()
+                for i, st in enumerate(slot.states) if st in states]
 
     def count(self, state: int) -> int:
-        return sum(1 for g in self.gpfs.values() if g.state == state)
+        return sum(slot.states.count(state) for slot in self.slots.values())
 
     @property
     def frames(self) -> int:
-        return sum(1 for g in self.gpfs.values() if g.frame is not None)
+        return sum(slot.npages - slot.frames.count(NO_FRAME) for slot in self.slots.values())
 
 
 SCRUB_STEP = 64  # frames (4 MiB) the background scrubber zeroes between two turns of the loop
@@ -293,13 +379,14 @@ class UvState:
         self.hvmem.drop(lpid)
         freed = 0
         leak = faults.mutant("uv-terminate-keeps-pages")
-        for gpf in svm.gpfs.values():
-            if gpf.frame is not None and not leak:
-                self.pool.release(gpf.frame)
-                freed += 1
+        for slot in svm.slots.values():
+            frames = slot.used_frames()
+            if frames and not leak:
+                self.pool.release_all(frames)
+                freed += len(frames)
         if not leak:
             self.pool.unreserve(svm.reserved)
-        svm.gpfs.clear()
+        svm.sealed.clear()
         svm.slots.clear()
         svm.reserved = 0
         svm.key = b""
@@ -312,19 +399,18 @@ class UvState:
     def add_slot(self, svm: Svm, slotid: int, base_gfn: int, npages: int) -> bool:
         if not self.pool.reserve(npages):
             return False
-        svm.slots[slotid] = (base_gfn, npages)
+        svm.slots[slotid] = SlotPages(base_gfn, npages)
         svm.reserved += npages
         return True
 
     def remove_slot(self, svm: Svm, slotid: int) -> None:
         self.hvmem.drop(svm.lpid, slotid)
-        base, npages = svm.slots.pop(slotid)
-        for gfn in range(base, base + npages):
-            gpf = svm.gpfs.pop(gfn, None)
-            if gpf is not None and gpf.frame is not None:
-                self.pool.release(gpf.frame)
-        svm.reserved -= npages
-        self.pool.unreserve(npages)
+        slot = svm.slots.pop(slotid)
+        self.pool.release_all(slot.used_frames())
+        for gfn in [g for g in svm.sealed if slot.contains(g)]:
+            del svm.sealed[gfn]
+        svm.reserved -= slot.npages
+        self.pool.unreserve(slot.npages)
 
     # -- GPF transitions -----------------------------------------------------------------------
 
@@ -355,14 +441,11 @@ class UvState:
         """``n`` GPFs from ``gfn``, each UNBACKED without a frame -> GPF_SECURE, each on a fresh
         frame; returns the frames (SecurePool.views) for the caller to fill before it releases
         the SVM's lock."""
+        slot = svm.pages_of(gfn)
         frames = self.pool.take(n)
-        gpfs = svm.gpfs
-        for g, frame in zip(range(gfn, gfn + n), frames):
-            gpf = gpfs.get(g)
-            if gpf is None:
-                gpfs[g] = Gpf(GpfState.GPF_SECURE, frame)
-            else:
-                gpf.state, gpf.frame = GpfState.GPF_SECURE, frame
+        i = gfn - slot.base
+        slot.frames[i:i + n] = array("i", frames)
+        slot.states[i:i + n] = bytes([GpfState.GPF_SECURE]) * n
         return self.pool.views(frames)
 
     def page_out(self, svm: Svm, gfn: int, gpf: Gpf) -> bytes:
@@ -373,7 +456,7 @@ class UvState:
         nonce = svm.nonce_prefix + struct.pack(">Q", svm.nonce_counter)
         sealed = AESGCM(svm.key).encrypt(nonce, bytes(self.pool.view(gpf.frame)),
                                          _aad(svm.lpid, gfn, gpf.version))
-        gpf.nonce, gpf.tag = nonce, sealed[PAGE_SIZE:]
+        gpf.sealing = nonce, sealed[PAGE_SIZE:]
         self._drop_frame(gpf)
         gpf.state = GpfState.GPF_PAGEDOUT
         return sealed[:PAGE_SIZE]
@@ -383,11 +466,12 @@ class UvState:
         page and untouched; otherwise nothing changes and the caller answers U_P3."""
         from cryptography.exceptions import InvalidTag
 
+        nonce, tag = gpf.sealing
         try:
-            plain = AESGCM(svm.key).decrypt(gpf.nonce, bytes(ciphertext) + gpf.tag,
-                                            _aad(svm.lpid, gfn, gpf.version))
+            plain = AESGCM(svm.key).decrypt(nonce, bytes(ciphertext) + tag, _aad(svm.lpid, gfn, gpf.version))
         except InvalidTag:
             return False
+        gpf.sealing = None
         self.mark_secure(gpf, plain)
         return True
 

@@ -91,9 +91,10 @@ def refs(runs, single: bool) -> list:
 def snapshot(uv: Ultravisor) -> dict:
     svm = uv.state.svms[7]
     out = {}
-    for gfn, gpf in sorted(svm.gpfs.items()):
+    for gfn in sorted(svm.gfns()):
+        gpf = svm.gpf(gfn)
         content = bytes(uv.state.pool.view(gpf.frame)) if gpf.frame is not None else None
-        out[gfn] = (GpfState(gpf.state).name, content)
+        out[gfn] = (GpfState(gpf.state).name, content, gpf.version)
     return {"gpfs": out, "in_use": uv.state.pool.in_use}
 
 
@@ -161,7 +162,7 @@ def test_page_out_runs_match_single_pages(seed, shared, tmp_path):
         state = snapshot(uv)
         if svm_state == SvmState.SVM_SECURE:  # ciphertext under each UV's own key: sizes only
             data = len(data)
-            state = {g: s for g, (s, _) in state["gpfs"].items()}
+            state = {g: (s, v) for g, (s, _, v) in state["gpfs"].items()}
         return rcs, data, state, ram.read_bytes() if ram is not None and svm_state == SvmState.SVM_ABORT else None
     single_pages_and_runs_agree(seed, tmp_path, shared,
                                 [SvmState.SVM_ABORT, SvmState.SVM_ABORT, SvmState.SVM_SECURE], move)
@@ -189,7 +190,7 @@ def test_the_common_cases_take_the_run_path(tmp_path):
         uv.hvmem.add(7, 0, str(ram_file(tmp_path, "ram")), HV_RA_BASE, 48 * PAGE_SIZE)
         runs = [(ra_of(0), 0, 0, PAGE_SHIFT, 16)]
         assert await page_in(uv, runs, False, True) == [U.U_SUCCESS] * 16
-        assert all(bytes(uv.state.pool.view(svm.gpfs[g].frame)) == page(0x40 + g) for g in range(16))
+        assert all(bytes(uv.state.pool.view(svm.gpf(g).frame)) == page(0x40 + g) for g in range(16))
         uv.state.set_svm_state(svm, SvmState.SVM_ABORT)
         rcs, data = await page_out(uv, runs, False, False)
         assert rcs == [U.U_SUCCESS] * 16 and data == b"".join(page(0x40 + g) for g in range(16))

@@ -171,3 +171,22 @@ def test_the_secure_pool_is_resident_from_the_start():
 
     cfg = parse_args(["--hv", "127.0.0.1:1", "--trusted-key", "k.pub", "--lazy-pool", "--insecure"])
     assert cfg.lazy_pool and UvState(16, populate_pool=not cfg.lazy_pool).pool.residency == "on first use"
+
+
+def test_bookkeeping_is_a_few_bytes_per_page():
+    """The UV's RSS bound is its pool + 64 MiB whatever the guest's size, so what it keeps per
+    page (pool free lists, GPF records) must stay a few bytes, not an object per page."""
+    import tracemalloc
+
+    npages = 1 << 14
+    tracemalloc.start()
+    try:
+        state = UvState(pool_pages=npages, populate_pool=False)
+        svm = state.create_svm(1, "g")
+        assert state.add_slot(svm, 0, 0, npages)
+        state.mark_secure_run(svm, 0, npages)
+        used = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert svm.count(GpfState.GPF_SECURE) == svm.frames == npages
+    assert used / npages < 16, f"{used / npages:.1f} bytes per page"

@@ -12,8 +12,8 @@ async def uv_register_mem_slot(uv, req: pb.UvRegisterMemSlotRequest, caller) -> 
     base, npages = gfn_of(req.start_gpa), gfn_of(req.size)
     if req.slotid in svm.slots or svm.reserved + npages > uv.cfg.max_svm_pages:
         return pb.UvRegisterMemSlotResponse(rc=U.U_PARAMETER)
-    for other_base, other_n in svm.slots.values():
-        if base < other_base + other_n and other_base < base + npages:
+    for other in svm.slots.values():
+        if base < other.base + other.npages and other.base < base + npages:
             return pb.UvRegisterMemSlotResponse(rc=U.U_PARAMETER)
     async with svm.lock:
         if not uv.state.add_slot(svm, req.slotid, base, npages):

@@ -14,6 +14,7 @@ from pefsim import faults
 from pefsim.abi import GpfState, SvmState, U, gfn_of, page_aligned
 from pefsim.dataplane import BytesSource
 from pefsim.v1 import ultravisor_pb2 as pb
+from services.ultravisor.state import NO_FRAME
 
 
 def _gpf_of(svm, gpa: int):
@@ -85,12 +86,15 @@ def page_out_one(uv, svm, gpa: int, dest_ra: int = 0, batch=None) -> tuple[int, 
     return U.U_SUCCESS, data, False
 
 
-def _one_slot(svm, gpa: int, n: int) -> bool:
-    """Whether n pages from ``gpa`` are page-aligned and all inside one registered slot."""
+def _one_slot(svm, gpa: int, n: int):
+    """(the slot's pages, index of ``gpa`` in it) when n pages from ``gpa`` are page-aligned and
+    all inside one registered slot, else None."""
     if not page_aligned(gpa):
-        return False
-    first = svm.slot_of(gfn_of(gpa))
-    return first is not None and first == svm.slot_of(gfn_of(gpa) + n - 1)
+        return None
+    slot = svm.pages_of(gfn_of(gpa))
+    if slot is None or not slot.contains(gfn_of(gpa) + n - 1):
+        return None
+    return slot, gfn_of(gpa) - slot.base
 
 
 def page_in_run(uv, svm, gpa: int, n: int, fill) -> bool:
@@ -100,14 +104,13 @@ def page_in_run(uv, svm, gpa: int, n: int, fill) -> bool:
     U_SUCCESS, as page_in_one would give it. False, with nothing changed, for any other case: the
     caller then takes the pages one by one. Called after the call-table checks passed for the
     run, with svm.lock held."""
-    if not _one_slot(svm, gpa, n):
+    where = _one_slot(svm, gpa, n)
+    if where is None:
         return False
-    gpfs, first = svm.gpfs, gfn_of(gpa)
-    for gfn in range(first, first + n):
-        gpf = gpfs.get(gfn)
-        if gpf is not None and (gpf.state != GpfState.GPF_UNBACKED or gpf.frame is not None):
-            return False
-    fill(uv.state.mark_secure_run(svm, first, n))
+    slot, i = where
+    if not slot.all_in(i, n, GpfState.GPF_UNBACKED) or slot.frames[i:i + n].count(NO_FRAME) != n:
+        return False
+    fill(uv.state.mark_secure_run(svm, gfn_of(gpa), n))
     uv.metrics.moved("in", n)
     return True
 
@@ -119,13 +122,13 @@ def page_out_run(uv, svm, gpa: int, n: int, place) -> bool:
     would give it. False, with nothing done, for any other case (a secure SVM's pages are
     encrypted one by one by page_out_one). Called after the call-table checks passed for the run,
     with svm.lock held."""
-    if svm.state != SvmState.SVM_ABORT or faults.mutant("uv-abort-pageout-no-data") or not _one_slot(svm, gpa, n):
+    where = _one_slot(svm, gpa, n) if svm.state == SvmState.SVM_ABORT else None
+    if where is None or faults.mutant("uv-abort-pageout-no-data"):
         return False
-    first = gfn_of(gpa)
-    gpfs = list(map(svm.gpfs.get, range(first, first + n)))
-    if any(gpf is None or gpf.state != GpfState.GPF_SECURE for gpf in gpfs):
+    slot, i = where
+    if not slot.all_in(i, n, GpfState.GPF_SECURE):
         return False
-    place(uv.state.pool.views([gpf.frame for gpf in gpfs]))
+    place(uv.state.pool.views(slot.frames[i:i + n].tolist()))
     uv.metrics.moved("out", n)
     return True
 

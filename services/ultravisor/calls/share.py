@@ -90,7 +90,7 @@ async def uv_unshare_page(uv, req: pb.UvUnsharePageRequest, caller) -> pb.UvUnsh
 
 async def uv_unshare_all_pages(uv, req: pb.UvUnshareAllPagesRequest, caller) -> pb.UvUnshareAllPagesResponse:
     svm = uv.state.svms[req.vcpu.lpid]
-    shared = sorted(g for g, rec in svm.gpfs.items() if rec.state in SHARED)
+    shared = sorted(svm.gfns_in(*SHARED))
     for gfn in shared:
         if not await unshare_one(uv, svm, gfn):
             return pb.UvUnshareAllPagesResponse(rc=U.U_P2)
