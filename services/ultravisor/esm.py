@@ -18,9 +18,11 @@ The context runs as its own task: a guest that goes away does not cancel it half
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
+from array import array
 
 import grpc
 
@@ -127,17 +129,16 @@ BULK_PAGES = 16384  # pages per HSvmPageInBulk call (1 GiB)
 async def page_in_all(uv, svm) -> None:
     """Every GFN of every slot, with its content: one H_SVM_PAGE_IN a page (--transfer unary), or
     HSvmPageInBulk (the same per-page semantics, batched; the default)."""
-    gfns = sorted(svm.gfns())
     t0 = time.perf_counter()
     if uv.cfg.transfer == "unary":
-        for gfn in gfns:
+        for gfn in svm.gfns():
             await page_in(uv, svm, gfn)
         uv.metrics.page_in_seconds.labels("unary").observe(time.perf_counter() - t0)
         return
-    for first in range(0, len(gfns), BULK_PAGES):
+    gpas = (gpa_of(gfn) for gfn in svm.gfns())
+    while chunk := array("Q", itertools.islice(gpas, BULK_PAGES)):  # no list of every page
         if svm.destroyed:
             raise EsmFailed("terminated")
-        chunk = [gpa_of(g) for g in gfns[first:first + BULK_PAGES]]
         resp = await hcall(uv, "HSvmPageInBulk", hpb.HSvmPageInBulkRequest(
             lpid=svm.lpid, guest_pa=chunk, flags=PageInFlag.H_PAGE_IN_NONSHARED, order=PAGE_SHIFT))
         if resp.rc != H.H_SUCCESS:
@@ -150,6 +151,8 @@ async def page_in(uv, svm, gfn: int) -> None:
     """Have the HV move one page in (H_SVM_PAGE_IN -> UV_PAGE_IN), unless it is already here."""
     if svm.destroyed:
         raise EsmFailed("terminated")
+    if svm.pages_of(gfn) is None:
+        raise EsmFailed("page-in", f"gfn {gfn}: no longer in a memslot")
     if svm.gpf(gfn).state == GpfState.GPF_SECURE:
         return
     rc = (await hcall(uv, "H_SVM_PAGE_IN", hpb.HSvmPageInRequest(

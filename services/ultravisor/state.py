@@ -301,7 +301,8 @@ class Svm:
         return self.slot_of(gfn_of(gpa)) is not None
 
     def gfns(self):
-        for slot in self.slots.values():
+        """Every gfn of every slot, in ascending order (of the slots there are when it starts)."""
+        for slot in sorted(self.slots.values(), key=lambda s: s.base):
             yield from range(slot.base, slot.base + slot.npages)
 
     def gpf(self, gfn: int) -> Gpf:
