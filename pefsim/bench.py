@@ -239,7 +239,8 @@ def scaling(root: Path, counts: list[int], guest_bytes: int, progress: Progress)
 # gRPC channel arguments worth measuring for the bulk stream (on both ends of every channel).
 CHANNEL_VARIANTS = [
     ("as shipped (pefsim.rpc)", {}),
-    ("bdp_probe off", {"grpc.http2.bdp_probe": 0}),
+    ("BDP probing on (gRPC default)", {"grpc.http2.bdp_probe": 1}),
+    ("receive window 1 MiB", {"grpc.http2.lookahead_bytes": 1 << 20}),
     ("max HTTP/2 frame 16 MiB", {"grpc.http2.max_frame_size": (16 << 20) - 1}),
     ("write buffer 4 MiB", {"grpc.http2.write_buffer_size": 4 << 20}),
     ("TCP reads of 1-4 MiB", {"grpc.experimental.tcp_min_read_chunk_size": 1 << 20,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -35,14 +36,21 @@ IDENTITY_HEADER = "pefsim-identity"
 BOOT_ID_TRAILER = "pefsim-boot-id"  # every answer says which boot of the service gave it
 
 # Page payloads go in single messages of up to a few MiB (batched VcpuStore/SvmLoad); raise the
-# 4 MiB default. The rest stays gRPC's default: `pefsim bench --channel-options` measures the
-# HTTP/2 frame, write buffer and TCP read sizes within the run-to-run swing, and bdp_probe=0
-# 16 % slower (README).
+# 4 MiB default. The HTTP/2 receive window is fixed at 256 KiB instead of grown by BDP probing:
+# a receiver otherwise buffers several MiB per stream in gRPC and the allocator (measured at
+# 1 GiB with 1 MiB frames: HV peak RSS 74 -> 59 MiB over the guest, UV 74 -> 67 over its pool)
+# for 20-30 % of stream throughput (still ~1 x raw TCP on loopback; the target is 0.35). Over a
+# slow link (256 KiB per round trip: ~25 MB/s at 10 ms) raise it, or turn probing back on, with
+# $PEFSIM_GRPC_OPTIONS. `pefsim bench --channel-options` measures these and the HTTP/2 frame,
+# write buffer and TCP read sizes (README).
 MAX_MESSAGE_BYTES = 64 << 20
+RECEIVE_WINDOW_BYTES = 256 << 10
 MAX_CONCURRENT_RPCS = 2048  # per server: beyond it, RESOURCE_EXHAUSTED (a bounded queue)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", RECEIVE_WINDOW_BYTES),
 ]
 # Clients ping an idle connection so a peer that vanished (killed, frozen, blackholed) is noticed
 # in seconds rather than at the TCP timeout; servers accept those pings.
@@ -570,8 +578,29 @@ def write_ready_file(path: str | None, **info: Any) -> None:
     os.replace(tmp, path)
 
 
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def one_malloc_arena() -> None:
+    """Have glibc's malloc keep one arena for the process instead of one per thread (up to 8 per
+    core): gRPC's threads each kept a few MiB of freed message buffers in their own arena
+    (measured: 5-7 MiB of peak RSS per service), and the services are not malloc-bound. Must run
+    before gRPC starts its threads. $MALLOC_ARENA_MAX, when set, wins; without glibc, nothing."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        log.info("no mallopt in this C library: malloc arenas left as they are")
+        return
+    if not mallopt(M_ARENA_MAX, 1):
+        log.warning("mallopt(M_ARENA_MAX, 1) refused: malloc arenas left as they are")
+
+
 def run(main: Callable[[], Awaitable[Any]]) -> Any:
-    """Run a service's main coroutine on uvloop (plain asyncio if uvloop is not installed)."""
+    """Run a service's main coroutine on uvloop (plain asyncio if uvloop is not installed), with
+    one malloc arena (one_malloc_arena)."""
+    one_malloc_arena()
     try:
         import uvloop
     except ImportError:  # documented fallback: same behaviour, slower loop

@@ -47,7 +47,7 @@ class Proc:
         self.killed = False
         self.ready_path.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               "PYTHONUNBUFFERED": "1", "MALLOC_ARENA_MAX": "2", **self.env}  # self.env may override any
+               "PYTHONUNBUFFERED": "1", **self.env}  # self.env may override any
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
                                           cwd=ROOT, env=env, start_new_session=True)
