@@ -22,9 +22,11 @@ tests (tests only check that the bench runs and its JSON is well formed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import mmap
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -151,6 +153,19 @@ def start_stack(root: Path, mode: str, pool_bytes: int, env: dict | None = None)
     return LocalStack(cfg).start()
 
 
+@contextlib.contextmanager
+def bench_stack(root: Path, mode: str, pool_bytes: int, env: dict | None = None):
+    """A stack for one measurement, stopped and its data directory removed afterwards: the HV's
+    guest RAM files are dirty page cache, and left behind (~5 GiB over a whole run with channel
+    options) they would be written back to disk while later measurements run."""
+    stack = start_stack(root, mode, pool_bytes, env)
+    try:
+        yield stack
+    finally:
+        stack.stop()
+        shutil.rmtree(stack.run_dir, ignore_errors=True)
+
+
 async def abort_guests(stack: LocalStack, sizes: list[int], tag: str) -> list[dict]:
     """Boot guests whose blob does not match (so ESM pages everything in, then aborts and pages
     everything out); returns their reports, in order."""
@@ -175,8 +190,7 @@ async def abort_guests(stack: LocalStack, sizes: list[int], tag: str) -> list[di
 
 def transfer(root: Path, mode: str, size: int, env: dict | None = None) -> dict:
     """Page-in and page-out of one guest of ``size`` bytes in ``mode`` (stream, shm, unary)."""
-    stack = start_stack(root, mode, size, env)
-    try:
+    with bench_stack(root, mode, size, env) as stack:
         asyncio.run(abort_guests(stack, [size], mode))
         uv, hv = scrape(stack.metrics_targets()["uv"]), scrape(stack.metrics_targets()["hv"])
         transfer_label = "unary" if mode == "unary" else "stream"
@@ -185,8 +199,6 @@ def transfer(root: Path, mode: str, size: int, env: dict | None = None) -> dict:
         abort_e2e_s = sum(v for k, v in uv.items() if k.startswith("pefsim_uv_abort_duration_seconds_sum"))
         return {"pagein_Bps": size / pagein_s, "pageout_Bps": size / pageout_s, "abort_s": abort_e2e_s,
                 "hv_rss": peak_rss(stack.procs["hv"].popen.pid), "uv_rss": peak_rss(stack.procs["uv"].popen.pid)}
-    finally:
-        stack.stop()
 
 
 async def hcall_latency(stack: LocalStack, n: int) -> list[float]:
@@ -218,8 +230,7 @@ async def hcall_latency(stack: LocalStack, n: int) -> list[float]:
 def scaling(root: Path, counts: list[int], guest_bytes: int, progress: Progress) -> list[dict]:
     rows = []
     for n in counts:
-        stack = start_stack(root / f"scale-{n}", "shm", n * guest_bytes)
-        try:
+        with bench_stack(root / f"scale-{n}", "shm", n * guest_bytes) as stack:
             t0 = time.perf_counter()
             reports = asyncio.run(abort_guests(stack, [guest_bytes] * n, f"s{n}"))
             uv = scrape(stack.metrics_targets()["uv"])
@@ -230,8 +241,6 @@ def scaling(root: Path, counts: list[int], guest_bytes: int, progress: Progress)
                          "abort_MBps": n * guest_bytes / 1e6 / max(lat[-1], 1e-9),
                          "pagein_busy_s": round(pagein_s, 3),
                          "abort_p50_s": statistics.median(lat), "abort_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]})
-        finally:
-            stack.stop()
         progress.step(f"{n} guests aborting at once")
     return rows
 
@@ -295,11 +304,8 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         progress.step("ESM page-in and abort page-out, shared memory")
         unary = transfer(root, "unary", min(unary_bytes, guest_bytes))
         progress.step("ESM page-in and abort page-out, unary")
-        stack = start_stack(root, "hcall", 16 * PAGE_SIZE)
-        try:
+        with bench_stack(root, "hcall", 16 * PAGE_SIZE) as stack:
             samples = sorted(asyncio.run(hcall_latency(stack, hcalls)))
-        finally:
-            stack.stop()
         progress.step("hcall latency")
         rows = scaling(root, scale_counts or [], scale_guest_bytes, progress)
         options = channel_options(root, option_guest_bytes, option_rounds, progress) if option_rounds else []
