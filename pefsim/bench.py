@@ -5,7 +5,8 @@
       between two Python processes (sendall / recv_into of 64 KiB buffers); for information, memcpy into fresh memory, whose
       first touch (a fault and a zeroing per 4 KiB) costs far more than the copy on these VMs;
   (b) pefsim's ESM page-in and abort page-out of a guest (default 1 GiB) over the gRPC stream,
-      over shared memory, and with one unary call a page (on a smaller guest: it is slow), each
+      over shared memory (the best of SHM_RUNS runs, as memcpy is the best of its passes; every
+      run in the JSON's shm_runs), and with one unary call a page (on a smaller guest), each
       timed by the services' own phase metrics (the UV's ESM page-in, the HV's abort page-out
       phase); the abort latency is the whole abort, H_SVM_INIT_ABORT issued to answered;
   (c) control-plane latency of a simple hcall (H_SVM_PAGE_OUT of a page that is not secure: the
@@ -287,10 +288,22 @@ TARGETS = [
 ]
 
 
+# The shared-memory path is compared with memcpy, which is the best of 3 passes; it gets the same
+# rule (one run of it swings 7.8-11.6 GB/s on these VMs), and the JSON keeps every run.
+SHM_RUNS = 3
+
+
+def best_of(runs: list[dict]) -> dict:
+    """The best rate and abort time over runs of transfer(), and the highest peak RSS."""
+    return {"pagein_Bps": max(r["pagein_Bps"] for r in runs), "pageout_Bps": max(r["pageout_Bps"] for r in runs),
+            "abort_s": min(r["abort_s"] for r in runs),
+            "hv_rss": max(r["hv_rss"] for r in runs), "uv_rss": max(r["uv_rss"] for r in runs)}
+
+
 def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2000,
         scale_counts: list[int] | None = None, scale_guest_bytes: int = 16 * MiB, show_progress: bool = True,
         option_rounds: int = 0, option_guest_bytes: int = 256 * MiB) -> dict:
-    progress = Progress(8 + len(scale_counts or []) + option_rounds, show_progress)
+    progress = Progress(7 + SHM_RUNS + len(scale_counts or []) + option_rounds, show_progress)
     with tempfile.TemporaryDirectory(prefix="pefsim-bench-") as tmp:
         root = Path(tmp)
         memcpy = memcpy_Bps(guest_bytes)
@@ -300,8 +313,11 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         progress.step("raw TCP over loopback")
         stream = transfer(root, "stream", guest_bytes)
         progress.step("ESM page-in and abort page-out, gRPC stream")
-        shm = transfer(root, "shm", guest_bytes)
-        progress.step("ESM page-in and abort page-out, shared memory")
+        shm_runs = []
+        for i in range(SHM_RUNS):
+            shm_runs.append(transfer(root / f"shm-{i}", "shm", guest_bytes))
+            progress.step(f"ESM page-in and abort page-out, shared memory, {i + 1}/{SHM_RUNS}")
+        shm = best_of(shm_runs)
         unary = transfer(root, "unary", min(unary_bytes, guest_bytes))
         progress.step("ESM page-in and abort page-out, unary")
         with bench_stack(root, "hcall", 16 * PAGE_SIZE) as stack:
@@ -325,6 +341,8 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         "hcall_p99_us": round(samples[min(len(samples) - 1, int(0.99 * len(samples)))] * 1e6, 1),
         "hv_rss_bytes": max(stream["hv_rss"], shm["hv_rss"]),
         "uv_rss_bytes": max(stream["uv_rss"], shm["uv_rss"]),
+        "shm_runs": [{"pagein_MBps": round(r["pagein_Bps"] / 1e6, 1), "pageout_MBps": round(r["pageout_Bps"] / 1e6, 1),
+                      "abort_s": round(r["abort_s"], 4)} for r in shm_runs],
     }
     if rows:
         result["scaling"] = rows
@@ -354,13 +372,15 @@ def render(result: dict) -> str:
         ("tcp_MBps", "raw TCP loopback, 64 KiB", "MB/s"),
         ("pagein_stream_MBps", "ESM page-in, gRPC stream", "MB/s"),
         ("pageout_stream_MBps", "abort page-out, gRPC stream", "MB/s"),
-        ("pagein_shm_MBps", "ESM page-in, shared memory", "MB/s"),
-        ("pageout_shm_MBps", "abort page-out, shared memory", "MB/s"),
+        ("pagein_shm_MBps", f"ESM page-in, shared memory (best of {SHM_RUNS})", "MB/s"),
+        ("pageout_shm_MBps", f"abort page-out, shared memory (best of {SHM_RUNS})", "MB/s"),
         ("pagein_unary_MBps", "ESM page-in, one H_SVM_PAGE_IN a page", "MB/s"),
         ("hcall_p50_us", "hcall latency p50", "us"), ("hcall_p99_us", "hcall latency p99", "us")]:
         lines.append(f"{label:<44}{result[key]:>10} {unit}")
     lines.append(f"{'abort latency, stream / shared memory':<44}{result['abort_latency_s']['stream']:>8.3f} s / "
                  f"{result['abort_latency_s']['shm']:.3f} s")
+    lines.append(f"{'shared memory, each run, in / out':<44}"
+                 + ", ".join(f"{r['pagein_MBps']:.0f} / {r['pageout_MBps']:.0f}" for r in result["shm_runs"]) + " MB/s")
     lines.append(f"{'peak RSS, HV / UV':<44}{result['hv_rss_bytes'] / MiB:>8.0f} / {result['uv_rss_bytes'] / MiB:.0f} MiB")
     lines += ["", "targets (ratios measured in this run)", "-" * 58]
     for name, value, bound, op, ok in targets(result):
