@@ -28,6 +28,7 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -167,19 +168,24 @@ def bench_stack(root: Path, mode: str, pool_bytes: int, env: dict | None = None)
         shutil.rmtree(stack.run_dir, ignore_errors=True)
 
 
-async def abort_guests(stack: LocalStack, sizes: list[int], tag: str) -> list[dict]:
+async def abort_guests(stack: LocalStack, sizes: list[int], tag: str, together: bool = False) -> list[dict]:
     """Boot guests whose blob does not match (so ESM pages everything in, then aborts and pages
-    everything out); returns their reports, in order."""
+    everything out); returns their reports, in order. ``together``: every guest stops itself
+    once its image is loaded (failpoint guest.before_esm=stop) and all go on at once, so their
+    ESMs and aborts run side by side rather than next to other guests still loading memory."""
     op = Operator.of(stack)
+    extra = ("--resume-timeout", "3600") + (("--failpoint", "guest.before_esm=stop") if together else ())
     try:
         names = []
         for i, size in enumerate(sizes):
             name = f"{tag}-{i}"
             blob = make_blob(GuestImage.of_size(name, size), stack.signing_key(), omit=("kernel",))
-            op.guest(name, await asyncio.to_thread(stack.add_guest, name, size, blob, True, False,
-                                                    ("--resume-timeout", "3600")))
+            op.guest(name, await asyncio.to_thread(stack.add_guest, name, size, blob, True, False, extra))
             names.append(name)
-        boots = await asyncio.gather(*(op.guest(n).Boot(guest_pb2.BootRequest(), timeout=3600) for n in names))
+        boots = asyncio.gather(*(op.guest(n).Boot(guest_pb2.BootRequest(), timeout=3600) for n in names))
+        if together:
+            await release_together([stack.procs[f"guest-{n}"].popen.pid for n in names], boots)
+        boots = await boots
         for rep in boots:
             if rep.report.outcome != "aborted" or not rep.report.memory_intact:
                 raise RuntimeError(f"bench guest {rep.report.name}: {rep.report.outcome} {rep.report.detail}")
@@ -187,6 +193,27 @@ async def abort_guests(stack: LocalStack, sizes: list[int], tag: str) -> list[di
         return [dict(name=r.report.name, abort_s=r.report.abort_latency_s) for r in boots]
     finally:
         await op.close()
+
+
+async def release_together(pids: list[int], boots: asyncio.Future, timeout: float = 600.0) -> None:
+    """Wait until every guest process has stopped itself, then SIGCONT them all."""
+    deadline = time.monotonic() + timeout
+    while not all(stopped(pid) for pid in pids):
+        if boots.done():
+            if boots.exception() is None:
+                raise RuntimeError("bench guests ran through guest.before_esm without stopping")
+            return  # a boot failed before its stop: its error is the answer
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench guests not all at their ESM after {timeout} s")
+        await asyncio.sleep(0.01)
+    for pid in pids:
+        os.kill(pid, signal.SIGCONT)
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (state T in /proc/PID/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
 
 
 def transfer(root: Path, mode: str, size: int, env: dict | None = None) -> dict:
@@ -233,7 +260,7 @@ def scaling(root: Path, counts: list[int], guest_bytes: int, progress: Progress)
     for n in counts:
         with bench_stack(root / f"scale-{n}", "shm", n * guest_bytes) as stack:
             t0 = time.perf_counter()
-            reports = asyncio.run(abort_guests(stack, [guest_bytes] * n, f"s{n}"))
+            reports = asyncio.run(abort_guests(stack, [guest_bytes] * n, f"s{n}", together=True))
             uv = scrape(stack.metrics_targets()["uv"])
             wall = time.perf_counter() - t0
             lat = sorted(r["abort_s"] for r in reports)

@@ -32,6 +32,8 @@ POINTS = {
     "hv.secure.page_out": "the HV got UV_PAGE_OUT's answer for a secure page-out (H_SVM_PAGE_OUT, "
                           "a host touch), before writing the ciphertext",
     "uv.esm.before_abort": "the UV decided to abort, before H_SVM_INIT_ABORT",
+    "guest.before_esm": "the guest loaded its image, before its `sc 2` UV_ESM (with =stop: "
+                        "`pefsim bench` starts many guests' ESMs and aborts at once)",
 }
 
 LOSABLE = {"hv.secure.page_out"}  # points whose caller treats reach() == True as a lost answer
@@ -51,6 +53,12 @@ _counts: dict[str, int] = {}
 _armed: dict[str, tuple[int, str, str]] = {}  # point -> (hit number, VM name or "", an ACTIONS key)
 ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "lose": None}
 _mutants: set[str] = set()
+
+
+def add_argument(ap) -> None:
+    """A service's --failpoint option."""
+    ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N][@VM][=stop|=lose]",
+                    help=f"SIGKILL (or stop) this process the N-th time it reaches NAME ({', '.join(POINTS)})")
 
 
 def configure(failpoints: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from pefsim import rpc
+from pefsim import faults, rpc
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, U, VcpuState, gpa_of, rc_name
 from pefsim.image import GuestImage
 from pefsim.v1 import common_pb2, guest_pb2 as pb, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
@@ -180,6 +180,7 @@ class GuestProgram:
             self.report.outcome = "normal"
             await self.verify()
             return
+        faults.reach("guest.before_esm", self.cfg.name)
         t_sc2 = time.time_ns()
         res = await self.enter_secure_mode()
         if res.machine_check:

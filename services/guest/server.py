@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 
-from pefsim import rpc, tls
+from pefsim import faults, rpc, tls
 from pefsim.abi import PAGE_SIZE
 from pefsim.v1 import guest_pb2
 from services.guest import calltable
@@ -62,11 +62,13 @@ def parse_args(argv=None):
     ap.add_argument("--hv-wait", type=float, default=60.0,
                     help="seconds the guest waits for an unreachable HV to come back")
     ap.add_argument("--boot", action="store_true", help="run the boot program at start")
+    faults.add_argument(ap)
     tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
     ap.add_argument("--ready-file", help="write {pid, port, metrics_port} here once serving")
     a = ap.parse_args(argv)
+    faults.configure(a.failpoint)
     a.name = a.name or socket.gethostname()
     mem_bytes = int(a.mem_mib * (1 << 20))
     if mem_bytes % PAGE_SIZE or mem_bytes <= 0:

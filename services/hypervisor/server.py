@@ -245,8 +245,7 @@ def parse_args(argv=None) -> HvConfig:
                     help="abort page-out as bulk streams (default) or one UV_PAGE_OUT per page")
     ap.add_argument("--shared-memory", choices=["auto", "off"], default="auto",
                     help="offer the UV this HV's RAM files (default: auto, used when it can open them)")
-    ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
-                    help=f"SIGKILL this process the N-th time it reaches NAME ({', '.join(faults.POINTS)})")
+    faults.add_argument(ap)
     tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")

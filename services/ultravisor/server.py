@@ -97,8 +97,7 @@ def parse_args(argv=None) -> UvConfig:
                     help="concurrent calls one identity may have in flight (beyond: RESOURCE_EXHAUSTED)")
     ap.add_argument("--abort-attempt-timeout", type=float, default=30.0,
                     help="seconds one H_SVM_INIT_ABORT attempt may take before it is made again")
-    ap.add_argument("--failpoint", action="append", default=[], metavar="NAME[:N]",
-                    help=f"SIGKILL this process the N-th time it reaches NAME ({', '.join(faults.POINTS)})")
+    faults.add_argument(ap)
     tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
     ap.add_argument("--metrics-listen", help="host:port for /metrics (port 0 picks one)")
