@@ -198,7 +198,7 @@ NO_FRAME = -1
 
 class SlotPages:
     """One memslot's GPF records, packed: a state byte, a frame number (NO_FRAME: none) and a
-    page-out version per page, ~7 bytes a page instead of a Python object each (a 64 GiB guest
+    page-out version per page, 9 bytes a page instead of a Python object each (a 64 GiB guest
     has a million pages, and the UV's RSS bound is its pool + 64 MiB)."""
 
     __slots__ = ("base", "npages", "states", "frames", "versions")
@@ -219,6 +219,22 @@ class SlotPages:
         return [f for f in self.frames if f != NO_FRAME]
 
 
+class _Packed:
+    """A Gpf field kept in one of its slot's arrays (``empty``, if given, reads as None)."""
+
+    def __init__(self, array_name: str, empty: int | None = None):
+        self.array_name, self.empty = array_name, empty
+
+    def __get__(self, gpf, owner=None):
+        if gpf is None:
+            return self
+        value = getattr(gpf._slot, self.array_name)[gpf._i]
+        return None if self.empty is not None and value == self.empty else value
+
+    def __set__(self, gpf, value) -> None:
+        getattr(gpf._slot, self.array_name)[gpf._i] = self.empty if value is None else value
+
+
 class Gpf:
     """One GPF's record: a view of its slot's arrays (SlotPages) and of the SVM's sealing data,
     made on demand; reading or setting a field reads or sets the arrays."""
@@ -228,31 +244,9 @@ class Gpf:
     def __init__(self, svm: "Svm", slot: SlotPages, gfn: int):
         self._svm, self._slot, self._i, self.gfn = svm, slot, gfn - slot.base, gfn
 
-    @property
-    def state(self) -> int:
-        return self._slot.states[self._i]
-
-    @state.setter
-    def state(self, value: int) -> None:
-        self._slot.states[self._i] = value
-
-    @property
-    def frame(self) -> int | None:
-        frame = self._slot.frames[self._i]
-        return None if frame == NO_FRAME else frame
-
-    @frame.setter
-    def frame(self, value: int | None) -> None:
-        self._slot.frames[self._i] = NO_FRAME if value is None else value
-
-    @property
-    def version(self) -> int:
-        """Page-out count: bound into the AAD so an older ciphertext never decrypts."""
-        return self._slot.versions[self._i]
-
-    @version.setter
-    def version(self, value: int) -> None:
-        self._slot.versions[self._i] = value
+    state = _Packed("states")
+    frame = _Packed("frames", empty=NO_FRAME)  # None: no pool frame
+    version = _Packed("versions")  # page-out count: bound into the AAD, so an older ciphertext never decrypts
 
     @property
     def sealing(self) -> tuple[bytes, bytes]:
