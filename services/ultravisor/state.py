@@ -198,7 +198,7 @@ NO_FRAME = -1
 
 class SlotPages:
     """One memslot's GPF records, packed: a state byte, a frame number (NO_FRAME: none) and a
-    page-out version per page, 9 bytes a page instead of a Python object each (a 64 GiB guest
+    page-out version per page, 13 bytes a page instead of a Python object each (a 64 GiB guest
     has a million pages, and the UV's RSS bound is its pool + 64 MiB)."""
 
     __slots__ = ("base", "npages", "states", "frames", "versions")
@@ -207,7 +207,7 @@ class SlotPages:
         self.base, self.npages = base, npages
         self.states = bytearray([GpfState.GPF_UNBACKED]) * npages
         self.frames = array("i", [NO_FRAME]) * npages
-        self.versions = array("I", [0]) * npages
+        self.versions = array("Q", [0]) * npages  # 64 bits: no page-out count a hostile HV forces wraps
 
     def contains(self, gfn: int) -> bool:
         return self.base <= gfn < self.base + self.npages
