@@ -144,6 +144,10 @@ async def page_in_all(uv, svm) -> None:
         if resp.rc != H.H_SUCCESS:
             bad = next(i for i, rc in enumerate(resp.rcs) if rc != H.H_SUCCESS) if resp.rcs else 0
             raise EsmFailed("page-in", f"gpa 0x{chunk[bad]:x}: {rc_name(resp.rc, H)}")
+    missing = next((slot.base + i for slot in svm.slots.values()
+                    if (i := slot.first_not(GpfState.GPF_SECURE)) is not None), None)
+    if missing is not None:  # the HV said H_SUCCESS for a page it never paged in
+        raise EsmFailed("page-in", f"gfn {missing}: H_SUCCESS without its UV_PAGE_IN")
     uv.metrics.page_in_seconds.labels(uv.cfg.transfer).observe(time.perf_counter() - t0)
 
 
@@ -160,6 +164,8 @@ async def page_in(uv, svm, gfn: int) -> None:
         order=PAGE_SHIFT))).rc
     if rc != H.H_SUCCESS:
         raise EsmFailed("page-in", f"gfn {gfn}: {rc_name(rc, H)}")
+    if svm.pages_of(gfn) is None or svm.gpf(gfn).state != GpfState.GPF_SECURE:
+        raise EsmFailed("page-in", f"gfn {gfn}: H_SUCCESS without its UV_PAGE_IN")
 
 
 async def region(uv, svm, gpa: int, length: int):

@@ -216,3 +216,39 @@ def row_id(row: Row) -> str:
 def test_uv_row(uv_side, row):
     stack, uv_addr, hv_listen = uv_side
     asyncio.run(run_row(stack, uv_addr, hv_listen, row))
+
+
+@pytest.mark.parametrize("lies", ["every page", "one page"])
+def test_an_hv_that_claims_page_ins_it_never_made_gets_an_abort(uv_side, lies):
+    """HSvmPageInBulk answered H_SUCCESS for pages whose UV_PAGE_IN the HV never made (every
+    page, or one in the middle): the ESM finds them missing and aborts with H_SVM_INIT_ABORT,
+    and UV_ESM is answered, instead of the ESM failing on a page it does not have."""
+    stack, uv_addr, hv_listen = uv_side
+
+    async def scenario():
+        async with ScriptedHv(hv_listen, uv_addr, stack) as hv:
+            side = Side(stack, uv_addr, hv)
+            c = UvCtx(lpid=next(_lpids))
+            image = GuestImage.of_size(f"liar{c.lpid}", NPAGES * PAGE_SIZE)
+            hv.guests[c.lpid] = Guest(image, make_blob(image, stack.signing_key()))
+            honest = type(hv).H_SVM_PAGE_IN
+
+            async def page_in(req):
+                if lies == "every page" or req.guest_pa == gpa_of(NPAGES // 2):
+                    return hpb.HSvmPageInResponse(rc=H.H_SUCCESS)  # and no UV_PAGE_IN
+                del hv.answers[("H_SVM_PAGE_IN", c.lpid)]
+                try:
+                    return await honest(hv, req, None)
+                finally:
+                    hv.answer("H_SVM_PAGE_IN", c.lpid, page_in)
+            hv.answer("H_SVM_PAGE_IN", c.lpid, page_in)
+            try:
+                resp = await asyncio.wait_for(side.stub("guest").UV_ESM(esm_request(c, image)), 30)
+                assert hv.reached("H_SVM_INIT_ABORT", c.lpid).is_set()
+                assert not resp.msr_s
+                info = await side.svm_info(c.lpid)
+                assert info is not None and info.state == "SVM_ABORT"
+            finally:
+                await side.stub("hv").UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=c.lpid))
+                await side.close()
+    asyncio.run(scenario())
