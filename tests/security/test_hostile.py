@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 
 import grpc
 import pytest
@@ -355,8 +356,8 @@ def test_malformed_messages_at_every_rpc(stack, run):
 
 
 def test_a_flooding_guest_does_not_starve_another(stack_factory, run):
-    """One guest floods the UV with loads; beyond its in-flight allowance it gets
-    RESOURCE_EXHAUSTED, and another guest's memory check completes meanwhile."""
+    """One guest floods the UV with loads that wait on the (stopped) HV; beyond its in-flight
+    allowance it gets RESOURCE_EXHAUSTED, and another guest's memory check completes meanwhile."""
     small = stack_factory(uv_args=("--max-inflight-per-peer", "16"))
 
     async def scenario():
@@ -376,8 +377,15 @@ def test_a_flooding_guest_does_not_starve_another(stack_factory, run):
                                                                        npages=1))).rc
                 except grpc.aio.AioRpcError as exc:
                     return exc.code()
-            flood = asyncio.gather(*(load() for _ in range(400)))
-            quiet_ok = await asyncio.wait_for(still_intact(op, quiet), 30)
+            # The HV is stopped meanwhile, so the loads the UV admits wait on it and the
+            # allowance is really full (with a quick HV they could all fit in it, one after another).
+            hv_pid = small.procs["hv"].popen.pid
+            os.kill(hv_pid, signal.SIGSTOP)
+            try:
+                flood = asyncio.gather(*(load() for _ in range(400)))
+                quiet_ok = await asyncio.wait_for(still_intact(op, quiet), 30)
+            finally:
+                os.kill(hv_pid, signal.SIGCONT)
             results = await flood
             assert quiet_ok
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in results and U.U_SUCCESS in results
