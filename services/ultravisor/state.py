@@ -196,15 +196,20 @@ class SecurePool:
 NO_FRAME = -1
 
 
+class NoSlot(LookupError):
+    """A gfn in no memslot of the SVM, or a GPF record whose memslot went away (unregistered, or
+    the SVM terminated) while a call that held it waited on the HV."""
+
+
 class SlotPages:
     """One memslot's GPF records, packed: a state byte, a frame number (NO_FRAME: none) and a
     page-out version per page, 13 bytes a page instead of a Python object each (a 64 GiB guest
     has a million pages, and the UV's RSS bound is its pool + 64 MiB)."""
 
-    __slots__ = ("base", "npages", "states", "frames", "versions")
+    __slots__ = ("base", "npages", "states", "frames", "versions", "gone")
 
     def __init__(self, base: int, npages: int):
-        self.base, self.npages = base, npages
+        self.base, self.npages, self.gone = base, npages, False
         self.states = bytearray([GpfState.GPF_UNBACKED]) * npages
         self.frames = array("i", [NO_FRAME]) * npages
         self.versions = array("Q", [0]) * npages  # 64 bits: no page-out count a hostile HV forces wraps
@@ -223,6 +228,15 @@ class SlotPages:
     def used_frames(self) -> list[int]:
         return [f for f in self.frames if f != NO_FRAME]
 
+    def retire(self) -> list[int]:
+        """The slot is going away: its frames (to be released), and every record of it held by
+        a call still running reads as gone (NoSlot) from now on, so no such call can reach a
+        frame that is about to be someone else's."""
+        frames = self.used_frames()
+        self.gone = True
+        self.frames = array("i")
+        return frames
+
 
 class _Packed:
     """A Gpf field kept in one of its slot's arrays (``empty``, if given, reads as None)."""
@@ -233,10 +247,14 @@ class _Packed:
     def __get__(self, gpf, owner=None):
         if gpf is None:
             return self
+        if gpf._slot.gone:
+            raise NoSlot(f"gfn {gpf.gfn}: its memslot went away")
         value = getattr(gpf._slot, self.array_name)[gpf._i]
         return None if self.empty is not None and value == self.empty else value
 
     def __set__(self, gpf, value) -> None:
+        if gpf._slot.gone:
+            raise NoSlot(f"gfn {gpf.gfn}: its memslot went away")
         getattr(gpf._slot, self.array_name)[gpf._i] = self.empty if value is None else value
 
 
@@ -306,10 +324,10 @@ class Svm:
 
     def gpf(self, gfn: int) -> Gpf:
         """The GPF record of a gfn inside a slot (UNBACKED until the page is first used);
-        KeyError outside every slot (callers check the slots first)."""
+        NoSlot outside every slot."""
         slot = self.pages_of(gfn)
         if slot is None:
-            raise KeyError(f"gfn {gfn} is in no memslot of SVM {self.lpid}")
+            raise NoSlot(f"gfn {gfn} is in no memslot of SVM {self.lpid}")
         return Gpf(self, slot, gfn)
 
     def gfns_in(self, *states: int) -> list[int]:
@@ -380,10 +398,9 @@ class UvState:
         freed = 0
         leak = faults.mutant("uv-terminate-keeps-pages")
         for slot in svm.slots.values():
-            frames = slot.used_frames()
-            if frames and not leak:
-                self.pool.release_all(frames)
-                freed += len(frames)
+            frames = slot.retire() if not leak else []
+            self.pool.release_all(frames)
+            freed += len(frames)
         if not leak:
             self.pool.unreserve(svm.reserved)
         svm.sealed.clear()
@@ -406,7 +423,7 @@ class UvState:
     def remove_slot(self, svm: Svm, slotid: int) -> None:
         self.hvmem.drop(svm.lpid, slotid)
         slot = svm.slots.pop(slotid)
-        self.pool.release_all(slot.used_frames())
+        self.pool.release_all(slot.retire())
         for gfn in [g for g in svm.sealed if slot.contains(g)]:
             del svm.sealed[gfn]
         svm.reserved -= slot.npages
@@ -467,12 +484,14 @@ class UvState:
         from cryptography.exceptions import InvalidTag
 
         nonce, tag = gpf.sealing
+        if not nonce:
+            return False  # no ciphertext of this page is outstanding
         try:
             plain = AESGCM(svm.key).decrypt(nonce, bytes(ciphertext) + tag, _aad(svm.lpid, gfn, gpf.version))
         except InvalidTag:
             return False
-        gpf.sealing = None
         self.mark_secure(gpf, plain)
+        gpf.sealing = None  # only once the page is back: a pool with no frame left can be retried
         return True
 
     def mark_sharing(self, gpf: Gpf) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from pefsim.abi import PAGE_SIZE, GpfState
-from services.ultravisor.state import UvState, scrub_in_background
+from services.ultravisor.state import NoSlot, UvState, scrub_in_background
 
 
 @pytest.fixture
@@ -190,3 +190,45 @@ def test_bookkeeping_is_a_few_bytes_per_page():
         tracemalloc.stop()
     assert svm.count(GpfState.GPF_SECURE) == svm.frames == npages
     assert used / npages < 16, f"{used / npages:.1f} bytes per page"
+
+
+@pytest.mark.parametrize("how", ["slot unregistered", "svm terminated"])
+def test_a_record_held_across_its_slot_going_away_reaches_no_frame(uv, how):
+    """A call holding a GPF record while it waits on the HV, whose slot the HV unregisters (or
+    whose SVM it terminates) meanwhile, finds the record gone (NoSlot) rather than the frame,
+    which is released and may already be another SVM's page."""
+    svm = secure_svm(uv)
+    held = svm.gpf(2)
+    uv.mark_secure(held, b"A" * PAGE_SIZE)
+    if how == "slot unregistered":
+        uv.remove_slot(svm, 0)
+    else:
+        uv.destroy_svm(svm.lpid)
+    uv.pool.scrub()
+    other = secure_svm(uv, lpid=2, npages=8)
+    for gfn in range(8):
+        uv.mark_secure(other.gpf(gfn), b"B" * PAGE_SIZE)  # every frame of the pool is the other's
+    with pytest.raises(NoSlot):
+        held.frame
+    with pytest.raises(NoSlot):
+        held.state = GpfState.GPF_SECURE
+    with pytest.raises(NoSlot):
+        svm.gpf(2)
+    assert uv.pool.in_use == 8
+
+
+def test_a_page_in_with_no_frame_free_can_be_retried(uv):
+    """Paging a ciphertext back in when the pool is full fails without losing what decrypts it."""
+    svm = secure_svm(uv, npages=8)
+    gpf = svm.gpf(0)
+    uv.mark_secure(gpf, b"P" * PAGE_SIZE)
+    sealed = uv.page_out(svm, 0, gpf)
+    uv.pool.scrub()
+    frames = uv.pool.take(uv.pool.free)  # nothing left
+    with pytest.raises(IndexError):
+        uv.page_in_sealed(svm, 0, gpf, sealed)
+    assert gpf.state == GpfState.GPF_PAGEDOUT
+    uv.pool.release_all(frames)
+    assert uv.page_in_sealed(svm, 0, gpf, sealed)
+    assert bytes(uv.pool.view(gpf.frame)) == b"P" * PAGE_SIZE
+    assert not uv.page_in_sealed(svm, 0, gpf, sealed)  # not paged out any more: nothing to decrypt

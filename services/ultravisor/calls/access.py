@@ -15,6 +15,7 @@ from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, S
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
 from services.ultravisor.calls.share import _h_page_in
 from services.ultravisor.esm import EsmFailed, hcall
+from services.ultravisor.state import NoSlot
 
 MAX_ACCESS_PAGES = 64  # pages per SvmLoad/SvmStore (4 MiB)
 
@@ -74,6 +75,8 @@ async def svm_load(uv, req: pb.SvmLoadRequest, caller) -> pb.SvmLoadResponse:
                 out += uv.state.pool.view(gpf.frame)
     except AccessFault as fault:
         return pb.SvmLoadResponse(rc=fault.rc)
+    except NoSlot:  # a memslot went away while a page was fetched from the HV
+        return pb.SvmLoadResponse(rc=U.U_PARAMETER)
     return pb.SvmLoadResponse(rc=U.U_SUCCESS, data=bytes(out))
 
 
@@ -91,6 +94,8 @@ async def svm_store(uv, req: pb.SvmStoreRequest, caller) -> pb.SvmStoreResponse:
                 uv.state.pool.view(gpf.frame)[:] = page
     except AccessFault as fault:
         return pb.SvmStoreResponse(rc=fault.rc)
+    except NoSlot:  # a memslot went away while a page was fetched from the HV
+        return pb.SvmStoreResponse(rc=U.U_PARAMETER)
     return pb.SvmStoreResponse(rc=U.U_SUCCESS)
 
 

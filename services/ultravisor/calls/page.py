@@ -149,10 +149,10 @@ async def uv_page_out(uv, req: pb.UvPageOutRequest, caller) -> pb.UvPageOutRespo
 
 async def uv_page_inval(uv, req: pb.UvPageInvalRequest, caller) -> pb.UvPageInvalResponse:
     svm = uv.state.svms[req.lpid]
-    gpf = _gpf_of(svm, req.guest_pa)
-    if gpf is None:
-        return pb.UvPageInvalResponse(rc=U.U_P3)  # UV code; the doc says U_P2
     async with svm.lock:
+        gpf = _gpf_of(svm, req.guest_pa)  # under the lock: the slot cannot go meanwhile
+        if gpf is None:
+            return pb.UvPageInvalResponse(rc=U.U_P3)  # UV code; the doc says U_P2
         if gpf.state == GpfState.GPF_SHARED:
             uv.state.mark_shared_inv(gpf)
         elif gpf.state != GpfState.GPF_SHARED_INV:  # already invalid: no-op success

@@ -8,13 +8,30 @@ Unshare: each shared page goes HV_UNSHARING -> H_SVM_PAGE_IN(gpa, 0) -> SECURE (
 """
 from __future__ import annotations
 
+import functools
+
 from pefsim.abi import PAGE_SHIFT, GpfState, H, PageInFlag, U, gpa_of
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
 from services.ultravisor.esm import EsmFailed, hcall
+from services.ultravisor.state import NoSlot
 
 SHARE_PAGE_IN_TRIES = 4
 TRANSIENT = (GpfState.GPF_HV_SHARING, GpfState.GPF_HV_UNSHARING)
 SHARED = (GpfState.GPF_SHARED, GpfState.GPF_SHARED_INV)
+
+
+def u_p2_if_a_slot_goes(response):
+    """A share or unshare whose memslot the HV unregisters (or whose SVM it terminates) while
+    the call waits on an H_SVM_PAGE_IN fails like any other: U_P2."""
+    def wrap(handler):
+        @functools.wraps(handler)
+        async def guarded(uv, req, caller):
+            try:
+                return await handler(uv, req, caller)
+            except NoSlot:
+                return response(rc=U.U_P2)
+        return guarded
+    return wrap
 
 
 async def _h_page_in(uv, lpid: int, gfn: int, flags: int) -> int:
@@ -44,6 +61,7 @@ async def unshare_one(uv, svm, gfn: int) -> bool:
     return True
 
 
+@u_p2_if_a_slot_goes(pb.UvSharePageResponse)
 async def uv_share_page(uv, req: pb.UvSharePageRequest, caller) -> pb.UvSharePageResponse:
     svm = uv.state.svms[req.vcpu.lpid]
     gfns = _range(svm, req.gfn, req.npages)
@@ -77,6 +95,7 @@ async def _undo(uv, svm, gfns: list[int]) -> None:
         await unshare_one(uv, svm, gfn)
 
 
+@u_p2_if_a_slot_goes(pb.UvUnsharePageResponse)
 async def uv_unshare_page(uv, req: pb.UvUnsharePageRequest, caller) -> pb.UvUnsharePageResponse:
     svm = uv.state.svms[req.vcpu.lpid]
     gfns = _range(svm, req.gfn, req.npages)
@@ -88,6 +107,7 @@ async def uv_unshare_page(uv, req: pb.UvUnsharePageRequest, caller) -> pb.UvUnsh
     return pb.UvUnsharePageResponse(rc=U.U_SUCCESS)
 
 
+@u_p2_if_a_slot_goes(pb.UvUnshareAllPagesResponse)
 async def uv_unshare_all_pages(uv, req: pb.UvUnshareAllPagesRequest, caller) -> pb.UvUnshareAllPagesResponse:
     svm = uv.state.svms[req.vcpu.lpid]
     shared = sorted(svm.gfns_in(*SHARED))
