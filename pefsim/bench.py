@@ -198,16 +198,18 @@ async def abort_guests(stack: LocalStack, sizes: list[int], tag: str, together: 
 async def release_together(pids: list[int], boots: asyncio.Future, timeout: float = 600.0) -> None:
     """Wait until every guest process has stopped itself, then SIGCONT them all."""
     deadline = time.monotonic() + timeout
-    while not all(stopped(pid) for pid in pids):
-        if boots.done():
-            if boots.exception() is None:
-                raise RuntimeError("bench guests ran through guest.before_esm without stopping")
-            return  # a boot failed before its stop: its error is the answer
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"bench guests not all at their ESM after {timeout} s")
-        await asyncio.sleep(0.01)
-    for pid in pids:
-        os.kill(pid, signal.SIGCONT)
+    try:
+        while not all(stopped(pid) for pid in pids):
+            if boots.done():
+                if boots.exception() is None:
+                    raise RuntimeError("bench guests ran through guest.before_esm without stopping")
+                return  # a boot failed before its stop: its error is the answer
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"bench guests not all at their ESM after {timeout} s")
+            await asyncio.sleep(0.01)
+    finally:
+        for pid in pids:  # also on the way out of a failure: no guest is left stopped
+            os.kill(pid, signal.SIGCONT)
 
 
 def stopped(pid: int) -> bool:

@@ -18,6 +18,7 @@ def clean(monkeypatch):
     ("no.such.point", "unknown failpoint"),
     ("guest.before_esm:x", "positive integer"),
     ("guest.before_esm:0", "positive integer"),
+    ("guest.before_esm:²", "positive integer"),
     ("guest.before_esm=explode", "unknown action"),
     ("guest.before_esm=lose", "no answer to lose"),
 ])
