@@ -18,7 +18,6 @@ The context runs as its own task: a guest that goes away does not cancel it half
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
@@ -135,19 +134,22 @@ async def page_in_all(uv, svm) -> None:
             await page_in(uv, svm, gfn)
         uv.metrics.page_in_seconds.labels("unary").observe(time.perf_counter() - t0)
         return
-    gpas = (gpa_of(gfn) for gfn in svm.gfns())
-    while chunk := array("Q", itertools.islice(gpas, BULK_PAGES)):  # no list of every page
-        if svm.destroyed:
-            raise EsmFailed("terminated")
-        resp = await hcall(uv, "HSvmPageInBulk", hpb.HSvmPageInBulkRequest(
-            lpid=svm.lpid, guest_pa=chunk, flags=PageInFlag.H_PAGE_IN_NONSHARED, order=PAGE_SHIFT))
-        if resp.rc != H.H_SUCCESS:
-            bad = next(i for i, rc in enumerate(resp.rcs) if rc != H.H_SUCCESS) if resp.rcs else 0
-            raise EsmFailed("page-in", f"gpa 0x{chunk[bad]:x}: {rc_name(resp.rc, H)}")
-    missing = next((slot.base + i for slot in svm.slots.values()
-                    if (i := slot.first_not(GpfState.GPF_SECURE)) is not None), None)
-    if missing is not None:  # the HV said H_SUCCESS for a page it never paged in
-        raise EsmFailed("page-in", f"gfn {missing}: H_SUCCESS without its UV_PAGE_IN")
+    for slot in sorted(svm.slots.values(), key=lambda s: s.base):  # the slots there are now
+        for idx in range(0, slot.npages, BULK_PAGES):
+            if svm.destroyed:
+                raise EsmFailed("terminated")
+            n, first = min(BULK_PAGES, slot.npages - idx), gpa_of(slot.base + idx)
+            chunk = array("Q", range(first, first + n * PAGE_SIZE, PAGE_SIZE))  # not a list of ints
+            resp = await hcall(uv, "HSvmPageInBulk", hpb.HSvmPageInBulkRequest(
+                lpid=svm.lpid, guest_pa=chunk, flags=PageInFlag.H_PAGE_IN_NONSHARED, order=PAGE_SHIFT))
+            if resp.rc != H.H_SUCCESS:
+                bad = next(i for i, rc in enumerate(resp.rcs) if rc != H.H_SUCCESS) if resp.rcs else 0
+                raise EsmFailed("page-in", f"gpa 0x{chunk[bad]:x}: {rc_name(resp.rc, H)}")
+            if slot.gone:
+                raise EsmFailed("page-in", f"gfn {slot.base}: memslot unregistered under the ESM")
+            missing = slot.first_not(GpfState.GPF_SECURE, idx, idx + n)
+            if missing is not None:  # the HV said H_SUCCESS for a page it never paged in
+                raise EsmFailed("page-in", f"gfn {slot.base + missing}: H_SUCCESS without its UV_PAGE_IN")
     uv.metrics.page_in_seconds.labels(uv.cfg.transfer).observe(time.perf_counter() - t0)
 
 

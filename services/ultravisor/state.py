@@ -220,10 +220,11 @@ class SlotPages:
     def all_in(self, idx: int, n: int, state: int) -> bool:
         return self.states.count(state, idx, idx + n) == n
 
-    def first_not(self, state: int) -> int | None:
-        """Index of the first page not in ``state`` (None: every page is)."""
-        rest = self.states.lstrip(bytes([state]))
-        return self.npages - len(rest) if rest else None
+    def first_not(self, state: int, start: int = 0, end: int | None = None) -> int | None:
+        """Index of the first page from ``start`` to ``end`` not in ``state`` (None: all are)."""
+        end = self.npages if end is None else end
+        rest = self.states[start:end].lstrip(bytes([state]))
+        return end - len(rest) if rest else None
 
     def used_frames(self) -> list[int]:
         return [f for f in self.frames if f != NO_FRAME]
