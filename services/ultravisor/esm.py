@@ -134,7 +134,7 @@ async def page_in_all(uv, svm) -> None:
             await page_in(uv, svm, gfn)
         uv.metrics.page_in_seconds.labels("unary").observe(time.perf_counter() - t0)
         return
-    for slot in sorted(svm.slots.values(), key=lambda s: s.base):  # the slots there are now
+    for slot in svm.slots_in_order():
         for idx in range(0, slot.npages, BULK_PAGES):
             if svm.destroyed:
                 raise EsmFailed("terminated")
@@ -178,7 +178,7 @@ async def region(uv, svm, gpa: int, length: int):
     first, last = gfn_of(gpa), gfn_of(gpa + max(length, 1) - 1)
     start, left = gpa - gpa_of(first), length
     for gfn in range(first, last + 1):
-        if svm.slot_of(gfn) is None:
+        if svm.pages_of(gfn) is None:
             raise EsmFailed("fdt", f"region outside memory at gfn {gfn}")
         await page_in(uv, svm, gfn)
         piece = uv.state.pool.view(svm.gpf(gfn).frame)[start:start + left]

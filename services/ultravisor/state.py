@@ -303,24 +303,23 @@ class Svm:
     esm_task: Any = None  # the ESM context (esm.py) while it runs
     unanswered: tuple[str, int] | None = None  # (hcall, first attempt ns) while esm.hcall_until_answered asks
 
-    def slot_of(self, gfn: int) -> int | None:
-        for slotid, slot in self.slots.items():
-            if slot.contains(gfn):
-                return slotid
-        return None
-
     def pages_of(self, gfn: int) -> SlotPages | None:
+        """The pages of the slot holding ``gfn`` (None: no slot does)."""
         for slot in self.slots.values():
             if slot.contains(gfn):
                 return slot
         return None
 
     def in_slots(self, gpa: int) -> bool:
-        return self.slot_of(gfn_of(gpa)) is not None
+        return self.pages_of(gfn_of(gpa)) is not None
+
+    def slots_in_order(self) -> list[SlotPages]:
+        """The slots there are now, by base gfn."""
+        return sorted(self.slots.values(), key=lambda s: s.base)
 
     def gfns(self):
         """Every gfn of every slot, in ascending order (of the slots there are when it starts)."""
-        for slot in sorted(self.slots.values(), key=lambda s: s.base):
+        for slot in self.slots_in_order():
             yield from range(slot.base, slot.base + slot.npages)
 
     def gpf(self, gfn: int) -> Gpf:

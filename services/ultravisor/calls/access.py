@@ -57,7 +57,7 @@ async def _hv(uv, name: str, request):
 
 def _pages(svm, gpa: int, npages: int):
     gfns = range(gfn_of(gpa), gfn_of(gpa) + npages)
-    if any(svm.slot_of(g) is None for g in gfns):
+    if any(svm.pages_of(g) is None for g in gfns):
         raise AccessFault(U.U_PARAMETER)
     return gfns
 

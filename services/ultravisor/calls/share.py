@@ -44,7 +44,7 @@ async def _h_page_in(uv, lpid: int, gfn: int, flags: int) -> int:
 
 def _range(svm, gfn: int, npages: int):
     gfns = range(gfn, gfn + npages)
-    if npages == 0 or any(svm.slot_of(g) is None for g in gfns):
+    if npages == 0 or any(svm.pages_of(g) is None for g in gfns):
         return None
     return gfns
 
