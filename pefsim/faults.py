@@ -74,9 +74,10 @@ def configure(failpoints: list[str] | None = None) -> None:
             raise SystemExit(f"failpoint {name}: unknown action {action!r}; known: {', '.join(ACTIONS)}")
         if action == "lose" and name not in LOSABLE:
             raise SystemExit(f"failpoint {name}: no answer to lose there; =lose works at {', '.join(sorted(LOSABLE))}")
-        if not (nth or "1").isdecimal() or not (nth or "1").isascii() or int(nth or 1) < 1:
+        nth = nth or "1"
+        if not (nth.isascii() and nth.isdecimal()) or int(nth) < 1:
             raise SystemExit(f"failpoint {name}: the hit number must be a positive integer, not {nth!r}")
-        _armed[name] = (int(nth or 1), who, action or "kill")
+        _armed[name] = (int(nth), who, action or "kill")
         log.warning("failpoint armed: %s at hit %d%s (%s)", name, _armed[name][0], f" of {who}" if who else "",
                     "the answer will be dropped" if action == "lose"
                     else f"the process will {ACTIONS[_armed[name][2]].name} itself")
