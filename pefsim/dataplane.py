@@ -105,11 +105,6 @@ def split_runs(runs, size: int):
         yield out
 
 
-def serialize(message) -> bytes:
-    """For the frames' plain-protobuf other direction."""
-    return message.SerializeToString()
-
-
 @dataclass(slots=True)
 class Page:
     """The fields of one page's UV_PAGE_IN / UV_PAGE_OUT, as the call table's checks read them."""
