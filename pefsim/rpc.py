@@ -46,6 +46,19 @@ BOOT_ID_TRAILER = "pefsim-boot-id"  # every answer says which boot of the servic
 MAX_MESSAGE_BYTES = 64 << 20
 RECEIVE_WINDOW_BYTES = 256 << 10
 MAX_CONCURRENT_RPCS = 2048  # per server: beyond it, RESOURCE_EXHAUSTED (a bounded queue)
+# What a server accepts in one message: the largest request any caller legitimately sends is 64
+# pages of VcpuStore / SvmStore (4 MiB) plus its header; a bigger one is refused by gRPC from its
+# length prefix (RESOURCE_EXHAUSTED) before it is buffered. Answers (UvPageOutStream frames, loads)
+# are sent by servers and received by clients, whose limit stays MAX_MESSAGE_BYTES.
+MAX_REQUEST_BYTES = (4 << 20) + (64 << 10)
+# Per caller identity (rpc.Admission): calls of every kind in flight, counted from the moment
+# their headers arrive (a request that never comes counts too); bytes of requests being received
+# or held by a running call (each read reserves MAX_REQUEST_BYTES until it knows the real size);
+# how long the first request message of a call may take to arrive.
+MAX_INFLIGHT_PER_PEER = 128
+MAX_REQUEST_BYTES_PER_PEER = 16 << 20
+REQUEST_ARRIVAL_TIMEOUT_S = 10.0
+ON_BEHALF_HEADER = "pefsim-on-behalf-of"  # the UV's hcalls name the guest they serve (see Admission)
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -69,7 +82,9 @@ CLIENT_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-SERVER_OPTIONS = CHANNEL_OPTIONS + [
+SERVER_OPTIONS = [o for o in CHANNEL_OPTIONS if o[0] != "grpc.max_receive_message_length"] + [
+    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+    ("grpc.so_reuseport", 0),  # a second server on a taken port fails to bind instead of sharing it
     ("grpc.http2.min_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
@@ -210,18 +225,30 @@ class Malformed:
     why: str
 
 
-def _safe(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One request message as read: its parsed value (or Malformed) and its size on the wire."""
+
+    value: Any
+    nbytes: int
+
+
+def _received(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Received]:
+    def parse(data: bytes) -> Received:
         try:
-            return deserialize(data)
+            return Received(deserialize(data), len(data))
         except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's malformed input
-            return Malformed(f"{type(exc).__name__}: {exc}")
+            return Received(Malformed(f"{type(exc).__name__}: {exc}"), len(data))
     return parse
 
 
-async def _refuse_malformed(request: Any, context, name: str) -> None:
-    if isinstance(request, Malformed):
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: malformed request ({request.why})")
+class StateChanged(Exception):
+    """Raised by Dispatcher.guard: the object's state, looked at again under its lock, no longer
+    allows the call; the call answers ``rc`` (the state table's cell for the new state)."""
+
+    def __init__(self, rc: int, state: Any):
+        super().__init__(f"state changed to {getattr(state, 'name', state)}")
+        self.rc, self.state = rc, state
 
 
 class CallObserver:
@@ -237,15 +264,123 @@ class CallObserver:
         """``count`` pages of a bulk batch got ``result`` of ``call``."""
 
 
+class Refused(Exception):
+    """A call the admission bounds turned away (the gRPC status and its message)."""
+
+    def __init__(self, code: grpc.StatusCode, why: str):
+        super().__init__(why)
+        self.code, self.why = code, why
+
+
+@dataclass
+class _Share:
+    """What one identity holds of a server: calls in flight and request bytes reserved."""
+
+    calls: int = 0
+    nbytes: int = 0
+    freed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+class Admission:
+    """Per-identity bounds on what callers make a server hold, for every kind of call.
+
+    A call is admitted when its headers arrive, before its request is read, and holds one of its
+    identity's ``max_calls`` slots until it ends (unary, server-streaming and bidi alike: a
+    stream or a request that never arrives counts as much as a running handler). Each request
+    message first reserves ``MAX_REQUEST_BYTES`` of the identity's ``max_bytes`` (waiting up to
+    ``wait_s`` for room), then keeps only its real size until the call ends (a stream: until its
+    next message is read). So one identity can make a server hold at most ``max_calls`` calls and
+    ``max_bytes`` of requests, whatever the others do.
+
+    The identity is the caller's verified one. The UV makes its hcalls on behalf of a guest and
+    names it (ON_BEHALF_HEADER); for a UV caller each guest is then its own identity, so one guest's
+    stuck calls through the UV cannot use up the UV's share for every other guest."""
+
+    def __init__(self, max_calls: int = MAX_INFLIGHT_PER_PEER, max_bytes: int = MAX_REQUEST_BYTES_PER_PEER,
+                 wait_s: float = REQUEST_ARRIVAL_TIMEOUT_S):
+        self.max_calls, self.max_bytes, self.wait_s = max_calls, max(max_bytes, MAX_REQUEST_BYTES), wait_s
+        self.shares: dict[tuple, _Share] = {}
+
+    @staticmethod
+    def key_of(caller: "Caller", context) -> tuple:
+        if caller.role == Role.ROLE_UV and context is not None:
+            md = dict(context.invocation_metadata() or ())
+            return (caller.role, caller.name, md.get(ON_BEHALF_HEADER, ""))
+        return (caller.role, caller.name, "")
+
+    @contextlib.asynccontextmanager
+    async def admit(self, key: tuple):
+        share = self.shares.setdefault(key, _Share())
+        if share.calls >= self.max_calls:
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_calls} calls in flight")
+        share.calls += 1
+        ticket = _Ticket(self, share)
+        try:
+            yield ticket
+        finally:
+            await ticket.release()
+            share.calls -= 1
+            if share.calls == 0 and share.nbytes == 0:
+                self.shares.pop(key, None)
+
+    def held(self, key: tuple) -> tuple[int, int]:
+        share = self.shares.get(key)
+        return (0, 0) if share is None else (share.calls, share.nbytes)
+
+
+class _Ticket:
+    """One admitted call's reservation of request bytes."""
+
+    def __init__(self, admission: Admission, share: _Share):
+        self.admission, self.share, self.nbytes = admission, share, 0
+
+    async def reserve(self) -> None:
+        """Room for one more request message of up to MAX_REQUEST_BYTES (after releasing what the
+        previous message of this call held)."""
+        await self.release()
+        limit = self.admission.max_bytes
+        async with self.share.freed:
+            try:
+                await asyncio.wait_for(self.share.freed.wait_for(
+                    lambda: self.share.nbytes + MAX_REQUEST_BYTES <= limit), self.admission.wait_s)
+            except asyncio.TimeoutError:
+                raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"more than {limit} bytes of requests in flight") from None
+            self.share.nbytes += MAX_REQUEST_BYTES
+            self.nbytes = MAX_REQUEST_BYTES
+
+    async def settle(self, nbytes: int) -> None:
+        """The message arrived: keep only its real size."""
+        await self._give_back(self.nbytes - nbytes)
+        self.nbytes = nbytes
+
+    async def release(self) -> None:
+        await self._give_back(self.nbytes)
+        self.nbytes = 0
+
+    async def _give_back(self, n: int) -> None:
+        if n:
+            async with self.share.freed:
+                self.share.nbytes -= n
+                self.share.freed.notify_all()
+
+
 class Dispatcher:
-    """Runs a service's calls from its call table: caller check, ordered checks, state table,
-    handler; then records the result in metrics and history."""
+    """Runs a service's calls from its call table: admission, caller check, ordered checks, state
+    table, handler; then records the result in metrics and history.
+
+    Every method is registered with gRPC as request-streaming, whatever its proto says (the wire
+    format is the same): the dispatcher then sees a call when its headers arrive, admits it
+    against its identity's bounds (Admission) and reads the request itself, with a deadline for
+    its arrival and a reservation of the bytes it may take. Unary, server-streaming and bidi calls
+    all go through that one path."""
 
     def __init__(self, *, service: Any, service_descriptor: Any, pb2: Any, calls: Iterable[Call],
                  state_table: Mapping[str, Mapping[Any, Any]],
                  state_of: Callable[[Any, Call, Any], Any] | None, observer: CallObserver,
                  history: History, boot_id: str = "", owner_of: Callable[[Any, Any], str | None] | None = None,
-                 max_inflight_per_peer: int = 128):
+                 max_inflight_per_peer: int = MAX_INFLIGHT_PER_PEER,
+                 max_request_bytes_per_peer: int = MAX_REQUEST_BYTES_PER_PEER):
         self.service = service
         self.descriptor = service_descriptor
         self.pb2 = pb2
@@ -256,11 +391,14 @@ class Dispatcher:
         self.history = history
         self.boot_id = boot_id
         self.owner_of = owner_of
-        self.max_inflight = max_inflight_per_peer
-        self.inflight: dict[tuple[int, str], int] = {}
+        self.admission = Admission(max_inflight_per_peer, max_request_bytes_per_peer)
         check_call_table(service_descriptor, self.calls.values(), state_table)
         for call in self.calls.values():
             self.observer.prepare_call(call.name, possible_results(call, state_table))
+
+    @property
+    def max_inflight(self) -> int:
+        return self.admission.max_calls
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
@@ -271,18 +409,55 @@ class Dispatcher:
             if method.client_streaming:
                 make, bind = grpc.stream_stream_rpc_method_handler, self._bind_bidi
             elif method.server_streaming:
-                make, bind = grpc.unary_stream_rpc_method_handler, self._bind_stream
+                make, bind = grpc.stream_stream_rpc_method_handler, self._bind_stream
             else:
-                make, bind = grpc.unary_unary_rpc_method_handler, self._bind
+                make, bind = grpc.stream_unary_rpc_method_handler, self._bind
             handlers[method.name] = make(
-                bind(call, resp_cls), request_deserializer=_safe(call.request_codec or req_cls.FromString),
+                bind(call, resp_cls), request_deserializer=_received(call.request_codec or req_cls.FromString),
                 response_serializer=call.response_codec or resp_cls.SerializeToString)
         return grpc.method_handlers_generic_handler(self.descriptor.full_name, handlers)
 
+    @contextlib.asynccontextmanager
+    async def _admitted(self, call: Call, caller: "Caller", context):
+        """Hold one of the caller's call slots for the call's life; a refusal is the call's gRPC
+        status (and a history line)."""
+        try:
+            async with self.admission.admit(Admission.key_of(caller, context)) as ticket:
+                yield ticket
+        except Refused as refused:
+            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                                refused=refused.why)
+            await context.abort(refused.code, f"{caller.role_name} {caller.name}: {refused.why}")
+
+    async def _read(self, call: Call, ticket: _Ticket, context, first: bool) -> Any:
+        """The call's next request message (grpc.aio.EOF when the caller is done sending), read
+        under a byte reservation; the first one must arrive within the admission's wait."""
+        try:
+            await ticket.reserve()
+        except Refused as refused:
+            await context.abort(refused.code, f"{call.name}: {refused.why}")
+        try:
+            got = await (asyncio.wait_for(context.read(), self.admission.wait_s) if first else context.read())
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"{call.name}: no request within {self.admission.wait_s:g} s")
+        if got is grpc.aio.EOF:
+            await ticket.release()
+            if first:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{call.name}: no request sent")
+            return got
+        await ticket.settle(got.nbytes)
+        if isinstance(got.value, Malformed):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{call.name}: malformed request ({got.value.why})")
+        return got.value
+
     def _bind(self, call: Call, resp_cls: Any) -> Callable[..., Awaitable[Any]]:
-        async def rpc(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await _refuse_malformed(request, context, call.name)
-            return await self.dispatch(call, resp_cls, request, caller_of(context), context)
+        async def rpc(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            caller = caller_of(context)
+            async with self._admitted(call, caller, context) as ticket:
+                request = await self._read(call, ticket, context, first=True)
+                return await self.dispatch(call, resp_cls, request, caller, context)
 
         rpc.__name__ = call.name
         return rpc
@@ -290,25 +465,26 @@ class Dispatcher:
     def _bind_stream(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
         """A server-streaming call: the checks answer with one message carrying the result; a
         call that passes them streams what its handler (an async generator) yields."""
-        async def rpc(request: Any, context: grpc.aio.ServicerContext):
-            await _refuse_malformed(request, context, call.name)
+        async def rpc(_requests: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
-            self._boot_trailer(context)
-            rc, state = self.precheck(call, request, caller)
-            if rc is DENIED:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{call.name} is not for {caller.role_name}")
-            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
-                                lpid=request_lpid(request), state=None if state is None else state.name,
-                                rc=0 if rc is None else int(rc), stream="start")
-            if rc is not None:
-                if call.result is None:
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                        f"{call.name}: {result_name(call, rc)}")
-                yield resp_cls(**{call.result: rc})
-                return
-            async for item in call.handler(self.service, request, caller):
-                yield item
+            async with self._admitted(call, caller, context) as ticket:
+                request = await self._read(call, ticket, context, first=True)
+                self._boot_trailer(context)
+                rc, state = self.precheck(call, request, caller)
+                if rc is DENIED:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"{call.name} is not for {caller.role_name}")
+                self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                                    lpid=request_lpid(request), state=None if state is None else state.name,
+                                    rc=0 if rc is None else int(rc), stream="start")
+                if rc is not None:
+                    if call.result is None:
+                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                            f"{call.name}: {result_name(call, rc)}")
+                    yield resp_cls(**{call.result: rc})
+                    return
+                async for item in call.handler(self.service, request, caller):
+                    yield item
 
         rpc.__name__ = call.name
         return rpc
@@ -316,19 +492,20 @@ class Dispatcher:
     def _bind_bidi(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
         """A bidirectional stream (the bulk data plane): only the caller is checked here; each
         item the handler processes goes through the checks of the call it batches."""
-        async def rpc(requests: Any, context: grpc.aio.ServicerContext):
+        async def rpc(_requests: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
-            self._boot_trailer(context)
-            if caller.role not in call.callers:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{call.name} is not for {caller.role_name}")
-            async def checked():
-                async for request in requests:
-                    await _refuse_malformed(request, context, call.name)
-                    yield request
+            async with self._admitted(call, caller, context) as ticket:
+                self._boot_trailer(context)
+                if caller.role not in call.callers:
+                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                        f"{call.name} is not for {caller.role_name}")
 
-            async for item in call.handler(self.service, checked(), caller):
-                yield item
+                async def requests():  # a stream's messages come when its sender has them: no arrival deadline
+                    while (request := await self._read(call, ticket, context, first=False)) is not grpc.aio.EOF:
+                        yield request
+
+                async for item in call.handler(self.service, requests(), caller):
+                    yield item
 
         rpc.__name__ = call.name
         return rpc
@@ -357,8 +534,10 @@ class Dispatcher:
         if caller.role not in call.callers:
             return (DENIED if call.wrong_caller is None else call.wrong_caller), None
         if call.owned and caller.role == Role.ROLE_GUEST and self.owner_of is not None:
+            # None: no such object (the state table answers); "" : an object no guest owns
+            # (an operator made it), which only operators and the privileged roles may touch
             owner = self.owner_of(self.service, request)
-            if owner is not None and owner != caller.name:  # another guest's VM or SVM
+            if owner is not None and owner != caller.name:
                 return (DENIED if call.wrong_caller is None else call.wrong_caller), None
         state = None
         for check in call.checks:
@@ -371,25 +550,24 @@ class Dispatcher:
                 return check.rc, state
         return None, state
 
+    @contextlib.asynccontextmanager
+    async def guard(self, name: str, request: Any, lock: asyncio.Lock):
+        """Hold ``lock`` (the object's lock the call's change takes) and look at the state table
+        for call ``name`` again under it: the dispatcher's check ran before the lock was taken,
+        and another call holding it (an abort's page-out, a reset) may have changed the state
+        since. Raises StateChanged (the call answers the table's cell) when the state no longer
+        allows the call. Every handler whose call consults the state table takes its lock this
+        way (tests/unit/test_calltables.py holds them to it)."""
+        async with lock:
+            if self.state_of is not None:
+                state = self.state_of(self.service, self.calls[name], request)
+                cell = self.state_table[name][state]
+                if cell is not ALLOW:
+                    raise StateChanged(cell, state)
+            yield
+
     async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
                        context: grpc.aio.ServicerContext | None = None) -> Any:
-        """One call, holding one of the caller's in-flight slots (a flood from one peer gets
-        RESOURCE_EXHAUSTED instead of starving the others)."""
-        key = (caller.role, caller.name)
-        if self.inflight.get(key, 0) >= self.max_inflight:
-            self.history.record(call=call.name, caller=caller.role_name, who=caller.name, refused="inflight")
-            if context is not None:
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                    f"{caller.role_name} {caller.name}: more than {self.max_inflight} calls in flight")
-            raise RuntimeError("too many calls in flight")
-        self.inflight[key] = self.inflight.get(key, 0) + 1
-        try:
-            return await self._dispatch(call, resp_cls, request, caller, context)
-        finally:
-            self.inflight[key] -= 1
-
-    async def _dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
-                        context: grpc.aio.ServicerContext | None = None) -> Any:
         t0 = time.perf_counter()
         self._boot_trailer(context)
         rc, state = self.precheck(call, request, caller)
@@ -406,6 +584,10 @@ class Dispatcher:
                 response = await call.handler(self.service, request, caller)
             else:
                 response = resp_cls(**{call.result: rc})
+        except StateChanged as changed:
+            if call.result is None:
+                raise
+            response, state = resp_cls(**{call.result: changed.rc}), changed.state
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in pefsim: log it whole and say so to the caller
