@@ -15,12 +15,21 @@ with one ``preadv`` into the secure frame, and writes a page given back with one
 the HV's file: the RPCs carry page numbers only. The UV does not mmap the HV's file, so its
 resident memory stays its own pool. A bulk batch gathers its copies (``FileBatch``) and moves the
 pages at consecutive offsets of one file with a single preadv / pwritev.
+
+The HV names the file, and the HV is not trusted: the UV opens only a file of the HV's RAM-file
+shape (``vm-<lpid>/slot-<id>.ram``, the request's lpid and slot) inside the one directory it was
+configured with (``--hv-memory-dir``), never through a symlink, regular, with one link and exactly
+the slot's size (``HvMemory.offer``). So what a hostile HV can make the UV read or write is a file
+of its own guests' RAM, which it holds anyway; without the directory, nothing is shared and pages
+travel in the stream.
 """
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from dataclasses import dataclass
+from pathlib import PurePath
 
 from pefsim.abi import PAGE_SIZE
 
@@ -211,18 +220,74 @@ class BatchedFileSource(FileSource):
         self.batch.add(self.fd, self.offset, view)
 
 
-class HvMemory:
-    """The HV RAM files a UV was offered, by real-address range."""
+class NotHvMemory(Exception):
+    """An offered file the UV will not open (UvShareHvMemory answers U_P2 with the reason)."""
 
-    def __init__(self):
+
+def _open_in(dir_fd: int, name: str, flags: int) -> int:
+    """``name`` in the directory ``dir_fd``, opened only if it is a regular file with one link
+    and not a symlink. lstat first, so no device or FIFO is ever opened (an open can act, or
+    block); O_NOFOLLOW and the inode compared afterwards, so a file swapped in between is not
+    taken either. One link: a hard link would put a file from outside the directory inside it."""
+    before = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not stat.S_ISREG(before.st_mode) or before.st_nlink != 1:
+        raise NotHvMemory(f"{name} is not a regular file with one link")
+    fd = os.open(name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dir_fd)
+    after = os.fstat(fd)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino) or after.st_nlink != 1:
+        os.close(fd)
+        raise NotHvMemory(f"{name} changed while it was opened")
+    return fd
+
+
+class HvMemory:
+    """The HV RAM files a UV was offered, by real-address range. ``root`` is the HV's data
+    directory as the UV sees it (``--hv-memory-dir``); without it every offer is refused."""
+
+    def __init__(self, root: str | None = None):
+        self.root = root
         self.ranges: dict[tuple[int, int], tuple[int, int, int]] = {}  # (lpid, slot) -> (ra, size, fd)
 
-    def add(self, lpid: int, slot_id: int, path: str, ra_base: int, size: int) -> None:
-        self.drop(lpid, slot_id)
-        fd = os.open(path, os.O_RDWR)
-        if os.fstat(fd).st_size < size:
+    def offer(self, lpid: int, slot_id: int, path: str, size: int, nonce_path: str, nonce: bytes,
+              ra_base: int) -> None:
+        """Take the HV's RAM file for (lpid, slot_id) if it is one (module docstring): ``path``
+        must be ``vm-<lpid>/slot-<slot_id>.ram`` under ``root`` once every symlink is resolved
+        and have no ``..``; ``size`` is the slot's registered size, which the file must have;
+        the nonce file beside it must hold ``nonce`` (this directory is the HV's, not a stale
+        one of another HV). NotHvMemory (or OSError) otherwise, and nothing is opened."""
+        if self.root is None:
+            raise NotHvMemory("this UV has no --hv-memory-dir: pages travel in the stream")
+        vm_dir, ram, nonce_file = f"vm-{lpid}", f"slot-{slot_id}.ram", f"slot-{slot_id}.nonce"
+        root = os.path.realpath(self.root)
+        for named, want in ((path, ram), (nonce_path, nonce_file)):
+            if ".." in PurePath(named).parts or \
+                    os.path.realpath(named) != os.path.join(root, vm_dir, want):
+                raise NotHvMemory(f"{named!r} is not {vm_dir}/{want} in the HV's memory directory")
+        if not nonce:
+            raise NotHvMemory("no nonce")
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dir_fd = os.open(vm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root_fd)
+        finally:
+            os.close(root_fd)
+        try:
+            nonce_fd = _open_in(dir_fd, nonce_file, os.O_RDONLY)
+            try:
+                if os.read(nonce_fd, len(nonce) + 1) != nonce:
+                    raise NotHvMemory("nonce mismatch: not the HV's file")
+            finally:
+                os.close(nonce_fd)
+            fd = _open_in(dir_fd, ram, os.O_RDWR)
+        finally:
+            os.close(dir_fd)
+        if os.fstat(fd).st_size != size:
             os.close(fd)
-            raise OSError(f"{path} is smaller than the slot")
+            raise NotHvMemory(f"{vm_dir}/{ram} is not the slot's size ({size} bytes)")
+        self.add(lpid, slot_id, fd, ra_base, size)
+
+    def add(self, lpid: int, slot_id: int, fd: int, ra_base: int, size: int) -> None:
+        """Keep an open file (``fd``, now this object's) as (lpid, slot_id)'s memory at ra_base."""
+        self.drop(lpid, slot_id)
         self.ranges[(lpid, slot_id)] = (ra_base, size, fd)
 
     def drop(self, lpid: int, slot_id: int | None = None) -> None:

@@ -230,6 +230,12 @@ class LocalStack:
             raise
         return self
 
+    @property
+    def hv_memory_dir(self) -> Path:
+        """The data directory of the HV named "hv": the one place its UV opens RAM files the HV
+        offers (shared memory; pefsim/dataplane.py)."""
+        return self.run_dir / "hv-data"
+
     def start_service(self, kind: str, peer: str, listen: str | None = None, name: str | None = None,
                       abort_return: str | None = None) -> str:
         """Start one UV ("uv") or HV ("hv") process talking to ``peer``; returns its address.
@@ -242,7 +248,8 @@ class LocalStack:
             proc = self._proc(name, "services.ultravisor", [
                 "--listen", listen, "--hv", peer, "--pool-pages", str(self.cfg.pool_pages),
                 "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub"),
-                "--transfer", self.cfg.transfer, *self._tls_args("uv"), *self.cfg.uv_args])
+                "--transfer", self.cfg.transfer, "--hv-memory-dir", str(self.hv_memory_dir),
+                *self._tls_args("uv"), *self.cfg.uv_args])
         else:
             proc = self._proc(name, "services.hypervisor", [
                 "--listen", listen, "--uv", peer, "--data-dir", str(self.run_dir / f"{name}-data"),

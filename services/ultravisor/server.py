@@ -42,6 +42,8 @@ class UvConfig:
     max_svms: int = 256  # SVM objects at once; UV_ESM beyond it: U_RETRY (allocation failure)
     max_svm_pages: int = 1 << 20  # secure memory one SVM may reserve (64 GiB); beyond: U_PARAMETER
     max_inflight_per_peer: int = 128  # concurrent calls from one identity
+    max_svms_per_owner: int = 32  # SVMs one guest identity may hold at once (UV_ESM beyond: U_RETRY)
+    hv_memory_dir: str | None = None  # the HV's data directory as the UV sees it; None: no shared memory
 
 
 class Ultravisor:
@@ -49,7 +51,7 @@ class Ultravisor:
 
     def __init__(self, cfg: UvConfig):
         self.cfg = cfg
-        self.state = UvState(cfg.pool_pages, populate_pool=not cfg.lazy_pool)
+        self.state = UvState(cfg.pool_pages, populate_pool=not cfg.lazy_pool, hv_memory_dir=cfg.hv_memory_dir)
         self.hvmem = self.state.hvmem
         self.hv = rpc.Peer(cfg.hv, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub, "uv", cfg.tls, "hv")
         self.trusted = load_public_key(cfg.trusted_key) if cfg.trusted_key else None
@@ -91,12 +93,19 @@ def parse_args(argv=None) -> UvConfig:
     ap.add_argument("--transfer", choices=["stream", "unary"], default="stream",
                     help="ESM page-in in bulk (default) or one H_SVM_PAGE_IN per page (the kernel's way)")
     ap.add_argument("--max-svms", type=int, default=256, help="SVMs at once (UV_ESM beyond: U_RETRY)")
+    ap.add_argument("--max-svms-per-owner", type=int, default=32,
+                    help="SVMs one guest identity may hold at once (UV_ESM beyond: U_RETRY)")
     ap.add_argument("--max-svm-pages", type=int, default=1 << 20,
                     help="secure memory one SVM may reserve, in pages (beyond: U_PARAMETER)")
     ap.add_argument("--max-inflight-per-peer", type=int, default=128,
                     help="concurrent calls one identity may have in flight (beyond: RESOURCE_EXHAUSTED)")
     ap.add_argument("--abort-attempt-timeout", type=float, default=30.0,
                     help="seconds one H_SVM_INIT_ABORT attempt may take before it is made again")
+    ap.add_argument("--hcall-timeout", type=float, default=30.0,
+                    help="seconds any other hcall may take before it failed (HV unreachable)")
+    ap.add_argument("--hv-memory-dir",
+                    help="the HV's data directory as this UV sees it: the only place the UV opens the "
+                         "guest RAM files the HV offers (shared memory); without it pages travel in the stream")
     faults.add_argument(ap)
     tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
@@ -107,7 +116,8 @@ def parse_args(argv=None) -> UvConfig:
         ap.error("--pool-pages must be >= 0")
     faults.configure(a.failpoint)
     return UvConfig(abort_attempt_timeout_s=a.abort_attempt_timeout, transfer=a.transfer,
-                    tls=tls.from_args(ap, a, "uv"), max_svms=a.max_svms, max_svm_pages=a.max_svm_pages,
+                    hcall_timeout_s=a.hcall_timeout, hv_memory_dir=a.hv_memory_dir,
+                    tls=tls.from_args(ap, a, "uv"), max_svms=a.max_svms, max_svms_per_owner=a.max_svms_per_owner, max_svm_pages=a.max_svm_pages,
                     max_inflight_per_peer=a.max_inflight_per_peer, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
                     lazy_pool=a.lazy_pool,
                     esm_copy=EsmCopy[f"ESM_COPY_{a.esm_copy.upper()}"], trusted_key=a.trusted_key,

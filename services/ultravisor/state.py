@@ -365,12 +365,12 @@ class UvState:
     """Every SVM of this UV and the pool they draw from. All GPF transitions go through the
     helpers below; nothing else assigns ``Gpf.state`` or ``Svm.state``."""
 
-    def __init__(self, pool_pages: int, populate_pool: bool = True):
+    def __init__(self, pool_pages: int, populate_pool: bool = True, hv_memory_dir: str | None = None):
         self.pool = SecurePool(pool_pages, populate_pool)
         self.svms: dict[int, Svm] = {}
         self.terminated: list[int] = []
         self.boot_id = os.urandom(8).hex()  # a restarted UV is a new machine: nothing survives
-        self.hvmem = HvMemory()  # HV RAM files the HV shared, per SVM and slot
+        self.hvmem = HvMemory(hv_memory_dir)  # HV RAM files the HV shared, per SVM and slot
 
     def svm_state(self, lpid: int) -> int:
         svm = self.svms.get(lpid)

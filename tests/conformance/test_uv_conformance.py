@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -58,22 +59,43 @@ class UvCtx:
     shared_page_in_ok: bool = False
     files: list = field(default_factory=list)
 
-    def share_request(self, good: bool, slot_id: int = 0) -> upb.UvShareHvMemoryRequest:
-        """An offer of a real file standing in for the HV's RAM (this test's ``ram`` bytes)."""
+    def share_request(self, how: str = "good", slot_id: int = 0) -> upb.UvShareHvMemoryRequest:
+        """An offer of a real file standing in for the HV's RAM (this test's ``ram`` bytes), in
+        the UV's --hv-memory-dir where the HV keeps it (vm-<lpid>/slot-<id>.ram) or, as ``how``
+        says, not quite: "bad nonce", "outside" the directory, a "symlink" there to a file
+        outside, the "wrong size", "other lpid"'s file, a path with "dotdot"."""
+        import os
         import tempfile
 
-        ram = tempfile.NamedTemporaryFile(delete=False)
-        ram.write(self.ram)
-        ram.close()
-        nonce = tempfile.NamedTemporaryFile(delete=False)
-        nonce.write(b"n" * 16 if good else b"x" * 16)
-        nonce.close()
-        self.files += [ram.name, nonce.name]
-        self.ram_path = ram.name
-        return upb.UvShareHvMemoryRequest(lpid=self.lpid, slot_id=slot_id, path=ram.name, ra_base=HV_RA_BASE,
-                                          size=len(self.ram), nonce_path=nonce.name, nonce=b"n" * 16)
+        def write(path, data):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            self.files.append(path)
+            return path
+        vm_dir = self.hv_dir / f"vm-{self.lpid + 1000 if how == 'other lpid' else self.lpid}"
+        size = len(self.ram) - PAGE_SIZE if how == "wrong size" else len(self.ram)
+        write(vm_dir / f"slot-{slot_id}.nonce", b"x" * 16 if how == "bad nonce" else b"n" * 16)
+        ram = vm_dir / f"slot-{slot_id}.ram"
+        if how in ("outside", "symlink"):
+            outside = write(Path(tempfile.mkdtemp()) / ram.name, self.ram)
+            if how == "symlink":
+                ram.unlink(missing_ok=True)
+                ram.symlink_to(outside)
+                self.files.append(ram)
+            else:
+                ram = outside
+        else:
+            write(ram, self.ram[:size])
+        self.ram_path = ram
+        path = os.fspath(ram)
+        if how == "dotdot":
+            path = os.path.join(self.hv_dir, vm_dir.name, "..", vm_dir.name, ram.name)
+        return upb.UvShareHvMemoryRequest(lpid=self.lpid, slot_id=slot_id, path=path, ra_base=HV_RA_BASE,
+                                          size=len(self.ram), nonce_path=os.fspath(vm_dir / f"slot-{slot_id}.nonce"),
+                                          nonce=b"n" * 16)
 
     ram: bytes = b""
+    hv_dir: Path | None = None  # the UV's --hv-memory-dir
 
 
 def esm_request(c: UvCtx, image: GuestImage) -> upb.UvEsmRequest:
@@ -100,7 +122,7 @@ class Side:
             await p.close()
 
     async def setup(self, row: Row) -> UvCtx:
-        c = UvCtx(lpid=next(_lpids))
+        c = UvCtx(lpid=next(_lpids), hv_dir=self.stack.hv_memory_dir)
         if row.state == "SVM_ABSENT":
             return c
         image = GuestImage.of_size(f"conf{c.lpid}", NPAGES * PAGE_SIZE)

@@ -11,6 +11,7 @@ orders and flags mixed in.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 
 import pytest
@@ -56,7 +57,7 @@ def make_uv(rng: random.Random, svm_state: int, ram_path) -> Ultravisor:
             uv.state.mark_unsharing(gpf)
     uv.state.set_svm_state(svm, svm_state)
     if ram_path is not None:
-        uv.hvmem.add(7, 0, str(ram_path), HV_RA_BASE, 48 * PAGE_SIZE)  # the HV's RAM, gfn = page
+        uv.hvmem.add(7, 0, os.open(ram_path, os.O_RDWR), HV_RA_BASE, 48 * PAGE_SIZE)  # the HV's RAM, gfn = page
     return uv
 
 
@@ -187,7 +188,7 @@ def test_the_common_cases_take_the_run_path(tmp_path):
         uv = Ultravisor(UvConfig(hv="127.0.0.1:1", pool_pages=64, lazy_pool=True))
         svm = uv.state.create_svm(7, "guest")
         assert uv.state.add_slot(svm, 0, 0, 16)
-        uv.hvmem.add(7, 0, str(ram_file(tmp_path, "ram")), HV_RA_BASE, 48 * PAGE_SIZE)
+        uv.hvmem.add(7, 0, os.open(ram_file(tmp_path, "ram"), os.O_RDWR), HV_RA_BASE, 48 * PAGE_SIZE)
         runs = [(ra_of(0), 0, 0, PAGE_SHIFT, 16)]
         assert await page_in(uv, runs, False, True) == [U.U_SUCCESS] * 16
         assert all(bytes(uv.state.pool.view(svm.gpf(g).frame)) == page(0x40 + g) for g in range(16))

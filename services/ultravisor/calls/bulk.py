@@ -13,7 +13,8 @@ import contextlib
 import os
 
 from pefsim.abi import PAGE_SIZE, U
-from pefsim.dataplane import MAX_FRAME_PAGES, BytesSource, FileBatch, Page, encode, runs_of, split_runs
+from pefsim.dataplane import (MAX_FRAME_PAGES, BytesSource, FileBatch, NotHvMemory, Page, encode, runs_of,
+                              split_runs)
 from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor.calls.page import page_in_one, page_in_run, page_out_one, page_out_run
 
@@ -138,16 +139,21 @@ async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
 
 
 async def uv_share_hv_memory(uv, req: pb.UvShareHvMemoryRequest, caller) -> pb.UvShareHvMemoryResponse:
-    """Open the HV's RAM file for a slot; it is the HV's if the nonce file beside it holds the
-    nonce the HV sent."""
+    """Open the HV's RAM file for a registered slot. The HV names it, so the UV takes it only if
+    it is one of the HV's RAM files for this lpid and slot, of the slot's size, in the directory
+    the UV was given (pefsim/dataplane.py: HvMemory.offer); any other file is refused with U_P2,
+    unopened, and the HV falls back to the stream."""
     svm = uv.state.svms[req.lpid]
-    if req.slot_id not in svm.slots:
+    slot = svm.slots.get(req.slot_id)
+    if slot is None:
         return pb.UvShareHvMemoryResponse(rc=U.U_P2, detail="no such slot")
+    size = slot.npages * PAGE_SIZE
+    if req.size != size:
+        return pb.UvShareHvMemoryResponse(rc=U.U_P2, detail=f"size is not the slot's ({size} bytes)")
     try:
-        with open(req.nonce_path, "rb") as fh:
-            if fh.read() != req.nonce or not req.nonce:
-                return pb.UvShareHvMemoryResponse(rc=U.U_P2, detail="nonce mismatch: not the HV's file")
-        uv.hvmem.add(req.lpid, req.slot_id, req.path, req.ra_base, req.size)
+        uv.hvmem.offer(req.lpid, req.slot_id, req.path, size, req.nonce_path, req.nonce, req.ra_base)
+    except NotHvMemory as exc:
+        return pb.UvShareHvMemoryResponse(rc=U.U_P2, detail=str(exc))
     except OSError as exc:
         return pb.UvShareHvMemoryResponse(rc=U.U_P2, detail=f"cannot open: {exc.strerror or exc}")
     return pb.UvShareHvMemoryResponse(rc=U.U_SUCCESS)
