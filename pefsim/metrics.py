@@ -6,7 +6,7 @@ and serves the registry on its own /metrics endpoint. Labels never carry an lpid
 """
 from __future__ import annotations
 
-from prometheus_client import (CollectorRegistry, Counter, Histogram, PlatformCollector, ProcessCollector,
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                start_http_server)
 
 from pefsim.abi import PAGE_SIZE
@@ -29,11 +29,26 @@ class ServiceMetrics(CallObserver):
         self.call_seconds = Histogram("pefsim_call_duration_seconds",
                                       "Time to serve a call, by call and PEF result.", ["call", "result"],
                                       buckets=CALL_BUCKETS, registry=self.registry)
+        self.calls_running = Gauge("pefsim_calls_in_flight", "Handlers running now, by call.", ["call"],
+                                   registry=self.registry)
+        self.calls_refused = Counter(
+            "pefsim_calls_refused_total", "Calls turned away by the per-identity bounds, by call and "
+            "reason (calls: too many in flight; bytes: too many request bytes; arrival: no request in time).",
+            ["call", "reason"], registry=self.registry)
 
     def prepare_call(self, call: str, results: list[str]) -> None:
+        self.calls_running.labels(call)
+        for reason in ("calls", "bytes", "arrival"):
+            self.calls_refused.labels(call, reason)
         for result in results:
             self.calls.labels(call, result)
             self.call_seconds.labels(call, result)
+
+    def call_running(self, call: str, delta: int) -> None:
+        self.calls_running.labels(call).inc(delta)
+
+    def observe_refused(self, call: str, reason: str) -> None:
+        self.calls_refused.labels(call, reason).inc()
 
     def observe_batch(self, call: str, result: str, count: int) -> None:
         self.calls.labels(call, result).inc(count)

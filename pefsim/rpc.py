@@ -263,13 +263,19 @@ class CallObserver:
     def observe_batch(self, call: str, result: str, count: int) -> None:
         """``count`` pages of a bulk batch got ``result`` of ``call``."""
 
+    def call_running(self, call: str, delta: int) -> None:
+        """A handler of ``call`` started (+1) or ended (-1)."""
+
+    def observe_refused(self, call: str, reason: str) -> None:
+        """A call was turned away by the admission bounds (``reason``: calls, bytes, arrival)."""
+
 
 class Refused(Exception):
     """A call the admission bounds turned away (the gRPC status and its message)."""
 
-    def __init__(self, code: grpc.StatusCode, why: str):
+    def __init__(self, code: grpc.StatusCode, why: str, reason: str):
         super().__init__(why)
-        self.code, self.why = code, why
+        self.code, self.why, self.reason = code, why, reason
 
 
 @dataclass
@@ -312,7 +318,7 @@ class Admission:
     async def admit(self, key: tuple):
         share = self.shares.setdefault(key, _Share())
         if share.calls >= self.max_calls:
-            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_calls} calls in flight")
+            raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_calls} calls in flight", "calls")
         share.calls += 1
         ticket = _Ticket(self, share)
         try:
@@ -345,7 +351,7 @@ class _Ticket:
                     lambda: self.share.nbytes + MAX_REQUEST_BYTES <= limit), self.admission.wait_s)
             except asyncio.TimeoutError:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"more than {limit} bytes of requests in flight") from None
+                              f"more than {limit} bytes of requests in flight", "bytes") from None
             self.share.nbytes += MAX_REQUEST_BYTES
             self.nbytes = MAX_REQUEST_BYTES
 
@@ -425,6 +431,7 @@ class Dispatcher:
             async with self.admission.admit(Admission.key_of(caller, context)) as ticket:
                 yield ticket
         except Refused as refused:
+            self.observer.observe_refused(call.name, refused.reason)
             self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
                                 refused=refused.why)
             await context.abort(refused.code, f"{caller.role_name} {caller.name}: {refused.why}")
@@ -435,10 +442,12 @@ class Dispatcher:
         try:
             await ticket.reserve()
         except Refused as refused:
+            self.observer.observe_refused(call.name, refused.reason)
             await context.abort(refused.code, f"{call.name}: {refused.why}")
         try:
             got = await (asyncio.wait_for(context.read(), self.admission.wait_s) if first else context.read())
         except asyncio.TimeoutError:
+            self.observer.observe_refused(call.name, "arrival")
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"{call.name}: no request within {self.admission.wait_s:g} s")
         if got is grpc.aio.EOF:
@@ -581,7 +590,11 @@ class Dispatcher:
             raise PermissionError(call.name)
         try:
             if rc is None:
-                response = await call.handler(self.service, request, caller)
+                self.observer.call_running(call.name, 1)
+                try:
+                    response = await call.handler(self.service, request, caller)
+                finally:
+                    self.observer.call_running(call.name, -1)
             else:
                 response = resp_cls(**{call.result: rc})
         except StateChanged as changed:

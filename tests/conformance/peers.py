@@ -187,7 +187,23 @@ class ScriptedUv:
         self.sent: dict[tuple[int, int], bytes] = {}  # (lpid, gfn) -> what UV_PAGE_OUT handed out
         self.seen: list[tuple[str, Any]] = []
         self.answers: dict[str, Callable] = {}
+        self.gates: dict[str, asyncio.Event] = {}
+        self.events: dict[str, asyncio.Event] = {}
         self.server: grpc.aio.Server | None = None
+
+    def hold(self, call: str) -> asyncio.Event:
+        """Hold every ``call`` (UV_PAGE_OUT, UV_SVM_TERMINATE) open until the returned event is set."""
+        gate = self.gates[call] = asyncio.Event()
+        return gate
+
+    def reached(self, call: str) -> asyncio.Event:
+        return self.events.setdefault(call, asyncio.Event())
+
+    async def _gate(self, call: str) -> None:
+        self.reached(call).set()
+        gate = self.gates.get(call)
+        if gate is not None:
+            await gate.wait()
 
     async def __aenter__(self) -> "ScriptedUv":
         from pefsim.dataplane import decoder
@@ -199,6 +215,8 @@ class ScriptedUv:
         return self
 
     async def __aexit__(self, *exc) -> None:
+        for gate in self.gates.values():
+            gate.set()
         await self.server.stop(grace=0.5)
 
     def _answer(self, call: str, req):
@@ -257,6 +275,7 @@ class ScriptedUv:
         return upb.UvShareHvMemoryResponse(rc=U.U_P2, detail="the scripted UV shares no memory")
 
     async def UV_PAGE_OUT(self, req, context):
+        await self._gate("UV_PAGE_OUT")
         fn = self._answer("UV_PAGE_OUT", req)
         if fn:
             return fn(req)
@@ -269,6 +288,7 @@ class ScriptedUv:
         return fn(req) if fn else upb.UvPageInvalResponse(rc=U.U_SUCCESS)
 
     async def UV_SVM_TERMINATE(self, req, context):
+        await self._gate("UV_SVM_TERMINATE")
         fn = self._answer("UV_SVM_TERMINATE", req)
         return fn(req) if fn else upb.UvSvmTerminateResponse(rc=U.U_SUCCESS)
 
@@ -283,8 +303,10 @@ class ScriptedVcpu:
 
     def __init__(self, listen: str, stack=None):
         self.listen = listen
-        self.tls = stack.tls("guest:vcpu") if stack is not None else None
+        # the VM's owner's certificate: the HV reaches a VM's vCPU only through it
+        self.tls = stack.tls(IDENTITIES[Role.ROLE_GUEST]) if stack is not None else None
         self.resumes: list[guest_pb2.VcpuResumeRequest] = []
+        self.resumed = asyncio.Event()  # set at each resume (the HV resumes after answering the abort)
         self.server: grpc.aio.Server | None = None
 
     async def __aenter__(self) -> "ScriptedVcpu":
@@ -297,6 +319,7 @@ class ScriptedVcpu:
 
     async def VcpuResume(self, req, context):
         self.resumes.append(req)
+        self.resumed.set()
         return guest_pb2.VcpuResumeResponse(rc=H.H_SUCCESS)
 
 

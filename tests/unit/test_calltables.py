@@ -68,3 +68,18 @@ def test_state_is_checked_where_the_abi_checks_it():
 def test_abort_is_only_legal_in_transient():
     row = hv_table.STATE_TABLE["H_SVM_INIT_ABORT"]
     assert [s.name for s, cell in row.items() if cell is ALLOW] == ["VM_TRANSIENT"]
+
+
+@pytest.mark.parametrize("table", [uv_table, hv_table], ids=["uv", "hv"])
+def test_state_checked_handlers_take_their_lock_through_the_guard(table):
+    """A handler whose call consults the state table and then takes the object's lock must look
+    at the state again under it (Dispatcher.guard): the dispatcher's check ran before the lock,
+    and whoever held the lock (an abort's page-out, a reset) may have changed the state. A plain
+    `async with vm.lock` / `svm.lock` in such a handler is the check-then-act race of issue 13."""
+    import inspect
+    import re
+
+    plain = re.compile(r"async with (\w+\.)?(lock\b|lock_of\()")
+    offenders = [c.name for c in table.CALLS if STATE in c.checks
+                 and plain.search(inspect.getsource(c.handler))]
+    assert offenders == []

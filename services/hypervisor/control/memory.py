@@ -54,11 +54,11 @@ async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreRespon
 
 async def host_read_page(hv, req: pb.HostReadPageRequest, caller) -> pb.HostReadPageResponse:
     vm = hv.state.vms[req.lpid]
-    where = vm.locate(req.gpa)
-    if where is None:
-        return pb.HostReadPageResponse(errno=Errno.EFAULT)
-    slot, idx = where
-    async with vm.lock:
+    async with hv.dispatcher.guard("HostReadPage", req, vm.lock):
+        where = vm.locate(req.gpa)
+        if where is None:
+            return pb.HostReadPageResponse(errno=Errno.EFAULT)
+        slot, idx = where
         if slot.state(idx) == GfnState.GFN_SECURE_IN:  # migrate_to_ram: UV_PAGE_OUT first
             if not await secure_page_out(hv, vm, slot, idx):
                 return pb.HostReadPageResponse(errno=Errno.EFAULT)  # SIGBUS to the host

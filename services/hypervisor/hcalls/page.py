@@ -20,12 +20,12 @@ log = logging.getLogger("pefsim.hv")
 
 async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInResponse:
     vm = hv.state.vms[req.lpid]
-    where = vm.locate(req.guest_pa)
-    if where is None:
-        return pb.HSvmPageInResponse(rc=H.H_PARAMETER)  # no memslot: no host virtual address
-    slot, idx = where
     shared = req.flags == PageInFlag.H_PAGE_IN_SHARED
-    async with vm.lock:
+    async with hv.dispatcher.guard("H_SVM_PAGE_IN", req, vm.lock):
+        where = vm.locate(req.guest_pa)
+        if where is None:
+            return pb.HSvmPageInResponse(rc=H.H_PARAMETER)  # no memslot: no host virtual address
+        slot, idx = where
         await settle_pageout(hv, vm, slot, idx)
         before = slot.state(idx)
         if shared:
@@ -58,11 +58,11 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
 
 async def h_svm_page_out(hv, req: pb.HSvmPageOutRequest, caller) -> pb.HSvmPageOutResponse:
     vm = hv.state.vms[req.lpid]
-    where = vm.locate(req.guest_pa)
-    if where is None:
-        return pb.HSvmPageOutResponse(rc=H.H_PARAMETER)
-    slot, idx = where
-    async with vm.lock:
+    async with hv.dispatcher.guard("H_SVM_PAGE_OUT", req, vm.lock):
+        where = vm.locate(req.guest_pa)
+        if where is None:
+            return pb.HSvmPageOutResponse(rc=H.H_PARAMETER)
+        slot, idx = where
         if slot.state(idx) != GfnState.GFN_SECURE_IN:
             return pb.HSvmPageOutResponse(rc=H.H_SUCCESS)  # not device-backed: nothing to do
         if not await secure_page_out(hv, vm, slot, idx):
@@ -170,7 +170,7 @@ async def h_svm_page_in_bulk(hv, req: pb.HSvmPageInBulkRequest, caller) -> pb.HS
 
     todo = []
     by_page = faults.armed("hv.esm.page_in")  # a failpoint counts pages: take them one by one
-    async with vm.lock:
+    async with hv.dispatcher.guard("HSvmPageInBulk", req, vm.lock):
         asked = {gfn_of(gpa) for gpa in gpas} if vm.pageouts_pending else set()
         for gfn in sorted(vm.pageouts_pending & asked):  # pending page-outs of pages asked for
             located = vm.locate(gpa_of(gfn))

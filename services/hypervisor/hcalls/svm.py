@@ -22,11 +22,11 @@ async def h_svm_init_start(hv, req: pb.HSvmInitStartRequest, caller) -> pb.HSvmI
     through the UV), then H_AUTHORITY without the secure-guest capability, then every memslot is
     registered with the UV; a refusal unregisters the ones already registered -> H_PARAMETER."""
     vm = hv.state.vms[req.lpid]
-    if req.vcpu_owner and vm.owner and req.vcpu_owner != vm.owner:
+    if req.vcpu_owner and req.vcpu_owner != vm.owner:  # another guest's VM, or an operator's
         # not this VM's vCPU (impossible on hardware): refused before anything changes
         log.error("lpid %d: INIT_START for %s's VM on behalf of %s: refused", vm.lpid, vm.owner, req.vcpu_owner)
         return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
-    async with vm.lock:
+    async with hv.dispatcher.guard("H_SVM_INIT_START", req, vm.lock):
         hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_START)
         if not vm.secure_capable:
             return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
@@ -53,7 +53,7 @@ async def h_svm_init_done(hv, req: pb.HSvmInitDoneRequest, caller) -> pb.HSvmIni
     """Sweep every GFN still normal into the secure state without copying it (5.9+: the UV only
     paged in what it needed), then INIT_DONE. Calling it again just succeeds again."""
     vm = hv.state.vms[req.lpid]
-    async with vm.lock:
+    async with hv.dispatcher.guard("H_SVM_INIT_DONE", req, vm.lock):
         if vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_DONE:
             return pb.HSvmInitDoneResponse(rc=H.H_SUCCESS)
         for slot, idx in vm.pages():

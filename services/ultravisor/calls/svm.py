@@ -16,8 +16,9 @@ log = logging.getLogger("pefsim.uv")
 async def uv_esm(uv, req: pb.UvEsmRequest, caller) -> pb.UvEsmResponse:
     """Create the SVM (SVM_ACTIVE) and run the ESM context (esm.py) to its end. The context is
     its own task, shielded from the caller: a guest that hangs up does not stop it half-way."""
-    if len(uv.state.svms) >= uv.cfg.max_svms:
-        return pb.UvEsmResponse(rc=U.U_RETRY, resumed=True)  # no room for another SVM object
+    if (len(uv.state.svms) >= uv.cfg.max_svms
+            or sum(s.owner == caller.name for s in uv.state.svms.values()) >= uv.cfg.max_svms_per_owner):
+        return pb.UvEsmResponse(rc=U.U_RETRY, resumed=True)  # no room for another SVM object (of this guest)
     svm = uv.state.create_svm(req.vcpu.lpid, caller.name)
     task = asyncio.ensure_future(esm.run_esm(uv, svm, req))
     svm.esm_task = task
@@ -29,7 +30,7 @@ async def uv_svm_terminate(uv, req: pb.UvSvmTerminateRequest, caller) -> pb.UvSv
     state.py), slots, GPF map and key dropped."""
     svm = uv.state.svms[req.lpid]
     t0, state = time.perf_counter(), SvmState(svm.state).name
-    async with svm.lock:
+    async with uv.dispatcher.guard("UV_SVM_TERMINATE", req, svm.lock):  # a second terminate waits, then U_SUCCESS
         freed = uv.state.destroy_svm(req.lpid)
     uv.metrics.terminate_seconds.labels(state).observe(time.perf_counter() - t0)
     log.info("lpid %d terminated, %d secure pages freed (to be scrubbed)", req.lpid, freed)
