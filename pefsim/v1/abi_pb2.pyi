@@ -146,6 +146,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 
 class AbortReturn(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    ABORT_RETURN_UNSPECIFIED: _ClassVar[AbortReturn]
     ABORT_RETURN_GUEST: _ClassVar[AbortReturn]
     ABORT_RETURN_UV: _ClassVar[AbortReturn]
 
@@ -253,6 +254,7 @@ ROLE_UV: Role
 ROLE_HV: Role
 ROLE_GUEST: Role
 ROLE_OPERATOR: Role
+ABORT_RETURN_UNSPECIFIED: AbortReturn
 ABORT_RETURN_GUEST: AbortReturn
 ABORT_RETURN_UV: AbortReturn
 ESM_COPY_ALL: EsmCopy

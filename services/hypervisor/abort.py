@@ -15,6 +15,11 @@ Merged design (default), phases recorded in the VM's journal (``vm.abort``):
 v10 design (``--abort-return uv``): page-out, then the memslots are unregistered, secure_guest =
 INIT_ABORT and H_SUCCESS returns to the UV.
 
+The UV's H_SVM_INIT_ABORT is answered once the SVM is terminated (phase ``resume`` recorded),
+not after the resume: the resume goes to an endpoint the guest named and may take up to
+resume_retry_s, and the UV's call (which holds one of that guest's call slots at the HV) must
+not wait on it. The journal still owes the guest its one resume.
+
 A repeated H_SVM_INIT_ABORT while the task runs (the UV retrying after a lost answer) joins it.
 A kill at any point leaves a journal; ``recover`` restarts the task from its phase.
 """
@@ -59,14 +64,29 @@ async def persist(hv, vm, fn, what: str):
 
 
 def start(hv, vm, req: pb.HSvmInitAbortRequest | None = None) -> asyncio.Future:
-    """Start the abort (journalling it), or return the one already running."""
+    """Start the abort (journalling it), or join the one already running; returns the future of
+    the answer to H_SVM_INIT_ABORT."""
     if vm.abort_task is not None and not vm.abort_task.done():
-        return vm.abort_task
+        return vm.abort_answer
     if vm.abort is None:
         hv.state.set_abort(vm, {"token": req.token, "srr0": req.srr0,
                                 "trace_ns": req.trace.abort_issued_unix_ns, "phase": PAGE_OUT})
+    vm.abort_answer = answer = asyncio.get_running_loop().create_future()
     vm.abort_task = asyncio.ensure_future(run(hv, vm))
-    return vm.abort_task
+
+    def unanswered(task: asyncio.Future) -> None:  # the task failed before answering: so does the call
+        if not answer.done():
+            answer.set_exception(task.exception() if not task.cancelled() and task.exception()
+                                 else RuntimeError(f"lpid {vm.lpid}: abort task ended without an answer"))
+            answer.add_done_callback(lambda f: f.exception())  # retrieved even when nobody waits
+    vm.abort_task.add_done_callback(unanswered)
+    return answer
+
+
+def _answer(vm, response: pb.HSvmInitAbortResponse) -> pb.HSvmInitAbortResponse:
+    if vm.abort_answer is not None and not vm.abort_answer.done():
+        vm.abort_answer.set_result(response)
+    return response
 
 
 async def run(hv, vm) -> pb.HSvmInitAbortResponse:
@@ -86,8 +106,8 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
                         await unregister(hv, vm, slot_id)
                     hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_ABORT, abort=None)
                     hv.metrics.abort_seconds.labels("returned-to-uv").observe(time.perf_counter() - t0)
-                    return pb.HSvmInitAbortResponse(rc=H.H_SUCCESS, returned_to=AbortReturn.ABORT_RETURN_UV,
-                                                    pages_recovered=recovered)
+                    return _answer(vm, pb.HSvmInitAbortResponse(
+                        rc=H.H_SUCCESS, returned_to=AbortReturn.ABORT_RETURN_UV, pages_recovered=recovered))
                 hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE,
                                           abort=dict(vm.abort, phase=TERMINATE))
         if vm.abort["phase"] == TERMINATE:
@@ -95,6 +115,8 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
             with phases.labels(TERMINATE).time():
                 await persist(hv, vm, lambda: terminate_once(hv, vm), "UV_SVM_TERMINATE")
             hv.state.set_abort(vm, dict(vm.abort, phase=RESUME))
+        answer = _answer(vm, pb.HSvmInitAbortResponse(rc=H.H_PARAMETER, returned_to=AbortReturn.ABORT_RETURN_GUEST,
+                                                      pages_recovered=recovered))
         faults.reach("hv.abort.before_resume", vm.name)
         journal = vm.abort
         with phases.labels(RESUME).time():
@@ -103,11 +125,10 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
     except AbortCancelled:
         hv.metrics.abort_seconds.labels("cancelled").observe(time.perf_counter() - t0)
         log.warning("lpid %d: abort cancelled (VM %s)", vm.lpid, vm.failed or "destroyed")
-        return pb.HSvmInitAbortResponse(rc=H.H_HARDWARE, returned_to=AbortReturn.ABORT_RETURN_GUEST)
+        return _answer(vm, pb.HSvmInitAbortResponse(rc=H.H_HARDWARE, returned_to=AbortReturn.ABORT_RETURN_GUEST))
     hv.metrics.abort_seconds.labels(outcome).observe(time.perf_counter() - t0)
     log.info("lpid %d: aborted, %d pages given back, guest %s", vm.lpid, recovered, outcome)
-    return pb.HSvmInitAbortResponse(rc=H.H_PARAMETER, returned_to=AbortReturn.ABORT_RETURN_GUEST,
-                                    pages_recovered=recovered)
+    return answer
 
 
 async def page_out_all(hv, vm) -> int:

@@ -27,7 +27,7 @@ import grpc
 
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, AbortReturn, EsmCopy, GpfState, H, PageInFlag,
                         SvmState, U, gfn_of, gpa_of, rc_name)
-from pefsim import faults
+from pefsim import faults, rpc
 from pefsim.blob import BlobError, kernel_size, measure, new_measurement, verify_blob
 from pefsim.image import FDT_MAGIC
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as pb
@@ -41,10 +41,18 @@ class EsmFailed(Exception):
         self.reason = reason
 
 
+def on_behalf(uv, lpid: int) -> tuple[tuple[str, str], ...]:
+    """Metadata naming the guest an hcall serves (its SVM's owner): the HV counts the UV's calls
+    for each guest apart (rpc.Admission), so one guest's stuck calls cannot use up the others'."""
+    svm = uv.state.svms.get(lpid)
+    return ((rpc.ON_BEHALF_HEADER, svm.owner if svm is not None else ""),)
+
+
 async def hcall(uv, name: str, request):
     """Make an hcall to the HV; a transport failure is an ESM failure (HV unreachable)."""
     try:
-        return await getattr(uv.hv.stub, name)(request, timeout=uv.cfg.hcall_timeout_s, wait_for_ready=True)
+        return await getattr(uv.hv.stub, name)(request, timeout=uv.cfg.hcall_timeout_s, wait_for_ready=True,
+                                                metadata=on_behalf(uv, request.lpid))
     except grpc.aio.AioRpcError as exc:
         raise EsmFailed("hv-unreachable", f"{name}: {exc.code().name}") from None
 
@@ -59,7 +67,8 @@ async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
     try:
         while not svm.destroyed:
             try:
-                return await getattr(uv.hv.stub, name)(request, timeout=timeout_s, wait_for_ready=True)
+                return await getattr(uv.hv.stub, name)(request, timeout=timeout_s, wait_for_ready=True,
+                                                        metadata=on_behalf(uv, svm.lpid))
             except grpc.aio.AioRpcError as exc:
                 attempts += 1
                 uv.metrics.hcall_retries.labels(name).inc()

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pefsim.abi import PAGE_SIZE, GfnState, H, PageInFlag, U, gpa_of
+from pefsim.abi import PAGE_SIZE, AbortReturn, GfnState, H, PageInFlag, U, gpa_of
 from pefsim.conformance import HV_ROWS, Row
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, hypervisor_pb2_grpc, ultravisor_pb2 as upb
 from services.hypervisor.calltable import CALLS
@@ -103,7 +103,8 @@ async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) 
         lpid = 99999
         try:
             if row.state != "VM_ABSENT":
-                made = await stub("operator").CreateVm(hpb.CreateVmRequest(
+                # the guest's VMM makes its VM (an operator's VM would be operators' only)
+                made = await stub("guest").CreateVm(hpb.CreateVmRequest(
                     name=f"conf-{row.call}", vcpu_endpoint=vcpu_listen,
                     secure_capable="not-capable" not in setups,
                     memslots=[common_pb2.Memslot(slot_id=0, base_gfn=0, npages=NPAGES)]))
@@ -140,8 +141,12 @@ async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) 
                 uv.answers["UV_SVM_TERMINATE"] = lambda r: upb.UvSvmTerminateResponse(rc=U.U_PARAMETER)
             uv.seen.clear()
             vcpu.resumes.clear()
+            vcpu.resumed.clear()
 
             resp = await make_call(stub, CALL[row.call], row, c)
+            if row.call == "H_SVM_INIT_ABORT" and resp is not None and resp.returned_to == AbortReturn.ABORT_RETURN_GUEST:
+                # the HV answers once the SVM is terminated and resumes the vCPU after: wait for it
+                await asyncio.wait_for(vcpu.resumed.wait(), 10)
             if row.then:
                 words, test = row.then
                 status = await stub("operator").HvStatus(hpb.HvStatusRequest())
