@@ -76,7 +76,7 @@ RESULTS = {
     "H_SVM_INIT_START": (H.H_SUCCESS, H.H_AUTHORITY, H.H_PARAMETER),
     "H_SVM_INIT_DONE": (H.H_SUCCESS, H.H_STATE),
     "H_SVM_INIT_ABORT": (H.H_PARAMETER, H.H_SUCCESS, H.H_HARDWARE),
-    "CreateVm": (Errno.OK, Errno.EINVAL),
+    "CreateVm": (Errno.OK, Errno.EINVAL, Errno.ENOSPC),
     "RunVm": (Errno.OK,),
     "StopVm": (Errno.OK,),
     "ResetVm": (Errno.OK, Errno.EBUSY, Errno.EINVAL),

@@ -5,6 +5,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pefsim.abi import VmState
 from pefsim.metrics import LATENCY_BUCKETS, ServiceMetrics
+from services.hypervisor.state import QUARANTINE_REASONS
 
 
 class HvMetrics(ServiceMetrics):
@@ -35,6 +36,13 @@ class HvMetrics(ServiceMetrics):
                                   ["reason"], registry=r)
         for reason in ("uv-reset", "page-lost"):
             self.vms_failed.labels(reason)
+        self.vms_quarantined = Counter(
+            "pefsim_hv_vms_quarantined_total",
+            "VMs whose files failed the checks at start (an empty or damaged vm.json, a short RAM or "
+            "GFN-state file, a bad GFN byte, no space to reserve): kept under quarantine/, not served.",
+            ["reason"], registry=r)
+        for reason in QUARANTINE_REASONS:
+            self.vms_quarantined.labels(reason)
         self.pages_lost = Counter(
             "pefsim_hv_pages_lost_total",
             "Secure pages the UV paged out in an answer the HV lost (killed or cut off before writing "

@@ -71,6 +71,8 @@ class Hypervisor:
 
     def recover(self) -> None:
         vms = self.state.load()
+        for q in self.state.quarantined:
+            self.metrics.vms_quarantined.labels(q.reason).inc()
         deadline = time.monotonic() + self.cfg.session_grace_s
         for vm in vms:
             if vm.had_session:

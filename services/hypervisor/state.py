@@ -47,6 +47,14 @@ written before its GFN is marked normal; secure_guest = 0 is recorded together w
 next phase; a secure page-out (H_SVM_PAGE_OUT, host touch) is recorded as pending before the
 UV_PAGE_OUT and cleared after the ciphertext is written. ``HvState.load`` rebuilds every VM at start.
 
+Power cuts and full disks. ``vm.json``, ``next-lpid`` and ``uv.json`` are replaced durably
+(write_durably: temporary, fsync, rename, fsync of the directory), so a power cut leaves the old
+or the new file, never an empty one. A slot's files have their blocks reserved when created
+(posix_fallocate, then fsync): a store into guest memory never meets a hole on a full disk, which
+would be a SIGBUS killing the HV. ``load`` trusts nothing it reads: a VM whose files fail a check
+is quarantined (moved under ``quarantine/``, kept, logged, its lpid never reused) and the others
+load. docs/recovery.md, "What survives a power cut".
+
 Locking: ``Vm.lock`` is the per-VM uvmem_lock: every page-in, page-out, share, drop and any change
 of a GFN state happens under it. It is held across ucalls to the UV (which never call back into
 the HV) but never across a call into the guest.
@@ -54,24 +62,43 @@ the HV) but never across a call into the guest.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
 import mmap
 import os
 import re
 import shutil
 import secrets
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gfn_of, gpa_of
 from pefsim.dataplane import MAX_FRAME_PAGES
+from services.hypervisor.errors import NoSpace
+
+log = logging.getLogger("pefsim.hv")
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 MAX_SLOT_ID = 0xFFFF
 IN_PLACE = object()  # page data the UV already wrote into the HV's page (shared memory)
 _ZERO_RUN = MAX_FRAME_PAGES  # the most pages one batch scrubs at once
 _ZEROS = memoryview(bytes(_ZERO_RUN * PAGE_SIZE))  # never written: it reads as the zero page, no memory
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# left free by every slot reservation: the space the HV's metadata writes need (each vm.json save
+# makes a new file before the old one goes, the nonce files of shared memory), so guests filling
+# the disk with memslots cannot make those writes fail
+SPACE_HEADROOM = 1 << 20
+QUARANTINE = "quarantine"  # under the data directory: VMs whose files failed load's checks
+QUARANTINE_REASONS = ("no-vm-json", "bad-vm-json", "bad-slots", "bad-ram", "bad-gfn", "no-space", "io-error",
+                      "load-error")
+SECURE_GUEST_VALUES = frozenset({
+    SecureGuest.SECURE_GUEST_NONE, SecureGuest.KVMPPC_SECURE_INIT_START,
+    SecureGuest.KVMPPC_SECURE_INIT_START | SecureGuest.KVMPPC_SECURE_INIT_DONE,
+    SecureGuest.KVMPPC_SECURE_INIT_ABORT})  # what vm_state_of's states are made of, nothing else
+_GFN_BYTES = bytes(GfnState)
 
 
 def _zeros(n: int):
@@ -99,6 +126,34 @@ class Slot:
         self.gfn_path = directory / f"slot-{slot_id}.gfn"
         self.ram = _map(self.ram_path, npages * PAGE_SIZE)
         self.states = _map(self.gfn_path, npages)
+
+    @classmethod
+    def create(cls, directory: Path, slot_id: int, base_gfn: int, npages: int, ra_base: int) -> "Slot":
+        """A new slot: its files made with every block reserved (posix_fallocate) and their size
+        durable (fsync of each, then of the directory), so a store into guest memory never meets a
+        hole on a full disk. On any failure (OSError ENOSPC when the disk cannot hold it) the files
+        are removed again."""
+        ram_path, gfn_path = directory / f"slot-{slot_id}.ram", directory / f"slot-{slot_id}.gfn"
+        try:
+            for path, size in ((ram_path, npages * PAGE_SIZE), (gfn_path, npages)):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            fsync_dir(directory)
+            return cls(directory, slot_id, base_gfn, npages, ra_base)
+        except BaseException:
+            ram_path.unlink(missing_ok=True)
+            gfn_path.unlink(missing_ok=True)
+            raise
+
+    def unlink(self) -> None:
+        """Close the slot and remove its files."""
+        self.close()
+        self.ram_path.unlink(missing_ok=True)
+        self.gfn_path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.ram.close()
@@ -137,13 +192,170 @@ class Slot:
 
 
 def _map(path: Path, size: int) -> mmap.mmap:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    """A shared mapping of an existing file of exactly ``size`` bytes (never resized: a short
+    file is a damaged one, HvState.load's business, not pages to make up with zeros)."""
+    fd = os.open(path, os.O_RDWR)
     try:
-        if os.fstat(fd).st_size != size:
-            os.ftruncate(fd, size)
+        found = os.fstat(fd).st_size
+        if found != size:
+            raise ValueError(f"{path}: {found} bytes, expected {size}")
         return mmap.mmap(fd, size, mmap.MAP_SHARED)
     finally:
         os.close(fd)
+
+
+def _reserve(path: Path) -> None:
+    """Reserve every block of a file (a no-op for one already allocated; files from before
+    reservation existed may be sparse). OSError ENOSPC when the disk cannot hold them."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        if size:
+            os.posix_fallocate(fd, 0, size)
+    finally:
+        os.close(fd)
+
+
+def _no_space(what: str) -> NoSpace:
+    """The NoSpace to raise (always errno ENOSPC: the errno the caller answers), logged: an
+    operator learns the data directory is full from the HV's log, not only from the guest."""
+    log.warning("%s: the data directory is full", what)
+    return NoSpace(errno.ENOSPC, what)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the entries of a directory durable (a rename, a new or removed file in it)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace ``path`` so that a kill or a power cut leaves the old content or the new, never an
+    empty or torn file: a temporary written and fsync'd, renamed over, the directory fsync'd. A
+    failure leaves the old file and no temporary."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+class Damaged(Exception):
+    """A VM's files failed a check of HvState.load: ``reason`` (one of QUARANTINE_REASONS, the
+    metric's label) and what exactly is wrong."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class Quarantined:
+    """A VM HvState.load would not serve: why, and where its files are kept."""
+    lpid: int
+    reason: str
+    detail: str
+    path: Path
+
+
+_REQUIRED = object()
+
+
+def _field(meta: dict, key: str, kind: type, default: Any = _REQUIRED, where: str = "vm.json",
+           reason: str = "bad-vm-json"):
+    """``meta[key]`` if it is exactly a ``kind`` (a bool is no int here), ``default`` if absent
+    and optional; else Damaged."""
+    if key not in meta:
+        if default is _REQUIRED:
+            raise Damaged(reason, f"{where} has no {key!r}")
+        return default
+    value = meta[key]
+    if type(value) is not kind:
+        raise Damaged(reason, f"{where} {key!r} is {value!r}, not {kind.__name__}")
+    return value
+
+
+def _checked_meta(meta, lpid: int) -> dict:
+    """vm.json's fields checked for type and range, with the defaults of those older versions
+    did not write; raises Damaged saying which field is wrong."""
+    if type(meta) is not dict:
+        raise Damaged("bad-vm-json", f"vm.json holds a {type(meta).__name__}, not an object")
+    out = {"lpid": _field(meta, "lpid", int), "name": _field(meta, "name", str),
+           "vcpu_endpoint": _field(meta, "vcpu_endpoint", str),
+           "secure_capable": _field(meta, "secure_capable", bool),
+           "secure_guest": _field(meta, "secure_guest", int),
+           "had_session": _field(meta, "had_session", bool, False), "failed": _field(meta, "failed", str, ""),
+           "owner": _field(meta, "owner", str, ""), "pageouts_pending": _field(meta, "pageouts_pending", list, []),
+           "abort": _checked_abort(meta.get("abort")), "slots": _checked_slots(_field(meta, "slots", list))}
+    if out["lpid"] != lpid:
+        raise Damaged("bad-vm-json", f"vm.json says lpid {out['lpid']}, in the directory of lpid {lpid}")
+    if out["secure_guest"] not in SECURE_GUEST_VALUES:
+        raise Damaged("bad-vm-json", f"secure_guest {out['secure_guest']} is no valid combination of flags")
+    if not all(type(gfn) is int and gfn >= 0 for gfn in out["pageouts_pending"]):
+        raise Damaged("bad-vm-json", f"pageouts_pending holds something other than GFNs: {out['pageouts_pending']!r}")
+    return out
+
+
+def _checked_abort(abort) -> dict | None:
+    """The journal of an abort in progress (abort.py), checked."""
+    from services.hypervisor.abort import PAGE_OUT, RESUME, TERMINATE  # abort.py imports this module
+
+    if abort is None:
+        return None
+    if type(abort) is not dict:
+        raise Damaged("bad-vm-json", f"the abort journal is {abort!r}, not an object")
+    for key in ("token", "srr0", "trace_ns"):
+        _field(abort, key, int, where="the abort journal")
+    if abort.get("phase") not in (PAGE_OUT, TERMINATE, RESUME):
+        raise Damaged("bad-vm-json", f"the abort journal's phase is {abort.get('phase')!r}")
+    return abort
+
+
+def _checked_slots(slots: list) -> list[dict]:
+    """vm.json's slots checked: ids in range and unique, GFN ranges and real addresses in range
+    and non-overlapping."""
+    out = []
+    for n, s in enumerate(slots):
+        where = f"vm.json slot #{n}"
+        if type(s) is not dict:
+            raise Damaged("bad-slots", f"{where} is {s!r}, not an object")
+        slot = {key: _field(s, key, int, where=where, reason="bad-slots")
+                for key in ("slot_id", "base_gfn", "npages", "ra_base")}
+        slot["shared"] = _field(s, "shared", bool, False, where, "bad-slots")
+        if not (0 <= slot["slot_id"] <= MAX_SLOT_ID and slot["base_gfn"] >= 0 and slot["npages"] >= 1
+                and slot["ra_base"] >= HV_RA_BASE and slot["ra_base"] % PAGE_SIZE == 0):
+            raise Damaged("bad-slots", f"{where} is out of range: {s}")
+        out.append(slot)
+    if len({s["slot_id"] for s in out}) != len(out):
+        raise Damaged("bad-slots", f"slot ids repeat: {[s['slot_id'] for s in out]}")
+    for key, unit in (("base_gfn", 1), ("ra_base", PAGE_SIZE)):
+        spans = sorted((s[key], s[key] + s["npages"] * unit, s["slot_id"]) for s in out)
+        for (_, a_end, a), (b_start, _, b) in zip(spans, spans[1:]):
+            if b_start < a_end:
+                raise Damaged("bad-slots", f"slots {a} and {b} overlap ({key})")
+    return out
+
+
+def _file_size(path: Path, reason: str) -> int:
+    """The size of a regular file, or Damaged (``reason``) when it is missing or no file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise Damaged(reason, f"{path.name} is missing") from None
+    except OSError as exc:
+        raise Damaged("io-error", f"{path.name}: {exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise Damaged(reason, f"{path.name} is not a regular file")
+    return st.st_size
 
 
 @dataclass
@@ -210,29 +422,130 @@ class HvState:
         self.next_ra = HV_RA_BASE
         self.boot_id = secrets.token_hex(8)
         self.recovered = 0
+        self.quarantined: list[Quarantined] = []  # by this start's load
 
     def load(self) -> list[Vm]:
-        """Rebuild every VM from the data directory (after a restart). A directory without a
-        readable vm.json is a VM whose creation never finished: removed."""
-        for directory in sorted(self.data_dir.glob("vm-*")):
+        """Rebuild every VM from the data directory (after a restart), trusting nothing read:
+        each VM's files are checked (_load_vm) and their blocks reserved; one that fails is
+        quarantined (_quarantine) while the others load. Only a directory that provably never
+        finished creation (neither vm.json nor slot files) is removed."""
+        for entry in (self.data_dir / QUARANTINE).glob("vm-*"):
+            if m := re.match(r"vm-(\d+)", entry.name):
+                self.next_lpid = max(self.next_lpid, int(m[1]) + 1)
+        found = []
+        for directory in self.data_dir.glob("vm-*"):
+            if (m := re.fullmatch(r"vm-(\d+)", directory.name)) and directory.is_dir():
+                found.append((int(m[1]), directory))
+            else:
+                log.warning("%s is no VM directory of this HV: left alone", directory)
+        for lpid, directory in sorted(found):
+            self.next_lpid = max(self.next_lpid, lpid + 1)
             try:
-                meta = json.loads((directory / "vm.json").read_text())
-            except (OSError, ValueError):
+                vm = self._load_vm(directory, lpid)
+            except Damaged as exc:
+                self._quarantine(directory, lpid, exc.reason, exc.detail)
+                continue
+            except Exception as exc:  # a bug here must cost this VM, not every VM of the HV
+                log.exception("lpid %d: loading %s failed", lpid, directory)
+                self._quarantine(directory, lpid, "load-error", repr(exc))
+                continue
+            if vm is None:
+                log.info("%s: a VM whose creation never finished (no vm.json, no slot files): removed",
+                         directory)
                 shutil.rmtree(directory, ignore_errors=True)
                 continue
-            vm = Vm(lpid=meta["lpid"], name=meta["name"], directory=directory,
-                    vcpu_endpoint=meta["vcpu_endpoint"], secure_capable=meta["secure_capable"],
-                    secure_guest=meta["secure_guest"], abort=meta.get("abort"),
-                    had_session=meta.get("had_session", False), failed=meta.get("failed", ""),
-                    owner=meta.get("owner", ""), pageouts_pending=set(meta.get("pageouts_pending", [])))
-            for s in meta["slots"]:
-                vm.slots[s["slot_id"]] = Slot(directory, s["slot_id"], s["base_gfn"], s["npages"], s["ra_base"],
-                                              s.get("shared", False))
-                self.next_ra = max(self.next_ra, s["ra_base"] + s["npages"] * PAGE_SIZE)
-            self.vms[vm.lpid] = vm
-            self.next_lpid = max(self.next_lpid, vm.lpid + 1)
+            self.vms[lpid] = vm
+            for slot in vm.slots.values():
+                self.next_ra = max(self.next_ra, slot.ra_base + slot.npages * PAGE_SIZE)
         self.recovered = len(self.vms)
         return list(self.vms.values())
+
+    def _load_vm(self, directory: Path, lpid: int) -> Vm | None:
+        """The VM kept in ``directory``, its slots mapped over reserved blocks; None for a creation
+        that never finished. Raises Damaged saying what is wrong: vm.json unreadable or failing its
+        schema (_checked_meta), slots overlapping (also another VM's real addresses), a RAM or
+        GFN-state file missing or not exactly npages pages / bytes, a byte that is no GfnState,
+        blocks that cannot be reserved."""
+        try:
+            text = (directory / "vm.json").read_bytes()
+        except FileNotFoundError:
+            if any(directory.glob("slot-*.ram")) or any(directory.glob("slot-*.gfn")):
+                raise Damaged("no-vm-json", "vm.json is missing but slot files are there") from None
+            return None
+        except OSError as exc:
+            raise Damaged("io-error", f"vm.json unreadable: {exc}") from None
+        try:
+            meta = json.loads(text)
+        except ValueError as exc:
+            raise Damaged("bad-vm-json", f"vm.json ({len(text)} bytes) is not JSON: {exc}") from None
+        meta = _checked_meta(meta, lpid)
+        for s in meta["slots"]:
+            end = s["ra_base"] + s["npages"] * PAGE_SIZE
+            for other in self.vms.values():
+                for o in other.slots.values():
+                    if s["ra_base"] < o.ra_base + o.npages * PAGE_SIZE and o.ra_base < end:
+                        raise Damaged("bad-slots", f"slot {s['slot_id']}'s real addresses overlap lpid "
+                                                   f"{other.lpid}'s slot {o.slot_id}")
+        files = []
+        for s in meta["slots"]:
+            ram, gfn = directory / f"slot-{s['slot_id']}.ram", directory / f"slot-{s['slot_id']}.gfn"
+            found = _file_size(ram, "bad-ram")
+            if found != s["npages"] * PAGE_SIZE:
+                raise Damaged("bad-ram", f"{ram.name} is {found} bytes, slot {s['slot_id']} has "
+                                         f"{s['npages']} pages of {PAGE_SIZE}")
+            found = _file_size(gfn, "bad-gfn")
+            if found != s["npages"]:
+                raise Damaged("bad-gfn", f"{gfn.name} is {found} bytes, slot {s['slot_id']} has {s['npages']} pages")
+            try:
+                states = gfn.read_bytes()
+            except OSError as exc:
+                raise Damaged("io-error", f"{gfn.name} unreadable: {exc}") from None
+            if states.translate(None, _GFN_BYTES):
+                idx = next(i for i, b in enumerate(states) if b not in _GFN_BYTES)
+                raise Damaged("bad-gfn", f"{gfn.name}: byte {states[idx]} of page {idx} (gfn "
+                                         f"{s['base_gfn'] + idx:#x}) is no GfnState")
+            files += [ram, gfn]
+        for path in files:
+            try:
+                _reserve(path)
+            except OSError as exc:
+                raise Damaged("no-space" if exc.errno in SPACE_ERRNOS else "io-error",
+                              f"cannot reserve the blocks of {path.name}: {exc}") from None
+        vm = Vm(lpid=lpid, name=meta["name"], directory=directory, vcpu_endpoint=meta["vcpu_endpoint"],
+                secure_capable=meta["secure_capable"], secure_guest=meta["secure_guest"], abort=meta["abort"],
+                had_session=meta["had_session"], failed=meta["failed"], owner=meta["owner"],
+                pageouts_pending=set(meta["pageouts_pending"]))
+        try:
+            for s in meta["slots"]:
+                vm.slots[s["slot_id"]] = Slot(directory, s["slot_id"], s["base_gfn"], s["npages"], s["ra_base"],
+                                              s["shared"])
+        except BaseException as exc:
+            for slot in vm.slots.values():
+                slot.close()
+            if isinstance(exc, OSError):
+                raise Damaged("io-error", f"cannot map the slot files: {exc}") from None
+            raise
+        return vm
+
+    def _quarantine(self, directory: Path, lpid: int, reason: str, detail: str) -> None:
+        """Keep a damaged VM out of service without losing anything: its directory moves under
+        quarantine/ (stays where it is if even that fails: it is checked again at the next start),
+        an ERROR line says what is wrong and where the files are, and its lpid stays taken."""
+        root = self.data_dir / QUARANTINE
+        dest, n = root / f"vm-{lpid}-{reason}", 1
+        while dest.exists():
+            dest, n = root / f"vm-{lpid}-{reason}.{n}", n + 1
+        try:
+            root.mkdir(exist_ok=True)
+            os.rename(directory, dest)
+            fsync_dir(root)
+            fsync_dir(self.data_dir)
+        except OSError as exc:
+            log.error("lpid %d: cannot move %s to %s (%s): left where it is", lpid, directory, dest, exc)
+            dest = directory
+        self.quarantined.append(Quarantined(lpid, reason, detail, dest))
+        log.error("lpid %d quarantined (%s): %s; its files are kept in %s and it is not served "
+                  "(docs/recovery.md, What survives a power cut)", lpid, reason, detail, dest)
 
     @property
     def uv_boot_file(self) -> Path:
@@ -245,9 +558,7 @@ class HvState:
             return ""
 
     def remember_uv_boot_id(self, boot_id: str) -> None:
-        tmp = self.data_dir / "uv.json.tmp"
-        tmp.write_text(json.dumps({"boot_id": boot_id}))
-        os.replace(tmp, self.uv_boot_file)
+        write_durably(self.uv_boot_file, json.dumps({"boot_id": boot_id}))
 
     def vm_state(self, lpid: int | None) -> VmState:
         vm = self.vms.get(lpid)
@@ -260,36 +571,54 @@ class HvState:
         return self.data_dir / "next-lpid"
 
     def create_vm(self, name: str, vcpu_endpoint: str, secure_capable: bool, owner: str = "") -> Vm:
-        """A new VM. lpids are never reused by this data directory, even across restarts."""
+        """A new VM, in memory. lpids are never reused by this data directory, even across restarts;
+        the lpid's record and the VM's directory are written with its first slot (add_slot), where
+        a full disk is answered."""
         try:
             self.next_lpid = max(self.next_lpid, int(self.lpid_file.read_text()))
         except (OSError, ValueError):
             pass
         lpid = self.next_lpid
-        self.next_lpid += 1
-        tmp = self.data_dir / "next-lpid.tmp"
-        tmp.write_text(str(self.next_lpid))
-        os.replace(tmp, self.lpid_file)
-        directory = self.data_dir / f"vm-{lpid}"
-        if directory.exists():
-            shutil.rmtree(directory)
-        directory.mkdir(parents=True)
-        vm = self.vms[lpid] = Vm(lpid=lpid, name=name, directory=directory,
+        while (self.data_dir / f"vm-{lpid}").exists():  # not ours to reuse, whatever it holds
+            lpid += 1
+        self.next_lpid = lpid + 1
+        vm = self.vms[lpid] = Vm(lpid=lpid, name=name, directory=self.data_dir / f"vm-{lpid}",
                                  vcpu_endpoint=vcpu_endpoint, secure_capable=secure_capable, owner=owner)
         return vm
 
     def add_slot(self, vm: Vm, slot_id: int, base_gfn: int, npages: int) -> Slot:
-        slot = Slot(vm.directory, slot_id, base_gfn, npages, self.next_ra)
+        """A new memslot, its files' blocks reserved (Slot.create). Raises NoSpace, with nothing
+        of the slot left behind, when the data directory cannot hold it and SPACE_HEADROOM to
+        spare."""
+        try:
+            if not vm.directory.is_dir():
+                write_durably(self.lpid_file, str(self.next_lpid))
+                vm.directory.mkdir()
+                fsync_dir(self.data_dir)
+            slot = Slot.create(vm.directory, slot_id, base_gfn, npages, self.next_ra)
+        except OSError as exc:
+            if exc.errno in SPACE_ERRNOS:
+                raise _no_space(f"lpid {vm.lpid}: no space for slot {slot_id} ({npages} pages): "
+                                f"{exc.strerror}") from exc
+            raise
+        try:
+            space = os.statvfs(self.data_dir)
+            if space.f_bavail * space.f_frsize < SPACE_HEADROOM:
+                raise _no_space(f"lpid {vm.lpid}: slot {slot_id} ({npages} pages) would leave less than "
+                                f"{SPACE_HEADROOM} bytes free")
+            vm.slots[slot_id] = slot
+            self.save(vm)
+        except BaseException as exc:
+            vm.slots.pop(slot_id, None)
+            slot.unlink()
+            if isinstance(exc, OSError) and not isinstance(exc, NoSpace) and exc.errno in SPACE_ERRNOS:
+                raise _no_space(f"lpid {vm.lpid}: no space for vm.json: {exc.strerror}") from exc
+            raise
         self.next_ra += npages * PAGE_SIZE
-        vm.slots[slot_id] = slot
-        self.save(vm)
         return slot
 
     def remove_slot(self, vm: Vm, slot_id: int) -> None:
-        slot = vm.slots.pop(slot_id)
-        slot.close()
-        slot.ram_path.unlink(missing_ok=True)
-        slot.gfn_path.unlink(missing_ok=True)
+        vm.slots.pop(slot_id).unlink()
         self.save(vm)
 
     def destroy_vm(self, vm: Vm) -> None:
@@ -300,16 +629,14 @@ class HvState:
         shutil.rmtree(vm.directory, ignore_errors=True)
 
     def save(self, vm: Vm) -> None:
-        """Write the VM's metadata (atomically) next to its RAM."""
+        """Write the VM's metadata next to its RAM, durably (write_durably: fsync'd, atomic)."""
         meta = {"lpid": vm.lpid, "name": vm.name, "vcpu_endpoint": vm.vcpu_endpoint,
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
                 "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed, "owner": vm.owner,
                 "pageouts_pending": sorted(vm.pageouts_pending),
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
                            "ra_base": s.ra_base, "shared": s.shared} for s in vm.slots.values()]}
-        tmp = vm.directory / "vm.json.tmp"
-        tmp.write_text(json.dumps(meta, sort_keys=True))
-        os.replace(tmp, vm.directory / "vm.json")
+        write_durably(vm.directory / "vm.json", json.dumps(meta, sort_keys=True))
 
     # -- secure_guest --------------------------------------------------------------------------
 

@@ -31,8 +31,14 @@ async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
         return pb.CreateVmResponse(errno=Errno.EINVAL)
     owner = caller.name if caller.role == Role.ROLE_GUEST else ""
     vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable, owner)
-    for s in req.memslots:
-        hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
+    try:
+        for s in req.memslots:
+            hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
+    except OSError as exc:  # NoSpace (errno ENOSPC) when the disk cannot hold it: nothing of the VM stays
+        hv.state.destroy_vm(vm)
+        if exc.errno != Errno.ENOSPC:
+            raise
+        return pb.CreateVmResponse(errno=Errno.ENOSPC)
     log.info("lpid %d created for %s: %d pages", vm.lpid, vm.name, vm.npages)
     return pb.CreateVmResponse(errno=Errno.OK, lpid=vm.lpid)
 
@@ -138,7 +144,12 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
             return pb.SetMemslotResponse(errno=Errno.EEXIST)
         if not _slots_valid(list(_infos(vm)) + [s]):
             return pb.SetMemslotResponse(errno=Errno.EINVAL)
-        slot = hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
+        try:
+            slot = hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
+        except OSError as exc:  # NoSpace (errno ENOSPC): add_slot left nothing of the slot behind
+            if exc.errno != Errno.ENOSPC:
+                raise
+            return pb.SetMemslotResponse(errno=Errno.ENOSPC)
         if vm.secure_guest != 0:
             try:
                 rc = (await hv.ucall("UV_REGISTER_MEM_SLOT", upb.UvRegisterMemSlotRequest(
