@@ -35,8 +35,9 @@ GPF states (GpfState, the UV's per-guest-page-frame states; the subset pefsim us
   UV_PAGE_OUT (secure)       U_PARAM    ->PAGEDOUT     U_PARAMETER  U_PARAMETER   U_PARAMETER U_RETRY
   UV_PAGE_OUT (ABORT)        U_PARAM    plaintext, kept U_PARAMETER U_PARAMETER   U_PARAMETER U_RETRY
   UV_PAGE_INVAL              U_P2       U_P2           U_P2         ->SHARED_INV  U_P2        U_P2
-  share                      ->HV_SHARING (after paging a PAGEDOUT page back in)
-  unshare                    SHARED(_INV) -> HV_UNSHARING
+  share                      ->HV_SHARING (after paging a PAGEDOUT page back in); the frame is kept
+                             until every page of the call is shared, the page put back on it if not
+  unshare                    SHARED(_INV) -> HV_UNSHARING; back to SHARED(_INV) if the HV fails it
   UV_SVM_TERMINATE           every frame given back to be scrubbed, reservation returned, key dropped
 
 Scrubbing. A frame given back (UV_SVM_TERMINATE, page-out, share, memslot removal) is scrubbed
@@ -498,16 +499,34 @@ class UvState:
         gpf.state = GpfState.GPF_HV_SHARING
 
     def mark_shared(self, gpf: Gpf) -> None:
-        """-> GPF_SHARED: the secure frame (if any) is scrubbed and freed."""
-        self._drop_frame(gpf)
+        """-> GPF_SHARED. A page being shared (GPF_HV_SHARING) keeps its secure frame, untouched,
+        until the share call has shared every page (``drop_kept_frame``: scrubbed and freed) or
+        fails (``put_back`` on it), so a failed UV_SHARE_PAGE leaves the page as it was. Any other
+        page (a shared one refaulted) has its frame, if any, scrubbed and freed."""
+        if gpf.state != GpfState.GPF_HV_SHARING:
+            self._drop_frame(gpf)
         gpf.state = GpfState.GPF_SHARED
+
+    def drop_kept_frame(self, gpf: Gpf) -> None:
+        """The frame a shared page kept for its share call (mark_shared), scrubbed and freed."""
+        if gpf.state in (GpfState.GPF_SHARED, GpfState.GPF_SHARED_INV):
+            self._drop_frame(gpf)
+
+    def put_back(self, gpf: Gpf, state: int, content: bytes | None = None) -> None:
+        """A page a failed call changed, as it was before: ``state``. GPF_SECURE keeps the frame
+        it has (the share kept it), with ``content`` written back if given (an unshare at the HV
+        zeroed it meanwhile), or, if the HV made the UV give that frame up, a zeroed one; any
+        other state has no frame."""
+        if state == GpfState.GPF_SECURE:
+            frame = self._take_frame(gpf)
+            if content is not None:
+                self.pool.view(frame)[:] = content
+        else:
+            self._drop_frame(gpf)
+        gpf.state = state
 
     def mark_shared_inv(self, gpf: Gpf) -> None:
         gpf.state = GpfState.GPF_SHARED_INV
 
     def mark_unsharing(self, gpf: Gpf) -> None:
         gpf.state = GpfState.GPF_HV_UNSHARING
-
-    def revert_sharing(self, gpf: Gpf) -> None:
-        """A share that did not complete: the page is secure (and zero) again."""
-        self.mark_secure(gpf, None)

@@ -121,16 +121,34 @@ def test_ciphertext_is_bound_to_its_gpa(uv):
     assert uv.page_in_sealed(svm, 1, b, sb)
 
 
-def test_share_frees_the_frame(uv):
+def test_share_frees_the_frame_once_the_call_commits(uv):
+    """A page being shared keeps its frame, untouched, until its share call has shared every
+    page (a failed share puts the page back on it); then the frame is scrubbed and freed."""
     svm = secure_svm(uv)
     gpf = svm.gpf(3)
     uv.mark_secure(gpf, b"S" * PAGE_SIZE)
     frame = gpf.frame
     uv.mark_sharing(gpf)
     uv.mark_shared(gpf)
+    assert gpf.frame == frame and bytes(uv.pool.view(frame)) == b"S" * PAGE_SIZE
+    uv.drop_kept_frame(gpf)
     assert gpf.frame is None and uv.pool.in_use == 0 and uv.pool.scrubbing == 1
     uv.pool.scrub()
     assert bytes(uv.pool.view(frame)) == bytes(PAGE_SIZE)
+
+
+def test_a_failed_share_puts_the_page_back_as_it_was(uv):
+    svm = secure_svm(uv)
+    secure, unbacked = svm.gpf(2), svm.gpf(3)
+    uv.mark_secure(secure, b"S" * PAGE_SIZE)
+    for gpf in (secure, unbacked):
+        uv.mark_sharing(gpf)
+        uv.mark_shared(gpf)
+    uv.put_back(secure, GpfState.GPF_SECURE)
+    uv.put_back(unbacked, GpfState.GPF_UNBACKED)
+    assert (secure.state, bytes(uv.pool.view(secure.frame))) == (GpfState.GPF_SECURE, b"S" * PAGE_SIZE)
+    assert (unbacked.state, unbacked.frame) == (GpfState.GPF_UNBACKED, None)
+    assert uv.pool.in_use == 1
 
 
 def test_remove_slot_releases_its_pages(uv):

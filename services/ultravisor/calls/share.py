@@ -1,13 +1,21 @@
 """UV_SHARE_PAGE, UV_UNSHARE_PAGE and UV_UNSHARE_ALL_PAGES (SVM -> UV).
 
 Share: every page of the range goes HV_SHARING -> H_SVM_PAGE_IN(gpa, H_PAGE_IN_SHARED) -> (the HV
-calls UV_PAGE_IN) -> SHARED; its secure frame is scrubbed and the HV hands a zeroed page. A
-paged-out page is first paged back in (at most SHARE_PAGE_IN_TRIES times). On any failure the
-pages already shared are unshared again and the result is U_P2.
-Unshare: each shared page goes HV_UNSHARING -> H_SVM_PAGE_IN(gpa, 0) -> SECURE (zeroed).
+calls UV_PAGE_IN) -> SHARED, and the HV hands a zeroed page. A paged-out page is first paged back
+in (at most SHARE_PAGE_IN_TRIES times). Each page keeps its secure frame, untouched, until every
+page of the call is shared; only then are the frames scrubbed. A share that fails (U_P2, or
+U_RETRY) leaves every page as it was, content and state (``_put_back``): the HV is asked to
+unshare what it already mapped, and the UV puts the page back on its frame even if the HV cannot
+(the HV keeps a stale mapping of a zeroed page, nothing of the SVM's). A page paged back in for
+the call stays in (its content is the same).
+Unshare: each shared page goes HV_UNSHARING -> H_SVM_PAGE_IN(gpa, 0) -> SECURE (zeroed); a page
+whose unshare fails stays SHARED or SHARED_INV as it was. Page by page: a failed range leaves the
+pages before it unshared (their shared content is the HV's and gone), so repeating the call
+finishes it (a page no longer shared is skipped).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from pefsim.abi import PAGE_SHIFT, GpfState, H, PageInFlag, U, gpa_of
@@ -51,12 +59,13 @@ def _range(svm, gfn: int, npages: int):
 
 async def unshare_one(uv, svm, gfn: int) -> bool:
     gpf = svm.gpf(gfn)
-    if gpf.state not in SHARED:
+    before = gpf.state
+    if before not in SHARED:
         return True
     uv.state.mark_unsharing(gpf)
     rc = await _h_page_in(uv, svm.lpid, gfn, PageInFlag.H_PAGE_IN_NONSHARED)
     if rc != H.H_SUCCESS or gpf.state != GpfState.GPF_SECURE:
-        uv.state.mark_shared(gpf)  # the HV still has it shared
+        uv.state.put_back(gpf, before)  # the HV still has it shared (or invalidated) as before
         return False
     return True
 
@@ -67,7 +76,7 @@ async def uv_share_page(uv, req: pb.UvSharePageRequest, caller) -> pb.UvSharePag
     gfns = _range(svm, req.gfn, req.npages)
     if gfns is None or any(svm.gpf(g).state in TRANSIENT for g in gfns):
         return pb.UvSharePageResponse(rc=U.U_P2)
-    done: list[int] = []
+    changed: list[tuple[int, int]] = []  # (gfn, its state before), in the order they changed
     for gfn in gfns:
         gpf = svm.gpf(gfn)
         if gpf.state in SHARED:
@@ -77,22 +86,34 @@ async def uv_share_page(uv, req: pb.UvSharePageRequest, caller) -> pb.UvSharePag
                 break
             await _h_page_in(uv, svm.lpid, gfn, PageInFlag.H_PAGE_IN_NONSHARED)
         if gpf.state == GpfState.GPF_PAGEDOUT:
-            await _undo(uv, svm, done)
+            await _put_back(uv, svm, changed)
             return pb.UvSharePageResponse(rc=U.U_RETRY)
+        changed.append((gfn, gpf.state))
         uv.state.mark_sharing(gpf)
         rc = await _h_page_in(uv, svm.lpid, gfn, PageInFlag.H_PAGE_IN_SHARED)
         if rc != H.H_SUCCESS or gpf.state != GpfState.GPF_SHARED:
-            uv.state.revert_sharing(gpf)
-            await _undo(uv, svm, done)
+            await _put_back(uv, svm, changed)
             return pb.UvSharePageResponse(rc=U.U_P2)
         uv.metrics.moved("shared")
-        done.append(gfn)
+    for gfn, _ in changed:  # every page is shared: the frames they kept go
+        uv.state.drop_kept_frame(svm.gpf(gfn))
     return pb.UvSharePageResponse(rc=U.U_SUCCESS)
 
 
-async def _undo(uv, svm, gfns: list[int]) -> None:
-    for gfn in gfns:
-        await unshare_one(uv, svm, gfn)
+async def _put_back(uv, svm, changed: list[tuple[int, int]]) -> None:
+    """A share that failed: every page it changed as it was before, last first. One the HV mapped
+    is unshared at the HV first, so both sides agree (its content saved across that, which zeroes
+    the frame); whether or not the HV manages, the UV puts the page back: the guest's call failed,
+    so the page is the guest's again. A page whose memslot went away meanwhile has nothing to put
+    back."""
+    for gfn, before in reversed(changed):
+        with contextlib.suppress(NoSlot):
+            gpf = svm.gpf(gfn)
+            content = None
+            if gpf.state in SHARED:
+                content = bytes(uv.state.pool.view(gpf.frame)) if gpf.frame is not None else None
+                await unshare_one(uv, svm, gfn)
+            uv.state.put_back(gpf, before, content)
 
 
 @u_p2_if_a_slot_goes(pb.UvUnsharePageResponse)
