@@ -223,7 +223,7 @@ class UltravisorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UvStatus(self, request, context):
-        """Operator introspection: secure memory and SVMs.
+        """Introspection: secure memory and SVMs for the operator and the HV; a guest sees only its own SVMs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

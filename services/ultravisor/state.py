@@ -63,6 +63,7 @@ import os
 import struct
 import time
 from array import array
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +74,9 @@ from pefsim.dataplane import HvMemory
 from pefsim.abi import PAGE_SIZE, SECURE_RA_BASE, GpfState, SvmState, gfn_of
 
 SVM_MEM_SLOTS_NUM = 32  # slot ids the UV accepts per SVM (firmware's SVM_MEM_SLOTS_NUM)
+# terminated SVMs the UV remembers (lpid and owner, for UvStatus): the last ones only, or the list
+# would grow with every VM this UV ever ran and travel in every UvStatus
+TERMINATED_KEPT = 1024
 ZERO_PAGE = bytes(PAGE_SIZE)
 
 
@@ -369,7 +373,7 @@ class UvState:
     def __init__(self, pool_pages: int, populate_pool: bool = True, hv_memory_dir: str | None = None):
         self.pool = SecurePool(pool_pages, populate_pool)
         self.svms: dict[int, Svm] = {}
-        self.terminated: list[int] = []
+        self.terminated: deque[tuple[int, str]] = deque(maxlen=TERMINATED_KEPT)  # (lpid, owner), oldest first
         self.boot_id = os.urandom(8).hex()  # a restarted UV is a new machine: nothing survives
         self.hvmem = HvMemory(hv_memory_dir)  # HV RAM files the HV shared, per SVM and slot
 
@@ -409,8 +413,13 @@ class UvState:
         svm.reserved = 0
         svm.key = b""
         svm.destroyed = True
-        self.terminated.append(lpid)
+        self.terminated.append((lpid, svm.owner))
         return freed
+
+    def terminated_lpids(self, owner: str | None = None) -> list[int]:
+        """The lpids of the last TERMINATED_KEPT SVMs terminated, in order (only ``owner``'s, if
+        given)."""
+        return [lpid for lpid, who in self.terminated if owner is None or who == owner]
 
     # -- memslots ------------------------------------------------------------------------------
 

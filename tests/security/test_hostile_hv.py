@@ -319,3 +319,32 @@ def test_an_unshare_that_fails_leaves_the_page_shared_as_it_was(scripted, run):
             assert [(c, r.flags) for c, r in hv.seen[seen:] if c == "H_SVM_PAGE_IN"] == \
                 [("H_SVM_PAGE_IN", PageInFlag.H_PAGE_IN_SHARED)]
     run(scenario())
+
+
+# -- UvStatus: each caller sees what it may -------------------------------------------------------
+
+def test_a_guest_sees_only_its_own_svms_in_uv_status(stack, run):
+    """Guest B's UvStatus lists B's SVM and not A's, nor another guest's terminated lpid, nor the pool;
+    the operator's and the HV's list both."""
+    async def scenario():
+        op = Operator.of(stack)
+        try:
+            a = await secure_guest(stack, op, "a")
+            b = await secure_guest(stack, op, "b")
+            gone = await secure_guest(stack, op, "gone")  # another guest's SVM, terminated
+            await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=gone.lpid))
+            uv_b = as_(stack, f"guest:{b.name}", stack.uv_addr, UV_STUB, "uv")
+            hv = as_(stack, "hv", stack.uv_addr, UV_STUB, "uv")
+            seen_by_b = await uv_b.stub.UvStatus(upb.UvStatusRequest())
+            assert [s.lpid for s in seen_by_b.svms] == [b.lpid]
+            assert list(seen_by_b.terminated_lpids) == []
+            assert (seen_by_b.pool_pages_total, seen_by_b.pool_pages_in_use) == (0, 0)
+            for everything in (await op.uv.stub.UvStatus(upb.UvStatusRequest()),
+                               await hv.stub.UvStatus(upb.UvStatusRequest())):
+                assert {a.lpid, b.lpid} <= {s.lpid for s in everything.svms}
+                assert gone.lpid in everything.terminated_lpids and everything.pool_pages_total > 0
+            await uv_b.close()
+            await hv.close()
+        finally:
+            await op.close()
+    run(scenario())

@@ -40,7 +40,7 @@ def test_terminate_scrubs_frees_and_unreserves(uv):
     assert uv.pool.scrub() == 4 and uv.pool.scrubbing == 0
     for f in frames:
         assert bytes(uv.pool.view(f)) == bytes(PAGE_SIZE)
-    assert uv.terminated == [1] and 1 not in uv.svms and svm.key == b""
+    assert uv.terminated_lpids() == [1] and 1 not in uv.svms and svm.key == b""
 
 
 def test_a_released_frame_is_never_handed_out_unscrubbed():
@@ -149,6 +149,17 @@ def test_a_failed_share_puts_the_page_back_as_it_was(uv):
     assert (secure.state, bytes(uv.pool.view(secure.frame))) == (GpfState.GPF_SECURE, b"S" * PAGE_SIZE)
     assert (unbacked.state, unbacked.frame) == (GpfState.GPF_UNBACKED, None)
     assert uv.pool.in_use == 1
+
+
+def test_the_uv_remembers_only_the_last_terminated_svms(uv):
+    """terminated_lpids is bounded (TERMINATED_KEPT, the newest) and can be told per owner."""
+    from services.ultravisor.state import TERMINATED_KEPT
+
+    for lpid in range(1, TERMINATED_KEPT + 11):
+        uv.create_svm(lpid, "odd" if lpid % 2 else "even")
+        uv.destroy_svm(lpid)
+    assert uv.terminated_lpids() == list(range(11, TERMINATED_KEPT + 11))
+    assert uv.terminated_lpids("odd") == list(range(11, TERMINATED_KEPT + 11, 2))
 
 
 def test_remove_slot_releases_its_pages(uv):

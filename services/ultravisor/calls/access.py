@@ -1,5 +1,6 @@
 """Not ucalls: the secure vCPU's loads and stores (SvmLoad, SvmStore), the UV's own eviction of a
-page (UvEvictPage -> H_SVM_PAGE_OUT) and operator introspection (UvStatus).
+page (UvEvictPage -> H_SVM_PAGE_OUT) and introspection (UvStatus: everything for the operator and
+the HV, a guest's own SVMs for a guest).
 
 A load or store goes through the SVM's partition-scoped table: a secure page is read from the
 pool; an unbacked one is backed with zeros on first touch; a paged-out one is faulted back in
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, SvmState, U,
+from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, Role, SvmState, U,
                         gfn_of, gpa_of)
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
 from services.ultravisor.calls.share import _h_page_in
@@ -109,8 +110,19 @@ async def uv_evict_page(uv, req: pb.UvEvictPageRequest, caller) -> pb.UvEvictPag
     return pb.UvEvictPageResponse(rc=resp.rc)
 
 
+SEES_EVERY_SVM = frozenset({Role.ROLE_OPERATOR, Role.ROLE_HV, Role.ROLE_UV})
+
+
 async def uv_status(uv, req: pb.UvStatusRequest, caller) -> pb.UvStatusResponse:
+    """What the UV holds, as much as the caller may see: the operator and the HV (which runs
+    every VM anyway) see every SVM, the pool and every terminated lpid the UV remembers; a guest
+    sees only its own SVMs and terminated lpids (owner: the identity that made UV_ESM), not the
+    pool (how much secure memory the others use); anyone else, nothing but the boot id."""
     st, now = uv.state, time.time_ns()
+    everything = caller.role in SEES_EVERY_SVM
+    owner = caller.name if caller.role == Role.ROLE_GUEST else None
+    if not everything and owner is None:
+        return pb.UvStatusResponse(boot_id=st.boot_id)
     svms = [pb.SvmInfo(
         lpid=s.lpid, state=SvmState(s.state).name,
         secure_pages=s.frames, reserved_pages=s.reserved,
@@ -120,7 +132,9 @@ async def uv_status(uv, req: pb.UvStatusRequest, caller) -> pb.UvStatusResponse:
         abort_pending_s=(now - s.abort_issued_ns) / 1e9 if s.abort_issued_ns else 0.0,
         unanswered_hcall=s.unanswered[0] if s.unanswered else "",
         unanswered_s=(now - s.unanswered[1]) / 1e9 if s.unanswered else 0.0,
-    ) for s in sorted(st.svms.values(), key=lambda s: s.lpid)]
+    ) for s in sorted(st.svms.values(), key=lambda s: s.lpid) if everything or s.owner == owner]
+    if not everything:
+        return pb.UvStatusResponse(svms=svms, terminated_lpids=st.terminated_lpids(owner), boot_id=st.boot_id)
     return pb.UvStatusResponse(pool_pages_total=st.pool.total, pool_pages_in_use=st.pool.in_use,
                                pool_pages_reserved=st.pool.reserved, svms=svms,
-                               terminated_lpids=st.terminated, boot_id=st.boot_id)
+                               terminated_lpids=st.terminated_lpids(), boot_id=st.boot_id)
