@@ -6,6 +6,11 @@ and serves the registry on its own /metrics endpoint. Labels never carry an lpid
 """
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
+from typing import Callable, Generic, TypeVar
+
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                start_http_server)
 
@@ -18,10 +23,77 @@ LATENCY_BUCKETS = tuple(0.0005 * 2 ** k for k in range(23))
 CALL_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
                 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
+T = TypeVar("T")
+
+
+class LoopSnapshot(Generic[T]):
+    """What a gauge reports of the state the event loop owns, taken on the loop.
+
+    prometheus-client calls a gauge's function in its HTTP server's thread while the loop changes
+    the state it reads: counting ``state.vms`` there as the loop added a VM raised "dictionary
+    changed size during iteration", an HTTP 500 (2 of 1,343 scrapes during VM churn). So no
+    collector touches that state: ``take`` runs on the loop, where nothing changes under it, and
+    returns an immutable value (tuples, ints), published by one attribute assignment; the
+    gauges compute from ``get()``. A scrape asks the loop for a fresh value and waits up to
+    ``timeout`` s for it; the gauges of one scrape share it (``max_age``). A loop too busy to
+    answer in time gets its last value served, stale rather than an error, and is not asked
+    again until it has answered (a scrape waits once, not once per gauge). Unbound (no loop was
+    running when it was made, nor when serve() ran) or on the loop itself, ``take`` runs in the
+    caller's thread, which is then the state's owner."""
+
+    def __init__(self, take: Callable[[], T], max_age: float = 0.1, timeout: float = 1.0):
+        self._take = take
+        self.max_age = max_age
+        self.timeout = timeout
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._asking = threading.Lock()  # one request to the loop at a time
+        self._answered = threading.Event()  # the last request's answer is in (or none was made)
+        self._answered.set()
+        self._taken = (time.monotonic(), take())  # (when, value): replaced whole, never changed
+        try:
+            self.bind(asyncio.get_running_loop())
+        except RuntimeError:
+            pass
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def _refresh(self) -> None:
+        try:
+            self._taken = (time.monotonic(), self._take())
+        finally:
+            self._answered.set()
+
+    def get(self) -> T:
+        loop = self._loop
+        if loop is None or _running_loop() is loop:
+            self._taken = (time.monotonic(), self._take())
+            return self._taken[1]
+        with self._asking:
+            taken_at, value = self._taken
+            if time.monotonic() - taken_at <= self.max_age or not self._answered.is_set():
+                return value  # fresh enough, or the loop has not answered the last request yet
+            self._answered.clear()
+            try:
+                loop.call_soon_threadsafe(self._refresh)
+            except RuntimeError:  # the loop is closed: the service is stopping
+                self._answered.set()
+                return value
+            self._answered.wait(self.timeout)
+            return self._taken[1]
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
 
 class ServiceMetrics(CallObserver):
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.snapshots: list[LoopSnapshot] = []  # bound to the loop serve() runs on
         ProcessCollector(registry=self.registry)  # process_start_time_seconds, RSS, CPU
         PlatformCollector(registry=self.registry)
         self.calls = Counter("pefsim_calls_total", "Calls served, by call and PEF result.",
@@ -73,6 +145,13 @@ class ServiceMetrics(CallObserver):
         count.inc(pages)
         size.inc(pages * PAGE_SIZE)
 
+    def snapshot(self, take: Callable[[], T]) -> LoopSnapshot[T]:
+        """A :class:`LoopSnapshot` of ``take``: every gauge whose function reads loop-owned state
+        reads it through one of these, never the state itself."""
+        snap = LoopSnapshot(take)
+        self.snapshots.append(snap)
+        return snap
+
     @staticmethod
     def zero(metric, *label_sets) -> None:
         """Create a labelled metric's children up front: a series that is born at 1 has no
@@ -84,6 +163,9 @@ class ServiceMetrics(CallObserver):
         """Serve /metrics on ``host:port`` (port 0 picks one); returns the bound port."""
         if not listen:
             return None
+        loop = _running_loop()
+        for snap in self.snapshots if loop else ():
+            snap.bind(loop)
         host, port = listen.rsplit(":", 1)
         server, _thread = start_http_server(int(port), addr=host, registry=self.registry)
         return server.server_port

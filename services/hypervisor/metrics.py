@@ -52,8 +52,10 @@ class HvMetrics(ServiceMetrics):
         self.zero(self.abort_phase_seconds, "page-out", "terminate", "resume")
         self.zero(self.terminate_seconds, *((trigger, result) for trigger in ("abort", "reset", "destroy")
                                             for result in ("U_SUCCESS", "U_FUNCTION", "U_PERMISSION")))
+        # Counted from a snapshot the loop takes: the gauge runs in the /metrics thread, the loop
+        # changes state.vms meanwhile (pefsim/metrics.py).
+        states = self.snapshot(lambda: tuple(vm.state for vm in state.vms.values()))
         vms = Gauge("pefsim_hv_vms", "VMs, by state.", ["state"], registry=r)
         for st in (VmState.VM_NORMAL, VmState.VM_TRANSIENT, VmState.VM_SECURE, VmState.VM_ABORTING):
-            vms.labels(st.name).set_function(
-                lambda st=st: sum(1 for vm in state.vms.values() if vm.state == st))
+            vms.labels(st.name).set_function(lambda st=st: states.get().count(st))
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -36,16 +37,19 @@ class UvMetrics(ServiceMetrics):
             "Age of the oldest H_SVM_INIT_DONE / H_SVM_INIT_ABORT the UV is still asking the HV "
             "(first attempt to now; 0: none). An HV that never answers INIT_DONE shows here: the "
             "SVM stays in SVM_ACTIVE meanwhile.", ["call"], registry=r)
+        # The gauges below read the SVMs and the pool through a snapshot the loop takes: they run
+        # in the /metrics thread, the loop changes state.svms meanwhile (pefsim/metrics.py).
+        snap = self.snapshot(lambda: UvSample.of(state))
         for call in ("H_SVM_INIT_DONE", "H_SVM_INIT_ABORT"):
             self.hcall_retries.labels(call)  # exported at 0 before the first retry
             unanswered.labels(call).set_function(lambda call=call: max(
-                [(time.time_ns() - s.unanswered[1]) / 1e9 for s in state.svms.values()
-                 if s.unanswered and s.unanswered[0] == call] or [0.0]))
+                [(time.time_ns() - since) / 1e9 for _, asking, since, _ in snap.get().svms
+                 if asking == call] or [0.0]))
         pending = Gauge("pefsim_uv_abort_pending_seconds",
                         "Age of the oldest SVM waiting in SVM_ABORT for the HV (0: none).", registry=r)
         pending.set_function(lambda: max(
-            [(time.time_ns() - s.abort_issued_ns) / 1e9 for s in state.svms.values()
-             if s.state == SvmState.SVM_ABORT and s.abort_issued_ns] or [0.0]))
+            [(time.time_ns() - issued) / 1e9 for st, _, _, issued in snap.get().svms
+             if st == SvmState.SVM_ABORT and issued] or [0.0]))
         self.terminate_seconds = Histogram(
             "pefsim_uv_terminate_duration_seconds",
             "UV_SVM_TERMINATE's work in the UV (free every page; the scrub is done in the background), "
@@ -59,13 +63,32 @@ class UvMetrics(ServiceMetrics):
                                                               SvmState.SVM_ABORT)))
         pool = Gauge("pefsim_uv_secure_pages", "Secure memory pool, in 64 KiB pages, by kind.",
                      ["kind"], registry=r)
-        pool.labels("total").set_function(lambda: state.pool.total)
-        pool.labels("in_use").set_function(lambda: state.pool.in_use)
-        pool.labels("reserved").set_function(lambda: state.pool.reserved)
-        pool.labels("free").set_function(lambda: state.pool.free)
-        pool.labels("scrubbing").set_function(lambda: state.pool.scrubbing)
+        for kind in PoolSample._fields:
+            pool.labels(kind).set_function(lambda kind=kind: getattr(snap.get().pool, kind))
         svms = Gauge("pefsim_uv_svms", "SVM objects, by state.", ["state"], registry=r)
         for st in (SvmState.SVM_ACTIVE, SvmState.SVM_SECURE, SvmState.SVM_ABORT):
             svms.labels(st.name).set_function(
-                lambda st=st: sum(1 for s in state.svms.values() if s.state == st))
+                lambda st=st: sum(1 for s in snap.get().svms if s[0] == st))
+
+
+class PoolSample(NamedTuple):
+    total: int
+    in_use: int
+    reserved: int
+    free: int
+    scrubbing: int
+
+
+class UvSample(NamedTuple):
+    """What the UV's gauges report, taken on the event loop in one go (so the pool's kinds add
+    up): per SVM (state, hcall it is still asking or "", since (ns), H_SVM_INIT_ABORT issued (ns))."""
+
+    svms: tuple[tuple[int, str, int, int], ...]
+    pool: PoolSample
+
+    @classmethod
+    def of(cls, state) -> UvSample:
+        p = state.pool
+        return cls(tuple((s.state, *(s.unanswered or ("", 0)), s.abort_issued_ns) for s in state.svms.values()),
+                   PoolSample(p.total, p.in_use, p.reserved, p.free, p.scrubbing))
 
