@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pefsim.image import GuestImage
+from pefsim.keyfile import write_private
 
 MAGIC = b"PEFSIM-ESMB-1\n"
 SIG_LEN = 64
@@ -120,13 +121,15 @@ def new_signing_key() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def save_keypair(key: Ed25519PrivateKey, directory: Path) -> tuple[Path, Path]:
+def save_keypair(key: Ed25519PrivateKey, directory: Path, force: bool = False) -> tuple[Path, Path]:
+    """esm-signing.key (0600 from its creation: pefsim/keyfile.py) and esm-signing.pub in
+    ``directory``. A signing key already there is FileExistsError unless ``force``: every blob
+    signed with it stops verifying once it is replaced."""
     directory.mkdir(parents=True, exist_ok=True)
     priv = directory / "esm-signing.key"
     pub = directory / "esm-signing.pub"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    priv.chmod(0o600)
+    write_private(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), replace=force)
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
     return priv, pub

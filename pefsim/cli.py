@@ -3,7 +3,7 @@
   pefsim demo [--json]             the life cycle on a fresh local stack (or --stack FILE)
   pefsim up [--guests N]           UV, HV and N secure guests as local processes, until Ctrl-C
   pefsim status --stack FILE       what the UV and the HV hold
-  pefsim keys --out DIR            an Ed25519 key pair for signing ESM blobs
+  pefsim keys --out DIR            an Ed25519 key pair for signing ESM blobs (--force to replace one)
   pefsim blob --name G --mem-mib M --key K -o FILE   an ESM blob for a guest image
 """
 from __future__ import annotations
@@ -208,10 +208,15 @@ def cmd_certs(a) -> int:
 def cmd_keys(a) -> int:
     from pefsim.blob import new_signing_key, save_keypair
 
-    if a.if_missing and (Path(a.out) / "esm-signing.key").exists():
-        print(f"{Path(a.out) / 'esm-signing.key'} exists: kept")
+    existing = Path(a.out) / "esm-signing.key"
+    if a.if_missing and existing.exists():
+        print(f"{existing} exists: kept")
         return 0
-    priv, pub = save_keypair(new_signing_key(), Path(a.out))
+    try:
+        priv, pub = save_keypair(new_signing_key(), Path(a.out), force=a.force)
+    except FileExistsError:  # a new key would invalidate every blob signed with this one
+        raise SystemExit(f"{existing} exists: not replaced (--force replaces it, and every blob "
+                         "signed with it stops verifying; --if-missing keeps it)") from None
     print(f"{priv}\n{pub}")
     return 0
 
@@ -304,7 +309,10 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_certs)
     p = sub.add_parser("keys", help="make an Ed25519 key pair for ESM blobs")
     p.add_argument("--out", required=True, help="directory for esm-signing.key / .pub")
-    p.add_argument("--if-missing", action="store_true", help="keep a key pair that is already there")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--if-missing", action="store_true", help="keep a key pair that is already there")
+    g.add_argument("--force", action="store_true",
+                   help="replace a key pair that is already there (blobs signed with it stop verifying)")
     p.set_defaults(func=cmd_keys)
     p = sub.add_parser("blob", help="make an ESM blob for a guest image")
     p.add_argument("--name", required=True, help="guest name (seeds the image content)")

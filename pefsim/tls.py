@@ -38,11 +38,14 @@ def _key():
 
 
 def _write_key(key, path: Path) -> None:
+    """0600 from its creation (pefsim/keyfile.py). A key is written only when its certificate is
+    missing, so one already there is a leftover of an interrupted run: replaced."""
     from cryptography.hazmat.primitives import serialization
 
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    path.chmod(0o600)
+    from pefsim.keyfile import write_private
+
+    write_private(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()), replace=True)
 
 
 def make_ca(directory: Path) -> None:
