@@ -323,7 +323,13 @@ def main(argv=None) -> int:
     p.add_argument("--tamper", action="append", default=[], help="wrong digest for an item (tests)")
     p.set_defaults(func=cmd_blob)
     a = ap.parse_args(argv)
-    return a.func(a)
+    from pefsim.stack import StackTlsMissing
+
+    try:
+        return a.func(a)
+    except StackTlsMissing as exc:  # its message says what is missing and what to do: no traceback
+        print(f"pefsim {a.cmd}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

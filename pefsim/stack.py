@@ -26,6 +26,13 @@ class StackError(RuntimeError):
     pass
 
 
+class StackTlsMissing(StackError):
+    """An attach to a stack that runs mTLS whose CA is not in its run directory. Attaching used
+    to take a missing ca.pem for an insecure stack and talk plaintext to it, which a secure stack
+    refuses with an obscure transport error (and an insecure one is said so in its stack.json).
+    The message is one line: which file, and what to do."""
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -148,9 +155,15 @@ class LocalStack:
         started here are this object's own, with logs in a subdirectory of that run directory."""
         info = json.loads(Path(stack_file).read_text())
         base = Path(info["run_dir"])
-        stack = cls(StackConfig(run_dir=base / f"attached-{os.getpid()}"))
+        insecure = bool(info.get("insecure", False))  # a stack.json without it: an mTLS stack
+        for name in () if insecure else ("ca.pem", "ca.key"):  # ca.key: this side mints its certificates
+            if not (base / "tls" / name).exists():
+                raise StackTlsMissing(
+                    f"cannot attach to {stack_file}: {base / 'tls' / name} is missing, and the stack runs "
+                    f"mTLS (stack.json has no \"insecure\": true); attach where its run directory "
+                    f"{base} is readable whole, or restart the stack (`pefsim up --run-dir DIR`)")
+        stack = cls(StackConfig(run_dir=base / f"attached-{os.getpid()}", insecure=insecure))
         stack.key_dir, stack.attached = base / "keys", True
-        stack.cfg.insecure = not (base / "tls" / "ca.pem").exists()
         stack.uv_addr, stack.hv_addr = info["uv"], info["hv"]
         return stack
 
@@ -167,7 +180,8 @@ class LocalStack:
 
         if self.cfg.insecure:
             return None
-        make_ca(self.tls_dir)
+        if not self.attached:  # an attached stack uses its stack's CA (attach checked it), never a new one
+            make_ca(self.tls_dir)
         make_cert(self.tls_dir, identity)
         return Tls(self.tls_dir, identity)
 
@@ -177,7 +191,10 @@ class LocalStack:
     def signing_key(self):
         priv = self.key_dir / "esm-signing.key"
         if not priv.exists():
-            save_keypair(new_signing_key(), self.key_dir)
+            try:
+                save_keypair(new_signing_key(), self.key_dir)
+            except FileExistsError:  # another process made it meanwhile: that one is the stack's key
+                pass
         return load_private_key(priv)
 
     # -- processes ------------------------------------------------------------------------------
@@ -294,7 +311,7 @@ class LocalStack:
         if self.attached:
             self.write_targets()
             return
-        doc = {"uv": self.uv_addr, "hv": self.hv_addr, "run_dir": str(self.run_dir),
+        doc = {"uv": self.uv_addr, "hv": self.hv_addr, "run_dir": str(self.run_dir), "insecure": self.cfg.insecure,
                "guests": {n.removeprefix("guest-"): f"{self.cfg.host}:{p.ready.get('port')}"
                           for n, p in self.procs.items() if n.startswith("guest-")},
                "metrics": self.metrics_targets(),
