@@ -66,6 +66,10 @@ def decoder(header_cls, max_pages: int | None = None):
 # and move its pages together (services/ultravisor/calls/page.py: page_in_run, page_out_run).
 
 MAX_FRAME_PAGES = 1024  # pages one PageInBatch may name
+# pages of data one request may carry (VcpuStore, SvmStore, a PageInBatch frame in the stream):
+# 512 KiB, which bounds every request a server takes (rpc.MAX_REQUEST_BYTES); answers (loads,
+# page-out frames) are not bound by it
+MAX_DATA_PAGES = 8
 MAX_REQUEST_PAGES = 1 << 20  # pages one PageOutRequest may name (64 GiB)
 
 

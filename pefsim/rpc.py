@@ -27,7 +27,8 @@ from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 import grpc
 
-from pefsim.abi import Role, rc_name
+from pefsim.abi import PAGE_SIZE, Role, rc_name
+from pefsim.dataplane import MAX_DATA_PAGES
 
 log = logging.getLogger("pefsim.rpc")
 
@@ -46,17 +47,18 @@ BOOT_ID_TRAILER = "pefsim-boot-id"  # every answer says which boot of the servic
 MAX_MESSAGE_BYTES = 64 << 20
 RECEIVE_WINDOW_BYTES = 256 << 10
 MAX_CONCURRENT_RPCS = 2048  # per server: beyond it, RESOURCE_EXHAUSTED (a bounded queue)
-# What a server accepts in one message: the largest request any caller legitimately sends is 64
-# pages of VcpuStore / SvmStore (4 MiB) plus its header; a bigger one is refused by gRPC from its
-# length prefix (RESOURCE_EXHAUSTED) before it is buffered. Answers (UvPageOutStream frames, loads)
-# are sent by servers and received by clients, whose limit stays MAX_MESSAGE_BYTES.
-MAX_REQUEST_BYTES = (4 << 20) + (64 << 10)
+# What a server accepts in one message: the largest request any caller legitimately sends is
+# MAX_DATA_PAGES of page data (VcpuStore, SvmStore, a stream frame: 512 KiB) plus its header; a
+# bigger one is refused by gRPC from its length prefix (RESOURCE_EXHAUSTED) before it is buffered.
+# Answers (UvPageOutStream frames, loads) are sent by servers and received by clients, whose limit
+# stays MAX_MESSAGE_BYTES.
+MAX_REQUEST_BYTES = MAX_DATA_PAGES * PAGE_SIZE + (64 << 10)
 # Per caller identity (rpc.Admission): calls of every kind in flight, counted from the moment
 # their headers arrive (a request that never comes counts too); bytes of requests being received
 # or held by a running call (each read reserves MAX_REQUEST_BYTES until it knows the real size);
 # how long the first request message of a call may take to arrive.
 MAX_INFLIGHT_PER_PEER = 128
-MAX_REQUEST_BYTES_PER_PEER = 16 << 20
+MAX_REQUEST_BYTES_PER_PEER = 8 << 20  # 14 requests of the largest size being read at once
 REQUEST_ARRIVAL_TIMEOUT_S = 10.0
 ON_BEHALF_HEADER = "pefsim-on-behalf-of"  # the UV's hcalls name the guest they serve (see Admission)
 CHANNEL_OPTIONS = [

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim import faults, rpc
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, U, VcpuState, gpa_of, rc_name
 from pefsim.image import GuestImage
@@ -25,7 +26,7 @@ from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
 
 log = logging.getLogger("pefsim.guest")
 
-BATCH_PAGES = 16  # pages per VcpuStore/VcpuLoad/SvmLoad (1 MiB messages: small transient buffers)
+BATCH_PAGES = 16  # pages per VcpuLoad/SvmLoad (1 MiB messages: small transient buffers)
 RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 UCALL_OFFSET = 0x1000  # where in the kernel image prom_init's `sc 2` sits
 
@@ -172,9 +173,9 @@ class GuestProgram:
         await self._hv("RunVm", hpb.RunVmRequest(lpid=self.lpid))
         self.vcpu_state = VcpuState.VCPU_RUNNING
         pages = list(self.image.pages(self.cfg.blob))
-        for first in range(0, npages, BATCH_PAGES):
+        for first in range(0, npages, MAX_DATA_PAGES):  # the most a request may carry
             await self._hv("VcpuStore", hpb.VcpuStoreRequest(
-                lpid=self.lpid, gpa=gpa_of(first), data=b"".join(pages[first:first + BATCH_PAGES])))
+                lpid=self.lpid, gpa=gpa_of(first), data=b"".join(pages[first:first + MAX_DATA_PAGES])))
         self.event("image loaded: kernel, initrd, FDT, ESM blob, data")
         if not self.cfg.svm:
             self.report.outcome = "normal"

@@ -19,7 +19,7 @@ from itertools import groupby
 import grpc
 
 from pefsim.abi import PAGE_SHIFT, U
-from pefsim.dataplane import MAX_FRAME_PAGES, decoder, encode
+from pefsim.dataplane import MAX_DATA_PAGES, MAX_FRAME_PAGES, decoder, encode
 from pefsim.v1 import ultravisor_pb2 as upb
 from services.hypervisor.errors import UvUnreachable
 
@@ -29,7 +29,7 @@ log = logging.getLogger("pefsim.hv.bulk")
 # peak RSS grows ~4 x the frame size: measured at 1 GiB, UV 67 MiB over its pool with 1 MiB
 # frames, 63 with 512 KiB, 61 with 64 KiB; 16-64 pages a frame is grpcio's fastest, 8 costs
 # 15-20 % of it and stays near 1 x raw TCP.
-BATCH = 8
+BATCH = MAX_DATA_PAGES
 # pages per frame through shared memory, as many as a frame may name: no data travels, only runs
 # of page numbers, so what counts is the per-message cost of gRPC
 SHARED_BATCH = MAX_FRAME_PAGES
@@ -120,7 +120,7 @@ async def page_out(hv, vm, runs):
     for shared memory and None when the UV gave none."""
     from services.hypervisor.state import IN_PLACE
 
-    for slot_runs in _group_by_slot(runs):
+    for slot_runs in _group_by_slot(runs):  # one request per slot, of at most MAX_REQUEST_RUNS runs
         slot = slot_runs[0][0]
         total = sum(n for _, _, n, _ in slot_runs)
         request = upb.PageOutRequest(lpid=vm.lpid, batch_pages=batch_pages(slot), shared_memory=slot.shared,
@@ -153,9 +153,14 @@ async def page_out(hv, vm, runs):
         await hv.check_answer_boot(stream)
 
 
+MAX_REQUEST_RUNS = 8192  # runs one PageOutRequest names (~200 KiB): within rpc.MAX_REQUEST_BYTES
+
+
 def _group_by_slot(runs):
     for _, group in groupby(runs, key=lambda run: run[0].slot_id):
-        yield list(group)
+        group = list(group)
+        for first in range(0, len(group), MAX_REQUEST_RUNS):
+            yield group[first:first + MAX_REQUEST_RUNS]
 
 
 async def offer_memory(hv, vm, slot) -> None:

@@ -90,7 +90,7 @@ CALLS = [
     Call("SvmStore", access.svm_store, SVM, U.U_PERMISSION, family=U, owned=True, checks=(
         SECURE_CALLER, STATE,
         Check("gpa", lambda r: page_aligned(r.gpa), U.U_PARAMETER, "gpa not 64 KiB aligned"),
-        Check("data", lambda r: 0 < len(r.data) <= access.MAX_ACCESS_PAGES << PAGE_SHIFT
+        Check("data", lambda r: 0 < len(r.data) <= access.MAX_STORE_PAGES << PAGE_SHIFT
               and page_aligned(len(r.data)), U.U_PARAMETER, "data not a whole number of pages"),
     )),
     Call("UvEvictPage", access.uv_evict_page, OPERATOR, None, family=H, checks=(

@@ -14,6 +14,7 @@ import pytest
 
 from pefsim.abi import PAGE_SIZE, AbortReturn, GfnState, H, PageInFlag, U, gpa_of
 from pefsim.conformance import HV_ROWS, Row
+from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, hypervisor_pb2_grpc, ultravisor_pb2 as upb
 from services.hypervisor.calltable import CALLS
 from tests.conformance.peers import ROLES, ScriptedUv, ScriptedVcpu, caller, make_call
@@ -109,9 +110,11 @@ async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) 
                     secure_capable="not-capable" not in setups,
                     memslots=[common_pb2.Memslot(slot_id=0, base_gfn=0, npages=NPAGES)]))
                 lpid = made.lpid
-                stored = await stub("guest").VcpuStore(hpb.VcpuStoreRequest(
-                    lpid=lpid, gpa=0, data=b"".join(content(g) for g in range(NPAGES))))
-                assert stored.errno == 0
+                for first in range(0, NPAGES, MAX_DATA_PAGES):
+                    stored = await stub("guest").VcpuStore(hpb.VcpuStoreRequest(
+                        lpid=lpid, gpa=gpa_of(first),
+                        data=b"".join(content(g) for g in range(first, first + MAX_DATA_PAGES))))
+                    assert stored.errno == 0
             c = HvCtx(lpid=lpid, data_dir=stack.run_dir / f"{name}-data", uv=uv, vcpu=vcpu)
             if row.state in ("VM_TRANSIENT", "VM_SECURE", "VM_ABORTING"):
                 assert (await stub("uv").H_SVM_INIT_START(hpb.HSvmInitStartRequest(lpid=lpid))).rc == H.H_SUCCESS

@@ -3,13 +3,15 @@ stores; the UV's accesses to shared pages), HostReadPage (the host touches a pag
 is paged out first, so the host only sees ciphertext) and HostUnmapPage (MMU notifier)."""
 from __future__ import annotations
 
+from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, GfnState, Role, SecureGuest, gfn_of, gpa_of
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from services.hypervisor.control.vm import vcpu_entry
 from services.hypervisor.errors import UvUnreachable
 from services.hypervisor.hcalls.page import secure_page_out
 
-MAX_ACCESS_PAGES = 64  # pages per VcpuLoad/VcpuStore (4 MiB)
+MAX_ACCESS_PAGES = 64  # pages per VcpuLoad (4 MiB answers)
+MAX_STORE_PAGES = MAX_DATA_PAGES  # pages per VcpuStore (a request: 512 KiB, rpc.MAX_REQUEST_BYTES)
 
 
 def _accessible(caller) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 
+from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, Role, SvmState, U,
                         gfn_of, gpa_of)
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
@@ -18,7 +19,8 @@ from services.ultravisor.calls.share import _h_page_in
 from services.ultravisor.esm import EsmFailed, hcall
 from services.ultravisor.state import NoSlot
 
-MAX_ACCESS_PAGES = 64  # pages per SvmLoad/SvmStore (4 MiB)
+MAX_ACCESS_PAGES = 64  # pages per SvmLoad (4 MiB answers)
+MAX_STORE_PAGES = MAX_DATA_PAGES  # pages per SvmStore (a request: 512 KiB, rpc.MAX_REQUEST_BYTES)
 
 
 class AccessFault(Exception):
