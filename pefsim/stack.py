@@ -133,6 +133,7 @@ class StackConfig:
     mutants: tuple[str, ...] = ()  # deliberate bugs for every service (pefsim/faults.py)
     insecure: bool = False  # plaintext gRPC instead of mTLS (pefsim/tls.py)
     uv_args: tuple[str, ...] = ()  # more options for the UV (limits, ...)
+    hv_args: tuple[str, ...] = ()  # more options for the HV (quotas, ...)
     env: dict = field(default_factory=dict)  # more environment for every service (e.g. PEFSIM_GRPC_OPTIONS)
 
 
@@ -271,7 +272,8 @@ class LocalStack:
             proc = self._proc(name, "services.hypervisor", [
                 "--listen", listen, "--uv", peer, "--data-dir", str(self.run_dir / f"{name}-data"),
                 "--abort-return", abort_return or self.cfg.abort_return, "--transfer", self.cfg.transfer,
-                "--shared-memory", "auto" if self.cfg.shared_memory else "off", *self._tls_args("hv")])
+                "--shared-memory", "auto" if self.cfg.shared_memory else "off", *self._tls_args("hv"),
+                *self.cfg.hv_args])
         proc.start()
         proc.wait_ready()
         self.write_stack_file()

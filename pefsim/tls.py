@@ -1,9 +1,11 @@
 """mTLS for every pair of services: a project CA and a certificate per identity.
 
 Identities (the certificate's common name) are ``uv``, ``hv``, ``operator`` and ``guest:<name>``;
-a server certificate's DNS name is its role (``uv``, ``hv``, ``guest``), and a client names the
-role it expects (``grpc.ssl_target_name_override``), so the HV talks to a UV certificate and not
-to a guest's. The caller's identity, taken from the verified client certificate, is what the
+a server certificate's DNS names are its role (``uv``, ``hv``, ``guest``) and, for a guest, its
+own name (``g1.guest``, server_name), and a client names the one it expects
+(``grpc.ssl_target_name_override``): the HV talks to a UV certificate and not to a guest's, and
+to a VM's vCPU only through the certificate of the guest that owns the VM. The caller's
+identity, taken from the verified client certificate, is what the
 call tables' authorization reads (pefsim/rpc.py: caller_of).
 
 Files in a TLS directory: ``ca.pem`` (``ca.key`` where certificates are minted), and
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +29,27 @@ def file_name(identity: str) -> str:
 
 def role_of(identity: str) -> str:
     return identity.split(":", 1)[0]
+
+
+IDENTITY = re.compile(r"(uv|hv|operator)|guest:[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def check_identity(identity: str) -> str:
+    """``identity`` if it is one pefsim knows (``uv``, ``hv``, ``operator``, ``guest:<name>`` with
+    a name of lower-case letters, digits and inner hyphens, at most 63: a DNS label, since it is
+    also the certificate's server name); else ValueError."""
+    if not IDENTITY.fullmatch(identity):
+        raise ValueError(f"not an identity: {identity!r} (uv, hv, operator or guest:<name>, the name "
+                         "a DNS label: a-z, 0-9 and inner '-', at most 63)")
+    return identity
+
+
+def server_name(identity: str) -> str:
+    """The DNS name a client asks for to reach exactly ``identity``'s server: ``guest:g1`` ->
+    ``g1.guest`` (each guest's own), ``uv`` -> ``uv``. A client that wants any server of a role
+    asks for the role (``guest``): every certificate of the role carries it too."""
+    role, _, name = identity.partition(":")
+    return f"{name}.{role}" if name else role
 
 
 # The certificate code imports `cryptography` when it runs: a service that only loads its
@@ -75,14 +99,15 @@ def make_cert(directory: Path, identity: str) -> None:
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.x509.oid import NameOID
 
-    stem = file_name(identity)
+    stem = file_name(check_identity(identity))
     if (directory / f"{stem}.pem").exists():
         return
     ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
     key = _key()
     now = datetime.datetime.now(datetime.timezone.utc)
-    names = [x509.DNSName(role_of(identity)), x509.DNSName("localhost"),
+    names = [x509.DNSName(role_of(identity)), *([x509.DNSName(server_name(identity))] if ":" in identity else []),
+             x509.DNSName("localhost"),
              x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
     cert = (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity)]))

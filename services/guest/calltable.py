@@ -12,6 +12,11 @@ from services.guest.program import Resume
 
 
 async def vcpu_resume(guest, req: pb.VcpuResumeRequest, caller) -> pb.VcpuResumeResponse:
+    """HRFID into this vCPU. A resume for another lpid than this guest's VM is refused
+    (H_PARAMETER) before anything changes: whoever sent it does not hold this vCPU."""
+    if not guest.lpid or req.lpid != guest.lpid:
+        guest.event(f"resume for lpid {req.lpid} by {Role(caller.role).name} refused: this vCPU is lpid {guest.lpid}")
+        return pb.VcpuResumeResponse(rc=H.H_PARAMETER)
     rc, duplicate = guest.resume(Resume(r3=req.r3, msr_s=req.msr_s, nip=req.nip,
                                         by=req.resumed_by or caller.role,
                                         abort_issued_ns=req.trace.abort_issued_unix_ns, token=req.token))
@@ -48,7 +53,8 @@ CALLS = [
     Call("Boot", boot, OPERATOR, None, checks=(), result=None),
     Call("Verify", verify, OPERATOR, None, checks=(), result=None),
     Call("Exercise", exercise, OPERATOR, None, checks=(), result=None),
-    Call("GuestStatus", guest_status, frozenset(Role), None, checks=(), result=None),
+    # the guest's timeline says when it sits in `sc 2`: for operators only
+    Call("GuestStatus", guest_status, OPERATOR, None, checks=(), result=None),
     Call("MachineCheck", machine_check, frozenset({Role.ROLE_HV}), None, checks=(), result=None),
 ]
 
@@ -56,7 +62,7 @@ CALLS = [
 # call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
 # every observed result to these, with rpc.legal_results).
 RESULTS = {
-    "VcpuResume": (H.H_SUCCESS, H.H_STATE),
+    "VcpuResume": (H.H_SUCCESS, H.H_STATE, H.H_PARAMETER),
 }
 CALLS = [replace(c, results=frozenset(RESULTS.get(c.name, ()))) for c in CALLS]
 

@@ -54,7 +54,7 @@ CALLS = [
          result="errno", family=Errno, owned=True),
     Call("VcpuStore", memory.vcpu_store, frozenset({Role.ROLE_GUEST, Role.ROLE_UV}), None,
          checks=(STATE, ALIGNED,
-                 Check("data", lambda r: 0 < len(r.data) <= memory.MAX_ACCESS_PAGES << PAGE_SHIFT
+                 Check("data", lambda r: 0 < len(r.data) <= memory.MAX_STORE_PAGES << PAGE_SHIFT
                        and page_aligned(len(r.data)), Errno.EINVAL,
                        "data not a whole number of pages")),
          result="errno", family=Errno, owned=True),
@@ -76,7 +76,7 @@ RESULTS = {
     "H_SVM_INIT_START": (H.H_SUCCESS, H.H_AUTHORITY, H.H_PARAMETER),
     "H_SVM_INIT_DONE": (H.H_SUCCESS, H.H_STATE),
     "H_SVM_INIT_ABORT": (H.H_PARAMETER, H.H_SUCCESS, H.H_HARDWARE),
-    "CreateVm": (Errno.OK, Errno.EINVAL, Errno.ENOSPC),
+    "CreateVm": (Errno.OK, Errno.EINVAL, Errno.ENOMEM, Errno.ENOSPC),
     "RunVm": (Errno.OK,),
     "StopVm": (Errno.OK,),
     "ResetVm": (Errno.OK, Errno.EBUSY, Errno.EINVAL),
@@ -120,6 +120,8 @@ def state_of(hv, call: Call, request) -> VmState:
 
 
 def owner_of(hv, request) -> str | None:
-    """The identity of the VMM that created the VM, for the calls only its guest may make."""
+    """The identity of the VMM that created the VM, for the calls only its guest may make: None
+    when there is no such VM (the state table answers), "" for a VM an operator made (no guest
+    may act on it)."""
     vm = hv.state.vms.get(request_lpid(request))
-    return None if vm is None or not vm.owner else vm.owner
+    return None if vm is None else vm.owner

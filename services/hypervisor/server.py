@@ -47,6 +47,9 @@ class HvConfig:
     transfer: str = "stream"  # page data to/from the UV: "stream" (bulk) or "unary" (one ucall a page)
     shared_memory: bool = True  # offer the UV the RAM files (pages then travel by real address)
     tls: object = None  # pefsim.tls.Tls (mTLS) or None (insecure)
+    max_vms_per_owner: int = 16  # VMs one guest identity (or the operators together) may hold
+    max_pages_per_owner: int = 1 << 20  # guest memory one owner may hold, in 64 KiB pages (64 GiB)
+    unattached_grace_s: float = 30.0  # a guest's VM whose VMM never opened a session is reaped then
 
 
 class Hypervisor:
@@ -141,13 +144,20 @@ class Hypervisor:
             log.warning("lpid %d: machine check (%s) not delivered: %s", vm.lpid, reason, exc.code().name)
 
     async def watchdog(self) -> None:
-        """Destroy VMs whose VMM did not come back after a restart."""
+        """Destroy VMs whose VMM did not come back after a restart, and a guest's VMs whose VMM
+        never opened a session at all within unattached_grace_s of their creation (a VM nobody
+        holds is never destroyed by a session's end: it would pin its owner's quota and disk)."""
         from services.hypervisor.control.vm import destroy
 
         while True:
             now = time.monotonic()
             for vm in list(self.state.vms.values()):
-                if vm.session_deadline and vm.sessions == 0 and now > vm.session_deadline:
+                if (vm.owner and not vm.had_session and vm.sessions == 0 and vm.abort is None
+                        and now - vm.created_at > self.cfg.unattached_grace_s):
+                    log.warning("lpid %d: %s's VMM never opened a session in %.0f s: destroyed", vm.lpid,
+                                vm.owner, self.cfg.unattached_grace_s)
+                    await destroy(self, vm, "never-attached")
+                elif vm.session_deadline and vm.sessions == 0 and now > vm.session_deadline:
                     log.warning("lpid %d: its VMM did not come back within %.0f s", vm.lpid,
                                 self.cfg.session_grace_s)
                     await destroy(self, vm, "vmm-gone")
@@ -201,10 +211,15 @@ class Hypervisor:
         return rc, seconds
 
     def vcpu(self, vm: Vm) -> rpc.Peer:
+        """The VM's vCPU, reached only through the certificate of the guest that owns the VM
+        (tls.server_name): an endpoint naming another guest's service fails the handshake, so a
+        resume or machine check never lands on a vCPU that is not the VM's. An operator's VM
+        takes any guest certificate (the operator named the endpoint)."""
         peer = self.vcpus.get(vm.lpid)
         if peer is None:
+            server = tls.server_name(f"guest:{vm.owner}") if vm.owner else "guest"
             peer = self.vcpus[vm.lpid] = rpc.Peer(vm.vcpu_endpoint, Role.ROLE_HV, guest_pb2_grpc.GuestServiceStub,
-                                                  "hv", self.cfg.tls, "guest")
+                                                  "hv", self.cfg.tls, server)
         return peer
 
     async def forget_vcpu(self, lpid: int) -> None:
@@ -241,6 +256,12 @@ def parse_args(argv=None) -> HvConfig:
                          "the UV (the v10 proposal)")
     ap.add_argument("--session-grace", type=float, default=10.0,
                     help="after a restart, seconds a VMM has to reconnect before its VM is destroyed")
+    ap.add_argument("--max-vms-per-owner", type=int, default=16,
+                    help="VMs one guest identity may hold (operators share one quota); beyond: ENOMEM")
+    ap.add_argument("--max-pages-per-owner", type=int, default=1 << 20,
+                    help="guest memory one owner may hold, in 64 KiB pages (default 64 GiB); beyond: ENOMEM")
+    ap.add_argument("--unattached-grace", type=float, default=30.0,
+                    help="seconds a guest's VM may live without its VMM ever opening a session")
     ap.add_argument("--resume-retry", type=float, default=60.0,
                     help="seconds an abort keeps trying to resume an unreachable guest")
     ap.add_argument("--transfer", choices=["stream", "unary"], default="stream",
@@ -259,6 +280,8 @@ def parse_args(argv=None) -> HvConfig:
                     history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file,
                     session_grace_s=a.session_grace, resume_retry_s=a.resume_retry,
                     transfer=a.transfer, shared_memory=a.shared_memory == "auto",
+                    max_vms_per_owner=a.max_vms_per_owner, max_pages_per_owner=a.max_pages_per_owner,
+                    unattached_grace_s=a.unattached_grace,
                     tls=tls.from_args(ap, a, "hv"))
 
 

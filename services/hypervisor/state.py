@@ -69,6 +69,7 @@ import mmap
 import os
 import re
 import shutil
+import time
 import secrets
 import stat
 from dataclasses import dataclass, field
@@ -380,8 +381,10 @@ class Vm:
     pageouts_pending: set[int] = field(default_factory=set)
     # in memory only
     abort_task: Any = None
+    abort_answer: Any = None  # asyncio.Future of the H_SVM_INIT_ABORT answer (abort.py)
     sessions: int = 0
     session_deadline: float = 0.0
+    created_at: float = field(default_factory=time.monotonic)  # this process's view: reset at load
     destroyed: bool = False
     dying: bool = False  # a destroy is waiting for the VM's lock: retries give up
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set when destroyed
@@ -559,6 +562,11 @@ class HvState:
 
     def remember_uv_boot_id(self, boot_id: str) -> None:
         write_durably(self.uv_boot_file, json.dumps({"boot_id": boot_id}))
+
+    def owned_by(self, owner: str) -> list[Vm]:
+        """The VMs of one owner (a guest's name; "" for operator-made VMs): a pass over the VM
+        table's owners only, no VM's pages."""
+        return [vm for vm in self.vms.values() if vm.owner == owner]
 
     def vm_state(self, lpid: int | None) -> VmState:
         vm = self.vms.get(lpid)

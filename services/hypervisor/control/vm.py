@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
-from pefsim.abi import Errno, Role, SecureGuest, U, VmState, gpa_of
+from pefsim.abi import PAGE_SHIFT, Errno, Role, SecureGuest, U, VmState, gpa_of
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from services.hypervisor.abort import unregister
 from services.hypervisor.bulk import offer_memory
@@ -15,21 +16,46 @@ from services.hypervisor.state import MAX_SLOT_ID
 
 log = logging.getLogger("pefsim.hv")
 MAX_VM_PAGES = 1 << 20  # 64 GiB of guest memory per VM
+MAX_GFN = 1 << (64 - PAGE_SHIFT)  # a guest physical address is 64 bits
+MAX_ENDPOINT = 261  # a DNS name (253) or a bracketed IPv6 address, ':' and a port
+# host:port and nothing else: no unix: paths, no dns:/// or other gRPC target schemes
+ENDPOINT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+
+
+def endpoint_ok(endpoint: str) -> bool:
+    """Whether a vCPU endpoint is a plain ``host:port`` the HV may dial (port 1-65535)."""
+    m = len(endpoint) <= MAX_ENDPOINT and ENDPOINT.fullmatch(endpoint)
+    return bool(m) and 0 < int(m["port"]) <= 0xFFFF
 
 
 def _slots_valid(slots) -> bool:
     ranges = sorted((s.base_gfn, s.base_gfn + s.npages) for s in slots)
     ids = [s.slot_id for s in slots]
-    return (all(0 < s.npages and s.slot_id <= MAX_SLOT_ID for s in slots)
+    return (all(0 < s.npages and s.slot_id <= MAX_SLOT_ID and s.base_gfn + s.npages <= MAX_GFN for s in slots)
             and len(set(ids)) == len(ids)
             and all(a_end <= b_start for (_, a_end), (b_start, _) in zip(ranges, ranges[1:]))
             and sum(s.npages for s in slots) <= MAX_VM_PAGES)
 
 
+def owner_of_caller(caller) -> str:
+    """Who a VM made by ``caller`` belongs to: the guest whose VMM made it, or "" (no guest: an
+    operator made it, and only operators may act on it)."""
+    return caller.name if caller.role == Role.ROLE_GUEST else ""
+
+
 async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
-    if not req.memslots or not _slots_valid(req.memslots) or not req.vcpu_endpoint:
+    """KVM_CREATE_VM plus the memslots. EINVAL for bad slots or a vCPU endpoint that is not a
+    plain host:port; ENOMEM when the owner already holds its quota of VMs or of pages
+    (--max-vms-per-owner, --max-pages-per-owner); ENOSPC when the disk cannot hold the RAM."""
+    if not req.memslots or not _slots_valid(req.memslots) or not endpoint_ok(req.vcpu_endpoint):
         return pb.CreateVmResponse(errno=Errno.EINVAL)
-    owner = caller.name if caller.role == Role.ROLE_GUEST else ""
+    owner = owner_of_caller(caller)
+    mine = hv.state.owned_by(owner)
+    if (len(mine) >= hv.cfg.max_vms_per_owner
+            or sum(vm.npages for vm in mine) + sum(s.npages for s in req.memslots) > hv.cfg.max_pages_per_owner):
+        log.warning("CreateVm by %s refused: %d VMs held (quota %d VMs, %d pages)", owner or "an operator",
+                    len(mine), hv.cfg.max_vms_per_owner, hv.cfg.max_pages_per_owner)
+        return pb.CreateVmResponse(errno=Errno.ENOMEM)
     vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable, owner)
     try:
         for s in req.memslots:
@@ -66,11 +92,11 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
     drop every secure page without page-out, unregister every memslot, UV_SVM_TERMINATE
     (non-zero -> EINVAL), secure_guest = 0."""
     vm = hv.state.vms[req.lpid]
-    if not vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_START:
-        return pb.ResetVmResponse(errno=Errno.OK)
-    if vm.running:
-        return pb.ResetVmResponse(errno=Errno.EBUSY)
-    async with vm.lock:
+    async with hv.dispatcher.guard("ResetVm", req, vm.lock):  # an abort may be paging out
+        if not vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_START:
+            return pb.ResetVmResponse(errno=Errno.OK)
+        if vm.running:
+            return pb.ResetVmResponse(errno=Errno.EBUSY)
         for slot in sorted(vm.slots.values(), key=lambda s: s.slot_id):
             drop_secure(hv, vm, [slot])
             await unregister(hv, vm, slot.slot_id)
@@ -130,7 +156,7 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
     a UV refusal as ENOSPC and undoes the add (the kernel ignores it: a TODO there)."""
     vm = hv.state.vms[req.lpid]
     s = req.slot
-    async with vm.lock:
+    async with hv.dispatcher.guard("SetMemslot", req, vm.lock):
         if req.delete:
             slot = vm.slots.get(s.slot_id)
             if slot is None:
@@ -172,9 +198,12 @@ def _infos(vm):
 
 
 async def hv_status(hv, req: pb.HvStatusRequest, caller) -> pb.HvStatusResponse:
+    """Every VM for an operator, the UV or the HV's own; a guest sees only the VMs it owns (at
+    most its quota: the answer costs O(the caller's VMs))."""
+    shown = hv.state.owned_by(caller.name) if caller.role == Role.ROLE_GUEST else hv.state.vms.values()
     vms = [pb.VmInfo(lpid=vm.lpid, name=vm.name, secure_guest=vm.secure_guest,
                      state=VmState(vm.state).name, running=vm.running, npages=vm.npages,
                      gfns_by_state=vm.gfn_counts(), memslots=list(_infos(vm)),
                      aborting=vm.abort is not None, failed=vm.failed, session=vm.sessions > 0)
-           for vm in sorted(hv.state.vms.values(), key=lambda v: v.lpid)]
+           for vm in sorted(shown, key=lambda v: v.lpid)]
     return pb.HvStatusResponse(vms=vms, boot_id=hv.state.boot_id, vms_recovered=hv.state.recovered)
