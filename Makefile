@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test protos check-protos lint-protos conformance-doc dashboards clean
+.PHONY: demo test check protos check-protos lint-protos conformance-doc dashboards clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+check: $(STAMP)  ## the fast loop: unit tests, every conformance row against real services, lint
+	@start=$$(date +%s); $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/conformance \
+		&& $(VENV)/bin/ruff check . && echo "make check: $$(( $$(date +%s) - start )) s"
 
 protos: $(STAMP)  ## regenerate pefsim/v1 from protos/
 	$(PY) tools/gen_protos.py
