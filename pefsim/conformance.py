@@ -536,6 +536,12 @@ HV_ROWS = [
         lambda c: hpb.CreateVmRequest(name="x", vcpu_endpoint="127.0.0.1:1", memslots=[
             cpb.Memslot(slot_id=0, base_gfn=0, npages=4), cpb.Memslot(slot_id=1, base_gfn=2, npages=4)]),
         caller="operator"),
+    Row("HV", "CreateVm", NONE, "a memslot past 2^64", "EINVAL", "pefsim",
+        lambda c: hpb.CreateVmRequest(name="x", vcpu_endpoint="127.0.0.1:1", memslots=[
+            cpb.Memslot(slot_id=0, base_gfn=(1 << 48) - 1, npages=2)]), caller="operator"),
+    Row("HV", "CreateVm", NONE, "a vCPU endpoint that is no host:port (unix: path)", "EINVAL", "pefsim",
+        lambda c: hpb.CreateVmRequest(name="x", vcpu_endpoint="unix:/tmp/vcpu.sock", memslots=[
+            cpb.Memslot(slot_id=0, base_gfn=0, npages=1)]), caller="operator"),
     Row("HV", "CreateVm", NONE, "made by the UV", "PERMISSION_DENIED", "pefsim (the VMM's call)",
         lambda c: hpb.CreateVmRequest(name="x", vcpu_endpoint="127.0.0.1:1"), caller="uv"),
     Row("HV", "VcpuLoad", N, "gpa not aligned", "EINVAL", "pefsim",
