@@ -25,7 +25,9 @@ DOCKERD_PID=""
 say() { printf '[compose-check] %s\n' "$*"; }
 
 # -- host state dockerd changes, to put back -------------------------------------------------------
-FORWARD_POLICY=$(iptables -S FORWARD 2>/dev/null | awk '/^-P FORWARD/ {print $3}')
+# (iptables comes with docker.io: on a fresh machine the policy is read once it is installed)
+forward_policy() { { iptables -S FORWARD 2>/dev/null || true; } | awk '/^-P FORWARD/ {print $3}'; }
+FORWARD_POLICY=$(forward_policy)
 IP_FORWARD=$(sysctl -n net.ipv4.ip_forward)
 
 cleanup() {
@@ -74,6 +76,7 @@ if ((${#need[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
+[[ -n $FORWARD_POLICY ]] || FORWARD_POLICY=$(forward_policy)
 if ! docker info >/dev/null 2>&1; then
     say "starting dockerd"
     dockerd >"$WORK/dockerd.log" 2>&1 &
