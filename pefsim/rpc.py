@@ -286,7 +286,7 @@ class _Share:
 
     calls: int = 0
     nbytes: int = 0
-    freed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    freed: asyncio.Event | None = None  # set (and dropped) when bytes come back while a read waits
 
 
 class Admission:
@@ -326,7 +326,7 @@ class Admission:
         try:
             yield ticket
         finally:
-            await ticket.release()
+            ticket.release()
             share.calls -= 1
             if share.calls == 0 and share.nbytes == 0:
                 self.shares.pop(key, None)
@@ -344,33 +344,38 @@ class _Ticket:
 
     async def reserve(self) -> None:
         """Room for one more request message of up to MAX_REQUEST_BYTES (after releasing what the
-        previous message of this call held)."""
-        await self.release()
-        limit = self.admission.max_bytes
-        async with self.share.freed:
+        previous message of this call held). Only the event loop touches the counts, so the usual
+        case (room) takes no lock and no task."""
+        self.release()
+        share, limit = self.share, self.admission.max_bytes
+        if share.nbytes + MAX_REQUEST_BYTES > limit:
             try:
-                await asyncio.wait_for(self.share.freed.wait_for(
-                    lambda: self.share.nbytes + MAX_REQUEST_BYTES <= limit), self.admission.wait_s)
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(self.admission.wait_s):
+                    while share.nbytes + MAX_REQUEST_BYTES > limit:
+                        if share.freed is None:
+                            share.freed = asyncio.Event()
+                        await share.freed.wait()
+            except TimeoutError:
                 raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"more than {limit} bytes of requests in flight", "bytes") from None
-            self.share.nbytes += MAX_REQUEST_BYTES
-            self.nbytes = MAX_REQUEST_BYTES
+        share.nbytes += MAX_REQUEST_BYTES
+        self.nbytes = MAX_REQUEST_BYTES
 
-    async def settle(self, nbytes: int) -> None:
+    def settle(self, nbytes: int) -> None:
         """The message arrived: keep only its real size."""
-        await self._give_back(self.nbytes - nbytes)
+        self._give_back(self.nbytes - nbytes)
         self.nbytes = nbytes
 
-    async def release(self) -> None:
-        await self._give_back(self.nbytes)
+    def release(self) -> None:
+        self._give_back(self.nbytes)
         self.nbytes = 0
 
-    async def _give_back(self, n: int) -> None:
+    def _give_back(self, n: int) -> None:
         if n:
-            async with self.share.freed:
-                self.share.nbytes -= n
-                self.share.freed.notify_all()
+            self.share.nbytes -= n
+            if self.share.freed is not None:  # wake every waiting read: each looks again
+                self.share.freed.set()
+                self.share.freed = None
 
 
 class Dispatcher:
@@ -447,17 +452,21 @@ class Dispatcher:
             self.observer.observe_refused(call.name, refused.reason)
             await context.abort(refused.code, f"{call.name}: {refused.why}")
         try:
-            got = await (asyncio.wait_for(context.read(), self.admission.wait_s) if first else context.read())
-        except asyncio.TimeoutError:
+            if first:
+                async with asyncio.timeout(self.admission.wait_s):
+                    got = await context.read()
+            else:
+                got = await context.read()
+        except TimeoutError:
             self.observer.observe_refused(call.name, "arrival")
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"{call.name}: no request within {self.admission.wait_s:g} s")
         if got is grpc.aio.EOF:
-            await ticket.release()
+            ticket.release()
             if first:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{call.name}: no request sent")
             return got
-        await ticket.settle(got.nbytes)
+        ticket.settle(got.nbytes)
         if isinstance(got.value, Malformed):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{call.name}: malformed request ({got.value.why})")

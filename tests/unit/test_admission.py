@@ -56,8 +56,8 @@ def test_request_bytes_are_reserved_before_a_read_and_settled_to_its_size():
             with pytest.raises(Refused) as refused:  # no room for a third read: waits, then refused
                 await three.reserve()
             assert refused.value.reason == "bytes"
-            await one.settle(100)  # the messages were small: the rest of each reservation comes back
-            await two.settle(200)
+            one.settle(100)  # the messages were small: the rest of each reservation comes back
+            two.settle(200)
             await three.reserve()
             assert admission.held(key) == (3, MAX_REQUEST_BYTES + 300)
         assert admission.held(key) == (0, 0)  # every byte given back when the calls end
@@ -73,6 +73,6 @@ def test_a_waiting_read_gets_room_as_soon_as_another_settles():
             waiting = asyncio.ensure_future(two.reserve())
             await asyncio.sleep(0)
             assert not waiting.done()
-            await one.settle(0)
+            one.settle(0)
             await asyncio.wait_for(waiting, 1)
     asyncio.run(scenario())
