@@ -162,7 +162,7 @@ def cmd_status(a) -> int:
 
 def cmd_chaos(a) -> int:
     from pefsim.chaos.backend import LocalBackend
-    from pefsim.chaos.runner import FAULTS, ChaosConfig, run_chaos
+    from pefsim.chaos.runner import FAULTS, ChaosConfig, default_results, run_chaos
 
     if a.during not in FAULTS[a.fault]:
         raise SystemExit(f"--fault {a.fault} runs --during {' or '.join(FAULTS[a.fault])}")
@@ -170,7 +170,7 @@ def cmd_chaos(a) -> int:
         raise SystemExit("--runs must be at least 1")
     cfg = ChaosConfig(fault=a.fault, during=a.during, runs=a.runs, seed=a.seed,
                       mem_bytes=_mem_bytes(a.mem_mib), pause_s=a.pause, fault_s=a.fault_time,
-                      final_bound_s=a.final_bound, results=a.results, backend=a.backend,
+                      final_bound_s=a.final_bound, results=a.results or default_results(), backend=a.backend,
                       mutants=tuple(a.mutant), abort_return=a.abort_return, progress=not a.json,
                       metrics_listen=a.metrics_listen)
     run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="pefsim-chaos-"))
@@ -276,8 +276,9 @@ def main(argv=None) -> int:
     p.add_argument("--fault-time", type=float, default=2.0, help="net-*: seconds the fault lasts")
     p.add_argument("--final-bound", type=float, default=90.0,
                    help="seconds after the heal within which every SVM must be final")
-    p.add_argument("--results", type=Path, default=Path("chaos-results"),
-                   help="where each run's record, verdicts and history go (default ./chaos-results)")
+    p.add_argument("--results", type=Path, default=None,
+                   help="where each run's record, verdicts and history go (default "
+                        "$XDG_STATE_HOME/pefsim/chaos-results, else ~/.local/state/pefsim/chaos-results)")
     p.add_argument("--backend", choices=["local", "docker"], default="local")
     p.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"))
     p.add_argument("--compose-project", default="pefsim")

@@ -95,21 +95,21 @@ GRPC_OPTIONS_ENV = "PEFSIM_GRPC_OPTIONS"
 
 def with_overrides(options: list[tuple[str, Any]], raw: str | None = None) -> list[tuple[str, Any]]:
     """``options`` with the channel arguments of $PEFSIM_GRPC_OPTIONS (a JSON object of name:
-    int or string) added or replaced: how ``pefsim bench --channel-options`` measures them."""
+    int or string) added or replaced: how ``pefsim bench --channel-options`` measures them. Read
+    when a channel or server is made, not at import (a bad value is a ValueError there, not an
+    exit of whoever imported this module)."""
     raw = os.environ.get(GRPC_OPTIONS_ENV, "") if raw is None else raw
     if not raw:
         return options
     try:
         extra = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"{GRPC_OPTIONS_ENV}: not JSON ({exc})") from None
+        raise ValueError(f"{GRPC_OPTIONS_ENV}: not JSON ({exc})") from None
     if not isinstance(extra, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool)
                                               for v in extra.values()):
-        raise SystemExit(f"{GRPC_OPTIONS_ENV}: expected a JSON object of channel argument: int or string")
+        raise ValueError(f"{GRPC_OPTIONS_ENV}: expected a JSON object of channel argument: int or string")
     return [(k, v) for k, v in options if k not in extra] + list(extra.items())
 
-
-CLIENT_OPTIONS, SERVER_OPTIONS = with_overrides(CLIENT_OPTIONS), with_overrides(SERVER_OPTIONS)
 
 
 class _Allow:
@@ -489,6 +489,7 @@ class Dispatcher:
             caller = caller_of(context)
             async with self._admitted(call, caller, context) as ticket:
                 request = await self._read(call, ticket, context, first=True)
+                t0 = time.perf_counter()
                 self._boot_trailer(context)
                 rc, state = self.precheck(call, request, caller)
                 if rc is DENIED:
@@ -498,16 +499,38 @@ class Dispatcher:
                                     lpid=request_lpid(request), state=None if state is None else state.name,
                                     rc=0 if rc is None else int(rc), stream="start")
                 if rc is not None:
+                    self.observer.observe_call(call.name, result_name(call, rc), time.perf_counter() - t0)
                     if call.result is None:
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                             f"{call.name}: {result_name(call, rc)}")
                     yield resp_cls(**{call.result: rc})
                     return
-                async for item in call.handler(self.service, request, caller):
-                    yield item
+                async with self._streaming(call, caller, request, context, t0):
+                    async for item in call.handler(self.service, request, caller):
+                        yield item
 
         rpc.__name__ = call.name
         return rpc
+
+    @contextlib.asynccontextmanager
+    async def _streaming(self, call: Call, caller: "Caller", request: Any, context, t0: float):
+        """A stream's handler running: counted in flight, observed in the call metrics when it
+        ends (OK), and a bug in it is INTERNAL with its traceback logged, as for a unary call."""
+        self.observer.call_running(call.name, 1)
+        try:
+            yield
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:  # a bug in pefsim: log it whole and say so to the caller
+            log.exception("%s failed", call.name)
+            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                                lpid=None if request is None else request_lpid(request), error=repr(exc))
+            await context.abort(grpc.StatusCode.INTERNAL, f"{call.name}: {exc!r}")
+        else:
+            self.observer.observe_call(call.name, "OK" if call.result is None else result_name(call, 0),
+                                       time.perf_counter() - t0)
+        finally:
+            self.observer.call_running(call.name, -1)
 
     def _bind_bidi(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
         """A bidirectional stream (the bulk data plane): only the caller is checked here; each
@@ -515,6 +538,7 @@ class Dispatcher:
         async def rpc(_requests: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
             async with self._admitted(call, caller, context) as ticket:
+                t0 = time.perf_counter()
                 self._boot_trailer(context)
                 if caller.role not in call.callers:
                     await context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -524,8 +548,9 @@ class Dispatcher:
                     while (request := await self._read(call, ticket, context, first=False)) is not grpc.aio.EOF:
                         yield request
 
-                async for item in call.handler(self.service, requests(), caller):
-                    yield item
+                async with self._streaming(call, caller, None, context, t0):
+                    async for item in call.handler(self.service, requests(), caller):
+                        yield item
 
         rpc.__name__ = call.name
         return rpc
@@ -733,9 +758,10 @@ def channel(target: str, role: int, identity: str = "", tls=None, server_role: s
         md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
         if identity:
             md += ((IDENTITY_HEADER, identity),)
-        return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS, interceptors=[
+        return grpc.aio.insecure_channel(target, options=with_overrides(CLIENT_OPTIONS), interceptors=[
             _UnaryUnaryRole(md), _UnaryStreamRole(md), _StreamStreamRole(md)])
-    options = CLIENT_OPTIONS + ([("grpc.ssl_target_name_override", server_role)] if server_role else [])
+    options = with_overrides(CLIENT_OPTIONS) + ([("grpc.ssl_target_name_override", server_role)]
+                                                if server_role else [])
     return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
 
 
@@ -750,7 +776,7 @@ async def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], servic
     ``tls`` only clients with a certificate from the project CA get through the handshake."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    server = grpc.aio.server(options=SERVER_OPTIONS, maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
+    server = grpc.aio.server(options=with_overrides(SERVER_OPTIONS), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     server.add_generic_rpc_handlers(handlers)
     checker = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import statistics
 import time
@@ -49,6 +50,13 @@ FAULTS = {
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
 
 
+def default_results() -> Path:
+    """Where chaos records go unless told: the user's state directory ($XDG_STATE_HOME, else
+    ~/.local/state) under pefsim/chaos-results, never the directory the command was run from."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "pefsim" / "chaos-results"
+
+
 @dataclass
 class ChaosConfig:
     fault: str
@@ -59,7 +67,7 @@ class ChaosConfig:
     pause_s: float = 2.0
     fault_s: float = 2.0
     final_bound_s: float = 90.0
-    results: Path = Path("chaos-results")
+    results: Path = field(default_factory=lambda: default_results())
     backend: str = "local"
     mutants: tuple[str, ...] = ()
     abort_return: str = "guest"

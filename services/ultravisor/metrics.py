@@ -16,7 +16,8 @@ class UvMetrics(ServiceMetrics):
         r = self.registry
         self.abort_seconds = Histogram(
             "pefsim_uv_abort_duration_seconds",
-            "From issuing H_SVM_INIT_ABORT to the HV's answer, by outcome.", ["outcome"],
+            "From issuing H_SVM_INIT_ABORT to the HV's answer, by outcome (resumed-by-hv, returned-to-uv, "
+            "refused, terminated-by-hv).", ["outcome"],
             buckets=LATENCY_BUCKETS, registry=r)
         self.esm_seconds = Histogram(
             "pefsim_uv_esm_duration_seconds", "UV_ESM from entry to its end, by outcome.",
@@ -56,8 +57,9 @@ class UvMetrics(ServiceMetrics):
             "by SVM state.",
             ["state"], buckets=LATENCY_BUCKETS, registry=r)
         self.page_counters("uv", "through the UV", ("in", "out", "shared"))
-        self.zero(self.abort_seconds, "resumed-by-hv", "returned-to-uv", "refused", "terminated-by-hv",
-                  "hv-unreachable")
+        # no "hv-unreachable": the UV asks again until an HV answers (esm.hcall_until_answered);
+        # an HV that never does shows in pefsim_uv_hcall_unanswered_seconds, not here
+        self.zero(self.abort_seconds, "resumed-by-hv", "returned-to-uv", "refused", "terminated-by-hv")
         self.zero(self.esm_seconds, "secure", "aborted")
         self.zero(self.terminate_seconds, *(s.name for s in (SvmState.SVM_ACTIVE, SvmState.SVM_SECURE,
                                                               SvmState.SVM_ABORT)))

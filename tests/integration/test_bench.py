@@ -48,5 +48,5 @@ def test_grpc_option_overrides():
     assert with_overrides(base, "") == base
     assert with_overrides(base, '{"grpc.b": 3, "grpc.c": "x"}') == [("grpc.a", 1), ("grpc.b", 3), ("grpc.c", "x")]
     for bad in ("{not json", "[1, 2]", '{"grpc.a": 1.5}', '{"grpc.a": true}'):
-        with pytest.raises(SystemExit, match="PEFSIM_GRPC_OPTIONS"):
+        with pytest.raises(ValueError, match="PEFSIM_GRPC_OPTIONS"):
             with_overrides(base, bad)

@@ -96,6 +96,16 @@ def test_recording_rules_have_values(observed):
             assert prom.query(name), name
 
 
+@needs_prometheus
+def test_streamed_calls_are_in_the_call_metrics(observed):
+    """Server-streaming and bidi calls go through the same dispatcher path as unary ones, so
+    their per-call series move too (they stayed at 0 before)."""
+    prom = observed[0]
+    for call in ("VmSession", "UvPageInStream", "UvPageOutStream"):
+        got = prom.query(f'sum(pefsim_calls_total{{call="{call}"}})')
+        assert got and float(got[0]["value"][1]) > 0, call
+
+
 def bucket(v: float) -> int:
     return bisect.bisect_left(LATENCY_BUCKETS, v)
 
