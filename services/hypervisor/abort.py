@@ -33,8 +33,8 @@ import grpc
 
 from pefsim import faults
 from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest, U, rc_name
-from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
-from services.hypervisor import bulk
+from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb
+from services.hypervisor import bulk, uv
 from services.hypervisor.errors import UvReset, UvUnreachable
 from services.hypervisor.hcalls.page import take_page
 
@@ -103,7 +103,7 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
                     recovered = await page_out_all(hv, vm)
                 if v10:
                     for slot_id in sorted(vm.slots):
-                        await unregister(hv, vm, slot_id)
+                        await uv.unregister_slot(hv, vm, slot_id)
                     hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_ABORT, abort=None)
                     hv.metrics.abort_seconds.labels("returned-to-uv").observe(time.perf_counter() - t0)
                     return _answer(vm, pb.HSvmInitAbortResponse(
@@ -113,7 +113,8 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
         if vm.abort["phase"] == TERMINATE:
             faults.reach("hv.abort.before_terminate", vm.name)
             with phases.labels(TERMINATE).time():
-                await persist(hv, vm, lambda: terminate_once(hv, vm), "UV_SVM_TERMINATE")
+                await persist(hv, vm, lambda: uv.terminate(hv, vm, "abort", unreachable_raises=True),
+                              "UV_SVM_TERMINATE")
             hv.state.set_abort(vm, dict(vm.abort, phase=RESUME))
         answer = _answer(vm, pb.HSvmInitAbortResponse(rc=H.H_PARAMETER, returned_to=AbortReturn.ABORT_RETURN_GUEST,
                                                       pages_recovered=recovered))
@@ -181,21 +182,6 @@ async def page_out_all(hv, vm) -> int:
 
     await persist(hv, vm, streamed if hv.cfg.transfer == "stream" else one_by_one, "abort page-out")
     return got[0]
-
-
-async def terminate_once(hv, vm) -> int:
-    t0 = time.perf_counter()
-    rc = (await hv.ucall("UV_SVM_TERMINATE", upb.UvSvmTerminateRequest(lpid=vm.lpid))).rc
-    hv.observe_terminate("abort", rc, time.perf_counter() - t0)
-    return rc
-
-
-async def unregister(hv, vm, slot_id: int) -> None:
-    """UV_UNREGISTER_MEM_SLOT, result ignored (as every caller in the kernel does)."""
-    try:
-        await hv.ucall("UV_UNREGISTER_MEM_SLOT", upb.UvUnregisterMemSlotRequest(lpid=vm.lpid, slotid=slot_id))
-    except UvUnreachable:
-        pass
 
 
 async def resume_vcpu(hv, vm, journal: dict) -> str:

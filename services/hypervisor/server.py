@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 from pefsim import faults, rpc, tls
-from pefsim.abi import AbortReturn, GfnState, Role, SecureGuest, U, rc_name
+from pefsim.abi import AbortReturn, Role, SecureGuest
 from pefsim.image import page_digest
 from pefsim.v1 import guest_pb2, guest_pb2_grpc, hypervisor_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
 from services.hypervisor import abort, calltable
@@ -124,10 +124,7 @@ class Hypervisor:
                 continue  # a normal VM never depended on the UV: it keeps running
             vm.failed = "uv-reset"  # stops an abort's retries
             async with vm.lock:
-                for slot, idx in vm.pages():
-                    st = slot.state(idx)
-                    if st != GfnState.GFN_NORMAL:
-                        self.state.mark_normal(slot, idx, scrub=st == GfnState.GFN_SECURE_IN)
+                self.state.drop_secure(vm.slots.values())
                 self.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE, abort=None)
             await self.machine_check(vm, "uv-reset")
 
@@ -194,21 +191,6 @@ class Hypervisor:
         boot_id = dict(await call.trailing_metadata() or ()).get(rpc.BOOT_ID_TRAILER, "")
         if self.check_uv_boot(boot_id):
             raise UvReset("stream")
-
-    def observe_terminate(self, trigger: str, rc: int, seconds: float) -> None:
-        self.metrics.terminate_seconds.labels(trigger, rc_name(rc, U)).observe(seconds)
-
-    async def terminate(self, vm: Vm, trigger: str) -> tuple[int, float]:
-        """UV_SVM_TERMINATE for the VM; returns its result (U_FUNCTION when the UV could not be
-        reached: the call did not happen) and how long it took (the value the metric observed)."""
-        t0 = time.perf_counter()
-        try:
-            rc = (await self.ucall("UV_SVM_TERMINATE", upb.UvSvmTerminateRequest(lpid=vm.lpid))).rc
-        except UvUnreachable:
-            rc = U.U_FUNCTION
-        seconds = time.perf_counter() - t0
-        self.observe_terminate(trigger, rc, seconds)
-        return rc, seconds
 
     def vcpu(self, vm: Vm) -> rpc.Peer:
         """The VM's vCPU, reached only through the certificate of the guest that owns the VM

@@ -706,6 +706,16 @@ class HvState:
                 slot.page(idx + i)[:] = data
         slot.states[idx:idx + len(pages)] = bytes([GfnState.GFN_NORMAL]) * len(pages)
 
+    def drop_secure(self, slots) -> None:
+        """kvmppc_uvmem_drop_pages with skip_page_out: every GFN of ``slots`` back to normal,
+        secure content dropped without page-out and the HV page scrubbed (reset, memslot removal,
+        a UV reset). Called with vm.lock held."""
+        for slot in slots:
+            for idx in range(slot.npages):
+                st = slot.state(idx)
+                if st != GfnState.GFN_NORMAL:
+                    self.mark_normal(slot, idx, scrub=st == GfnState.GFN_SECURE_IN)
+
     def restore(self, slot: Slot, idx: int, state: int) -> None:
         """Put a GFN back in the state it had before a transition that the UV refused."""
         self._set(slot, idx, state)

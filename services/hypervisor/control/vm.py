@@ -6,12 +6,9 @@ import asyncio
 import logging
 import re
 
-from pefsim.abi import PAGE_SHIFT, Errno, Role, SecureGuest, U, VmState, gpa_of
-from pefsim.v1 import common_pb2, hypervisor_pb2 as pb, ultravisor_pb2 as upb
-from services.hypervisor.abort import unregister
-from services.hypervisor.bulk import offer_memory
-from services.hypervisor.errors import UvUnreachable
-from services.hypervisor.hcalls.svm import drop_secure
+from pefsim.abi import PAGE_SHIFT, Errno, Role, SecureGuest, U, VmState
+from pefsim.v1 import common_pb2, hypervisor_pb2 as pb
+from services.hypervisor import uv
 from services.hypervisor.state import MAX_SLOT_ID
 
 log = logging.getLogger("pefsim.hv")
@@ -98,9 +95,9 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
         if vm.running:
             return pb.ResetVmResponse(errno=Errno.EBUSY)
         for slot in sorted(vm.slots.values(), key=lambda s: s.slot_id):
-            drop_secure(hv, vm, [slot])
-            await unregister(hv, vm, slot.slot_id)
-        rc, _ = await hv.terminate(vm, "reset")
+            hv.state.drop_secure([slot])
+            await uv.unregister_slot(hv, vm, slot.slot_id)
+        rc, _ = await uv.terminate(hv, vm, "reset")
         if rc != U.U_SUCCESS:
             return pb.ResetVmResponse(errno=Errno.EINVAL)
         hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE)
@@ -122,7 +119,7 @@ async def destroy(hv, vm, trigger: str) -> pb.DestroyVmResponse:
             return pb.DestroyVmResponse(errno=Errno.ENOENT)
         terminated, rc, seconds = False, 0, 0.0
         if vm.secure_guest != 0 or vm.abort is not None:
-            rc, seconds = await hv.terminate(vm, "destroy")
+            rc, seconds = await uv.terminate(hv, vm, "destroy")
             terminated = True
         hv.state.destroy_vm(vm)
         vm.gone.set()
@@ -162,8 +159,8 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
             if slot is None:
                 return pb.SetMemslotResponse(errno=Errno.ENOENT)
             if vm.secure_guest != 0:
-                drop_secure(hv, vm, [slot])
-                await unregister(hv, vm, slot.slot_id)
+                hv.state.drop_secure([slot])
+                await uv.unregister_slot(hv, vm, slot.slot_id)
             hv.state.remove_slot(vm, slot.slot_id)
             return pb.SetMemslotResponse(errno=Errno.OK)
         if s.slot_id in vm.slots:
@@ -177,18 +174,10 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
                 raise
             return pb.SetMemslotResponse(errno=Errno.ENOSPC)
         if vm.secure_guest != 0:
-            try:
-                rc = (await hv.ucall("UV_REGISTER_MEM_SLOT", upb.UvRegisterMemSlotRequest(
-                    lpid=vm.lpid, start_gpa=gpa_of(s.base_gfn), size=gpa_of(s.npages), flags=0,
-                    slotid=s.slot_id))).rc
-            except UvUnreachable:
-                rc = U.U_FUNCTION
-            if rc != U.U_SUCCESS:
+            if await uv.register_slot(hv, vm, slot) != U.U_SUCCESS:
                 hv.state.remove_slot(vm, s.slot_id)
                 return pb.SetMemslotResponse(errno=Errno.ENOSPC)
-            for idx in range(slot.npages):
-                hv.state.mark_secure_in(slot, idx)
-            await offer_memory(hv, vm, slot)
+            hv.state.mark_secure_in_run(slot, 0, slot.npages)
     return pb.SetMemslotResponse(errno=Errno.OK)
 
 

@@ -9,10 +9,9 @@ import asyncio
 import logging
 
 from pefsim import faults
-from pefsim.abi import GfnState, H, SecureGuest, U, gpa_of
-from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
-from services.hypervisor import abort, bulk
-from services.hypervisor.errors import UvUnreachable
+from pefsim.abi import GfnState, H, SecureGuest, U
+from pefsim.v1 import hypervisor_pb2 as pb
+from services.hypervisor import abort, uv
 
 log = logging.getLogger("pefsim.hv")
 
@@ -32,20 +31,14 @@ async def h_svm_init_start(hv, req: pb.HSvmInitStartRequest, caller) -> pb.HSvmI
             return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
         registered = []
         for slot in sorted(vm.slots.values(), key=lambda s: s.slot_id):
-            try:
-                rc = (await hv.ucall("UV_REGISTER_MEM_SLOT", upb.UvRegisterMemSlotRequest(
-                    lpid=vm.lpid, start_gpa=gpa_of(slot.base_gfn), size=gpa_of(slot.npages),
-                    flags=0, slotid=slot.slot_id))).rc
-            except UvUnreachable:
-                rc = U.U_FUNCTION
+            rc = await uv.register_slot(hv, vm, slot)
             if rc != U.U_SUCCESS:
                 log.warning("lpid %d: UV_REGISTER_MEM_SLOT(slot %d) -> %d; rolling back",
                             vm.lpid, slot.slot_id, rc)
                 for done in registered:
-                    await abort.unregister(hv, vm, done)
+                    await uv.unregister_slot(hv, vm, done)
                 return pb.HSvmInitStartResponse(rc=H.H_PARAMETER)
             registered.append(slot.slot_id)
-            await bulk.offer_memory(hv, vm, slot)
     return pb.HSvmInitStartResponse(rc=H.H_SUCCESS)
 
 
@@ -63,17 +56,6 @@ async def h_svm_init_done(hv, req: pb.HSvmInitDoneRequest, caller) -> pb.HSvmIni
     log.info("LPID %d went secure", vm.lpid)
     faults.reach("hv.esm.init_done", vm.name)
     return pb.HSvmInitDoneResponse(rc=H.H_SUCCESS)
-
-
-def drop_secure(hv, vm, slots) -> None:
-    """kvmppc_uvmem_drop_pages with skip_page_out: every GFN of ``slots`` back to normal, secure
-    content dropped without page-out and the HV page scrubbed (reset, memslot removal). Called
-    with vm.lock held."""
-    for slot in slots:
-        for idx in range(slot.npages):
-            st = slot.state(idx)
-            if st != GfnState.GFN_NORMAL:
-                hv.state.mark_normal(slot, idx, scrub=st == GfnState.GFN_SECURE_IN)
 
 
 async def h_svm_init_abort(hv, req: pb.HSvmInitAbortRequest, caller) -> pb.HSvmInitAbortResponse:
