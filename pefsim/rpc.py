@@ -166,6 +166,10 @@ class Call:
 class Caller:
     role: int
     name: str = ""
+    # the guest a UV or HV call serves (ON_BEHALF_HEADER), believed only from those two roles:
+    # each such guest is an identity of its own for the admission bounds, and an owned call the
+    # UV makes for one guest cannot touch another's VM
+    on_behalf: str = ""
 
     @property
     def role_name(self) -> str:
@@ -181,16 +185,18 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
     from pefsim.tls import identity_of
 
     identity = identity_of(context.auth_context() or {})
+    md = dict(context.invocation_metadata() or ())
     if identity is not None:
         role, _, name = identity.partition(":")
-        return Caller(int(ROLE_NAMES.get(role, Role.ROLE_UNSPECIFIED)), name or role)
-    md = dict(context.invocation_metadata() or ())
-    role = md.get(ROLE_HEADER, "")
-    try:
-        role_value = Role[f"ROLE_{role.upper()}"] if role else Role.ROLE_UNSPECIFIED
-    except KeyError:
-        role_value = Role.ROLE_UNSPECIFIED
-    return Caller(int(role_value), md.get(IDENTITY_HEADER, ""))
+        role_value, name = ROLE_NAMES.get(role, Role.ROLE_UNSPECIFIED), name or role
+    else:
+        role, name = md.get(ROLE_HEADER, ""), md.get(IDENTITY_HEADER, "")
+        try:
+            role_value = Role[f"ROLE_{role.upper()}"] if role else Role.ROLE_UNSPECIFIED
+        except KeyError:
+            role_value = Role.ROLE_UNSPECIFIED
+    on_behalf = md.get(ON_BEHALF_HEADER, "") if role_value in (Role.ROLE_UV, Role.ROLE_HV) else ""
+    return Caller(int(role_value), name, on_behalf)
 
 
 def request_lpid(request: Any) -> int | None:
@@ -300,9 +306,10 @@ class Admission:
     next message is read). So one identity can make a server hold at most ``max_calls`` calls and
     ``max_bytes`` of requests, whatever the others do.
 
-    The identity is the caller's verified one. The UV makes its hcalls on behalf of a guest and
-    names it (ON_BEHALF_HEADER); for a UV caller each guest is then its own identity, so one guest's
-    stuck calls through the UV cannot use up the UV's share for every other guest."""
+    The identity is the caller's verified one. The UV makes its hcalls, and the HV its ucalls, on
+    behalf of a guest and name it (ON_BEHALF_HEADER); for those two callers each guest is then its
+    own identity, so one guest's stuck calls (or streams) through the UV or the HV cannot use up
+    their share for every other guest."""
 
     def __init__(self, max_calls: int = MAX_INFLIGHT_PER_PEER, max_bytes: int = MAX_REQUEST_BYTES_PER_PEER,
                  wait_s: float = REQUEST_ARRIVAL_TIMEOUT_S):
@@ -310,11 +317,8 @@ class Admission:
         self.shares: dict[tuple, _Share] = {}
 
     @staticmethod
-    def key_of(caller: "Caller", context) -> tuple:
-        if caller.role == Role.ROLE_UV and context is not None:
-            md = dict(context.invocation_metadata() or ())
-            return (caller.role, caller.name, md.get(ON_BEHALF_HEADER, ""))
-        return (caller.role, caller.name, "")
+    def key_of(caller: "Caller") -> tuple:
+        return (caller.role, caller.name, caller.on_behalf)
 
     @contextlib.asynccontextmanager
     async def admit(self, key: tuple):
@@ -393,7 +397,7 @@ class Dispatcher:
                  state_of: Callable[[Any, Call, Any], Any] | None, observer: CallObserver,
                  history: History, boot_id: str = "", owner_of: Callable[[Any, Any], str | None] | None = None,
                  max_inflight_per_peer: int = MAX_INFLIGHT_PER_PEER,
-                 max_request_bytes_per_peer: int = MAX_REQUEST_BYTES_PER_PEER):
+                 max_request_bytes_per_peer: int = MAX_REQUEST_BYTES_PER_PEER, absent_state: Any = None):
         self.service = service
         self.descriptor = service_descriptor
         self.pb2 = pb2
@@ -404,6 +408,7 @@ class Dispatcher:
         self.history = history
         self.boot_id = boot_id
         self.owner_of = owner_of
+        self.absent_state = absent_state  # the state of an lpid with no object (Dispatcher.recheck)
         self.admission = Admission(max_inflight_per_peer, max_request_bytes_per_peer)
         check_call_table(service_descriptor, self.calls.values(), state_table)
         for call in self.calls.values():
@@ -435,7 +440,7 @@ class Dispatcher:
         """Hold one of the caller's call slots for the call's life; a refusal is the call's gRPC
         status (and a history line)."""
         try:
-            async with self.admission.admit(Admission.key_of(caller, context)) as ticket:
+            async with self.admission.admit(Admission.key_of(caller)) as ticket:
                 yield ticket
         except Refused as refused:
             self.observer.observe_refused(call.name, refused.reason)
@@ -578,11 +583,14 @@ class Dispatcher:
         state the table was consulted in (None if it was not reached)."""
         if caller.role not in call.callers:
             return (DENIED if call.wrong_caller is None else call.wrong_caller), None
-        if call.owned and caller.role == Role.ROLE_GUEST and self.owner_of is not None:
-            # None: no such object (the state table answers); "" : an object no guest owns
-            # (an operator made it), which only operators and the privileged roles may touch
+        guest = caller.role == Role.ROLE_GUEST
+        who = caller.name if guest else caller.on_behalf
+        if call.owned and (guest or who) and self.owner_of is not None:
+            # a guest, or the UV acting for one: None is no such object (the state table
+            # answers); "" an object no guest owns (an operator made it), which only operators
+            # and the privileged roles acting for no guest may touch
             owner = self.owner_of(self.service, request)
-            if owner is not None and owner != caller.name:
+            if owner is not None and (owner != who or not who):
                 return (DENIED if call.wrong_caller is None else call.wrong_caller), None
         state = None
         for check in call.checks:
@@ -595,8 +603,21 @@ class Dispatcher:
                 return check.rc, state
         return None, state
 
+    def recheck(self, name: str, request: Any, still: Callable[[], bool] | None = None) -> tuple[Any, Any]:
+        """The state-table cell for call ``name`` now (None: ALLOW) and the state it saw; when
+        ``still()`` says the object the handler looked up is no longer the one its lpid names
+        (the UV reuses lpids), the state is the absent one."""
+        if self.state_of is None:
+            return None, None
+        if still is not None and not still() and self.absent_state is not None:
+            state = self.absent_state
+        else:
+            state = self.state_of(self.service, self.calls[name], request)
+        cell = self.state_table[name][state]
+        return (None if cell is ALLOW else cell), state
+
     @contextlib.asynccontextmanager
-    async def guard(self, name: str, request: Any, lock: asyncio.Lock):
+    async def guard(self, name: str, request: Any, lock: asyncio.Lock, still: Callable[[], bool] | None = None):
         """Hold ``lock`` (the object's lock the call's change takes) and look at the state table
         for call ``name`` again under it: the dispatcher's check ran before the lock was taken,
         and another call holding it (an abort's page-out, a reset) may have changed the state
@@ -604,11 +625,9 @@ class Dispatcher:
         allows the call. Every handler whose call consults the state table takes its lock this
         way (tests/unit/test_calltables.py holds them to it)."""
         async with lock:
-            if self.state_of is not None:
-                state = self.state_of(self.service, self.calls[name], request)
-                cell = self.state_table[name][state]
-                if cell is not ALLOW:
-                    raise StateChanged(cell, state)
+            rc, state = self.recheck(name, request, still)
+            if rc is not None:
+                raise StateChanged(rc, state)
             yield
 
     async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,

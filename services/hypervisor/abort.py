@@ -63,24 +63,59 @@ async def persist(hv, vm, fn, what: str):
             delay = min(delay * 2, 2.0)
 
 
-def start(hv, vm, req: pb.HSvmInitAbortRequest | None = None) -> asyncio.Future:
-    """Start the abort (journalling it), or join the one already running; returns the future of
-    the answer to H_SVM_INIT_ABORT."""
+def running(vm) -> asyncio.Future | None:
+    """The answer of the abort under way for ``vm`` (a repeated call joins it), or None."""
     if vm.abort_task is not None and not vm.abort_task.done():
         return vm.abort_answer
+    return None
+
+
+def start(hv, vm, req: pb.HSvmInitAbortRequest | None = None, lock_held: bool = False) -> asyncio.Future:
+    """Start the abort (journalling it), or join the one already running; returns the future of
+    the answer to H_SVM_INIT_ABORT. ``lock_held``: the caller holds vm.lock, checked the VM's
+    state under it, and hands it to the abort's page-out phase (which releases it)."""
+    joined = running(vm)
+    if joined is not None:
+        if lock_held:
+            vm.lock.release()
+        return joined
     if vm.abort is None:
         hv.state.set_abort(vm, {"token": req.token, "srr0": req.srr0,
                                 "trace_ns": req.trace.abort_issued_unix_ns, "phase": PAGE_OUT})
     vm.abort_answer = answer = asyncio.get_running_loop().create_future()
-    vm.abort_task = asyncio.ensure_future(run(hv, vm))
+    vm.abort_task = asyncio.ensure_future(run(hv, vm, _Handed(vm.lock, lock_held)))
 
-    def unanswered(task: asyncio.Future) -> None:  # the task failed before answering: so does the call
-        if not answer.done():
-            answer.set_exception(task.exception() if not task.cancelled() and task.exception()
-                                 else RuntimeError(f"lpid {vm.lpid}: abort task ended without an answer"))
+    def unanswered(task: asyncio.Future) -> None:
+        failure = None if task.cancelled() else task.exception()
+        if not answer.done():  # the task failed before answering: so does the call
+            answer.set_exception(failure or RuntimeError(f"lpid {vm.lpid}: abort task ended without an answer"))
             answer.add_done_callback(lambda f: f.exception())  # retrieved even when nobody waits
+        elif failure is not None:  # after its answer (the resume, the journal's last write)
+            log.error("lpid %d: abort failed after answering the UV: %r", vm.lpid, failure)
     vm.abort_task.add_done_callback(unanswered)
     return answer
+
+
+class _Handed:
+    """vm.lock for the abort task: acquired by it, or handed over already held by the
+    H_SVM_INIT_ABORT handler (which checked the state under it). Released exactly once: at the end
+    of the page-out phase, or when the task ends without reaching it."""
+
+    def __init__(self, lock: asyncio.Lock, held: bool):
+        self.lock, self.held = lock, held
+
+    async def __aenter__(self):
+        if not self.held:
+            await self.lock.acquire()
+        self.held = True
+
+    async def __aexit__(self, *exc):
+        self.release()
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.lock.release()
 
 
 def _answer(vm, response: pb.HSvmInitAbortResponse) -> pb.HSvmInitAbortResponse:
@@ -89,16 +124,19 @@ def _answer(vm, response: pb.HSvmInitAbortResponse) -> pb.HSvmInitAbortResponse:
     return response
 
 
-async def run(hv, vm) -> pb.HSvmInitAbortResponse:
+async def run(hv, vm, lock: _Handed) -> pb.HSvmInitAbortResponse:
     t0 = time.perf_counter()
     v10 = hv.cfg.abort_return == AbortReturn.ABORT_RETURN_UV
     recovered = 0
     try:
         if faults.mutant("hv-abort-hangs"):
+            lock.release()
             await asyncio.Event().wait()
         phases = hv.metrics.abort_phase_seconds
-        if vm.abort["phase"] == PAGE_OUT:
-            async with vm.lock:
+        if vm.abort["phase"] != PAGE_OUT:
+            lock.release()  # a recovered journal past its page-out
+        else:
+            async with lock:
                 with phases.labels(PAGE_OUT).time():
                     recovered = await page_out_all(hv, vm)
                 if v10:
@@ -127,6 +165,8 @@ async def run(hv, vm) -> pb.HSvmInitAbortResponse:
         hv.metrics.abort_seconds.labels("cancelled").observe(time.perf_counter() - t0)
         log.warning("lpid %d: abort cancelled (VM %s)", vm.lpid, vm.failed or "destroyed")
         return _answer(vm, pb.HSvmInitAbortResponse(rc=H.H_HARDWARE, returned_to=AbortReturn.ABORT_RETURN_GUEST))
+    finally:
+        lock.release()  # if the page-out phase was never reached (or the task was cancelled in it)
     hv.metrics.abort_seconds.labels(outcome).observe(time.perf_counter() - t0)
     log.info("lpid %d: aborted, %d pages given back, guest %s", vm.lpid, recovered, outcome)
     return answer

@@ -86,7 +86,8 @@ async def page_in(hv, vm, runs):
             payload = () if slot.shared else [slot.run(idx, n) for slot, idx, n, _ in batch]
             yield encode(upb.PageInBatch(lpid=vm.lpid, pages=_refs(batch), shared_memory=slot.shared), payload)
 
-    stream = call(frames(), timeout=hv.cfg.ucall_timeout_s + len(batches), wait_for_ready=True)
+    stream = call(frames(), timeout=hv.cfg.ucall_timeout_s + len(batches), wait_for_ready=True,
+                  metadata=hv.on_behalf(vm.lpid))
     try:
         i = 0
         async for result in stream:
@@ -128,7 +129,8 @@ async def page_out(hv, vm, runs):
         call = hv.uv.channel.unary_stream(f"{SERVICE}/UvPageOutStream",
                                           request_serializer=upb.PageOutRequest.SerializeToString,
                                           response_deserializer=decoder(upb.PageOutBatch))
-        stream = call(request, timeout=hv.cfg.ucall_timeout_s + total / batch_pages(slot), wait_for_ready=True)
+        stream = call(request, timeout=hv.cfg.ucall_timeout_s + total / batch_pages(slot), wait_for_ready=True,
+                      metadata=hv.on_behalf(vm.lpid))
         left = list(slot_runs)
         try:
             async for frame in stream:

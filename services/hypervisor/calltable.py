@@ -19,6 +19,9 @@ UV = frozenset({Role.ROLE_UV})
 UV_OR_GUEST = frozenset({Role.ROLE_UV, Role.ROLE_GUEST})
 VMM = frozenset({Role.ROLE_GUEST, Role.ROLE_OPERATOR})  # QEMU's part: the guest's VMM, operators
 ANYONE = frozenset(Role)
+# owned=True on the hcalls: the UV names the guest it acts for (rpc.Caller.on_behalf), and an
+# hcall for a VM that guest does not own is refused with the wrong-caller result before anything
+# changes (H_SVM_INIT_START answers H_AUTHORITY for it itself, as it always did).
 
 ORDER_P3 = Check("order", lambda r: r.order == PAGE_SHIFT, H.H_P3, "order is not 16 (64 KiB)")
 
@@ -28,19 +31,19 @@ ALIGNED = Check("gpa", lambda r: page_aligned(r.gpa), Errno.EINVAL, "gpa not 64 
 
 CALLS = [
     Call("H_SVM_PAGE_IN", page.h_svm_page_in, UV, H.H_UNSUPPORTED, opcode=Hcall.H_SVM_PAGE_IN,
-         family=H, checks=(STATE, ORDER_P3,
+         family=H, owned=True, checks=(STATE, ORDER_P3,
                            Check("flags", lambda r: r.flags & ~PageInFlag.H_PAGE_IN_SHARED == 0,
                                  H.H_P2, "a flag other than H_PAGE_IN_SHARED"))),
     Call("H_SVM_PAGE_OUT", page.h_svm_page_out, UV, H.H_UNSUPPORTED, opcode=Hcall.H_SVM_PAGE_OUT,
-         family=H, checks=(STATE, ORDER_P3,
+         family=H, owned=True, checks=(STATE, ORDER_P3,
                            Check("flags", lambda r: r.flags == 0, H.H_P2, "flags not 0"))),
     Call("H_SVM_INIT_START", svm.h_svm_init_start, UV, H.H_UNSUPPORTED,
          opcode=Hcall.H_SVM_INIT_START, family=H),
     Call("H_SVM_INIT_DONE", svm.h_svm_init_done, UV, H.H_UNSUPPORTED,
-         opcode=Hcall.H_SVM_INIT_DONE, family=H),
+         opcode=Hcall.H_SVM_INIT_DONE, family=H, owned=True),
     Call("H_SVM_INIT_ABORT", svm.h_svm_init_abort, UV_OR_GUEST, H.H_UNSUPPORTED,
          opcode=Hcall.H_SVM_INIT_ABORT, family=H, owned=True),
-    Call("HSvmPageInBulk", page.h_svm_page_in_bulk, UV, H.H_UNSUPPORTED, family=H),
+    Call("HSvmPageInBulk", page.h_svm_page_in_bulk, UV, H.H_UNSUPPORTED, family=H, owned=True),
     Call("CreateVm", vm.create_vm, VMM, None, checks=(), result="errno", family=Errno),
     Call("RunVm", vm.run_vm, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
     Call("StopVm", vm.stop_vm, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
@@ -81,7 +84,7 @@ RESULTS = {
     "StopVm": (Errno.OK,),
     "ResetVm": (Errno.OK, Errno.EBUSY, Errno.EINVAL),
     "DestroyVm": (Errno.OK, Errno.ENOENT),
-    "SetMemslot": (Errno.OK, Errno.ENOENT, Errno.EEXIST, Errno.EINVAL, Errno.ENOSPC),
+    "SetMemslot": (Errno.OK, Errno.ENOENT, Errno.EEXIST, Errno.EINVAL, Errno.ENOSPC, Errno.ENOMEM),
     "VcpuLoad": (Errno.OK, Errno.EFAULT),
     "VcpuStore": (Errno.OK, Errno.EFAULT),
     "HostReadPage": (Errno.OK, Errno.EFAULT),

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 
 from pefsim import faults, rpc, tls
-from pefsim.abi import AbortReturn, Role, SecureGuest
+from pefsim.abi import AbortReturn, Role, SecureGuest, VmState
 from pefsim.image import page_digest
 from pefsim.v1 import guest_pb2, guest_pb2_grpc, hypervisor_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
 from services.hypervisor import abort, calltable
@@ -68,7 +68,7 @@ class Hypervisor:
             service=self, service_descriptor=hypervisor_pb2.DESCRIPTOR.services_by_name["HypervisorService"],
             pb2=hypervisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
             state_of=calltable.state_of, observer=self.metrics, history=self.history,
-            owner_of=calltable.owner_of)
+            owner_of=calltable.owner_of, absent_state=VmState.VM_ABSENT)
 
     # -- start-up: recovery and background tasks -----------------------------------------------
 
@@ -170,7 +170,7 @@ class Hypervisor:
         the checker that no plaintext of a secure VM ever reaches the HV)."""
         try:
             pending = getattr(self.uv.stub, name)(request, timeout=self.cfg.ucall_timeout_s,
-                                                  wait_for_ready=True)
+                                                  wait_for_ready=True, metadata=self.on_behalf(request.lpid))
             resp = await pending
             boot_id = dict(await pending.trailing_metadata() or ()).get(rpc.BOOT_ID_TRAILER, "")
         except grpc.aio.AioRpcError as exc:
@@ -185,6 +185,13 @@ class Hypervisor:
             extra = {"gpa": request.src_gpa, "data_sha": page_digest(resp.data)}
         self.history.record(call=name, dir="out", lpid=request.lpid, rc=resp.rc, **extra)
         return resp
+
+    def on_behalf(self, lpid: int) -> tuple[tuple[str, str], ...]:
+        """Metadata naming the guest a ucall serves (the VM's owner): the UV counts the HV's calls
+        and streams for each guest apart (rpc.Admission), so one guest's VMs paging in at once
+        cannot use up the HV's share at the UV for every other guest."""
+        vm = self.state.vms.get(lpid)
+        return ((rpc.ON_BEHALF_HEADER, vm.owner if vm is not None else ""),)
 
     async def check_answer_boot(self, call) -> None:
         """A streamed answer's boot id (trailing metadata), as ucall checks a unary one's."""

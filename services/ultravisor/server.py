@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from pefsim import faults, rpc, tls
-from pefsim.abi import EsmCopy, Role
+from pefsim.abi import EsmCopy, Role, SvmState
 from pefsim.blob import load_public_key
 from pefsim.v1 import hypervisor_pb2_grpc, ultravisor_pb2
 from services.ultravisor import calltable
@@ -61,7 +61,7 @@ class Ultravisor:
             service=self, service_descriptor=ultravisor_pb2.DESCRIPTOR.services_by_name["UltravisorService"],
             pb2=ultravisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
             state_of=calltable.state_of, observer=self.metrics, history=self.history,
-            boot_id=self.state.boot_id, owner_of=calltable.owner_of,
+            boot_id=self.state.boot_id, owner_of=calltable.owner_of, absent_state=SvmState.SVM_ABSENT,
             max_inflight_per_peer=cfg.max_inflight_per_peer)
 
     async def close(self) -> None:

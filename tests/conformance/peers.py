@@ -192,7 +192,8 @@ class ScriptedUv:
         self.server: grpc.aio.Server | None = None
 
     def hold(self, call: str) -> asyncio.Event:
-        """Hold every ``call`` (UV_PAGE_OUT, UV_SVM_TERMINATE) open until the returned event is set."""
+        """Hold every ``call`` (UV_PAGE_IN, UV_PAGE_OUT, UV_SVM_TERMINATE) open until the returned
+        event is set."""
         gate = self.gates[call] = asyncio.Event()
         return gate
 
@@ -232,6 +233,7 @@ class ScriptedUv:
         return fn(req) if fn else upb.UvUnregisterMemSlotResponse(rc=U.U_SUCCESS)
 
     async def UV_PAGE_IN(self, req, context):
+        await self._gate("UV_PAGE_IN")
         fn = self._answer("UV_PAGE_IN", req)
         if fn:
             return fn(req)

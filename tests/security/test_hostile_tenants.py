@@ -265,6 +265,12 @@ def test_vm_quota_per_owner_and_unattached_vms_are_reaped(stack_factory, run):
             made = [await create(16) for _ in range(3)]
             assert [m.errno for m in made] == [Errno.OK] * 3
             assert (await create(1)).errno == Errno.ENOMEM  # a fourth VM
+
+            def add_slot(npages):
+                return hv.stub.SetMemslot(hpb.SetMemslotRequest(lpid=made[0].lpid, slot=common_pb2.Memslot(
+                    slot_id=1, base_gfn=1 << 20, npages=npages)))
+            assert (await add_slot(17)).errno == Errno.ENOMEM  # 48 + 17 pages: past the quota
+            assert (await add_slot(16)).errno == Errno.OK  # 64: at it
             for _ in range(100):  # the watchdog reaps them (a bounded poll, 0.1 s apart)
                 if not (await hv.stub.HvStatus(hpb.HvStatusRequest())).vms:
                     break

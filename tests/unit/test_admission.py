@@ -8,24 +8,34 @@ import grpc
 import pytest
 
 from pefsim.abi import Role
-from pefsim.rpc import MAX_REQUEST_BYTES, ON_BEHALF_HEADER, Admission, Caller, Refused
+from pefsim.rpc import (IDENTITY_HEADER, MAX_REQUEST_BYTES, ON_BEHALF_HEADER, ROLE_HEADER, Admission, Refused,
+                        caller_of)
 
 
 class Context:
+    """What caller_of reads of a call in insecure mode: no certificate, the metadata."""
+
     def __init__(self, *metadata):
         self.metadata = metadata
+
+    def auth_context(self):
+        return {}
 
     def invocation_metadata(self):
         return self.metadata
 
 
-def test_the_uv_is_counted_per_guest_it_serves_and_nobody_else_can_claim_it():
-    uv, guest = Caller(Role.ROLE_UV, "uv"), Caller(Role.ROLE_GUEST, "g1")
-    for_a, for_b = Context((ON_BEHALF_HEADER, "a")), Context((ON_BEHALF_HEADER, "b"))
-    assert Admission.key_of(uv, for_a) != Admission.key_of(uv, for_b)
-    assert Admission.key_of(uv, for_a) == Admission.key_of(uv, Context((ON_BEHALF_HEADER, "a")))
-    # a guest naming someone in the header is still itself
-    assert Admission.key_of(guest, for_a) == Admission.key_of(guest, Context()) == (Role.ROLE_GUEST, "g1", "")
+def test_the_uv_and_hv_are_counted_per_guest_they_serve_and_nobody_else_can_claim_it():
+    def caller(role, name, on_behalf=None):
+        md = [(ROLE_HEADER, role), (IDENTITY_HEADER, name)]
+        return caller_of(Context(*md, *([(ON_BEHALF_HEADER, on_behalf)] if on_behalf else [])))
+    for role in ("uv", "hv"):
+        assert caller(role, role, "a").on_behalf == "a"
+        assert Admission.key_of(caller(role, role, "a")) != Admission.key_of(caller(role, role, "b"))
+        assert Admission.key_of(caller(role, role, "a")) == Admission.key_of(caller(role, role, "a"))
+    # a guest (or an operator) naming someone in the header is still itself
+    assert Admission.key_of(caller("guest", "g1", "a")) == (Role.ROLE_GUEST, "g1", "")
+    assert caller("operator", "op", "a").on_behalf == ""
 
 
 def test_calls_in_flight_are_bounded_per_identity_and_come_back():

@@ -167,6 +167,8 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
             return pb.SetMemslotResponse(errno=Errno.EEXIST)
         if not _slots_valid(list(_infos(vm)) + [s]):
             return pb.SetMemslotResponse(errno=Errno.EINVAL)
+        if sum(v.npages for v in hv.state.owned_by(vm.owner)) + s.npages > hv.cfg.max_pages_per_owner:
+            return pb.SetMemslotResponse(errno=Errno.ENOMEM)  # the owner's quota, as for CreateVm
         try:
             slot = hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
         except OSError as exc:  # NoSpace (errno ENOSPC): add_slot left nothing of the slot behind

@@ -11,6 +11,7 @@ import logging
 from pefsim import faults
 from pefsim.abi import GfnState, H, SecureGuest, U
 from pefsim.v1 import hypervisor_pb2 as pb
+from pefsim.rpc import StateChanged
 from services.hypervisor import abort, uv
 
 log = logging.getLogger("pefsim.hv")
@@ -67,4 +68,18 @@ async def h_svm_init_abort(hv, req: pb.HSvmInitAbortRequest, caller) -> pb.HSvmI
     With abort_return = uv (the v10 proposal) the HV instead unregisters the memslots, sets
     secure_guest = INIT_ABORT and returns H_SUCCESS to the UV, which resumes the guest."""
     vm = hv.state.vms[req.lpid]
-    return await asyncio.shield(abort.start(hv, vm, req))
+    answer = abort.running(vm)  # a repeat (the UV asking again after a lost answer) joins it
+    if answer is None:
+        # the dispatcher's state check ran before the lock: an INIT_DONE or a ResetVm that held
+        # it may have made the VM secure or normal since. Look again under the lock, and hand
+        # the lock to the abort's page-out, so nothing comes between the check and the work.
+        await vm.lock.acquire()
+        try:
+            rc, state = hv.dispatcher.recheck("H_SVM_INIT_ABORT", req)
+            if rc is not None:
+                raise StateChanged(rc, state)
+            answer = abort.start(hv, vm, req, lock_held=True)
+        except BaseException:
+            vm.lock.release()
+            raise
+    return await asyncio.shield(answer)

@@ -15,6 +15,7 @@ from pefsim.abi import GpfState, SvmState, U, gfn_of, page_aligned
 from pefsim.dataplane import BytesSource
 from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor.state import NO_FRAME
+from services.ultravisor.calls import guarded
 
 
 def _gpf_of(svm, gpa: int):
@@ -135,21 +136,21 @@ def page_out_run(uv, svm, gpa: int, n: int, place) -> bool:
 
 async def uv_page_in(uv, req: pb.UvPageInRequest, caller) -> pb.UvPageInResponse:
     svm = uv.state.svms[req.lpid]
-    async with uv.dispatcher.guard("UV_PAGE_IN", req, svm.lock):
+    async with guarded(uv, "UV_PAGE_IN", req, svm):
         rc = page_in_one(uv, svm, req.dest_gpa, page_source(uv, req.lpid, req.src_ra, req.data))
     return pb.UvPageInResponse(rc=rc)
 
 
 async def uv_page_out(uv, req: pb.UvPageOutRequest, caller) -> pb.UvPageOutResponse:
     svm = uv.state.svms[req.lpid]
-    async with uv.dispatcher.guard("UV_PAGE_OUT", req, svm.lock):
+    async with guarded(uv, "UV_PAGE_OUT", req, svm):
         rc, data, in_place = page_out_one(uv, svm, req.src_gpa, req.dest_ra)
     return pb.UvPageOutResponse(rc=rc, data=bytes(data), in_place=in_place)
 
 
 async def uv_page_inval(uv, req: pb.UvPageInvalRequest, caller) -> pb.UvPageInvalResponse:
     svm = uv.state.svms[req.lpid]
-    async with uv.dispatcher.guard("UV_PAGE_INVAL", req, svm.lock):
+    async with guarded(uv, "UV_PAGE_INVAL", req, svm):
         gpf = _gpf_of(svm, req.guest_pa)  # under the lock: the slot cannot go meanwhile
         if gpf is None:
             return pb.UvPageInvalResponse(rc=U.U_P3)  # UV code; the doc says U_P2

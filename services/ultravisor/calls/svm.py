@@ -9,6 +9,7 @@ from pefsim import faults
 from pefsim.abi import SvmState, U
 from pefsim.v1 import ultravisor_pb2 as pb
 from services.ultravisor import esm
+from services.ultravisor.calls import guarded
 
 log = logging.getLogger("pefsim.uv")
 
@@ -30,7 +31,7 @@ async def uv_svm_terminate(uv, req: pb.UvSvmTerminateRequest, caller) -> pb.UvSv
     state.py), slots, GPF map and key dropped."""
     svm = uv.state.svms[req.lpid]
     t0, state = time.perf_counter(), SvmState(svm.state).name
-    async with uv.dispatcher.guard("UV_SVM_TERMINATE", req, svm.lock):  # a second terminate waits, then U_SUCCESS
+    async with guarded(uv, "UV_SVM_TERMINATE", req, svm):  # a second terminate waits, then U_SUCCESS
         freed = uv.state.destroy_svm(req.lpid)
     uv.metrics.terminate_seconds.labels(state).observe(time.perf_counter() - t0)
     log.info("lpid %d terminated, %d secure pages freed (to be scrubbed)", req.lpid, freed)
