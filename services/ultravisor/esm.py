@@ -17,20 +17,19 @@ The context runs as its own task: a guest that goes away does not cancel it half
 """
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 from array import array
 
-import grpc
 
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, AbortReturn, EsmCopy, GpfState, H, PageInFlag,
                         SvmState, U, gfn_of, gpa_of, rc_name)
-from pefsim import faults, rpc
+from pefsim import faults
 from pefsim.blob import BlobError, kernel_size, measure, new_measurement, verify_blob
 from pefsim.image import FDT_MAGIC
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as pb
+from services.ultravisor import hv
 
 log = logging.getLogger("pefsim.uv.esm")
 
@@ -41,44 +40,12 @@ class EsmFailed(Exception):
         self.reason = reason
 
 
-def on_behalf(uv, lpid: int) -> tuple[tuple[str, str], ...]:
-    """Metadata naming the guest an hcall serves (its SVM's owner): the HV counts the UV's calls
-    for each guest apart (rpc.Admission), so one guest's stuck calls cannot use up the others'."""
-    svm = uv.state.svms.get(lpid)
-    return ((rpc.ON_BEHALF_HEADER, svm.owner if svm is not None else ""),)
-
-
 async def hcall(uv, name: str, request):
-    """Make an hcall to the HV; a transport failure is an ESM failure (HV unreachable)."""
+    """An hcall of the ESM context: an HV that cannot be reached fails the ESM."""
     try:
-        return await getattr(uv.hv.stub, name)(request, timeout=uv.cfg.hcall_timeout_s, wait_for_ready=True,
-                                                metadata=on_behalf(uv, request.lpid))
-    except grpc.aio.AioRpcError as exc:
-        raise EsmFailed("hv-unreachable", f"{name}: {exc.code().name}") from None
-
-
-async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
-    """Make an hcall whose effect is idempotent until the HV answers it: a transport failure
-    (the HV died, froze or is cut off) leaves it unknown whether the HV acted, so the call is
-    made again, backing off up to 2 s. Returns the answer, or None once the SVM is terminated
-    (the HV finished the work and its answer was lost)."""
-    delay, attempts = 0.05, 0
-    svm.unanswered = (name, time.time_ns())  # UvStatus and pefsim_uv_hcall_unanswered_seconds
-    try:
-        while not svm.destroyed:
-            try:
-                return await getattr(uv.hv.stub, name)(request, timeout=timeout_s, wait_for_ready=True,
-                                                        metadata=on_behalf(uv, svm.lpid))
-            except grpc.aio.AioRpcError as exc:
-                attempts += 1
-                uv.metrics.hcall_retries.labels(name).inc()
-                log.error("lpid %d: %s attempt %d failed in transport (%s); the SVM keeps its pages; "
-                          "asking again in %.2f s", svm.lpid, name, attempts, exc.code().name, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        return None
-    finally:
-        svm.unanswered = None
+        return await hv.hcall(uv, name, request)
+    except hv.HvUnreachable as exc:
+        raise EsmFailed("hv-unreachable", str(exc)) from None
 
 
 async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:
@@ -121,7 +88,7 @@ async def _secure(uv, svm, req) -> pb.UvEsmResponse:
         raise EsmFailed(f"blob-{bad.reason}") from None
     # H_SVM_INIT_DONE succeeds again when repeated, so a lost answer is asked for again: giving
     # up would abort an SVM the HV may already hold as secure.
-    resp = await hcall_until_answered(uv, svm, "H_SVM_INIT_DONE", hpb.HSvmInitDoneRequest(lpid=lpid),
+    resp = await hv.hcall_until_answered(uv, svm, "H_SVM_INIT_DONE", hpb.HSvmInitDoneRequest(lpid=lpid),
                                       uv.cfg.hcall_timeout_s)
     if resp is None or svm.destroyed:
         raise EsmFailed("terminated")
@@ -240,7 +207,7 @@ async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmRe
     trace = common_pb2.Trace(abort_issued_unix_ns=svm.abort_issued_ns)
     request = hpb.HSvmInitAbortRequest(lpid=lpid, srr0=resume_at, srr1_msr_s=False, trace=trace, token=token)
     t0 = time.perf_counter()
-    resp = await hcall_until_answered(uv, svm, "H_SVM_INIT_ABORT", request, uv.cfg.abort_attempt_timeout_s)
+    resp = await hv.hcall_until_answered(uv, svm, "H_SVM_INIT_ABORT", request, uv.cfg.abort_attempt_timeout_s)
     if resp is None:
         # the HV finished the abort (its UV_SVM_TERMINATE arrived) but its answer was lost
         uv.metrics.abort_seconds.labels("terminated-by-hv").observe(time.perf_counter() - t0)

@@ -57,7 +57,7 @@ class UvMetrics(ServiceMetrics):
             "by SVM state.",
             ["state"], buckets=LATENCY_BUCKETS, registry=r)
         self.page_counters("uv", "through the UV", ("in", "out", "shared"))
-        # no "hv-unreachable": the UV asks again until an HV answers (esm.hcall_until_answered);
+        # no "hv-unreachable": the UV asks again until an HV answers (hv.hcall_until_answered);
         # an HV that never does shows in pefsim_uv_hcall_unanswered_seconds, not here
         self.zero(self.abort_seconds, "resumed-by-hv", "returned-to-uv", "refused", "terminated-by-hv")
         self.zero(self.esm_seconds, "secure", "aborted")

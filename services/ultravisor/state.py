@@ -306,7 +306,7 @@ class Svm:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     destroyed: bool = False
     esm_task: Any = None  # the ESM context (esm.py) while it runs
-    unanswered: tuple[str, int] | None = None  # (hcall, first attempt ns) while esm.hcall_until_answered asks
+    unanswered: tuple[str, int] | None = None  # (hcall, first attempt ns) while hv.hcall_until_answered asks
 
     def pages_of(self, gfn: int) -> SlotPages | None:
         """The pages of the slot holding ``gfn`` (None: no slot does)."""

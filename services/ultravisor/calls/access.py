@@ -16,7 +16,7 @@ from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, R
                         gfn_of, gpa_of)
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
 from services.ultravisor.calls.share import _h_page_in
-from services.ultravisor.esm import EsmFailed, hcall
+from services.ultravisor.hv import HvUnreachable, hcall
 from services.ultravisor.state import NoSlot
 
 MAX_ACCESS_PAGES = 64  # pages per SvmLoad (4 MiB answers)
@@ -51,7 +51,7 @@ async def _resolve(uv, svm, gfn: int):
 async def _hv(uv, name: str, request):
     try:
         resp = await hcall(uv, name, request)
-    except EsmFailed:
+    except HvUnreachable:
         raise AccessFault(U.U_RETRY) from None
     if resp.errno != Errno.OK:
         raise AccessFault(U.U_P2)
@@ -107,7 +107,7 @@ async def uv_evict_page(uv, req: pb.UvEvictPageRequest, caller) -> pb.UvEvictPag
     try:
         resp = await hcall(uv, "H_SVM_PAGE_OUT", hpb.HSvmPageOutRequest(
             lpid=req.lpid, guest_pa=req.gpa, flags=0, order=PAGE_SHIFT))
-    except EsmFailed:
+    except HvUnreachable:
         return pb.UvEvictPageResponse(rc=H.H_HARDWARE)
     return pb.UvEvictPageResponse(rc=resp.rc)
 

@@ -20,7 +20,7 @@ import functools
 
 from pefsim.abi import PAGE_SHIFT, GpfState, H, PageInFlag, U, gpa_of
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
-from services.ultravisor.esm import EsmFailed, hcall
+from services.ultravisor.hv import HvUnreachable, hcall
 from services.ultravisor.state import NoSlot
 
 SHARE_PAGE_IN_TRIES = 4
@@ -46,7 +46,7 @@ async def _h_page_in(uv, lpid: int, gfn: int, flags: int) -> int:
     try:
         return (await hcall(uv, "H_SVM_PAGE_IN", hpb.HSvmPageInRequest(
             lpid=lpid, guest_pa=gpa_of(gfn), flags=flags, order=PAGE_SHIFT))).rc
-    except EsmFailed:
+    except HvUnreachable:
         return H.H_HARDWARE  # HV unreachable: the share fails like a refused page-in
 
 
