@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from pefsim.backoff import Backoff
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim import faults, rpc
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, U, VcpuState, gpa_of, rc_name
@@ -146,16 +147,15 @@ class GuestProgram:
     async def _hv(self, name: str, request):
         """A call to the HV; while the HV cannot be reached (restarting, frozen) the guest waits
         and asks again, for up to hv_wait_s."""
-        deadline, delay = time.monotonic() + self.cfg.hv_wait_s, 0.05
+        backoff = Backoff(cap=1.0, within=self.cfg.hv_wait_s)
         while True:
             try:
                 resp = await getattr(self.hv.stub, name)(request, timeout=10, wait_for_ready=True)
                 break
             except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRY_CODES or time.monotonic() > deadline:
+                if exc.code() not in RETRY_CODES or backoff.expired:
                     raise GuestFailure(f"{name}: HV unreachable ({exc.code().name})") from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await backoff.wait()
         errno = getattr(resp, "errno", Errno.OK)
         if errno != Errno.OK:
             raise GuestFailure(f"{name}: {Errno(errno).name}")
@@ -332,24 +332,23 @@ class GuestProgram:
     async def hold_session(self) -> None:
         """Hold the VM's session at the HV (QEMU's VM fd) for as long as the VM lives; after an
         HV restart reconnect, for up to hv_wait_s."""
-        delay, deadline = 0.05, None
+        backoff = None  # from the first failure after the session was last held
         while True:
             try:
                 async for event in self.hv.stub.VmSession(hpb.VmSessionRequest(lpid=self.lpid)):
                     if event.errno != Errno.OK:
                         self.event(f"VM session refused: {Errno(event.errno).name}")
                         return
-                    deadline, delay = None, 0.05
+                    backoff = None
                 return  # the HV ended the session: the VM was destroyed
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.CANCELLED:
                     return
-                deadline = deadline or time.monotonic() + self.cfg.hv_wait_s
-                if time.monotonic() > deadline:
+                backoff = backoff or Backoff(cap=1.0, within=self.cfg.hv_wait_s)
+                if backoff.expired:
                     self.event(f"HV gone for {self.cfg.hv_wait_s} s: giving up the VM session")
                     return
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await backoff.wait()
 
     async def close(self) -> None:
         if self.session is not None:

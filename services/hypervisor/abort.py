@@ -32,6 +32,7 @@ import time
 import grpc
 
 from pefsim import faults
+from pefsim.backoff import Backoff
 from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest, U, rc_name
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb
 from services.hypervisor import bulk, uv
@@ -49,7 +50,7 @@ class AbortCancelled(Exception):
 
 async def persist(hv, vm, fn, what: str):
     """Run a ucall until it gets an answer; raise AbortCancelled if the VM goes away meanwhile."""
-    delay = 0.05
+    backoff = Backoff()
     while True:
         if vm.destroyed or vm.dying or vm.failed:
             raise AbortCancelled(vm.lpid)
@@ -58,9 +59,8 @@ async def persist(hv, vm, fn, what: str):
         except UvReset:
             raise AbortCancelled(vm.lpid) from None
         except UvUnreachable:
-            log.warning("lpid %d: %s: UV unreachable, asking again in %.2f s", vm.lpid, what, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            log.warning("lpid %d: %s: UV unreachable, asking again in %.2f s", vm.lpid, what, backoff.delay)
+            await backoff.wait()
 
 
 def running(vm) -> asyncio.Future | None:
@@ -227,8 +227,7 @@ async def page_out_all(hv, vm) -> int:
 async def resume_vcpu(hv, vm, journal: dict) -> str:
     """HRFID into the guest: deliver H_PARAMETER to the vCPU waiting after its `sc 2`, asking
     again while the guest cannot be reached (for up to resume_retry_s)."""
-    deadline = time.monotonic() + hv.cfg.resume_retry_s
-    delay = 0.05
+    backoff = Backoff(within=hv.cfg.resume_retry_s)
     request = guest_pb2.VcpuResumeRequest(
         lpid=vm.lpid, r3=H.H_PARAMETER, msr_s=False, nip=journal["srr0"], resumed_by=Role.ROLE_HV,
         trace=common_pb2.Trace(abort_issued_unix_ns=journal["trace_ns"]), token=journal["token"])
@@ -239,12 +238,11 @@ async def resume_vcpu(hv, vm, journal: dict) -> str:
             resp = await hv.vcpu(vm).stub.VcpuResume(request, timeout=5, wait_for_ready=True)
             break
         except grpc.aio.AioRpcError as exc:
-            if time.monotonic() > deadline:
+            if backoff.expired:
                 log.error("lpid %d: guest vCPU unreachable (%s); giving up the resume", vm.lpid,
                           exc.code().name)
                 return "guest-unreachable"
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
+            await backoff.wait()
     if faults.mutant("hv-double-resume"):
         request.token += 1
         await hv.vcpu(vm).stub.VcpuResume(request, timeout=5)

@@ -4,13 +4,13 @@ failure is HvUnreachable, and an hcall whose effect is idempotent can be made un
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
 import grpc
 
 from pefsim import rpc
+from pefsim.backoff import Backoff
 
 log = logging.getLogger("pefsim.uv.hv")
 
@@ -40,7 +40,7 @@ async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
     (the HV died, froze or is cut off) leaves it unknown whether the HV acted, so the call is
     made again, backing off up to 2 s. Returns the answer, or None once the SVM is terminated
     (the HV finished the work and its answer was lost)."""
-    delay, attempts = 0.05, 0
+    backoff, attempts = Backoff(), 0
     svm.unanswered = (name, time.time_ns())  # UvStatus and pefsim_uv_hcall_unanswered_seconds
     try:
         while not svm.destroyed:
@@ -51,9 +51,8 @@ async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
                 attempts += 1
                 uv.metrics.hcall_retries.labels(name).inc()
                 log.error("lpid %d: %s attempt %d failed in transport (%s); the SVM keeps its pages; "
-                          "asking again in %.2f s", svm.lpid, name, attempts, exc.code().name, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                          "asking again in %.2f s", svm.lpid, name, attempts, exc.code().name, backoff.delay)
+                await backoff.wait()
         return None
     finally:
         svm.unanswered = None
