@@ -158,6 +158,9 @@ class Call:
     family: Any = None  # enum of the result values (H, U, Errno): names for logs and metrics
     results: frozenset = frozenset()  # what the handler itself may answer (beyond the checks)
     owned: bool = False  # a guest may make it only for its own VM / SVM (the dispatcher's owner_of)
+    # more fields of an answer the checks give (not the handler), from the request: UV_ESM's
+    # refusal is the vCPU's return from `sc 2` and says so
+    refusal: Callable[[Any], dict] | None = None
     request_codec: Callable[[bytes], Any] | None = None  # raw frames instead of protobuf
     response_codec: Callable[[Any], bytes] | None = None
 
@@ -630,6 +633,11 @@ class Dispatcher:
                 raise StateChanged(rc, state)
             yield
 
+    @staticmethod
+    def refusal(call: Call, resp_cls: Any, request: Any, rc: int) -> Any:
+        """The answer a check gives: the result, and what the call's row adds (Call.refusal)."""
+        return resp_cls(**{call.result: rc}, **(call.refusal(request) if call.refusal else {}))
+
     async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
                        context: grpc.aio.ServicerContext | None = None) -> Any:
         t0 = time.perf_counter()
@@ -651,11 +659,11 @@ class Dispatcher:
                 finally:
                     self.observer.call_running(call.name, -1)
             else:
-                response = resp_cls(**{call.result: rc})
+                response = self.refusal(call, resp_cls, request, rc)
         except StateChanged as changed:
             if call.result is None:
                 raise
-            response, state = resp_cls(**{call.result: changed.rc}), changed.state
+            response, state = self.refusal(call, resp_cls, request, changed.rc), changed.state
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in pefsim: log it whole and say so to the caller

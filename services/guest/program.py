@@ -200,7 +200,9 @@ class GuestProgram:
         else:
             self.report.outcome = "aborted" if res.r3 == H.H_PARAMETER else "failed"
             where = "" if res.nip == self.sc2_nip else f" at WRONG address 0x{res.nip:x}"
-            self.event(f"UV_ESM failed: {rc_name(res.r3, H)}, resumed by {Role(res.by).name} "
+            # a ucall's result in R3 is a U_* code; the HV's HRFID after an abort carries H_PARAMETER
+            family = H if res.by == Role.ROLE_HV else U
+            self.event(f"UV_ESM failed: {rc_name(res.r3, family)}, resumed by {Role(res.by).name} "
                        f"as a normal VM{where}")
             if res.nip != self.sc2_nip:
                 self.report.detail = f"resumed at 0x{res.nip:x}, expected 0x{self.sc2_nip:x}"
@@ -245,7 +247,7 @@ class GuestProgram:
             self.resume(Resume(r3=resp.rc, msr_s=resp.msr_s, nip=resp.nip, by=Role.ROLE_UV,
                                abort_issued_ns=resp.trace.abort_issued_unix_ns, token=resp.token))
         else:
-            self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, H)}): "
+            self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, U)}): "
                        "control went to the HV")
 
     # -- memory ---------------------------------------------------------------------------------

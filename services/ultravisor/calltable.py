@@ -36,7 +36,9 @@ def _ra_ok(ra: int) -> bool:
 
 
 CALLS = [
-    Call("UV_ESM", svm.uv_esm, SVM, U.U_PERMISSION, opcode=Ucall.UV_ESM, family=U, checks=(
+    # a UV_ESM the checks refuse returns to the caller in R3 at once (resumed): no HV owes it a resume
+    Call("UV_ESM", svm.uv_esm, SVM, U.U_PERMISSION, opcode=Ucall.UV_ESM, family=U,
+         refusal=lambda r: {"resumed": True, "msr_s": False, "nip": r.vcpu.nip}, checks=(
         Check("kbase", lambda r: r.kbase != 0, U.U_P2, "kbase is 0"),
         Check("fdt", lambda r: r.fdt != 0, U.U_P3, "fdt is 0"),
         Check("lpid", lambda r: r.vcpu.lpid != 0, U.U_PERMISSION, "caller LPID is 0 (the HV)"),
