@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,7 +226,33 @@ class Hypervisor:
         self.history.close()
 
 
+class DataDirBusy(SystemExit):
+    """Another HV holds this data directory."""
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold ``data_dir/hv.lock`` (flock) for the process's life: two HVs on one data directory
+    would each rebuild, journal and scrub the same VMs' files under the other. The lock goes with
+    the process, kill -9 included. Returns the descriptor (kept open); a held lock exits with a
+    one-line message naming the holder."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / "hv.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DataDirBusy(f"pefsim-hv: {data_dir} is in use by an HV (pid {holder}); "
+                          "give each HV its own --data-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 async def build_server(cfg: HvConfig) -> tuple[grpc.aio.Server, int, Hypervisor]:
+    lock_data_dir(Path(cfg.data_dir))  # held until the process ends
     hv = Hypervisor(cfg)
     hv.recover()
     server, port = await rpc.start_server(cfg.listen, [hv.dispatcher.generic_handler()], "pefsim.v1.HypervisorService",
