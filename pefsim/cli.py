@@ -32,6 +32,23 @@ def _stack_args(ap: argparse.ArgumentParser) -> None:
                          "default) or returns to the UV (the v10 proposal)")
 
 
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0 (pick a free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= port <= 0xFFFF:
+        raise argparse.ArgumentTypeError(f"not a port: {port} (0 picks a free one; at most 65535)")
+    return port
+
+
+def _interrupted(signum, _frame):
+    """SIGTERM / SIGHUP (a closed terminal, `timeout`, a CI cancel) stop a command the way Ctrl-C
+    does: its cleanup runs and stops every service it started."""
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def _stack_config(a, **kw):
     from pefsim.stack import StackConfig
 
@@ -120,8 +137,8 @@ def cmd_up(a) -> int:
             nonlocal stop
             stop = True
 
-        signal.signal(signal.SIGINT, _stop)
-        signal.signal(signal.SIGTERM, _stop)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _stop)
         while not stop:
             dead = [n for n, p in stack.procs.items() if not p.alive]
             if dead:
@@ -253,8 +270,8 @@ def main(argv=None) -> int:
     _stack_args(p)
     p.add_argument("--guests", type=int, default=2, help="secure guests to boot (default 2)")
     p.add_argument("--mem-mib", type=float, default=4.0, help="memory per guest (default 4 MiB)")
-    p.add_argument("--uv-port", type=int, default=0, help="UV port (default: a free one)")
-    p.add_argument("--hv-port", type=int, default=0, help="HV port (default: a free one)")
+    p.add_argument("--uv-port", type=_port, default=0, help="UV port (default: a free one)")
+    p.add_argument("--hv-port", type=_port, default=0, help="HV port (default: a free one)")
     p.add_argument("--prometheus", action="store_true",
                    help="also start a local Prometheus (Debian's package) scraping the stack")
     p.add_argument("--prometheus-port", type=int, default=0, help="its port (default: a free one)")
@@ -324,13 +341,21 @@ def main(argv=None) -> int:
     p.add_argument("--tamper", action="append", default=[], help="wrong digest for an item (tests)")
     p.set_defaults(func=cmd_blob)
     a = ap.parse_args(argv)
+    if getattr(a, "uv_port", 0) and a.uv_port == getattr(a, "hv_port", 0):
+        ap.error(f"--uv-port and --hv-port are both {a.uv_port}: give each service its own")
     from pefsim.stack import StackTlsMissing
 
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupted)
     try:
         return a.func(a)
     except StackTlsMissing as exc:  # its message says what is missing and what to do: no traceback
         print(f"pefsim {a.cmd}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:
+        print(f"pefsim {a.cmd}: interrupted{f' ({exc})' if str(exc) else ''}; every service it started is stopped",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

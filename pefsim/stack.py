@@ -142,7 +142,8 @@ class LocalStack:
 
     def __init__(self, cfg: StackConfig):
         self.cfg = cfg
-        self.run_dir = Path(cfg.run_dir)
+        # absolute: the services start with the package root as their working directory
+        self.run_dir = Path(cfg.run_dir).resolve()
         self.procs: dict[str, Proc] = {}
         self.uv_addr = self.hv_addr = ""
         self.key_dir = self.run_dir / "keys"

@@ -83,3 +83,50 @@ def test_keys_and_blob_commands(tmp_path):
 def test_bad_memory_size_is_a_clear_error():
     out = pefsim("demo", "--mem-mib", "0.01")
     assert out.returncode != 0 and "multiple of 64 KiB" in out.stderr
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_relative_run_dir_works(tmp_path):
+    """`pefsim demo --run-dir rd` from another directory: the services (which start in the package
+    root) find rd's certificates and keys, because every path is resolved before they start."""
+    out = subprocess.run([sys.executable, "-m", "pefsim", "demo", "--json", "--mem-mib", "1", "--run-dir", "rd"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(g["memory_intact"] for g in json.loads(out.stdout)["guests"])
+    assert (tmp_path / "rd" / "stack.json").exists()
+
+
+def test_sigterm_stops_every_service_it_started(tmp_path):
+    """SIGTERM (a closed terminal, `timeout`, a CI cancel) stops `pefsim demo` as Ctrl-C does:
+    exit 130 and no UV, HV or guest left running."""
+    run_dir = tmp_path / "run"
+    demo = subprocess.Popen([sys.executable, "-m", "pefsim", "demo", "--mem-mib", "1", "--run-dir", str(run_dir)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        stack_file, deadline = run_dir / "stack.json", time.monotonic() + 60
+        while time.monotonic() < deadline and not (stack_file.exists()
+                                                   and len(json.loads(stack_file.read_text())["pids"]) >= 3):
+            assert demo.poll() is None, demo.stdout.read()
+            time.sleep(0.05)  # a bounded poll for the services to be up
+        pids = list(json.loads(stack_file.read_text())["pids"].values())
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 130
+        assert "interrupted" in demo.stdout.read()
+        assert [p for p in pids if _alive(p)] == []
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+
+
+def test_ports_are_checked():
+    for args in (("--uv-port", "99999"), ("--uv-port", "7300", "--hv-port", "7300"), ("--hv-port", "x")):
+        out = pefsim("up", *args, timeout=30)
+        assert out.returncode == 2 and "port" in out.stderr, out.stderr
