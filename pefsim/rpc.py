@@ -417,10 +417,6 @@ class Dispatcher:
         for call in self.calls.values():
             self.observer.prepare_call(call.name, possible_results(call, state_table))
 
-    @property
-    def max_inflight(self) -> int:
-        return self.admission.max_calls
-
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
         for method in self.descriptor.methods:
@@ -440,8 +436,9 @@ class Dispatcher:
 
     @contextlib.asynccontextmanager
     async def _admitted(self, call: Call, caller: "Caller", context):
-        """Hold one of the caller's call slots for the call's life; a refusal is the call's gRPC
-        status (and a history line)."""
+        """Hold one of the caller's call slots for the call's life. Every refusal of the admission
+        bounds (too many calls, no room for a request's bytes, no request in time: Refused, from
+        here or from _read) becomes the call's gRPC status, a refusal metric and a history line."""
         try:
             async with self.admission.admit(Admission.key_of(caller)) as ticket:
                 yield ticket
@@ -449,16 +446,13 @@ class Dispatcher:
             self.observer.observe_refused(call.name, refused.reason)
             self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
                                 refused=refused.why)
-            await context.abort(refused.code, f"{caller.role_name} {caller.name}: {refused.why}")
+            await context.abort(refused.code, f"{call.name}: {caller.role_name} {caller.name}: {refused.why}")
 
     async def _read(self, call: Call, ticket: _Ticket, context, first: bool) -> Any:
         """The call's next request message (grpc.aio.EOF when the caller is done sending), read
-        under a byte reservation; the first one must arrive within the admission's wait."""
-        try:
-            await ticket.reserve()
-        except Refused as refused:
-            self.observer.observe_refused(call.name, refused.reason)
-            await context.abort(refused.code, f"{call.name}: {refused.why}")
+        under a byte reservation; the first one must arrive within the admission's wait (else
+        Refused, which _admitted answers)."""
+        await ticket.reserve()
         try:
             if first:
                 async with asyncio.timeout(self.admission.wait_s):
@@ -466,9 +460,8 @@ class Dispatcher:
             else:
                 got = await context.read()
         except TimeoutError:
-            self.observer.observe_refused(call.name, "arrival")
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"{call.name}: no request within {self.admission.wait_s:g} s")
+            raise Refused(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no request within {self.admission.wait_s:g} s", "arrival") from None
         if got is grpc.aio.EOF:
             ticket.release()
             if first:
@@ -511,7 +504,7 @@ class Dispatcher:
                     if call.result is None:
                         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                             f"{call.name}: {result_name(call, rc)}")
-                    yield resp_cls(**{call.result: rc})
+                    yield self.refusal(call, resp_cls, request, rc)
                     return
                 async with self._streaming(call, caller, request, context, t0):
                     async for item in call.handler(self.service, request, caller):

@@ -9,6 +9,7 @@ import re
 from pefsim.abi import PAGE_SHIFT, Errno, Role, SecureGuest, U, VmState
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb
 from services.hypervisor import uv
+from services.hypervisor.errors import NoSpace
 from services.hypervisor.state import MAX_SLOT_ID
 
 log = logging.getLogger("pefsim.hv")
@@ -40,6 +41,19 @@ def owner_of_caller(caller) -> str:
     return caller.name if caller.role == Role.ROLE_GUEST else ""
 
 
+def over_quota(hv, owner: str, vms: int, pages: int) -> bool:
+    """Whether ``vms`` more VMs and ``pages`` more pages of guest memory would take ``owner`` past
+    --max-vms-per-owner or --max-pages-per-owner (CreateVm and SetMemslot answer ENOMEM)."""
+    mine = hv.state.owned_by(owner)
+    held = sum(vm.npages for vm in mine)
+    if (vms and len(mine) + vms > hv.cfg.max_vms_per_owner) or held + pages > hv.cfg.max_pages_per_owner:
+        log.warning("%s refused %d more VMs / %d more pages: holds %d VMs, %d pages (quota %d VMs, %d pages)",
+                    owner or "the operators", vms, pages, len(mine), held, hv.cfg.max_vms_per_owner,
+                    hv.cfg.max_pages_per_owner)
+        return True
+    return False
+
+
 async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
     """KVM_CREATE_VM plus the memslots. EINVAL for bad slots or a vCPU endpoint that is not a
     plain host:port; ENOMEM when the owner already holds its quota of VMs or of pages
@@ -47,19 +61,15 @@ async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
     if not req.memslots or not _slots_valid(req.memslots) or not endpoint_ok(req.vcpu_endpoint):
         return pb.CreateVmResponse(errno=Errno.EINVAL)
     owner = owner_of_caller(caller)
-    mine = hv.state.owned_by(owner)
-    if (len(mine) >= hv.cfg.max_vms_per_owner
-            or sum(vm.npages for vm in mine) + sum(s.npages for s in req.memslots) > hv.cfg.max_pages_per_owner):
-        log.warning("CreateVm by %s refused: %d VMs held (quota %d VMs, %d pages)", owner or "an operator",
-                    len(mine), hv.cfg.max_vms_per_owner, hv.cfg.max_pages_per_owner)
+    if over_quota(hv, owner, vms=1, pages=sum(s.npages for s in req.memslots)):
         return pb.CreateVmResponse(errno=Errno.ENOMEM)
     vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable, owner)
     try:
         for s in req.memslots:
             hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
-    except OSError as exc:  # NoSpace (errno ENOSPC) when the disk cannot hold it: nothing of the VM stays
+    except OSError as exc:  # nothing of a half-made VM stays; the disk being full is ENOSPC
         hv.state.destroy_vm(vm)
-        if exc.errno != Errno.ENOSPC:
+        if not isinstance(exc, NoSpace):
             raise
         return pb.CreateVmResponse(errno=Errno.ENOSPC)
     log.info("lpid %d created for %s: %d pages", vm.lpid, vm.name, vm.npages)
@@ -167,13 +177,11 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
             return pb.SetMemslotResponse(errno=Errno.EEXIST)
         if not _slots_valid(list(_infos(vm)) + [s]):
             return pb.SetMemslotResponse(errno=Errno.EINVAL)
-        if sum(v.npages for v in hv.state.owned_by(vm.owner)) + s.npages > hv.cfg.max_pages_per_owner:
-            return pb.SetMemslotResponse(errno=Errno.ENOMEM)  # the owner's quota, as for CreateVm
+        if over_quota(hv, vm.owner, vms=0, pages=s.npages):
+            return pb.SetMemslotResponse(errno=Errno.ENOMEM)
         try:
             slot = hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
-        except OSError as exc:  # NoSpace (errno ENOSPC): add_slot left nothing of the slot behind
-            if exc.errno != Errno.ENOSPC:
-                raise
+        except NoSpace:  # add_slot left nothing of the slot behind
             return pb.SetMemslotResponse(errno=Errno.ENOSPC)
         if vm.secure_guest != 0:
             if await uv.register_slot(hv, vm, slot) != U.U_SUCCESS:
