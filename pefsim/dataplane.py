@@ -63,7 +63,7 @@ def decoder(header_cls, max_pages: int | None = None):
 #
 # A PageRef names one page or a run of ``count`` pages at consecutive addresses. Each page of a run
 # is still its own UV_PAGE_IN / UV_PAGE_OUT with its own result; a run only lets both sides check
-# and move its pages together (services/ultravisor/calls/page.py: page_in_run, page_out_run).
+# and move its pages together (services/ultravisor/core/page.py: page_in_run, page_out_run).
 
 MAX_FRAME_PAGES = 1024  # pages one PageInBatch may name
 # pages of data one request may carry (VcpuStore, SvmStore, a PageInBatch frame in the stream):

@@ -11,6 +11,10 @@ an answer arrived, LOSABLE) the process drops that answer as if the network had 
 on running: the caller takes the same path as for a transport failure. Unarmed points cost a
 dictionary lookup.
 
+In one process (services/local.py) a failpoint armed with ``=crash`` (``arm``) calls the crash
+hook it was armed with (which cancels every task of the service, as a kill would) and raises
+Crash where it is reached, so nothing after the point runs.
+
 Mutants. ``PEFSIM_MUTANTS=name,...`` turns on deliberate bugs, each breaking one invariant the
 chaos checkers test, so tests can show every checker catches a broken build. No mutant is on
 unless named.
@@ -20,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from typing import Callable
 
 log = logging.getLogger("pefsim.faults")
 
@@ -51,7 +56,13 @@ MUTANTS = {
 
 _counts: dict[str, int] = {}
 _armed: dict[str, tuple[int, str, str]] = {}  # point -> (hit number, VM name or "", an ACTIONS key)
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "lose": None}
+ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP, "lose": None, "crash": None}
+_crash_hooks: dict[str, Callable[[str], None]] = {}  # point -> what =crash calls (arm)
+
+
+class Crash(BaseException):
+    """Raised where a failpoint armed with ``=crash`` is reached: the in-process service crashed
+    there (a BaseException, so no ``except Exception`` of the service's code catches it)."""
 _mutants: set[str] = set()
 
 
@@ -65,27 +76,50 @@ def configure(failpoints: list[str] | None = None) -> None:
     """Arm failpoints from the command line and PEFSIM_FAILPOINTS; read PEFSIM_MUTANTS."""
     specs = list(failpoints or []) + [s for s in os.environ.get("PEFSIM_FAILPOINTS", "").split(",") if s]
     for spec in specs:
-        spec, _, action = spec.partition("=")
-        spec, _, who = spec.partition("@")
-        name, _, nth = spec.partition(":")
-        if name not in POINTS:
-            raise SystemExit(f"unknown failpoint {name!r}; known: {', '.join(POINTS)}")
-        if (action or "kill") not in ACTIONS:
-            raise SystemExit(f"failpoint {name}: unknown action {action!r}; known: {', '.join(ACTIONS)}")
-        if action == "lose" and name not in LOSABLE:
-            raise SystemExit(f"failpoint {name}: no answer to lose there; =lose works at {', '.join(sorted(LOSABLE))}")
-        nth = nth or "1"
-        if not (nth.isascii() and nth.isdecimal()) or int(nth) < 1:
-            raise SystemExit(f"failpoint {name}: the hit number must be a positive integer, not {nth!r}")
-        _armed[name] = (int(nth), who, action or "kill")
-        log.warning("failpoint armed: %s at hit %d%s (%s)", name, _armed[name][0], f" of {who}" if who else "",
-                    "the answer will be dropped" if action == "lose"
-                    else f"the process will {ACTIONS[_armed[name][2]].name} itself")
+        _arm(spec)
     for name in filter(None, os.environ.get("PEFSIM_MUTANTS", "").split(",")):
         if name not in MUTANTS:
             raise SystemExit(f"unknown mutant {name!r}; known: {', '.join(MUTANTS)}")
         _mutants.add(name)
         log.warning("MUTANT ON: %s: %s", name, MUTANTS[name])
+
+
+def _arm(spec: str, in_process: bool = False) -> str:
+    """Arm one failpoint spec NAME[:N][@VM][=ACTION]; returns its name. SystemExit on a bad one."""
+    spec, _, action = spec.partition("=")
+    spec, _, who = spec.partition("@")
+    name, _, nth = spec.partition(":")
+    if name not in POINTS:
+        raise SystemExit(f"unknown failpoint {name!r}; known: {', '.join(POINTS)}")
+    if (action or "kill") not in ACTIONS:
+        raise SystemExit(f"failpoint {name}: unknown action {action!r}; known: {', '.join(ACTIONS)}")
+    if action == "crash" and not in_process:
+        raise SystemExit(f"failpoint {name}: =crash is for services run in one process (services/local.py)")
+    if action == "lose" and name not in LOSABLE:
+        raise SystemExit(f"failpoint {name}: no answer to lose there; =lose works at {', '.join(sorted(LOSABLE))}")
+    nth = nth or "1"
+    if not (nth.isascii() and nth.isdecimal()) or int(nth) < 1:
+        raise SystemExit(f"failpoint {name}: the hit number must be a positive integer, not {nth!r}")
+    _armed[name] = (int(nth), who, action or "kill")
+    log.warning("failpoint armed: %s at hit %d%s (%s)", name, _armed[name][0], f" of {who}" if who else "",
+                "the answer will be dropped" if action == "lose" else "the service will crash there"
+                if action == "crash" else f"the process will {ACTIONS[_armed[name][2]].name} itself")
+    return name
+
+
+def arm(spec: str, on_crash: Callable[[str], None] | None = None) -> None:
+    """Arm a failpoint in this process (tests, services/local.py); with ``=crash``, ``on_crash``
+    is called with the point's name where it is reached, then Crash is raised there."""
+    name = _arm(spec, in_process=True)
+    _counts.pop(name, None)
+    if on_crash is not None:
+        _crash_hooks[name] = on_crash
+
+
+def disarm(name: str) -> None:
+    _armed.pop(name, None)
+    _counts.pop(name, None)
+    _crash_hooks.pop(name, None)
 
 
 def reach(name: str, who: str = "") -> bool:
@@ -100,10 +134,15 @@ def reach(name: str, who: str = "") -> bool:
     if _counts[name] != nth:
         return False
     log.warning("failpoint %s hit %d: %s", name, _counts[name],
-                {"kill": "killing this process", "stop": "stopping until SIGCONT",
+                {"kill": "killing this process", "stop": "stopping until SIGCONT", "crash": "crashing the service",
                  "lose": "dropping the answer as if lost in transport"}[action])
     if action == "lose":
         return True
+    if action == "crash":
+        hook = _crash_hooks.get(name)
+        if hook is not None:
+            hook(name)
+        raise Crash(name)
     if action == "kill":
         logging.shutdown()
     os.kill(os.getpid(), ACTIONS[action])

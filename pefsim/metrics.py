@@ -15,7 +15,7 @@ from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Pla
                                start_http_server)
 
 from pefsim.abi import PAGE_SIZE
-from pefsim.rpc import CallObserver
+from pefsim.calltable import CallObserver
 
 # From 0.5 ms to about 35 minutes, doubling: resolves a 16-page abort (milliseconds) and a
 # 64 Ki-page one (minutes over per-page unary calls) alike.

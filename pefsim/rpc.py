@@ -1,33 +1,31 @@
-"""gRPC plumbing shared by the three services: call tables, the dispatcher, channels, servers.
+"""The gRPC adapter's plumbing shared by the three services: the dispatcher, admission, channels,
+servers.
 
-A service declares its calls once, in its ``calltable.py``: one :class:`Call` row per RPC (who may
-make it, the argument checks in the ABI's order, where the state check falls in that order, the
-handler) and one allowed-calls-per-state table. The :class:`Dispatcher` turns those rows into gRPC
-method handlers; the conformance tests read the same rows.
-
-Two error channels stay apart:
+A service's calls are declared and run by its call table (pefsim/calltable.py, no transport); the
+:class:`Dispatcher` serves that table over gRPC. Two error channels stay apart:
 
 * a PEF result (``rc``: H_* / U_* values, or ``errno`` for the HV control surface) always travels
   inside a successful RPC response;
 * gRPC status codes mean transport trouble (UNAVAILABLE, DEADLINE_EXCEEDED), a caller that never
-  reached a handler (UNAUTHENTICATED), or a bug in pefsim (INTERNAL, with the traceback logged).
+  reached a handler (UNAUTHENTICATED), the admission bounds (RESOURCE_EXHAUSTED), a caller the
+  call is not for (PERMISSION_DENIED), or a bug in pefsim (INTERNAL, with the traceback logged).
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import ctypes
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable
 
 import grpc
+from grpc._cython import cygrpc
 
-from pefsim.abi import PAGE_SIZE, Role, rc_name
+from pefsim.abi import PAGE_SIZE, Role
+from pefsim.calltable import Call, CallTable, Caller, Denied, NoResult, ROLE_NAMES, check_call_table, result_name
 from pefsim.dataplane import MAX_DATA_PAGES
 
 log = logging.getLogger("pefsim.rpc")
@@ -112,74 +110,6 @@ def with_overrides(options: list[tuple[str, Any]], raw: str | None = None) -> li
 
 
 
-class _Allow:
-    def __repr__(self) -> str:
-        return "ALLOW"
-
-
-ALLOW: Any = _Allow()
-"""A state-table cell: the call proceeds to its handler in this state."""
-
-
-class _StateCheck:
-    def __repr__(self) -> str:
-        return "STATE"
-
-
-STATE: Any = _StateCheck()
-
-DENIED: Any = object()
-"""A precheck result: the caller may not make this call (no PEF result; PERMISSION_DENIED)."""
-"""Marks where, in a call's ordered checks, the allowed-calls-per-state table is consulted."""
-
-
-@dataclass(frozen=True)
-class Check:
-    """One argument check of a call, in the order the ABI's code performs it."""
-
-    arg: str  # the argument, as the ABI names it (R4 lpid, order, ...)
-    ok: Callable[[Any], bool]
-    rc: int  # the result when ``ok(request)`` is false
-    why: str  # one line for logs and docs/conformance.md
-
-
-@dataclass(frozen=True)
-class Call:
-    """One row of a service's call table."""
-
-    name: str  # the RPC name; for ucalls and hcalls exactly the ABI name
-    handler: Callable[..., Awaitable[Any]]  # async handler(service, request, caller) -> response
-    callers: frozenset  # roles that may make the call
-    wrong_caller: int | None  # result for any other caller (U_PERMISSION, ...); None: the call
-    # is not the caller's to make at all and it gets gRPC PERMISSION_DENIED
-    checks: tuple = (STATE,)  # ordered; STATE is the state table's turn
-    opcode: int | None = None  # Ucall/Hcall number, None for non-ABI RPCs
-    result: str | None = "rc"  # response field with the PEF result ("rc", "errno"; None: none)
-    family: Any = None  # enum of the result values (H, U, Errno): names for logs and metrics
-    results: frozenset = frozenset()  # what the handler itself may answer (beyond the checks)
-    owned: bool = False  # a guest may make it only for its own VM / SVM (the dispatcher's owner_of)
-    # more fields of an answer the checks give (not the handler), from the request: UV_ESM's
-    # refusal is the vCPU's return from `sc 2` and says so
-    refusal: Callable[[Any], dict] | None = None
-    request_codec: Callable[[bytes], Any] | None = None  # raw frames instead of protobuf
-    response_codec: Callable[[Any], bytes] | None = None
-
-
-@dataclass(frozen=True)
-class Caller:
-    role: int
-    name: str = ""
-    # the guest a UV or HV call serves (ON_BEHALF_HEADER), believed only from those two roles:
-    # each such guest is an identity of its own for the admission bounds, and an owned call the
-    # UV makes for one guest cannot touch another's VM
-    on_behalf: str = ""
-
-    @property
-    def role_name(self) -> str:
-        return Role(self.role).name
-
-
-ROLE_NAMES = {"uv": Role.ROLE_UV, "hv": Role.ROLE_HV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR}
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
@@ -200,33 +130,6 @@ def caller_of(context: grpc.aio.ServicerContext) -> Caller:
             role_value = Role.ROLE_UNSPECIFIED
     on_behalf = md.get(ON_BEHALF_HEADER, "") if role_value in (Role.ROLE_UV, Role.ROLE_HV) else ""
     return Caller(int(role_value), name, on_behalf)
-
-
-def request_lpid(request: Any) -> int | None:
-    """The lpid a request is about (its own field, or the calling vCPU's LPIDR)."""
-    lpid = getattr(request, "lpid", None)
-    if lpid is not None:
-        return lpid
-    vcpu = getattr(request, "vcpu", None)
-    return None if vcpu is None else vcpu.lpid
-
-
-class History:
-    """Append-only JSON-lines record of every call a service served (for checkers and debugging)."""
-
-    def __init__(self, path: str | None, service: str):
-        self.service = service
-        self._fh = open(path, "a", buffering=1) if path else None
-
-    def record(self, **event: Any) -> None:
-        if self._fh is not None:
-            event = {"t": time.time(), "svc": self.service, **event}
-            self._fh.write(json.dumps(event, sort_keys=True) + "\n")
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 @dataclass(frozen=True)
@@ -251,34 +154,6 @@ def _received(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Received
         except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's malformed input
             return Received(Malformed(f"{type(exc).__name__}: {exc}"), len(data))
     return parse
-
-
-class StateChanged(Exception):
-    """Raised by Dispatcher.guard: the object's state, looked at again under its lock, no longer
-    allows the call; the call answers ``rc`` (the state table's cell for the new state)."""
-
-    def __init__(self, rc: int, state: Any):
-        super().__init__(f"state changed to {getattr(state, 'name', state)}")
-        self.rc, self.state = rc, state
-
-
-class CallObserver:
-    """Receives one observation per dispatched call (the service's metrics implement it)."""
-
-    def prepare_call(self, call: str, results: list[str]) -> None:
-        """Told once, at start, every result a call can give (so its series exist from zero)."""
-
-    def observe_call(self, call: str, result: str, seconds: float) -> None:  # pragma: no cover
-        pass
-
-    def observe_batch(self, call: str, result: str, count: int) -> None:
-        """``count`` pages of a bulk batch got ``result`` of ``call``."""
-
-    def call_running(self, call: str, delta: int) -> None:
-        """A handler of ``call`` started (+1) or ended (-1)."""
-
-    def observe_refused(self, call: str, reason: str) -> None:
-        """A call was turned away by the admission bounds (``reason``: calls, bytes, arrival)."""
 
 
 class Refused(Exception):
@@ -385,37 +260,33 @@ class _Ticket:
                 self.share.freed = None
 
 
+# what gRPC raises through a handler when the call was already aborted or its caller is gone:
+# the call's end, not a bug (no INTERNAL on top, no traceback)
+TRANSPORT_ERRORS = (grpc.aio.AbortError, cygrpc.BaseError)
+
+
 class Dispatcher:
-    """Runs a service's calls from its call table: admission, caller check, ordered checks, state
-    table, handler; then records the result in metrics and history.
+    """Serves a service's call table over gRPC: admission, reading the request, then the call run
+    by its CallTable (pefsim/calltable.py: caller, owner and ordered checks, state table, handler,
+    metrics, history), the same way for unary, server-streaming and bidi calls; Denied becomes
+    PERMISSION_DENIED, a bug INTERNAL (its traceback logged by the table).
 
     Every method is registered with gRPC as request-streaming, whatever its proto says (the wire
     format is the same): the dispatcher then sees a call when its headers arrive, admits it
     against its identity's bounds (Admission) and reads the request itself, with a deadline for
-    its arrival and a reservation of the bytes it may take. Unary, server-streaming and bidi calls
-    all go through that one path."""
+    its arrival and a reservation of the bytes it may take."""
 
-    def __init__(self, *, service: Any, service_descriptor: Any, pb2: Any, calls: Iterable[Call],
-                 state_table: Mapping[str, Mapping[Any, Any]],
-                 state_of: Callable[[Any, Call, Any], Any] | None, observer: CallObserver,
-                 history: History, boot_id: str = "", owner_of: Callable[[Any, Any], str | None] | None = None,
+    def __init__(self, *, table: CallTable, service_descriptor: Any, pb2: Any, boot_id: str = "",
                  max_inflight_per_peer: int = MAX_INFLIGHT_PER_PEER,
-                 max_request_bytes_per_peer: int = MAX_REQUEST_BYTES_PER_PEER, absent_state: Any = None):
-        self.service = service
+                 max_request_bytes_per_peer: int = MAX_REQUEST_BYTES_PER_PEER):
+        self.table = table
+        table.passthrough = TRANSPORT_ERRORS
         self.descriptor = service_descriptor
         self.pb2 = pb2
-        self.calls = {c.name: c for c in calls}
-        self.state_table = state_table
-        self.state_of = state_of
-        self.observer = observer
-        self.history = history
+        self.calls = table.calls
         self.boot_id = boot_id
-        self.owner_of = owner_of
-        self.absent_state = absent_state  # the state of an lpid with no object (Dispatcher.recheck)
         self.admission = Admission(max_inflight_per_peer, max_request_bytes_per_peer)
-        check_call_table(service_descriptor, self.calls.values(), state_table)
-        for call in self.calls.values():
-            self.observer.prepare_call(call.name, possible_results(call, state_table))
+        check_call_table(service_descriptor, self.calls.values(), table.state_table)
 
     def generic_handler(self) -> grpc.GenericRpcHandler:
         handlers = {}
@@ -435,18 +306,29 @@ class Dispatcher:
         return grpc.method_handlers_generic_handler(self.descriptor.full_name, handlers)
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, call: Call, caller: "Caller", context):
-        """Hold one of the caller's call slots for the call's life. Every refusal of the admission
-        bounds (too many calls, no room for a request's bytes, no request in time: Refused, from
-        here or from _read) becomes the call's gRPC status, a refusal metric and a history line."""
+    async def _admitted(self, call: Call, caller: Caller, context):
+        """Hold one of the caller's call slots for the call's life, and turn what the call table
+        raises into gRPC statuses. Every refusal of the admission bounds (too many calls, no room
+        for a request's bytes, no request in time: Refused, from here or from _read) becomes the
+        call's status, a refusal metric and a history line."""
+        self._boot_trailer(context)
         try:
             async with self.admission.admit(Admission.key_of(caller)) as ticket:
                 yield ticket
         except Refused as refused:
-            self.observer.observe_refused(call.name, refused.reason)
-            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
-                                refused=refused.why)
+            self.table.observer.observe_refused(call.name, refused.reason)
+            self.table.history.record(call=call.name, caller=caller.role_name, who=caller.name,
+                                      refused=refused.why)
             await context.abort(refused.code, f"{call.name}: {caller.role_name} {caller.name}: {refused.why}")
+        except Denied as denied:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(denied))
+        except NoResult as refused:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"{call.name}: {result_name(call, refused.rc)}")
+        except (asyncio.CancelledError, *TRANSPORT_ERRORS):
+            raise
+        except Exception as exc:  # a bug in pefsim, logged whole by the table: say so to the caller
+            await context.abort(grpc.StatusCode.INTERNAL, f"{call.name}: {exc!r}")
 
     async def _read(self, call: Call, ticket: _Ticket, context, first: bool) -> Any:
         """The call's next request message (grpc.aio.EOF when the caller is done sending), read
@@ -478,80 +360,32 @@ class Dispatcher:
             caller = caller_of(context)
             async with self._admitted(call, caller, context) as ticket:
                 request = await self._read(call, ticket, context, first=True)
-                return await self.dispatch(call, resp_cls, request, caller, context)
+                return await self.table.run(call, resp_cls, request, caller)
 
         rpc.__name__ = call.name
         return rpc
 
     def _bind_stream(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
-        """A server-streaming call: the checks answer with one message carrying the result; a
-        call that passes them streams what its handler (an async generator) yields."""
         async def rpc(_requests: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
             async with self._admitted(call, caller, context) as ticket:
                 request = await self._read(call, ticket, context, first=True)
-                t0 = time.perf_counter()
-                self._boot_trailer(context)
-                rc, state = self.precheck(call, request, caller)
-                if rc is DENIED:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                        f"{call.name} is not for {caller.role_name}")
-                self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
-                                    lpid=request_lpid(request), state=None if state is None else state.name,
-                                    rc=0 if rc is None else int(rc), stream="start")
-                if rc is not None:
-                    self.observer.observe_call(call.name, result_name(call, rc), time.perf_counter() - t0)
-                    if call.result is None:
-                        await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                            f"{call.name}: {result_name(call, rc)}")
-                    yield self.refusal(call, resp_cls, request, rc)
-                    return
-                async with self._streaming(call, caller, request, context, t0):
-                    async for item in call.handler(self.service, request, caller):
-                        yield item
+                async for item in self.table.stream(call, resp_cls, request, caller):
+                    yield item
 
         rpc.__name__ = call.name
         return rpc
 
-    @contextlib.asynccontextmanager
-    async def _streaming(self, call: Call, caller: "Caller", request: Any, context, t0: float):
-        """A stream's handler running: counted in flight, observed in the call metrics when it
-        ends (OK), and a bug in it is INTERNAL with its traceback logged, as for a unary call."""
-        self.observer.call_running(call.name, 1)
-        try:
-            yield
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as exc:  # a bug in pefsim: log it whole and say so to the caller
-            log.exception("%s failed", call.name)
-            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
-                                lpid=None if request is None else request_lpid(request), error=repr(exc))
-            await context.abort(grpc.StatusCode.INTERNAL, f"{call.name}: {exc!r}")
-        else:
-            self.observer.observe_call(call.name, "OK" if call.result is None else result_name(call, 0),
-                                       time.perf_counter() - t0)
-        finally:
-            self.observer.call_running(call.name, -1)
-
     def _bind_bidi(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
-        """A bidirectional stream (the bulk data plane): only the caller is checked here; each
-        item the handler processes goes through the checks of the call it batches."""
         async def rpc(_requests: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
             async with self._admitted(call, caller, context) as ticket:
-                t0 = time.perf_counter()
-                self._boot_trailer(context)
-                if caller.role not in call.callers:
-                    await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                        f"{call.name} is not for {caller.role_name}")
-
                 async def requests():  # a stream's messages come when its sender has them: no arrival deadline
                     while (request := await self._read(call, ticket, context, first=False)) is not grpc.aio.EOF:
                         yield request
 
-                async with self._streaming(call, caller, None, context, t0):
-                    async for item in call.handler(self.service, requests(), caller):
-                        yield item
+                async for item in self.table.bidi(call, requests(), caller):
+                    yield item
 
         rpc.__name__ = call.name
         return rpc
@@ -559,185 +393,6 @@ class Dispatcher:
     def _boot_trailer(self, context) -> None:
         if context is not None and self.boot_id:
             context.set_trailing_metadata(((BOOT_ID_TRAILER, self.boot_id),))
-
-    def record_batch(self, name: str, batched: str, lpid: int, caller: Caller, rcs: list[int],
-                     state: Any) -> None:
-        """One history line per batch of a bulk call: how many pages got which result of the call
-        it batches (``batched``), and the state the batch saw."""
-        call = self.calls[batched]
-        counts: dict[str, int] = {}
-        for rc, n in collections.Counter(rcs).items():
-            key = result_name(call, rc)
-            counts[key] = counts.get(key, 0) + n
-        for key, n in counts.items():
-            self.observer.observe_batch(batched, key, n)
-        self.history.record(call=name, batches=batched, caller=caller.role_name, who=caller.name, lpid=lpid,
-                            state=None if state is None else state.name, pages=len(rcs), results=counts)
-
-    def precheck(self, call: Call, request: Any, caller: Caller) -> tuple[int | None, Any]:
-        """The result the checks give before any handler runs (None: go to the handler), and the
-        state the table was consulted in (None if it was not reached)."""
-        if caller.role not in call.callers:
-            return (DENIED if call.wrong_caller is None else call.wrong_caller), None
-        guest = caller.role == Role.ROLE_GUEST
-        who = caller.name if guest else caller.on_behalf
-        if call.owned and (guest or who) and self.owner_of is not None:
-            # a guest, or the UV acting for one: None is no such object (the state table
-            # answers); "" an object no guest owns (an operator made it), which only operators
-            # and the privileged roles acting for no guest may touch
-            owner = self.owner_of(self.service, request)
-            if owner is not None and (owner != who or not who):
-                return (DENIED if call.wrong_caller is None else call.wrong_caller), None
-        state = None
-        for check in call.checks:
-            if check is STATE:
-                state = self.state_of(self.service, call, request) if self.state_of else None
-                cell = self.state_table[call.name][state]
-                if cell is not ALLOW:
-                    return cell, state
-            elif not check.ok(request):
-                return check.rc, state
-        return None, state
-
-    def recheck(self, name: str, request: Any, still: Callable[[], bool] | None = None) -> tuple[Any, Any]:
-        """The state-table cell for call ``name`` now (None: ALLOW) and the state it saw; when
-        ``still()`` says the object the handler looked up is no longer the one its lpid names
-        (the UV reuses lpids), the state is the absent one."""
-        if self.state_of is None:
-            return None, None
-        if still is not None and not still() and self.absent_state is not None:
-            state = self.absent_state
-        else:
-            state = self.state_of(self.service, self.calls[name], request)
-        cell = self.state_table[name][state]
-        return (None if cell is ALLOW else cell), state
-
-    @contextlib.asynccontextmanager
-    async def guard(self, name: str, request: Any, lock: asyncio.Lock, still: Callable[[], bool] | None = None):
-        """Hold ``lock`` (the object's lock the call's change takes) and look at the state table
-        for call ``name`` again under it: the dispatcher's check ran before the lock was taken,
-        and another call holding it (an abort's page-out, a reset) may have changed the state
-        since. Raises StateChanged (the call answers the table's cell) when the state no longer
-        allows the call. Every handler whose call consults the state table takes its lock this
-        way (tests/unit/test_calltables.py holds them to it)."""
-        async with lock:
-            rc, state = self.recheck(name, request, still)
-            if rc is not None:
-                raise StateChanged(rc, state)
-            yield
-
-    @staticmethod
-    def refusal(call: Call, resp_cls: Any, request: Any, rc: int) -> Any:
-        """The answer a check gives: the result, and what the call's row adds (Call.refusal)."""
-        return resp_cls(**{call.result: rc}, **(call.refusal(request) if call.refusal else {}))
-
-    async def dispatch(self, call: Call, resp_cls: Any, request: Any, caller: Caller,
-                       context: grpc.aio.ServicerContext | None = None) -> Any:
-        t0 = time.perf_counter()
-        self._boot_trailer(context)
-        rc, state = self.precheck(call, request, caller)
-        if rc is DENIED:
-            # not an ABI call: a refused caller is an authorization failure, not a PEF result
-            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
-                                denied=True)
-            if context is not None:
-                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                                    f"{call.name} is not for {caller.role_name}")
-            raise PermissionError(call.name)
-        try:
-            if rc is None:
-                self.observer.call_running(call.name, 1)
-                try:
-                    response = await call.handler(self.service, request, caller)
-                finally:
-                    self.observer.call_running(call.name, -1)
-            else:
-                response = self.refusal(call, resp_cls, request, rc)
-        except StateChanged as changed:
-            if call.result is None:
-                raise
-            response, state = self.refusal(call, resp_cls, request, changed.rc), changed.state
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug in pefsim: log it whole and say so to the caller
-            log.exception("%s failed", call.name)
-            self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
-                                lpid=request_lpid(request), error=repr(exc))
-            if context is not None:
-                await context.abort(grpc.StatusCode.INTERNAL, f"{call.name}: {exc!r}")
-            raise
-        result = 0 if call.result is None else int(getattr(response, call.result))
-        name = "OK" if call.result is None else result_name(call, result)
-        elapsed = time.perf_counter() - t0
-        self.observer.observe_call(call.name, name, elapsed)
-        self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
-                            lpid=request_lpid(request),
-                            state=None if state is None else state.name, rc=result, rc_name=name,
-                            dur_s=round(elapsed, 6))
-        return response
-
-
-def result_name(call: Call, result: int) -> str:
-    if call.family is not None:
-        try:
-            return call.family(result).name
-        except ValueError:
-            pass
-    return rc_name(result)
-
-
-def legal_results(call: Call, state_table: Mapping[str, Mapping[Any, Any]], state: Any) -> set[int]:
-    """Every result ``call`` may give when its state-table check saw ``state`` (None: the check
-    was not reached): the wrong-caller result, the checks' results up to where the call stopped,
-    and the handler's own results when the state allows the call."""
-    codes = set() if call.wrong_caller is None else {int(call.wrong_caller)}
-    for check in call.checks:
-        if check is STATE:
-            if state is None:
-                return codes
-            cell = state_table[call.name][state]
-            if cell is not ALLOW:
-                return codes | {int(cell)}
-        else:
-            codes.add(int(check.rc))
-    return codes | {int(r) for r in call.results}
-
-
-def possible_results(call: Call, state_table: Mapping[str, Mapping[Any, Any]]) -> list[str]:
-    """The names of every result ``call`` can give, in any state."""
-    if call.result is None:
-        return ["OK"]
-    states = list(state_table.get(call.name, {})) or [None]
-    values = set().union(*(legal_results(call, state_table, s) for s in states))
-    return sorted({result_name(call, v) for v in values})
-
-
-def check_call_table(service_descriptor: Any, calls: Iterable[Call],
-                     state_table: Mapping[str, Mapping[Any, Any]]) -> None:
-    """Every RPC has exactly one row; every row that consults the state table has a complete row
-    in it. Raises at service start-up (and in the unit tests) instead of failing at call time."""
-    calls = list(calls)
-    names = [c.name for c in calls]
-    methods = {m.name for m in service_descriptor.methods}
-    dup = {n for n in names if names.count(n) > 1}
-    missing = methods - set(names)
-    extra = set(names) - methods
-    if dup or missing or extra:
-        raise ValueError(f"{service_descriptor.name} call table: duplicate {sorted(dup)}, "
-                         f"missing {sorted(missing)}, unknown {sorted(extra)}")
-    for call in calls:
-        if STATE in call.checks:
-            if call.name not in state_table:
-                raise ValueError(f"{call.name} consults the state table but has no row")
-        elif call.name in state_table:
-            raise ValueError(f"{call.name} has a state-table row but never consults it")
-    for name, row in state_table.items():
-        states = {type(s) for s in row}
-        if len(states) != 1:
-            raise ValueError(f"state table row {name} mixes state types")
-        (enum,) = states
-        if set(row) != set(enum):
-            raise ValueError(f"state table row {name} lacks {sorted(s.name for s in set(enum) - set(row))}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pefsim.conformance import CHOICES, ROWS  # noqa: E402
-from pefsim.rpc import ALLOW, STATE, result_name  # noqa: E402
+from pefsim.calltable import ALLOW, STATE, result_name  # noqa: E402
 from services.hypervisor import calltable as hv_table  # noqa: E402
 from services.ultravisor import calltable as uv_table  # noqa: E402
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from pefsim.abi import H
 from pefsim.image import GuestImage, page_digest
-from pefsim.rpc import legal_results, result_name
+from pefsim.calltable import legal_results, result_name
 
 INVARIANTS = {
     "memory-intact": "every guest page is byte-identical to what the guest wrote (aborted and "

@@ -6,7 +6,7 @@ from dataclasses import replace
 import asyncio
 
 from pefsim.abi import H, Role, VcpuState
-from pefsim.rpc import ALLOW, Call
+from pefsim.calltable import ALLOW, Call
 from pefsim.v1 import guest_pb2 as pb
 from services.guest.program import Resume
 
@@ -60,7 +60,7 @@ CALLS = [
 
 
 # call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
-# every observed result to these, with rpc.legal_results).
+# every observed result to these, with calltable.legal_results).
 RESULTS = {
     "VcpuResume": (H.H_SUCCESS, H.H_STATE, H.H_PARAMETER),
 }

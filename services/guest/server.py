@@ -15,6 +15,8 @@ import grpc
 
 from pefsim import faults, rpc, tls
 from pefsim.abi import PAGE_SIZE
+from pefsim.calltable import CallTable
+from pefsim.history import History
 from pefsim.v1 import guest_pb2
 from services.guest import calltable
 from services.guest.metrics import GuestMetrics
@@ -28,10 +30,10 @@ async def build_server(cfg: GuestConfig, listen: str, history: str | None = None
     metrics = GuestMetrics()
     server, port = await rpc.new_server(listen, [], "pefsim.v1.GuestService", cfg.tls)
     guest = GuestProgram(cfg, endpoint=f"{rpc.host_of(listen)}:{port}", metrics=metrics)
-    dispatcher = rpc.Dispatcher(
-        service=guest, service_descriptor=guest_pb2.DESCRIPTOR.services_by_name["GuestService"],
-        pb2=guest_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
-        state_of=calltable.state_of, observer=metrics, history=rpc.History(history, f"guest:{cfg.name}"))
+    table = CallTable(service=guest, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
+                      state_of=calltable.state_of, observer=metrics, history=History(history, f"guest:{cfg.name}"))
+    dispatcher = rpc.Dispatcher(table=table, pb2=guest_pb2,
+                                service_descriptor=guest_pb2.DESCRIPTOR.services_by_name["GuestService"])
     server.add_generic_rpc_handlers([dispatcher.generic_handler()])
     await server.start()
     return server, port, guest, metrics

@@ -9,9 +9,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pefsim.abi import PAGE_SHIFT, Errno, H, Hcall, PageInFlag, Role, VmState, page_aligned
-from pefsim.rpc import ALLOW, STATE, Call, Check, request_lpid
-from services.hypervisor.control import memory, vm
-from services.hypervisor.hcalls import page, svm
+from pefsim.calltable import ALLOW, STATE, Call, Check, request_lpid
+from services.hypervisor.core import memory, vms as vm
+from services.hypervisor.core import pages as page, svm
 
 UV = frozenset({Role.ROLE_UV})
 # e3326ae3d59e dropped the MSR[S] caller check for H_SVM_INIT_ABORT (the UV makes it in the
@@ -19,7 +19,7 @@ UV = frozenset({Role.ROLE_UV})
 UV_OR_GUEST = frozenset({Role.ROLE_UV, Role.ROLE_GUEST})
 VMM = frozenset({Role.ROLE_GUEST, Role.ROLE_OPERATOR})  # QEMU's part: the guest's VMM, operators
 ANYONE = frozenset(Role)
-# owned=True on the hcalls: the UV names the guest it acts for (rpc.Caller.on_behalf), and an
+# owned=True on the hcalls: the UV names the guest it acts for (calltable.Caller.on_behalf), and an
 # hcall for a VM that guest does not own is refused with the wrong-caller result before anything
 # changes (H_SVM_INIT_START answers H_AUTHORITY for it itself, as it always did).
 
@@ -71,7 +71,7 @@ CALLS = [
 
 
 # call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
-# every observed result to these, with rpc.legal_results).
+# every observed result to these, with calltable.legal_results).
 RESULTS = {
     "HSvmPageInBulk": (H.H_SUCCESS, H.H_PARAMETER, H.H_P2, H.H_P3, H.H_UNSUPPORTED),
     "H_SVM_PAGE_IN": (H.H_SUCCESS, H.H_PARAMETER),

@@ -5,7 +5,7 @@ tools/gen_conformance.py, which writes docs/conformance.md from it. A row's ``ch
 order the ABI's code performs them; STATE marks where the state table below is consulted (for the
 SVM of the request's lpid; SVM_ABSENT when there is none).
 
-The bulk calls check a run of pages (PageRef.count) at its two ends (calls/bulk.py: run_passes),
+The bulk calls check a run of pages (PageRef.count) at its two ends (core/bulk.py: run_passes),
 so every check of UV_PAGE_IN and UV_PAGE_OUT must either not depend on the page's addresses or,
 on addresses, hold for every address between two that pass (``_ra_ok``: not 0, below secure
 memory). tests/unit/test_page_runs.py compares runs with single pages.
@@ -15,11 +15,11 @@ from __future__ import annotations
 from dataclasses import replace
 
 from pefsim.abi import PAGE_SHIFT, H, Role, SvmState, U, Ucall, is_secure_ra, page_aligned
-from pefsim.rpc import ALLOW, STATE, Call, Check
+from pefsim.calltable import ALLOW, STATE, Call, Check
 from pefsim.dataplane import MAX_FRAME_PAGES, MAX_REQUEST_PAGES, decoder, limited
 from pefsim.v1 import ultravisor_pb2 as upb
-from services.ultravisor.calls import access, bulk, memslot, page, share, svm
-from services.ultravisor.state import SVM_MEM_SLOTS_NUM
+from services.ultravisor.core import access, bulk, memslot, page, share, svm
+from services.ultravisor.core.state import SVM_MEM_SLOTS_NUM
 
 HV = frozenset({Role.ROLE_HV})
 SVM = frozenset({Role.ROLE_GUEST})
@@ -100,7 +100,7 @@ CALLS = [
         Check("gpa", lambda r: page_aligned(r.gpa), H.H_PARAMETER, "gpa not 64 KiB aligned"),
     )),
     Call("UvStatus", access.uv_status, ANYONE, None, checks=(), result=None),
-    # the bulk data plane: each page is checked as its UV_PAGE_IN / UV_PAGE_OUT (calls/bulk.py)
+    # the bulk data plane: each page is checked as its UV_PAGE_IN / UV_PAGE_OUT (core/bulk.py)
     Call("UvPageInStream", bulk.uv_page_in_stream, HV, None, checks=(), result=None,
          request_codec=decoder(upb.PageInBatch, MAX_FRAME_PAGES)),
     Call("UvPageOutStream", bulk.uv_page_out_stream, HV, None, checks=(), result=None,
@@ -110,7 +110,7 @@ CALLS = [
 
 
 # call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
-# every observed result to these, with rpc.legal_results).
+# every observed result to these, with calltable.legal_results).
 RESULTS = {
     "UV_ESM": (U.U_SUCCESS, H.H_PARAMETER, U.U_STATE),
     "UV_REGISTER_MEM_SLOT": (U.U_SUCCESS, U.U_PARAMETER),
@@ -156,14 +156,14 @@ STATE_TABLE = {
 
 
 def state_of(uv, call: Call, request) -> SvmState:
-    from pefsim.rpc import request_lpid
+    from pefsim.calltable import request_lpid
 
     return uv.state.svm_state(request_lpid(request))
 
 
 def owner_of(uv, request) -> str | None:
     """The identity that made the SVM's UV_ESM (its guest), for the calls only it may make."""
-    from pefsim.rpc import request_lpid
+    from pefsim.calltable import request_lpid
 
     svm = uv.state.svms.get(request_lpid(request))
     return None if svm is None else svm.owner

@@ -1,4 +1,4 @@
-"""The Ultravisor process: build_server() and main().
+"""The Ultravisor process: the UV core (core/) wired to gRPC: build_server() and main().
 
     python -m services.ultravisor --listen 127.0.0.1:7101 --hv 127.0.0.1:7102 \\
         --pool-pages 4096 --trusted-key esm-signing.pub
@@ -8,70 +8,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from pefsim import faults, rpc, tls
-from pefsim.abi import EsmCopy, Role, SvmState
-from pefsim.blob import load_public_key
-from pefsim.v1 import hypervisor_pb2_grpc, ultravisor_pb2
-from services.ultravisor import calltable
-from services.ultravisor.metrics import UvMetrics
-from services.ultravisor.state import UvState, scrub_in_background
+from pefsim.abi import EsmCopy
+from pefsim.v1 import ultravisor_pb2
+from services.ultravisor.adapters.grpc import GrpcHv
+from services.ultravisor.core.state import scrub_in_background
+from services.ultravisor.core.ultravisor import UvConfig, Ultravisor
 
 log = logging.getLogger("pefsim.uv")
 
 
-@dataclass
-class UvConfig:
-    listen: str = "127.0.0.1:0"
-    hv: str = ""
-    pool_pages: int = 4096
-    lazy_pool: bool = False  # pool frames resident on first use instead of at start
-    esm_copy: int = EsmCopy.ESM_COPY_ALL
-    trusted_key: Path | None = None
-    history: str | None = None
-    metrics_listen: str | None = None
-    ready_file: str | None = None
-    hcall_timeout_s: float = 30.0  # an hcall of the ESM context that takes longer failed
-    abort_attempt_timeout_s: float = 30.0  # one H_SVM_INIT_ABORT attempt; then it is made again
-    transfer: str = "stream"  # ESM page-in: "stream" (HSvmPageInBulk) or "unary" (H_SVM_PAGE_IN a page)
-    tls: object = None  # pefsim.tls.Tls (mTLS) or None (insecure)
-    max_svms: int = 256  # SVM objects at once; UV_ESM beyond it: U_RETRY (allocation failure)
-    max_svm_pages: int = 1 << 20  # secure memory one SVM may reserve (64 GiB); beyond: U_PARAMETER
-    max_inflight_per_peer: int = 128  # concurrent calls from one identity
-    max_svms_per_owner: int = 32  # SVMs one guest identity may hold at once (UV_ESM beyond: U_RETRY)
-    hv_memory_dir: str | None = None  # the HV's data directory as the UV sees it; None: no shared memory
-
-
-class Ultravisor:
-    """The UV's state, its peer (the HV) and its configuration; handlers take it first."""
-
-    def __init__(self, cfg: UvConfig):
-        self.cfg = cfg
-        self.state = UvState(cfg.pool_pages, populate_pool=not cfg.lazy_pool, hv_memory_dir=cfg.hv_memory_dir)
-        self.hvmem = self.state.hvmem
-        self.hv = rpc.Peer(cfg.hv, Role.ROLE_UV, hypervisor_pb2_grpc.HypervisorServiceStub, "uv", cfg.tls, "hv")
-        self.trusted = load_public_key(cfg.trusted_key) if cfg.trusted_key else None
-        self.metrics = UvMetrics(self.state)
-        self.history = rpc.History(cfg.history, "uv")
-        self.dispatcher = rpc.Dispatcher(
-            service=self, service_descriptor=ultravisor_pb2.DESCRIPTOR.services_by_name["UltravisorService"],
-            pb2=ultravisor_pb2, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
-            state_of=calltable.state_of, observer=self.metrics, history=self.history,
-            boot_id=self.state.boot_id, owner_of=calltable.owner_of, absent_state=SvmState.SVM_ABSENT,
-            max_inflight_per_peer=cfg.max_inflight_per_peer)
-
-    async def close(self) -> None:
-        await self.hv.close()
-        self.history.close()
-
-
 async def build_server(cfg: UvConfig) -> tuple[grpc.aio.Server, int, Ultravisor]:
-    uv = Ultravisor(cfg)
-    server, port = await rpc.start_server(cfg.listen, [uv.dispatcher.generic_handler()], "pefsim.v1.UltravisorService",
+    """The UV core with its gRPC port to the HV, served by a Dispatcher of its call table."""
+    uv = Ultravisor(cfg).attach(GrpcHv(cfg.hv, cfg.tls))
+    dispatcher = rpc.Dispatcher(table=uv.table, pb2=ultravisor_pb2, boot_id=uv.state.boot_id,
+                                service_descriptor=ultravisor_pb2.DESCRIPTOR.services_by_name["UltravisorService"],
+                                max_inflight_per_peer=cfg.max_inflight_per_peer)
+    server, port = await rpc.start_server(cfg.listen, [dispatcher.generic_handler()], "pefsim.v1.UltravisorService",
                                           cfg.tls)
     return server, port, uv
 

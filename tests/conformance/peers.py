@@ -350,7 +350,7 @@ def default_caller(call) -> str:
 async def make_call(stub_for: Callable, call, row, ctx):
     """Make a conformance row's call as its caller; assert the result's name; return the response
     (None when the answer was a gRPC status)."""
-    from pefsim.rpc import result_name
+    from pefsim.calltable import result_name
 
     try:
         pending = getattr(stub_for(row.caller or default_caller(call)), row.call)(row.request(ctx))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pefsim.conformance import ROWS
-from pefsim.rpc import STATE, result_name
+from pefsim.calltable import STATE, result_name
 from services.hypervisor import calltable as hv_table
 from services.ultravisor import calltable as uv_table
 
@@ -68,7 +68,7 @@ def test_conformance_doc_is_up_to_date():
 def test_every_row_result_is_a_legal_result(svc, table):
     """Each row's result is among the results the call table allows for the call in that state
     (the set the chaos checker holds every observed result to)."""
-    from pefsim.rpc import legal_results
+    from pefsim.calltable import legal_results
 
     calls = {c.name: c for c in table.CALLS}
     bad = []

@@ -3,7 +3,7 @@ holds a ucall open and the HV's own pefsim_calls_in_flight gauge.
 
 The dispatcher checks a call's state before its handler takes the VM's lock; a call that waited
 for the lock behind an abort's page-out or a ResetVm must look at the state again under it
-(Dispatcher.guard). Without that, H_SVM_INIT_DONE swept a VM that was normal again: every HV page
+(CallTable.guard). Without that, H_SVM_INIT_DONE swept a VM that was normal again: every HV page
 scrubbed, secure_guest = 2 (a value the design never assigns)."""
 from __future__ import annotations
 

@@ -56,10 +56,10 @@ def exported_metric_names() -> set[str]:
 
     from pefsim.chaos.metrics import ChaosMetrics
     from services.guest.metrics import GuestMetrics
-    from services.hypervisor.metrics import HvMetrics
-    from services.hypervisor.state import HvState
-    from services.ultravisor.metrics import UvMetrics
-    from services.ultravisor.state import UvState
+    from services.hypervisor.core.metrics import HvMetrics
+    from services.hypervisor.core.state import HvState
+    from services.ultravisor.core.metrics import UvMetrics
+    from services.ultravisor.core.state import UvState
 
     names = {"up"}
     with tempfile.TemporaryDirectory() as tmp:

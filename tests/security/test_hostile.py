@@ -264,7 +264,7 @@ def test_hostile_hv_cannot_make_the_uv_build_huge_frames(stack, run):
     data), so one request cannot make it hold the whole SVM in one message; page runs whose
     counts name billions of pages are refused (INVALID_ARGUMENT) in both bulk calls."""
     from pefsim.dataplane import decoder
-    from services.ultravisor.calls.bulk import MAX_BATCH
+    from services.ultravisor.core.bulk import MAX_BATCH
 
     async def scenario():
         op = Operator.of(stack)

@@ -18,7 +18,7 @@ from hypothesis.stateful import (Bundle, RuleBasedStateMachine, invariant, rule,
                                  run_state_machine_as_test)
 
 from pefsim.abi import HV_RA_BASE, PAGE_SHIFT, PAGE_SIZE, SvmState, U
-from pefsim.rpc import ALLOW, STATE
+from pefsim.calltable import ALLOW, STATE
 from services.ultravisor import calltable
 from pefsim.blob import make_blob
 from pefsim.image import GuestImage

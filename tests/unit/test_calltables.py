@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pefsim.abi import Hcall, Role, Ucall
-from pefsim.rpc import ALLOW, STATE, check_call_table
+from pefsim.calltable import ALLOW, STATE, check_call_table
 from pefsim.v1 import guest_pb2, hypervisor_pb2, ultravisor_pb2
 from services.guest import calltable as guest_table
 from services.hypervisor import calltable as hv_table
@@ -73,7 +73,7 @@ def test_abort_is_only_legal_in_transient():
 @pytest.mark.parametrize("table", [uv_table, hv_table], ids=["uv", "hv"])
 def test_state_checked_handlers_take_their_lock_through_the_guard(table):
     """A handler whose call consults the state table and then takes the object's lock must look
-    at the state again under it (Dispatcher.guard): the dispatcher's check ran before the lock,
+    at the state again under it (CallTable.guard): the dispatcher's check ran before the lock,
     and whoever held the lock (an abort's page-out, a reset) may have changed the state. A plain
     `async with vm.lock` / `svm.lock` in such a handler is the check-then-act race of issue 13."""
     import inspect

@@ -62,7 +62,7 @@ def test_file_batch_takes_buffers_of_several_pages(tmp_path):
 
 
 def test_pool_views_are_one_per_run_of_consecutive_frames():
-    from services.ultravisor.state import SecurePool
+    from services.ultravisor.core.state import SecurePool
 
     pool = SecurePool(16, populate=False)
     for frame in range(16):

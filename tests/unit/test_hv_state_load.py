@@ -15,10 +15,10 @@ import pytest
 
 from pefsim.abi import PAGE_SIZE, Errno, GfnState, Role
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb
-from services.hypervisor.control import vm as vm_control
-from services.hypervisor.errors import NoSpace
+from services.hypervisor.core import vms as vm_control
+from services.hypervisor.core.state import NoSpace
 from services.hypervisor.server import HvConfig
-from services.hypervisor.state import QUARANTINE, HvState
+from services.hypervisor.core.state import QUARANTINE, HvState
 
 GOOD, VICTIM = 1, 2
 DATA = b"kept across the restart"

@@ -15,9 +15,9 @@ import pytest
 from prometheus_client import generate_latest
 
 from pefsim.abi import SvmState, VmState
-from services.hypervisor.metrics import HvMetrics
-from services.ultravisor.metrics import UvMetrics
-from services.ultravisor.state import SecurePool
+from services.hypervisor.core.metrics import HvMetrics
+from services.ultravisor.core.metrics import UvMetrics
+from services.ultravisor.core.state import SecurePool
 
 STATE_GAUGES = {"svms": ["pefsim_uv_svms", "pefsim_uv_secure_pages", "pefsim_uv_abort_pending_seconds",
                          "pefsim_uv_hcall_unanswered_seconds"],

@@ -1,7 +1,7 @@
 """Runs of pages (PageRef.count) against the same pages one by one.
 
 The bulk calls take a run that passes the checks at both ends, in the common case, together
-(services/ultravisor/calls/bulk.py, calls/page.py: page_in_run, page_out_run). Every page must
+(services/ultravisor/core/bulk.py, core/page.py: page_in_run, page_out_run). Every page must
 still get exactly what it would get alone: the same result, the same GPF transition, the same
 bytes. Two UVs in the same state are sent the same pages, one as single pages and one cut into
 runs at random; results, GPF states and page contents must match, for page-in and page-out, with
@@ -18,9 +18,9 @@ import pytest
 
 from pefsim.abi import HV_RA_BASE, PAGE_SHIFT, PAGE_SIZE, SECURE_RA_BASE, GpfState, Role, SvmState, U
 from pefsim.dataplane import MAX_FRAME_PAGES, decoder, encode, limited
-from pefsim.rpc import Caller
+from pefsim.calltable import Caller
 from pefsim.v1 import ultravisor_pb2 as upb
-from services.ultravisor.calls.bulk import uv_page_in_stream, uv_page_out_stream
+from services.ultravisor.core.bulk import uv_page_in_stream, uv_page_out_stream
 from services.ultravisor.server import Ultravisor, UvConfig
 
 SLOTS = {0: (0, 16), 1: (32, 8)}  # slot id -> (base gfn, pages); a hole between them
@@ -172,7 +172,7 @@ def test_page_out_runs_match_single_pages(seed, shared, tmp_path):
 def test_the_common_cases_take_the_run_path(tmp_path):
     """A guard on the comparison above: ESM's page-in of unbacked pages and the abort's page-out
     really go through page_in_run / page_out_run (else the tests compare the slow path with itself)."""
-    from services.ultravisor.calls import bulk
+    from services.ultravisor.core import bulk
 
     taken = []
     real_in, real_out = bulk.page_in_run, bulk.page_out_run
@@ -215,7 +215,7 @@ def test_requests_naming_too_many_pages_do_not_parse():
 
 
 def test_hv_groups_bulk_page_ins_into_runs_of_consecutive_addresses():
-    from services.hypervisor.hcalls.page import _runs_of
+    from services.hypervisor.core.pages import _runs_of
 
     P = PAGE_SIZE
     assert list(_runs_of([])) == []

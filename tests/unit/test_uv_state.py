@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from pefsim.abi import PAGE_SIZE, GpfState
-from services.ultravisor.state import NoSlot, UvState, scrub_in_background
+from services.ultravisor.core.state import NoSlot, UvState, scrub_in_background
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_a_failed_share_puts_the_page_back_as_it_was(uv):
 
 def test_the_uv_remembers_only_the_last_terminated_svms(uv):
     """terminated_lpids is bounded (TERMINATED_KEPT, the newest) and can be told per owner."""
-    from services.ultravisor.state import TERMINATED_KEPT
+    from services.ultravisor.core.state import TERMINATED_KEPT
 
     for lpid in range(1, TERMINATED_KEPT + 11):
         uv.create_svm(lpid, "odd" if lpid % 2 else "even")
@@ -187,7 +187,7 @@ def _rss_bytes() -> int:
 def test_the_secure_pool_is_resident_from_the_start():
     """Secure memory is set aside at boot: the pool's pages are resident before any page-in
     (a first touch costs more than the copy), and still all zeros."""
-    from services.ultravisor.state import SecurePool
+    from services.ultravisor.core.state import SecurePool
 
     before = _rss_bytes()
     pool = SecurePool(256)  # 16 MiB

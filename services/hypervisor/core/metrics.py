@@ -5,7 +5,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from pefsim.abi import VmState
 from pefsim.metrics import LATENCY_BUCKETS, ServiceMetrics
-from services.hypervisor.state import QUARANTINE_REASONS
+from services.hypervisor.core.state import QUARANTINE_REASONS
 
 
 class HvMetrics(ServiceMetrics):

@@ -16,12 +16,10 @@ import os
 import secrets
 from itertools import groupby
 
-import grpc
-
 from pefsim.abi import PAGE_SHIFT, U
-from pefsim.dataplane import MAX_DATA_PAGES, MAX_FRAME_PAGES, decoder, encode
+from pefsim.dataplane import MAX_DATA_PAGES, MAX_FRAME_PAGES, encode
 from pefsim.v1 import ultravisor_pb2 as upb
-from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.ports import UvUnreachable
 
 log = logging.getLogger("pefsim.hv.bulk")
 # pages per frame: 512 KiB. grpcio holds a received message three times over (its slices, a
@@ -34,7 +32,6 @@ BATCH = MAX_DATA_PAGES
 # of page numbers, so what counts is the per-message cost of gRPC
 SHARED_BATCH = MAX_FRAME_PAGES
 WINDOW = 4  # frames in flight before the first is answered: bounds the memory a stream holds
-SERVICE = "/pefsim.v1.UltravisorService"
 
 
 def _batches(runs):
@@ -73,10 +70,6 @@ async def page_in(hv, vm, runs):
     UV_PAGE_IN result per page). Raises UvUnreachable on transport failure (pages not yet
     answered are still normal in the HV, with their data)."""
     batches = list(_batches(runs))
-    channel = hv.uv.channel
-    call = channel.stream_stream(f"{SERVICE}/UvPageInStream", request_serializer=bytes,
-                                 response_deserializer=upb.PageBatchResult.FromString)
-
     window = asyncio.Semaphore(WINDOW)
 
     async def frames():
@@ -86,18 +79,12 @@ async def page_in(hv, vm, runs):
             payload = () if slot.shared else [slot.run(idx, n) for slot, idx, n, _ in batch]
             yield encode(upb.PageInBatch(lpid=vm.lpid, pages=_refs(batch), shared_memory=slot.shared), payload)
 
-    stream = call(frames(), timeout=hv.cfg.ucall_timeout_s + len(batches), wait_for_ready=True,
-                  metadata=hv.on_behalf(vm.lpid))
-    try:
-        i = 0
-        async for result in stream:
-            window.release()
-            yield batches[i], list(result.rc)
-            i += 1
-    except grpc.aio.AioRpcError as exc:
-        log.error("UvPageInStream: UV unreachable (%s)", exc.code().name)
-        raise UvUnreachable("UvPageInStream") from None
-    await hv.check_answer_boot(stream)
+    i = 0
+    async for result in hv.uv.page_in_stream(frames(), on_behalf=hv.on_behalf(vm.lpid),
+                                             timeout=hv.cfg.ucall_timeout_s + len(batches)):
+        window.release()
+        yield batches[i], list(result.rc)
+        i += 1
 
 
 def _take(runs: list, count: int) -> list:
@@ -119,40 +106,32 @@ async def page_out(hv, vm, runs):
     """Take pages back from the UV (UvPageOutStream). ``runs``: (slot, idx, n, pos). Yields
     (runs of the batch, one result per page, one data per page) where a page's data is IN_PLACE
     for shared memory and None when the UV gave none."""
-    from services.hypervisor.state import IN_PLACE
+    from services.hypervisor.core.state import IN_PLACE
 
     for slot_runs in _group_by_slot(runs):  # one request per slot, of at most MAX_REQUEST_RUNS runs
         slot = slot_runs[0][0]
         total = sum(n for _, _, n, _ in slot_runs)
         request = upb.PageOutRequest(lpid=vm.lpid, batch_pages=batch_pages(slot), shared_memory=slot.shared,
                                      pages=_refs(slot_runs))
-        call = hv.uv.channel.unary_stream(f"{SERVICE}/UvPageOutStream",
-                                          request_serializer=upb.PageOutRequest.SerializeToString,
-                                          response_deserializer=decoder(upb.PageOutBatch))
-        stream = call(request, timeout=hv.cfg.ucall_timeout_s + total / batch_pages(slot), wait_for_ready=True,
-                      metadata=hv.on_behalf(vm.lpid))
+        stream = hv.uv.page_out_stream(request, on_behalf=hv.on_behalf(vm.lpid),
+                                       timeout=hv.cfg.ucall_timeout_s + total / batch_pages(slot))
         left = list(slot_runs)
-        try:
-            async for frame in stream:
-                hdr, payload = frame.header, frame.payload
-                rcs = list(hdr.rc)[:total]  # results past the pages asked for are not ours
-                total -= len(rcs)
-                batch = _take(left, len(rcs))
-                data, offset = [], 0
-                for rc in rcs:
-                    if rc != U.U_SUCCESS:
-                        data.append(None)
-                    elif slot.shared:
-                        data.append(IN_PLACE)
-                    else:
-                        page = payload[offset:offset + (1 << PAGE_SHIFT)]
-                        offset += 1 << PAGE_SHIFT
-                        data.append(page if len(page) == 1 << PAGE_SHIFT else None)  # short: lost
-                yield batch, rcs, data
-        except grpc.aio.AioRpcError as exc:
-            log.error("UvPageOutStream: UV unreachable (%s)", exc.code().name)
-            raise UvUnreachable("UvPageOutStream") from None
-        await hv.check_answer_boot(stream)
+        async for frame in stream:
+            hdr, payload = frame.header, frame.payload
+            rcs = list(hdr.rc)[:total]  # results past the pages asked for are not ours
+            total -= len(rcs)
+            batch = _take(left, len(rcs))
+            data, offset = [], 0
+            for rc in rcs:
+                if rc != U.U_SUCCESS:
+                    data.append(None)
+                elif slot.shared:
+                    data.append(IN_PLACE)
+                else:
+                    page = payload[offset:offset + (1 << PAGE_SHIFT)]
+                    offset += 1 << PAGE_SHIFT
+                    data.append(page if len(page) == 1 << PAGE_SHIFT else None)  # short: lost
+            yield batch, rcs, data
 
 
 MAX_REQUEST_RUNS = 8192  # runs one PageOutRequest names (~200 KiB): within rpc.MAX_REQUEST_BYTES

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pefsim.abi import U, gfn_of
 from pefsim.v1 import ultravisor_pb2 as pb
-from services.ultravisor.calls import guarded
+from services.ultravisor.core.guard import guarded
 
 
 async def uv_register_mem_slot(uv, req: pb.UvRegisterMemSlotRequest, caller) -> pb.UvRegisterMemSlotResponse:

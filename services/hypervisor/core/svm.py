@@ -11,8 +11,8 @@ import logging
 from pefsim import faults
 from pefsim.abi import GfnState, H, SecureGuest, U
 from pefsim.v1 import hypervisor_pb2 as pb
-from pefsim.rpc import StateChanged
-from services.hypervisor import abort, uv
+from pefsim.calltable import StateChanged
+from services.hypervisor.core import abort, uv
 
 log = logging.getLogger("pefsim.hv")
 
@@ -26,7 +26,7 @@ async def h_svm_init_start(hv, req: pb.HSvmInitStartRequest, caller) -> pb.HSvmI
         # not this VM's vCPU (impossible on hardware): refused before anything changes
         log.error("lpid %d: INIT_START for %s's VM on behalf of %s: refused", vm.lpid, vm.owner, req.vcpu_owner)
         return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
-    async with hv.dispatcher.guard("H_SVM_INIT_START", req, vm.lock):
+    async with hv.table.guard("H_SVM_INIT_START", req, vm.lock):
         hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_START)
         if not vm.secure_capable:
             return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
@@ -47,7 +47,7 @@ async def h_svm_init_done(hv, req: pb.HSvmInitDoneRequest, caller) -> pb.HSvmIni
     """Sweep every GFN still normal into the secure state without copying it (5.9+: the UV only
     paged in what it needed), then INIT_DONE. Calling it again just succeeds again."""
     vm = hv.state.vms[req.lpid]
-    async with hv.dispatcher.guard("H_SVM_INIT_DONE", req, vm.lock):
+    async with hv.table.guard("H_SVM_INIT_DONE", req, vm.lock):
         if vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_DONE:
             return pb.HSvmInitDoneResponse(rc=H.H_SUCCESS)
         for slot, idx in vm.pages():
@@ -75,7 +75,7 @@ async def h_svm_init_abort(hv, req: pb.HSvmInitAbortRequest, caller) -> pb.HSvmI
         # the lock to the abort's page-out, so nothing comes between the check and the work.
         await vm.lock.acquire()
         try:
-            rc, state = hv.dispatcher.recheck("H_SVM_INIT_ABORT", req)
+            rc, state = hv.table.recheck("H_SVM_INIT_ABORT", req)
             if rc is not None:
                 raise StateChanged(rc, state)
             answer = abort.start(hv, vm, req, lock_held=True)

@@ -29,15 +29,13 @@ import asyncio
 import logging
 import time
 
-import grpc
-
 from pefsim import faults
 from pefsim.backoff import Backoff
 from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest, U, rc_name
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb
-from services.hypervisor import bulk, uv
-from services.hypervisor.errors import UvReset, UvUnreachable
-from services.hypervisor.hcalls.page import take_page
+from services.hypervisor.core import bulk, uv
+from services.hypervisor.ports import UvReset, UvUnreachable, VcpuUnreachable
+from services.hypervisor.core.pages import take_page
 
 log = logging.getLogger("pefsim.hv.abort")
 
@@ -235,17 +233,16 @@ async def resume_vcpu(hv, vm, journal: dict) -> str:
         if vm.destroyed or vm.dying:
             raise AbortCancelled(vm.lpid)
         try:
-            resp = await hv.vcpu(vm).stub.VcpuResume(request, timeout=5, wait_for_ready=True)
+            resp = await hv.vcpus.resume(vm, request, timeout=5)
             break
-        except grpc.aio.AioRpcError as exc:
+        except VcpuUnreachable as exc:
             if backoff.expired:
-                log.error("lpid %d: guest vCPU unreachable (%s); giving up the resume", vm.lpid,
-                          exc.code().name)
+                log.error("lpid %d: guest vCPU unreachable (%s); giving up the resume", vm.lpid, exc.code)
                 return "guest-unreachable"
             await backoff.wait()
     if faults.mutant("hv-double-resume"):
         request.token += 1
-        await hv.vcpu(vm).stub.VcpuResume(request, timeout=5)
+        await hv.vcpus.resume(vm, request, timeout=5)
     if resp.rc != H.H_SUCCESS:
         return "not-waiting"
     return "duplicate" if resp.duplicate else "resumed"

@@ -3,8 +3,8 @@ UV_PAGE_OUT (pefsim's data plane, pefsim/dataplane.py), and the HV's offer of it
 
 Every page of a batch goes through the UV_PAGE_IN / UV_PAGE_OUT row of the call table (the same
 checks, in the same order, against the same state table) and then the same per-page work
-(calls/page.py), under one hold of the SVM's lock per batch. A run of pages (PageRef.count) that
-passes the checks at both ends and is in the common case (calls/page.py: page_in_run,
+(core/page.py), under one hold of the SVM's lock per batch. A run of pages (PageRef.count) that
+passes the checks at both ends and is in the common case (core/page.py: page_in_run,
 page_out_run) moves together; any other run is taken page by page.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pefsim.abi import PAGE_SIZE, U
 from pefsim.dataplane import (MAX_FRAME_PAGES, BytesSource, FileBatch, NotHvMemory, Page, encode, runs_of,
                               split_runs)
 from pefsim.v1 import ultravisor_pb2 as pb
-from services.ultravisor.calls.page import page_in_one, page_in_run, page_out_one, page_out_run
+from services.ultravisor.core.page import page_in_one, page_in_run, page_out_one, page_out_run
 
 DEFAULT_BATCH = 32
 MAX_BATCH = 64  # pages per page-out frame with data: 4 MiB, whatever batch_pages an HV asks for
@@ -35,7 +35,7 @@ def run_passes(uv, call, page_at, n: int, caller) -> bool:
     UV_PAGE_IN / UV_PAGE_OUT check is either the same for all pages of a run (caller, state, order,
     flags) or holds on an interval of addresses (calltable.py). A run that fails at an end is taken
     page by page."""
-    return all(uv.dispatcher.precheck(call, page_at(i), caller)[0] is None for i in (0, n - 1))
+    return all(uv.table.precheck(call, page_at(i), caller)[0] is None for i in (0, n - 1))
 
 
 def shared_run(uv, lpid: int, ra: int, n: int):
@@ -62,7 +62,7 @@ def copy_from(data):
 
 
 async def uv_page_in_stream(uv, batches, caller):
-    call = uv.dispatcher.calls["UV_PAGE_IN"]
+    call = uv.table.calls["UV_PAGE_IN"]
     async for frame in batches:
         hdr, payload = frame.header, frame.payload
         rcs, offset = [], 0
@@ -88,7 +88,7 @@ async def uv_page_in_stream(uv, batches, caller):
                         data = b""
                     else:
                         data, offset = payload[offset:offset + PAGE_SIZE], offset + PAGE_SIZE
-                    rc, _ = uv.dispatcher.precheck(call, page_at(i), caller)
+                    rc, _ = uv.table.precheck(call, page_at(i), caller)
                     if rc is None:
                         source = (uv.hvmem.source(hdr.lpid, ra + step, copies) if hdr.shared_memory
                                   else BytesSource(data)) or BytesSource(b"")
@@ -96,13 +96,13 @@ async def uv_page_in_stream(uv, batches, caller):
                     rcs.append(int(rc))
             if copies is not None:
                 copies.flush()  # every frame of the batch filled before the lock is released
-        uv.dispatcher.record_batch("UvPageInStream", "UV_PAGE_IN", hdr.lpid, caller, rcs,
+        uv.table.record_batch("UvPageInStream", "UV_PAGE_IN", hdr.lpid, caller, rcs,
                                    uv.state.svm_state(hdr.lpid))
         yield pb.PageBatchResult(rc=rcs)
 
 
 async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
-    call = uv.dispatcher.calls["UV_PAGE_OUT"]
+    call = uv.table.calls["UV_PAGE_OUT"]
     size = min(req.batch_pages or DEFAULT_BATCH, MAX_SHARED_BATCH if req.shared_memory else MAX_BATCH)
     first_index = 0
     for runs in split_runs(runs_of(req.pages), size):
@@ -122,7 +122,7 @@ async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
                         continue
                 for i in range(n):
                     step = i * PAGE_SIZE
-                    rc, _ = uv.dispatcher.precheck(call, page_at(i), caller)
+                    rc, _ = uv.table.precheck(call, page_at(i), caller)
                     if rc is None:
                         rc, data, in_place = page_out_one(uv, svm, gpa + step, ra + step if req.shared_memory else 0,
                                                           copies)
@@ -133,7 +133,7 @@ async def uv_page_out_stream(uv, req: pb.PageOutRequest, caller):
                 copies.flush()  # the HV's file holds the pages before the answer leaves
             frame = encode(pb.PageOutBatch(first=first_index, rc=rcs), parts)  # copies out under the lock
         first_index += len(rcs)
-        uv.dispatcher.record_batch("UvPageOutStream", "UV_PAGE_OUT", req.lpid, caller, rcs,
+        uv.table.record_batch("UvPageOutStream", "UV_PAGE_OUT", req.lpid, caller, rcs,
                                    uv.state.svm_state(req.lpid))
         yield frame
 

@@ -78,7 +78,6 @@ from typing import Any
 
 from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gfn_of, gpa_of
 from pefsim.dataplane import MAX_FRAME_PAGES
-from services.hypervisor.errors import NoSpace
 
 log = logging.getLogger("pefsim.hv")
 
@@ -100,6 +99,11 @@ SECURE_GUEST_VALUES = frozenset({
     SecureGuest.KVMPPC_SECURE_INIT_START | SecureGuest.KVMPPC_SECURE_INIT_DONE,
     SecureGuest.KVMPPC_SECURE_INIT_ABORT})  # what vm_state_of's states are made of, nothing else
 _GFN_BYTES = bytes(GfnState)
+
+
+class NoSpace(OSError):
+    """The data directory cannot hold what a VM asked for (a memslot's RAM and GFN-state files,
+    with the headroom its metadata needs): answered ENOSPC, and nothing of it is left behind."""
 
 
 def _zeros(n: int):
@@ -308,7 +312,7 @@ def _checked_meta(meta, lpid: int) -> dict:
 
 def _checked_abort(abort) -> dict | None:
     """The journal of an abort in progress (abort.py), checked."""
-    from services.hypervisor.abort import PAGE_OUT, RESUME, TERMINATE  # abort.py imports this module
+    from services.hypervisor.core.abort import PAGE_OUT, RESUME, TERMINATE  # abort.py imports this module
 
     if abort is None:
         return None
@@ -377,7 +381,7 @@ class Vm:
     failed: str = ""  # why the HV failed the VM (e.g. "uv-reset")
     owner: str = ""  # identity of the guest whose VMM created it ("" when an operator did)
     # GFNs whose UV_PAGE_OUT (H_SVM_PAGE_OUT, host touch) was asked and whose answer is not yet
-    # recorded: written before the ucall, so a restarted HV asks again (hcalls/page.py)
+    # recorded: written before the ucall, so a restarted HV asks again (pages.py)
     pageouts_pending: set[int] = field(default_factory=set)
     # in memory only
     abort_task: Any = None

@@ -1,5 +1,5 @@
 """The HV's verbs towards the UV that several calls share, each in one place: register and
-unregister a memslot, terminate the SVM. (Paging is in hcalls/page.py and bulk.py; the transport,
+unregister a memslot, terminate the SVM. (Paging is in pages.py and bulk.py; the transport,
 its history lines and the UV's boot id in Hypervisor.ucall.)
 
     register_slot     UV_REGISTER_MEM_SLOT, then the slot's RAM file offered as shared memory
@@ -15,8 +15,8 @@ import time
 
 from pefsim.abi import U, gpa_of, rc_name
 from pefsim.v1 import ultravisor_pb2 as upb
-from services.hypervisor.bulk import offer_memory
-from services.hypervisor.errors import UvUnreachable
+from services.hypervisor.core.bulk import offer_memory
+from services.hypervisor.ports import UvUnreachable
 
 
 async def register_slot(hv, vm, slot) -> int:

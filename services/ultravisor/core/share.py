@@ -20,8 +20,8 @@ import functools
 
 from pefsim.abi import PAGE_SHIFT, GpfState, H, PageInFlag, U, gpa_of
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
-from services.ultravisor.hv import HvUnreachable, hcall
-from services.ultravisor.state import NoSlot
+from services.ultravisor.core.hv import HvUnreachable, hcall
+from services.ultravisor.core.state import NoSlot
 
 SHARE_PAGE_IN_TRIES = 4
 TRANSIENT = (GpfState.GPF_HV_SHARING, GpfState.GPF_HV_UNSHARING)

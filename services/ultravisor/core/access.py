@@ -15,9 +15,9 @@ from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, Role, SvmState, U,
                         gfn_of, gpa_of)
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
-from services.ultravisor.calls.share import _h_page_in
-from services.ultravisor.hv import HvUnreachable, hcall
-from services.ultravisor.state import NoSlot
+from services.ultravisor.core.share import _h_page_in
+from services.ultravisor.core.hv import HvUnreachable, hcall
+from services.ultravisor.core.state import NoSlot
 
 MAX_ACCESS_PAGES = 64  # pages per SvmLoad (4 MiB answers)
 MAX_STORE_PAGES = MAX_DATA_PAGES  # pages per SvmStore (a request: 512 KiB, rpc.MAX_REQUEST_BYTES)

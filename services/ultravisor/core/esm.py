@@ -29,7 +29,7 @@ from pefsim import faults
 from pefsim.blob import BlobError, kernel_size, measure, new_measurement, verify_blob
 from pefsim.image import FDT_MAGIC
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as pb
-from services.ultravisor import hv
+from services.ultravisor.core import hv
 
 log = logging.getLogger("pefsim.uv.esm")
 

@@ -11,9 +11,9 @@ import logging
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, GfnState, H, PageInFlag, U, gfn_of, gpa_of, rc_name
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
 from pefsim import faults
-from services.hypervisor import bulk
-from services.hypervisor.errors import UvUnreachable
-from services.hypervisor.state import IN_PLACE, ZERO_PAGE
+from services.hypervisor.core import bulk
+from services.hypervisor.ports import UvUnreachable
+from services.hypervisor.core.state import IN_PLACE, ZERO_PAGE
 
 log = logging.getLogger("pefsim.hv")
 
@@ -21,7 +21,7 @@ log = logging.getLogger("pefsim.hv")
 async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInResponse:
     vm = hv.state.vms[req.lpid]
     shared = req.flags == PageInFlag.H_PAGE_IN_SHARED
-    async with hv.dispatcher.guard("H_SVM_PAGE_IN", req, vm.lock):
+    async with hv.table.guard("H_SVM_PAGE_IN", req, vm.lock):
         where = vm.locate(req.guest_pa)
         if where is None:
             return pb.HSvmPageInResponse(rc=H.H_PARAMETER)  # no memslot: no host virtual address
@@ -58,7 +58,7 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
 
 async def h_svm_page_out(hv, req: pb.HSvmPageOutRequest, caller) -> pb.HSvmPageOutResponse:
     vm = hv.state.vms[req.lpid]
-    async with hv.dispatcher.guard("H_SVM_PAGE_OUT", req, vm.lock):
+    async with hv.table.guard("H_SVM_PAGE_OUT", req, vm.lock):
         where = vm.locate(req.guest_pa)
         if where is None:
             return pb.HSvmPageOutResponse(rc=H.H_PARAMETER)
@@ -158,19 +158,19 @@ async def h_svm_page_in_bulk(hv, req: pb.HSvmPageInBulkRequest, caller) -> pb.HS
     and moved as a run (the checks at its two ends: none of them depends on the address); any
     other page alone."""
     vm = hv.state.vms[req.lpid]
-    call = hv.dispatcher.calls["H_SVM_PAGE_IN"]
+    call = hv.table.calls["H_SVM_PAGE_IN"]
     gpas = list(req.guest_pa)
     rcs: list[int] = [H.H_PARAMETER] * len(gpas)
 
     def checked(i: int):
         """H_SVM_PAGE_IN's answer for page i before the UV is asked (None: ask the UV)."""
-        rc, _ = hv.dispatcher.precheck(call, pb.HSvmPageInRequest(lpid=req.lpid, guest_pa=gpas[i], flags=req.flags,
+        rc, _ = hv.table.precheck(call, pb.HSvmPageInRequest(lpid=req.lpid, guest_pa=gpas[i], flags=req.flags,
                                                                   order=req.order), caller)
         return H.H_P2 if rc is None and req.flags != PageInFlag.H_PAGE_IN_NONSHARED else rc
 
     todo = []
     by_page = faults.armed("hv.esm.page_in")  # a failpoint counts pages: take them one by one
-    async with hv.dispatcher.guard("HSvmPageInBulk", req, vm.lock):
+    async with hv.table.guard("HSvmPageInBulk", req, vm.lock):
         asked = {gfn_of(gpa) for gpa in gpas} if vm.pageouts_pending else set()
         for gfn in sorted(vm.pageouts_pending & asked):  # pending page-outs of pages asked for
             located = vm.locate(gpa_of(gfn))

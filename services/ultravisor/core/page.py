@@ -2,7 +2,7 @@
 
 Arguments checked before the SVM state (order, page addresses) are in calltable.py; what depends
 on the page's GPF state is here, following the table at the top of state.py. ``page_in_one`` and
-``page_out_one`` are each page's work, shared with the bulk calls (calls/bulk.py), so a page gets
+``page_out_one`` are each page's work, shared with the bulk calls (core/bulk.py), so a page gets
 the same transition and result whichever way it travels; ``page_in_run`` and ``page_out_run``
 take a run of pages in the one common case of each (ESM's page-in of unbacked pages, the abort's
 page-out) together, giving every page what the one-page functions would, and decline any other
@@ -14,8 +14,8 @@ from pefsim import faults
 from pefsim.abi import GpfState, SvmState, U, gfn_of, page_aligned
 from pefsim.dataplane import BytesSource
 from pefsim.v1 import ultravisor_pb2 as pb
-from services.ultravisor.state import NO_FRAME
-from services.ultravisor.calls import guarded
+from services.ultravisor.core.state import NO_FRAME
+from services.ultravisor.core.guard import guarded
 
 
 def _gpf_of(svm, gpa: int):

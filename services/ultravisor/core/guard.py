@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 def guarded(uv, name: str, req, svm):
-    """``svm``'s lock, taken through the dispatcher's guard: the call's state looked at again under
+    """``svm``'s lock, taken through the call table's guard: the call's state looked at again under
     it, and the SVM still the one ``req.lpid`` names (lpids are reused: a call that waited on a
     terminated SVM's lock must not act on its successor)."""
-    return uv.dispatcher.guard(name, req, svm.lock, still=lambda: uv.state.svms.get(req.lpid) is svm)
+    return uv.table.guard(name, req, svm.lock, still=lambda: uv.state.svms.get(req.lpid) is svm)

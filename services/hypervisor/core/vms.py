@@ -8,9 +8,9 @@ import re
 
 from pefsim.abi import PAGE_SHIFT, Errno, Role, SecureGuest, U, VmState
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb
-from services.hypervisor import uv
-from services.hypervisor.errors import NoSpace
-from services.hypervisor.state import MAX_SLOT_ID
+from services.hypervisor.core import uv
+from services.hypervisor.core.state import NoSpace
+from services.hypervisor.core.state import MAX_SLOT_ID
 
 log = logging.getLogger("pefsim.hv")
 MAX_VM_PAGES = 1 << 20  # 64 GiB of guest memory per VM
@@ -99,7 +99,7 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
     drop every secure page without page-out, unregister every memslot, UV_SVM_TERMINATE
     (non-zero -> EINVAL), secure_guest = 0."""
     vm = hv.state.vms[req.lpid]
-    async with hv.dispatcher.guard("ResetVm", req, vm.lock):  # an abort may be paging out
+    async with hv.table.guard("ResetVm", req, vm.lock):  # an abort may be paging out
         if not vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_START:
             return pb.ResetVmResponse(errno=Errno.OK)
         if vm.running:
@@ -133,7 +133,7 @@ async def destroy(hv, vm, trigger: str) -> pb.DestroyVmResponse:
             terminated = True
         hv.state.destroy_vm(vm)
         vm.gone.set()
-    await hv.forget_vcpu(vm.lpid)
+    await hv.vcpus.forget(vm.lpid)
     log.info("lpid %d destroyed (%s)%s", vm.lpid, trigger,
              f", UV_SVM_TERMINATE -> {rc}" if terminated else "")
     return pb.DestroyVmResponse(errno=Errno.OK, terminated=terminated, terminate_rc=rc,
@@ -163,7 +163,7 @@ async def set_memslot(hv, req: pb.SetMemslotRequest, caller) -> pb.SetMemslotRes
     a UV refusal as ENOSPC and undoes the add (the kernel ignores it: a TODO there)."""
     vm = hv.state.vms[req.lpid]
     s = req.slot
-    async with hv.dispatcher.guard("SetMemslot", req, vm.lock):
+    async with hv.table.guard("SetMemslot", req, vm.lock):
         if req.delete:
             slot = vm.slots.get(s.slot_id)
             if slot is None:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, GfnState, Role, SecureGuest, gfn_of, gpa_of
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
-from services.hypervisor.control.vm import vcpu_entry
-from services.hypervisor.errors import UvUnreachable
-from services.hypervisor.hcalls.page import secure_page_out
+from services.hypervisor.core.vms import vcpu_entry
+from services.hypervisor.ports import UvUnreachable
+from services.hypervisor.core.pages import secure_page_out
 
 MAX_ACCESS_PAGES = 64  # pages per VcpuLoad (4 MiB answers)
 MAX_STORE_PAGES = MAX_DATA_PAGES  # pages per VcpuStore (a request: 512 KiB, rpc.MAX_REQUEST_BYTES)
@@ -56,7 +56,7 @@ async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreRespon
 
 async def host_read_page(hv, req: pb.HostReadPageRequest, caller) -> pb.HostReadPageResponse:
     vm = hv.state.vms[req.lpid]
-    async with hv.dispatcher.guard("HostReadPage", req, vm.lock):
+    async with hv.table.guard("HostReadPage", req, vm.lock):
         where = vm.locate(req.gpa)
         if where is None:
             return pb.HostReadPageResponse(errno=Errno.EFAULT)

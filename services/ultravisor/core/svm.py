@@ -8,8 +8,8 @@ import time
 from pefsim import faults
 from pefsim.abi import SvmState, U
 from pefsim.v1 import ultravisor_pb2 as pb
-from services.ultravisor import esm
-from services.ultravisor.calls import guarded
+from services.ultravisor.core import esm
+from services.ultravisor.core.guard import guarded
 
 log = logging.getLogger("pefsim.uv")
 

@@ -1,0 +1,25 @@
+"""The history a service keeps: one JSON line per call it served or made (for the chaos checker,
+the timeline and debugging)."""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+
+class History:
+    """Append-only JSON-lines record of every call a service served (for checkers and debugging)."""
+
+    def __init__(self, path: str | None, service: str):
+        self.service = service
+        self._fh = open(path, "a", buffering=1) if path else None
+
+    def record(self, **event: Any) -> None:
+        if self._fh is not None:
+            event = {"t": time.time(), "svc": self.service, **event}
+            self._fh.write(json.dumps(event, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,419 @@
+"""The in-process adapter: a UV core, an HV core and guests' vCPUs wired through their ports in one
+event loop, with no sockets (TF-RMM's fake host is the model). The cores are the same code the
+services run; only the transport differs:
+
+* every call goes through the callee's call table (``CallTable.run`` / ``stream`` / ``bidi``: the
+  same caller, owner, argument and state checks, handler, metrics and history as over gRPC), as
+  the identity the gRPC adapter would present (``uv``/``hv`` acting for a guest, ``guest:<name>``);
+* every message is copied through its wire encoding (protobuf, or the data plane's raw frames),
+  so no side ever holds the other's objects;
+* each call runs as a task owned by the service that serves it, as a server's handler would: a
+  caller that gives up (its deadline) does not stop the callee, and a crash of the callee ends
+  the call for its caller as a transport failure (UNAVAILABLE).
+
+Faults are ports that fail on cue: a :class:`Link` can be cut (every call fails before the callee
+acts) or told to lose the answer of a call after the callee acted; a failpoint armed with
+``=crash`` (pefsim.faults) crashes the HV core where it is reached. ``Machine.crash_hv`` is a
+``kill -9``: every task of the HV core is cancelled and its object dropped; what it wrote to its
+data directory (vm.json, the GFN-state and RAM files written through their shared mappings) is
+what a restarted HV (``Machine.restart_hv``) finds, exactly as after a real kill. (A power cut,
+which also loses what the page cache held, is not modelled here: docs/recovery.md.)
+
+What is not in process yet: the guest program (its VMM and vCPU) is the test's to drive; the
+vCPU port here (:class:`LocalVcpus`) holds a vCPU waiting after ``sc 2`` with the guest's resume
+semantics (one resume per abort token; a repeat acknowledged as a duplicate).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pefsim import faults
+from pefsim.abi import H, Role
+from pefsim.calltable import Caller
+from pefsim.dataplane import decoder
+from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
+from services.hypervisor.core.hypervisor import HvConfig, Hypervisor
+from services.hypervisor.ports import UvUnreachable, VcpuUnreachable
+from services.ultravisor.core.ultravisor import Ultravisor, UvConfig
+from services.ultravisor.ports import HvUnreachable
+
+log = logging.getLogger("pefsim.local")
+
+
+def _methods(pb2, service: str) -> dict[str, tuple[Any, Any]]:
+    """RPC name -> (request class, response class) of a service."""
+    desc = pb2.DESCRIPTOR.services_by_name[service]
+    return {m.name: (getattr(pb2, m.input_type.name), getattr(pb2, m.output_type.name)) for m in desc.methods}
+
+
+UV_METHODS = _methods(upb, "UltravisorService")
+HV_METHODS = _methods(hpb, "HypervisorService")
+
+
+def _copy(message):
+    """A message as the other side would parse it off the wire."""
+    return type(message).FromString(message.SerializeToString())
+
+
+class Lost(Exception):
+    """The link lost a call's answer after the callee acted (Link.lose)."""
+
+
+@dataclass
+class Link:
+    """One direction of a link between two services, failing on cue.
+
+    ``cut``: every call fails before the callee sees it (a partition, a dead peer). ``lose``: a
+    predicate on (call name, n-th call of that name on this link): true loses that call's answer
+    after the callee acted (the caller sees a transport failure)."""
+
+    cut: bool = False
+    lose: Callable[[str, int], bool] | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def before(self, name: str) -> bool:
+        """Whether the call may go through; counts it. False: it never reached the callee."""
+        if self.cut:
+            return False
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return True
+
+    def loses(self, name: str) -> bool:
+        return self.lose is not None and self.lose(name, self.counts.get(name, 0))
+
+
+CURRENT: contextvars.ContextVar["Service | None"] = contextvars.ContextVar("pefsim_local_service", default=None)
+
+
+def _owning_task_factory(loop, coro, **kw):
+    """Every task belongs to the service whose task (or call) created it (CURRENT), as a thread
+    of its process would: so a crash cancels an abort task the HV started from a handler too."""
+    task = asyncio.Task(coro, loop=loop, **kw)
+    service = (kw.get("context") or contextvars.copy_context()).get(CURRENT)
+    if service is not None:
+        service.adopt(task)
+    return task
+
+
+class Service:
+    """The tasks one service core runs calls and background work in (a process's worth): what a
+    crash cancels."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.tasks: set[asyncio.Task] = set()
+        self.alive = True
+
+    def adopt(self, task: asyncio.Task) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def run(self, fn, *args):
+        """``fn(*args)`` as this service (tasks it creates are this service's)."""
+        ctx = contextvars.copy_context()
+        ctx.run(CURRENT.set, self)
+        return ctx.run(fn, *args)
+
+    def spawn(self, coro) -> asyncio.Task:
+        if not self.alive:
+            coro.close()
+            raise ServiceCrashed(self.name)
+        return self.run(asyncio.ensure_future, coro)
+
+    async def serve(self, coro, timeout: float):
+        """Run one call as this service's task; its result for the caller, who waits at most
+        ``timeout`` (then TimeoutError) and whose own cancellation leaves the call running. A
+        crash of this service while the call runs is ServiceCrashed."""
+        task = self.spawn(coro)
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+        if not done:
+            raise TimeoutError
+        return self.outcome(task)
+
+    def outcome(self, task: asyncio.Task):
+        if task.cancelled() or isinstance(task.exception(), faults.Crash):
+            raise ServiceCrashed(self.name)
+        return task.result()
+
+    async def relay(self, items, timeout: float):
+        """Run an async iterator (a streamed call) as this service's task, relaying its items to
+        the caller as they come (so a window of frames in flight works as over gRPC)."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump():
+            async for item in items:
+                queue.put_nowait(item)
+
+        task = self.spawn(pump())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            while True:
+                getter = asyncio.ensure_future(queue.get())
+                done, _ = await asyncio.wait({getter, task}, timeout=max(0.0, deadline - loop.time()),
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if getter in done:
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                if not done:
+                    raise TimeoutError
+                while not queue.empty():
+                    yield queue.get_nowait()
+                self.outcome(task)
+                return
+        finally:
+            if not task.done():
+                task.cancel()  # the caller stopped reading (a cancelled stream)
+
+    def kill(self) -> None:
+        self.alive = False
+        for task in list(self.tasks):
+            task.cancel()
+
+
+class ServiceCrashed(Exception):
+    """The service serving a call crashed (or was down) before answering."""
+
+
+class LocalUv:
+    """The HV core's UvPort onto a UV core in this process."""
+
+    def __init__(self, machine: "Machine", on_boot):
+        self.machine, self.on_boot = machine, on_boot
+
+    def _caller(self, on_behalf: str) -> Caller:
+        return Caller(Role.ROLE_HV, "hv", on_behalf)
+
+    @contextlib.contextmanager
+    def _transport(self, name: str):
+        link = self.machine.hv_to_uv
+        if not link.before(name):
+            raise UvUnreachable(name, "UNAVAILABLE")
+        try:
+            yield
+        except TimeoutError:
+            raise UvUnreachable(name, "DEADLINE_EXCEEDED") from None
+        except ServiceCrashed:
+            raise UvUnreachable(name, "UNAVAILABLE") from None
+        if link.loses(name):
+            raise UvUnreachable(name, "UNAVAILABLE")
+
+    async def ucall(self, name: str, request, *, on_behalf: str, timeout: float):
+        uv = self.machine.uv
+        call, (_, resp_cls) = uv.table.calls[name], UV_METHODS[name]
+        with self._transport(name):
+            resp = await self.machine.uv_service.serve(
+                uv.table.run(call, resp_cls, _copy(request), self._caller(on_behalf)), timeout)
+        self.on_boot(uv.state.boot_id)
+        return _copy(resp)
+
+    async def page_in_stream(self, frames, *, on_behalf: str, timeout: float):
+        uv = self.machine.uv
+        call = uv.table.calls["UvPageInStream"]
+
+        async def requests():
+            async for frame in frames:
+                yield call.request_codec(bytes(frame))
+
+        with self._transport("UvPageInStream"):
+            async for result in self.machine.uv_service.relay(
+                    uv.table.bidi(call, requests(), self._caller(on_behalf)), timeout):
+                yield upb.PageBatchResult.FromString(result.SerializeToString())
+        self.on_boot(uv.state.boot_id)
+
+    async def page_out_stream(self, request, *, on_behalf: str, timeout: float):
+        uv = self.machine.uv
+        call = uv.table.calls["UvPageOutStream"]
+        encode = call.response_codec or (lambda m: m.SerializeToString())
+        parse = decoder(upb.PageOutBatch)
+        with self._transport("UvPageOutStream"):
+            async for item in self.machine.uv_service.relay(
+                    uv.table.stream(call, upb.PageOutBatch, _copy(request), self._caller(on_behalf)), timeout):
+                yield parse(bytes(encode(item)))
+        self.on_boot(uv.state.boot_id)
+
+    async def status(self):
+        return await self.ucall("UvStatus", upb.UvStatusRequest(), on_behalf="", timeout=2)
+
+    async def close(self) -> None:
+        pass
+
+
+class LocalHv:
+    """The UV core's HvPort onto the HV core in this process (whichever incarnation is up)."""
+
+    def __init__(self, machine: "Machine"):
+        self.machine = machine
+
+    async def hcall(self, name: str, request, *, on_behalf: str, timeout: float):
+        link, hv = self.machine.uv_to_hv, self.machine.hv
+        if hv is None or not link.before(name):
+            raise HvUnreachable(name, "UNAVAILABLE")
+        call, (_, resp_cls) = hv.table.calls[name], HV_METHODS[name]
+        try:
+            resp = await self.machine.hv_service.serve(
+                hv.table.run(call, resp_cls, _copy(request), Caller(Role.ROLE_UV, "uv", on_behalf)), timeout)
+        except TimeoutError:
+            raise HvUnreachable(name, "DEADLINE_EXCEEDED") from None
+        except ServiceCrashed:
+            raise HvUnreachable(name, "UNAVAILABLE") from None
+        if link.loses(name):
+            raise HvUnreachable(name, "UNAVAILABLE")
+        return _copy(resp)
+
+    async def close(self) -> None:
+        pass
+
+
+@dataclass
+class LocalVcpu:
+    """A guest's vCPU as the HV's resumes and machine checks find it: waiting after its ``sc 2``
+    (``waiting``), resumed once per abort token (a repeat is a duplicate), or stopped."""
+
+    lpid: int
+    waiting: bool = False
+    taken_token: int = 0
+    resumes: list = field(default_factory=list)  # every VcpuResumeRequest that took the vCPU
+    duplicates: int = 0
+    machine_checks: list[str] = field(default_factory=list)
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def resume(self, req: guest_pb2.VcpuResumeRequest) -> guest_pb2.VcpuResumeResponse:
+        if req.lpid != self.lpid:
+            return guest_pb2.VcpuResumeResponse(rc=H.H_PARAMETER)
+        if self.waiting:
+            self.waiting, self.taken_token = False, req.token
+            self.resumes.append(req)
+            self.resumed.set()
+            return guest_pb2.VcpuResumeResponse(rc=H.H_SUCCESS)
+        if req.token and req.token == self.taken_token:
+            self.duplicates += 1
+            return guest_pb2.VcpuResumeResponse(rc=H.H_SUCCESS, duplicate=True)
+        return guest_pb2.VcpuResumeResponse(rc=H.H_STATE)
+
+
+class LocalVcpus:
+    """The HV core's VcpuPort onto the LocalVcpu of each VM (by lpid); ``reachable`` false makes
+    every call fail in transport (the guest is gone or cut off)."""
+
+    def __init__(self):
+        self.vcpus: dict[int, LocalVcpu] = {}
+        self.reachable = True
+
+    def of(self, lpid: int) -> LocalVcpu:
+        return self.vcpus.setdefault(lpid, LocalVcpu(lpid))
+
+    async def resume(self, vm, request, *, timeout: float):
+        if not self.reachable:
+            raise VcpuUnreachable("UNAVAILABLE")
+        return self.of(vm.lpid).resume(_copy(request))
+
+    async def machine_check(self, vm, request, *, timeout: float) -> None:
+        if not self.reachable:
+            raise VcpuUnreachable("UNAVAILABLE")
+        self.of(vm.lpid).machine_checks.append(request.reason)
+
+    async def forget(self, lpid: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class Machine:
+    """One UV core and one HV core (restartable) in this event loop, wired by the local ports.
+
+    ``hv_config``: the HV's configuration (its ``data_dir`` is where a restarted HV recovers from).
+    Background tasks (the UV monitor, the watchdog) are not started: a test drives time."""
+
+    def __init__(self, hv_config: HvConfig, uv_config: UvConfig | None = None, trusted=None):
+        self.hv_config = hv_config
+        self.uv_config = uv_config or UvConfig(pool_pages=256, lazy_pool=True)
+        self.hv_to_uv, self.uv_to_hv = Link(), Link()
+        self.vcpus = LocalVcpus()
+        self.uv_service = Service("uv")
+        self.uv = Ultravisor(self.uv_config).attach(LocalHv(self))
+        self.uv.trusted = trusted
+        self.hv_service: Service = Service("hv")
+        self.hv: Hypervisor | None = None
+        self.crashed = asyncio.Event()
+        self.crashes: list[str] = []
+        self._loop = asyncio.get_running_loop()
+        self._factory = self._loop.get_task_factory()
+        self._loop.set_task_factory(_owning_task_factory)
+
+    def start_hv(self) -> Hypervisor:
+        """An HV core on hv_config.data_dir, recovered from it (journalled aborts restart as its tasks)."""
+        self.hv_service = Service("hv")
+        hv = Hypervisor(self.hv_config)
+        hv.attach(LocalUv(self, hv.uv_answered), self.vcpus)
+        self.hv = hv
+        self.hv_service.run(hv.recover)
+        return hv
+
+    async def hv_call(self, name: str, request, caller: Caller, timeout: float = 30.0):
+        """A call to the HV as ``caller`` (a guest's VMM, an operator), through its call table."""
+        call, (_, resp_cls) = self.hv.table.calls[name], HV_METHODS[name]
+        return _copy(await self.hv_service.serve(self.hv.table.run(call, resp_cls, _copy(request), caller), timeout))
+
+    async def uv_call(self, name: str, request, caller: Caller, timeout: float = 30.0):
+        call, (_, resp_cls) = self.uv.table.calls[name], UV_METHODS[name]
+        return _copy(await self.uv_service.serve(self.uv.table.run(call, resp_cls, _copy(request), caller), timeout))
+
+    def crash_hv(self, why: str = "") -> None:
+        """kill -9 of the HV: every task of its core cancelled, the core dropped. Its except and
+        finally clauses still run as the tasks unwind; ``stopping`` keeps a VmSession's end from
+        destroying a VM, as a killed process's would not."""
+        if self.hv is None:
+            return
+        log.warning("HV crashed%s", f" ({why})" if why else "")
+        self.crashes.append(why)
+        self.hv.stopping = True
+        self.hv_service.kill()
+        for vm in self.hv.state.vms.values():
+            for slot in vm.slots.values():
+                with contextlib.suppress(BufferError):  # a view still held by an unwinding task
+                    slot.close()
+        self.hv = None
+        self.crashed.set()
+
+    async def restart_hv(self) -> Hypervisor:
+        """Let the dead HV's tasks unwind, then start a new one on the same data directory."""
+        if self.hv is not None:
+            self.crash_hv("restart")
+        await asyncio.gather(*self.hv_service.tasks, return_exceptions=True)
+        self.crashed.clear()
+        return self.start_hv()
+
+    @contextlib.contextmanager
+    def crash_at(self, failpoint: str):
+        """Arm ``failpoint`` (NAME[:N][@VM]) to crash the HV where it is reached."""
+        faults.arm(f"{failpoint}=crash", on_crash=self.crash_hv)
+        try:
+            yield
+        finally:
+            faults.disarm(failpoint.partition(":")[0].partition("@")[0])
+
+    async def close(self) -> None:
+        if self.hv is not None:
+            self.hv.stopping = True
+            self.hv_service.kill()
+            await asyncio.gather(*self.hv_service.tasks, return_exceptions=True)
+            await self.hv.close()
+            self.hv = None
+        self.uv_service.kill()
+        await asyncio.gather(*self.uv_service.tasks, return_exceptions=True)
+        await self.uv.close()
+        self._loop.set_task_factory(self._factory)
+
+
+def machine(data_dir: Path, trusted=None, **hv_kw) -> Machine:
+    """A Machine (call in the event loop) with an HV on ``data_dir`` (HvConfig fields in ``hv_kw``)."""
+    return Machine(HvConfig(data_dir=data_dir, **hv_kw), trusted=trusted)
