@@ -71,11 +71,16 @@ class Link:
 
     ``cut``: every call fails before the callee sees it (a partition, a dead peer). ``lose``: a
     predicate on (call name, n-th call of that name on this link): true loses that call's answer
-    after the callee acted (the caller sees a transport failure)."""
+    after the callee acted (the caller sees a transport failure). ``crash``: a predicate on (call
+    name, n-th answer or stream item of that name arriving): true crashes the caller right as it
+    arrives, before it acts on it (a kill between two frames of a bulk stream)."""
 
     cut: bool = False
     lose: Callable[[str, int], bool] | None = None
+    # (call name, n-th answer or stream item of that name) -> crash the caller as it arrives
+    crash: Callable[[str, int], bool] | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    arrived: dict[str, int] = field(default_factory=dict)
 
     def before(self, name: str) -> bool:
         """Whether the call may go through; counts it. False: it never reached the callee."""
@@ -86,6 +91,11 @@ class Link:
 
     def loses(self, name: str) -> bool:
         return self.lose is not None and self.lose(name, self.counts.get(name, 0))
+
+    def crashes(self, name: str) -> bool:
+        """An answer (or a stream's item) of ``name`` arrives: whether the caller crashes now."""
+        self.arrived[name] = n = self.arrived.get(name, 0) + 1
+        return self.crash is not None and self.crash(name, n)
 
 
 CURRENT: contextvars.ContextVar["Service | None"] = contextvars.ContextVar("pefsim_local_service", default=None)
@@ -191,6 +201,12 @@ class LocalUv:
     def _caller(self, on_behalf: str) -> Caller:
         return Caller(Role.ROLE_HV, "hv", on_behalf)
 
+    def _arrived(self, name: str) -> None:
+        """An answer (or stream item) reaches the HV: it crashes here if the link says so."""
+        if self.machine.hv_to_uv.crashes(name):
+            self.machine.crash_hv(f"{name} answer {self.machine.hv_to_uv.arrived[name]}")
+            raise faults.Crash(name)
+
     @contextlib.contextmanager
     def _transport(self, name: str):
         link = self.machine.hv_to_uv
@@ -211,6 +227,7 @@ class LocalUv:
         with self._transport(name):
             resp = await self.machine.uv_service.serve(
                 uv.table.run(call, resp_cls, _copy(request), self._caller(on_behalf)), timeout)
+        self._arrived(name)
         self.on_boot(uv.state.boot_id)
         return _copy(resp)
 
@@ -225,6 +242,7 @@ class LocalUv:
         with self._transport("UvPageInStream"):
             async for result in self.machine.uv_service.relay(
                     uv.table.bidi(call, requests(), self._caller(on_behalf)), timeout):
+                self._arrived("UvPageInStream")
                 yield upb.PageBatchResult.FromString(result.SerializeToString())
         self.on_boot(uv.state.boot_id)
 
@@ -236,6 +254,7 @@ class LocalUv:
         with self._transport("UvPageOutStream"):
             async for item in self.machine.uv_service.relay(
                     uv.table.stream(call, upb.PageOutBatch, _copy(request), self._caller(on_behalf)), timeout):
+                self._arrived("UvPageOutStream")
                 yield parse(bytes(encode(item)))
         self.on_boot(uv.state.boot_id)
 

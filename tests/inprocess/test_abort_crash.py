@@ -118,3 +118,25 @@ async def test_a_lost_abort_answer(stage):
         await finished(m, g, g.esm())
         assert m.uv_to_hv.counts["H_SVM_INIT_ABORT"] == 1
         assert m.uv.metrics.abort_seconds.labels("terminated-by-hv")._sum.get() > 0
+
+
+# (transfer, the answer or stream item at whose arrival the HV crashes): between two frames of
+# the bulk page-out and page-in (8 pages a frame: 6 frames for 48 pages), or between a unary
+# UV_PAGE_OUT's answer and its write
+ARRIVALS = [("stream", "UvPageOutStream", 1), ("stream", "UvPageOutStream", 4), ("stream", "UvPageInStream", 2),
+            ("unary", "UV_PAGE_OUT", 1), ("unary", "UV_PAGE_OUT", 30), ("stream", "UV_SVM_TERMINATE", 1)]
+
+
+@pytest.mark.parametrize("transfer,name,nth", ARRIVALS)
+async def test_an_hv_crash_as_an_answer_arrives(stage, transfer, name, nth):
+    """The port crashes the HV on cue, as the n-th answer (or stream frame) of a ucall reaches
+    it, before it acts on it: the run path of the bulk page-out included (a failpoint would take
+    the pages one by one)."""
+    async with stage(transfer=transfer) as m:
+        g = await create_guest(m)
+        m.hv_to_uv.crash = lambda call, n: call == name and n == nth
+        esm = g.esm()
+        await asyncio.wait_for(m.crashed.wait(), BOUND_S)
+        m.hv_to_uv.crash = None
+        await m.restart_hv()
+        await finished(m, g, esm)
