@@ -17,8 +17,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
-check: $(STAMP)  ## the fast loop: unit tests, the in-process stack, every conformance row, lint
-	@start=$$(date +%s); $(PY) -m pytest -q -p no:cacheprovider tests/unit tests/inprocess tests/conformance \
+check: $(STAMP)  ## the fast loop, no service processes: unit tests, the in-process stack, every conformance row in process, lint
+	@start=$$(date +%s); $(PY) -m pytest -q -p no:cacheprovider -m "not processes" tests/unit tests/inprocess tests/conformance \
 		&& $(VENV)/bin/ruff check . && echo "make check: $$(( $$(date +%s) - start )) s"
 
 protos: $(STAMP)  ## regenerate pefsim/v1 from protos/

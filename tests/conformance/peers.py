@@ -1,7 +1,8 @@
 """Scripted peers: a test-process HV that drives a real UV process into any SVM state, and a
 test-process UV (and guest vCPU) that a real HV process calls back.
 
-They serve the real gRPC services on real sockets. The scripted HV behaves like an honest HV by
+Over gRPC they serve the real services on real sockets; in process (tests/conformance/world.py)
+the core under test calls them through its ports. The scripted HV behaves like an honest HV by
 default (it keeps the guest's pages, registers the memslot, hands pages over with UV_PAGE_IN)
 but can hold any hcall open, or answer it differently, so the UV can be observed mid-ESM
 (SVM_ACTIVE) or mid-abort (SVM_ABORT).
@@ -56,10 +57,13 @@ class ScriptedHv:
 
     pb2 = hpb
 
-    def __init__(self, listen: str, uv_addr: str, stack=None):
+    def __init__(self, listen: str | None, uv_addr: str | None, stack=None, uv_peer=None):
+        """``listen`` None: no server (the UV core calls this object through a port, and
+        ``uv_peer`` is its way back to the UV: tests/conformance/world.py)."""
         self.listen = listen
         self.tls = stack.tls("hv") if stack is not None else None
-        self.uv = rpc.Peer(uv_addr, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub, "hv", self.tls, "uv")
+        self.uv = uv_peer or rpc.Peer(uv_addr, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub, "hv", self.tls,
+                                      "uv")
         self.guests: dict[int, Guest] = {}
         self.seen: list[tuple[str, Any]] = []
         self.events: dict[tuple[str, int], asyncio.Event] = {}
@@ -68,14 +72,16 @@ class ScriptedHv:
         self.server: grpc.aio.Server | None = None
 
     async def __aenter__(self) -> "ScriptedHv":
-        self.server, _ = await rpc.start_server(self.listen, [
-            _handlers(hpb.DESCRIPTOR.services_by_name["HypervisorService"], self)], tls=self.tls)
+        if self.listen is not None:
+            self.server, _ = await rpc.start_server(self.listen, [
+                _handlers(hpb.DESCRIPTOR.services_by_name["HypervisorService"], self)], tls=self.tls)
         return self
 
     async def __aexit__(self, *exc) -> None:
         for gate in self.gates.values():
             gate.set()
-        await self.server.stop(grace=0.5)
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
         await self.uv.close()
 
     # -- scripting ------------------------------------------------------------------------------
@@ -209,6 +215,8 @@ class ScriptedUv:
     async def __aenter__(self) -> "ScriptedUv":
         from pefsim.dataplane import decoder
 
+        if self.listen is None:
+            return self
         self.server, _ = await rpc.start_server(self.listen, [
             _handlers(upb.DESCRIPTOR.services_by_name["UltravisorService"], self,
                       {"UvPageInStream": (decoder(upb.PageInBatch), upb.PageBatchResult.SerializeToString),
@@ -218,7 +226,8 @@ class ScriptedUv:
     async def __aexit__(self, *exc) -> None:
         for gate in self.gates.values():
             gate.set()
-        await self.server.stop(grace=0.5)
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
 
     def _answer(self, call: str, req):
         self.seen.append((call, req))
@@ -312,12 +321,14 @@ class ScriptedVcpu:
         self.server: grpc.aio.Server | None = None
 
     async def __aenter__(self) -> "ScriptedVcpu":
-        self.server, _ = await rpc.start_server(self.listen, [
-            _handlers(guest_pb2.DESCRIPTOR.services_by_name["GuestService"], self)], tls=self.tls)
+        if self.listen is not None:
+            self.server, _ = await rpc.start_server(self.listen, [
+                _handlers(guest_pb2.DESCRIPTOR.services_by_name["GuestService"], self)], tls=self.tls)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self.server.stop(grace=0.5)
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
 
     async def VcpuResume(self, req, context):
         self.resumes.append(req)

@@ -1,4 +1,5 @@
-"""Every HV row of the conformance table (pefsim/conformance.py), run against real HV processes.
+"""Every HV row of the conformance table (pefsim/conformance.py), run against the HV core in
+process and against real HV processes (tests/conformance/world.py).
 
 The test is the UV: it makes the hcalls as role "uv" and serves the UV's side (every ucall the HV
 makes) and the guest's vCPU (VcpuResume) from this process. A fresh VM is made per row and put
@@ -15,9 +16,9 @@ import pytest
 from pefsim.abi import PAGE_SIZE, AbortReturn, GfnState, H, PageInFlag, U, gpa_of
 from pefsim.conformance import HV_ROWS, Row
 from pefsim.dataplane import MAX_DATA_PAGES
-from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, hypervisor_pb2_grpc, ultravisor_pb2 as upb
+from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from services.hypervisor.calltable import CALLS
-from tests.conformance.peers import ROLES, ScriptedUv, ScriptedVcpu, caller, make_call
+from tests.conformance.peers import ScriptedUv, ScriptedVcpu, make_call
 
 NPAGES = 16
 CALL = {c.name: c for c in CALLS}
@@ -92,15 +93,11 @@ class HvCtx:
         return len(got) == 1 and got[0].r3 == H.H_PARAMETER and got[0].nip == nip and not got[0].msr_s
 
 
-async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) -> None:
+async def run_row(side, row: Row) -> None:
     v10 = row.state == "VM_ABORTING" or "v10" in row.setup
-    hv_addr = hvs["uv" if v10 else "guest"]
-    name = "hv-v10" if v10 else "hv"
     setups = set(filter(None, row.setup.split(",")))
-    peers = {who: caller(hv_addr, role, hypervisor_pb2_grpc.HypervisorServiceStub, stack, "hv")
-             for who, role in ROLES.items()}
-    stub = lambda who: peers[who].stub  # noqa: E731
-    async with ScriptedUv(uv_listen, stack) as uv, ScriptedVcpu(vcpu_listen, stack) as vcpu:
+    async with side.world("uv" if v10 else "guest") as w:
+        stub, uv, vcpu, vcpu_listen = w.stub, w.uv, w.vcpu, w.vcpu_endpoint
         lpid = 99999
         try:
             if row.state != "VM_ABSENT":
@@ -115,7 +112,7 @@ async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) 
                         lpid=lpid, gpa=gpa_of(first),
                         data=b"".join(content(g) for g in range(first, first + MAX_DATA_PAGES))))
                     assert stored.errno == 0
-            c = HvCtx(lpid=lpid, data_dir=stack.run_dir / f"{name}-data", uv=uv, vcpu=vcpu)
+            c = HvCtx(lpid=lpid, data_dir=w.data_dir, uv=uv, vcpu=vcpu)
             if row.state in ("VM_TRANSIENT", "VM_SECURE", "VM_ABORTING"):
                 assert (await stub("uv").H_SVM_INIT_START(hpb.HSvmInitStartRequest(lpid=lpid))).rc == H.H_SUCCESS
                 if "paged-in" in setups or "paged-out" in setups:
@@ -163,8 +160,6 @@ async def run_row(stack, hvs: dict, uv_listen: str, vcpu_listen: str, row: Row) 
             uv.answers.clear()
             if lpid != 99999:
                 await stub("operator").DestroyVm(hpb.DestroyVmRequest(lpid=lpid))
-            for p in peers.values():
-                await p.close()
 
 
 def row_id(row: Row) -> str:
@@ -173,5 +168,4 @@ def row_id(row: Row) -> str:
 
 @pytest.mark.parametrize("row", HV_ROWS, ids=row_id)
 def test_hv_row(hv_side, row):
-    stack, hvs, uv_listen, vcpu_listen = hv_side
-    asyncio.run(run_row(stack, hvs, uv_listen, vcpu_listen, row))
+    asyncio.run(run_row(hv_side, row))

@@ -1,5 +1,6 @@
-"""Check-then-act races at a real HV (issue 13, item 9), made deterministic with a scripted UV that
-holds a ucall open and the HV's own pefsim_calls_in_flight gauge.
+"""Check-then-act races at the HV (issue 13, item 9), in process and at a real HV process, made
+deterministic with a scripted UV that holds a ucall open and the HV's own pefsim_calls_in_flight
+gauge.
 
 The dispatcher checks a call's state before its handler takes the VM's lock; a call that waited
 for the lock behind an abort's page-out or a ResetVm must look at the state again under it
@@ -8,12 +9,10 @@ scrubbed, secure_guest = 2 (a value the design never assigns)."""
 from __future__ import annotations
 
 import asyncio
-import urllib.request
 
 from pefsim.abi import PAGE_SIZE, Errno, GfnState, H, gpa_of
 from pefsim.rpc import ON_BEHALF_HEADER
-from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
-from tests.conformance.peers import ROLES, ScriptedUv, ScriptedVcpu, caller
+from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb
 
 NPAGES = 4
 
@@ -22,19 +21,10 @@ def content(gfn: int) -> bytes:
     return bytes([0x40 + gfn]) * PAGE_SIZE
 
 
-def in_flight(stack, service: str, call: str) -> float:
-    url = f"http://{stack.metrics_targets()[service]}/metrics"
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(f'pefsim_calls_in_flight{{call="{call}"}}'):
-                return float(line.split()[-1])
-    return 0.0
-
-
-async def until_waiting(stack, call: str) -> None:
+async def until_waiting(w, call: str) -> None:
     """Until the HV runs a handler of ``call`` (it is then waiting for the VM's lock)."""
     for _ in range(500):
-        if await asyncio.to_thread(in_flight, stack, "hv", call) >= 1:
+        if await w.in_flight(call) >= 1:
             return
         await asyncio.sleep(0.01)  # polling a condition, bounded: not a synchronisation by time
     raise AssertionError(f"{call} never reached its handler")
@@ -63,23 +53,17 @@ async def vm_info(stub, lpid: int):
 def run_race(hv_side, race, resumes: int | None = None) -> None:
     """Boot a VM to TRANSIENT at the merged HV, run ``race``; with ``resumes``, the scripted vCPU
     must have been resumed that many times by the end (checked once the HV has no abort left)."""
-    stack, hvs, uv_listen, vcpu_listen = hv_side
-
     async def scenario():
-        peers = {who: caller(hvs["guest"], role, hypervisor_pb2_grpc.HypervisorServiceStub, stack, "hv")
-                 for who, role in ROLES.items()}
-        stub = lambda who: peers[who].stub  # noqa: E731
-        async with ScriptedUv(uv_listen, stack) as uv, ScriptedVcpu(vcpu_listen, stack) as vcpu:
-            lpid = await booted_transient(stub, vcpu_listen)
+        async with hv_side.world("guest") as w:
+            stub, uv, vcpu = w.stub, w.uv, w.vcpu
+            lpid = await booted_transient(stub, w.vcpu_endpoint)
             try:
-                await race(stack, stub, uv, lpid)
+                await race(w, stub, uv, lpid)
                 if resumes is not None:
                     assert not (await vm_info(stub, lpid)).aborting
                     assert len([r for r in vcpu.resumes if r.lpid == lpid]) == resumes
             finally:
                 await stub("operator").DestroyVm(hpb.DestroyVmRequest(lpid=lpid))
-                for p in peers.values():
-                    await p.close()
     asyncio.run(scenario())
 
 
@@ -87,12 +71,12 @@ def test_init_done_behind_an_aborts_page_out_finds_the_vm_normal(hv_side):
     """H_SVM_INIT_DONE passes the dispatcher's check (TRANSIENT) while an abort holds the VM's lock
     paging out; once the abort has made the VM normal, INIT_DONE answers H_UNSUPPORTED and
     changes nothing: the page given back keeps its content, secure_guest stays 0."""
-    async def race(stack, stub, uv, lpid):
+    async def race(w, stub, uv, lpid):
         gate = uv.hold("UV_PAGE_OUT")
         abort = asyncio.ensure_future(stub("uv").H_SVM_INIT_ABORT(hpb.HSvmInitAbortRequest(lpid=lpid, srr0=4)))
         await asyncio.wait_for(uv.reached("UV_PAGE_OUT").wait(), 10)
         done = asyncio.ensure_future(stub("uv").H_SVM_INIT_DONE(hpb.HSvmInitDoneRequest(lpid=lpid)))
-        await until_waiting(stack, "H_SVM_INIT_DONE")
+        await until_waiting(w, "H_SVM_INIT_DONE")
         gate.set()
         assert (await abort).rc == H.H_PARAMETER
         assert (await done).rc == H.H_UNSUPPORTED
@@ -107,12 +91,12 @@ def test_init_done_behind_a_reset_finds_the_vm_normal(hv_side):
     """The VMM resets the VM (KVM_PPC_SVM_OFF, as QEMU does on a machine reset) during ESM; the
     UV's H_SVM_INIT_DONE waits behind it and then answers H_UNSUPPORTED: no sweep, no
     secure_guest = 2, the pages the HV still held keep their content."""
-    async def race(stack, stub, uv, lpid):
+    async def race(w, stub, uv, lpid):
         gate = uv.hold("UV_SVM_TERMINATE")
         reset = asyncio.ensure_future(stub("guest").ResetVm(hpb.ResetVmRequest(lpid=lpid)))
         await asyncio.wait_for(uv.reached("UV_SVM_TERMINATE").wait(), 10)
         done = asyncio.ensure_future(stub("uv").H_SVM_INIT_DONE(hpb.HSvmInitDoneRequest(lpid=lpid)))
-        await until_waiting(stack, "H_SVM_INIT_DONE")
+        await until_waiting(w, "H_SVM_INIT_DONE")
         gate.set()
         assert (await reset).errno == Errno.OK
         assert (await done).rc == H.H_UNSUPPORTED
@@ -129,12 +113,12 @@ def test_init_abort_behind_a_reset_finds_the_vm_normal(hv_side):
     the VM's lock; once the reset has made the VM normal the abort answers H_UNSUPPORTED: no second
     UV_SVM_TERMINATE (which could end the rebooted guest's next SVM), no resume of the vCPU at the
     old abort's address."""
-    async def race(stack, stub, uv, lpid):
+    async def race(w, stub, uv, lpid):
         gate = uv.hold("UV_SVM_TERMINATE")
         reset = asyncio.ensure_future(stub("guest").ResetVm(hpb.ResetVmRequest(lpid=lpid)))
         await asyncio.wait_for(uv.reached("UV_SVM_TERMINATE").wait(), 10)
         abort = asyncio.ensure_future(stub("uv").H_SVM_INIT_ABORT(hpb.HSvmInitAbortRequest(lpid=lpid, srr0=0x1234)))
-        await until_waiting(stack, "H_SVM_INIT_ABORT")
+        await until_waiting(w, "H_SVM_INIT_ABORT")
         gate.set()
         assert (await reset).errno == Errno.OK
         assert (await abort).rc == H.H_UNSUPPORTED
@@ -147,15 +131,15 @@ def test_init_abort_behind_init_done_finds_the_vm_secure(hv_side):
     """The guest's own H_SVM_INIT_ABORT waits behind the UV's H_SVM_INIT_DONE sweep; once the VM is
     secure it answers H_STATE and leaves it secure (it used to page the secure VM out, make it
     normal and terminate the SVM the UV had just declared secure)."""
-    async def race(stack, stub, uv, lpid):
+    async def race(w, stub, uv, lpid):
         gate = uv.hold("UV_PAGE_IN")  # a page-in holds the VM's lock, waiting on the UV
         page_in = asyncio.ensure_future(stub("uv").H_SVM_PAGE_IN(hpb.HSvmPageInRequest(
             lpid=lpid, guest_pa=gpa_of(3), order=16)))
         await asyncio.wait_for(uv.reached("UV_PAGE_IN").wait(), 10)
         done = asyncio.ensure_future(stub("uv").H_SVM_INIT_DONE(hpb.HSvmInitDoneRequest(lpid=lpid)))
-        await until_waiting(stack, "H_SVM_INIT_DONE")
+        await until_waiting(w, "H_SVM_INIT_DONE")
         abort = asyncio.ensure_future(stub("guest").H_SVM_INIT_ABORT(hpb.HSvmInitAbortRequest(lpid=lpid, srr0=0x1234)))
-        await until_waiting(stack, "H_SVM_INIT_ABORT")
+        await until_waiting(w, "H_SVM_INIT_ABORT")
         gate.set()  # the lock goes to INIT_DONE, then to the abort (asyncio.Lock is FIFO)
         assert (await page_in).rc == H.H_SUCCESS
         assert (await done).rc == H.H_SUCCESS
@@ -169,7 +153,7 @@ def test_an_hcall_the_uv_makes_for_one_guest_cannot_touch_anothers_vm(hv_side):
     """The UV names the guest each hcall serves; an H_SVM_INIT_ABORT (or page-in, INIT_DONE) for a
     VM another guest owns is refused before anything changes: a guest whose UV_ESM for someone
     else's lpid failed cannot have that VM aborted and its vCPU resumed at its own address."""
-    async def race(stack, stub, uv, lpid):
+    async def race(w, stub, uv, lpid):
         mallory = ((ON_BEHALF_HEADER, "mallory"),)
         abort = await stub("uv").H_SVM_INIT_ABORT(hpb.HSvmInitAbortRequest(lpid=lpid, srr0=0xBAD), metadata=mallory)
         assert abort.rc == H.H_UNSUPPORTED

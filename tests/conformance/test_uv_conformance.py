@@ -1,8 +1,9 @@
-"""Every UV row of the conformance table (pefsim/conformance.py), run against a real UV process.
+"""Every UV row of the conformance table (pefsim/conformance.py), run against the UV core in
+process and against a real UV process (tests/conformance/world.py).
 
 For each row a fresh SVM is put in the row's state by a scripted HV in this process (mid-ESM
 with INIT_START held open for SVM_ACTIVE, a full ESM for SVM_SECURE, H_SVM_INIT_ABORT held open
-for SVM_ABORT), the call is made over gRPC as the row's caller, and the result compared by name.
+for SVM_ABORT), the call is made as the row's caller (in process, or over gRPC), and the result compared by name.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, H, U, gpa_of
 from pefsim.blob import make_blob
 from pefsim.conformance import UV_ROWS, Row
 from pefsim.image import GuestImage
-from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb, ultravisor_pb2_grpc
+from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from services.ultravisor.calltable import CALLS
-from tests.conformance.peers import ROLES, Guest, ScriptedHv, caller, make_call
+from tests.conformance.peers import Guest, make_call
 
 NPAGES = 16
 CALL = {c.name: c for c in CALLS}
@@ -104,30 +105,26 @@ def esm_request(c: UvCtx, image: GuestImage) -> upb.UvEsmRequest:
 
 
 class Side:
-    """The UV under test and its callers, for one row."""
+    """The UV under test (a world of tests/conformance/world.py) and its callers, for one row."""
 
-    def __init__(self, stack, uv_addr: str, hv: ScriptedHv):
-        self.stack, self.hv = stack, hv
-        self.peers = {name: caller(uv_addr, role, ultravisor_pb2_grpc.UltravisorServiceStub, stack, "uv")
-                      for name, role in ROLES.items()}
+    def __init__(self, world):
+        self.world, self.hv = world, world.hv
         self.teardown: list = []
 
     def stub(self, who: str):
-        return self.peers[who].stub
+        return self.world.stub(who)
 
     async def close(self) -> None:
         for step in reversed(self.teardown):
             await step()
-        for p in self.peers.values():
-            await p.close()
 
     async def setup(self, row: Row) -> UvCtx:
-        c = UvCtx(lpid=next(_lpids), hv_dir=self.stack.hv_memory_dir)
+        c = UvCtx(lpid=next(_lpids), hv_dir=self.world.hv_memory_dir)
         if row.state == "SVM_ABSENT":
             return c
         image = GuestImage.of_size(f"conf{c.lpid}", NPAGES * PAGE_SIZE)
         bad = row.state == "SVM_ABORT"
-        blob = make_blob(image, self.stack.signing_key(),
+        blob = make_blob(image, self.world.signing_key(),
                          override={"kernel": "0" * 128} if bad else None)
         self.hv.guests[c.lpid] = Guest(image, blob)
         c.plain = image.page(c.secure_gfn)
@@ -198,9 +195,9 @@ class Side:
                     c.loads[gfn] = load.data
 
 
-async def run_row(stack, uv_addr: str, hv_listen: str, row: Row) -> None:
-    async with ScriptedHv(hv_listen, uv_addr, stack) as hv:
-        side = Side(stack, uv_addr, hv)
+async def run_row(uv_side, row: Row) -> None:
+    async with uv_side.world() as w:
+        side = Side(w)
         try:
             c = await side.setup(row)
             resp = await make_call(side.stub, CALL[row.call], row, c)
@@ -236,8 +233,7 @@ def row_id(row: Row) -> str:
 
 @pytest.mark.parametrize("row", UV_ROWS, ids=row_id)
 def test_uv_row(uv_side, row):
-    stack, uv_addr, hv_listen = uv_side
-    asyncio.run(run_row(stack, uv_addr, hv_listen, row))
+    asyncio.run(run_row(uv_side, row))
 
 
 @pytest.mark.parametrize("lies", ["every page", "one page"])
@@ -245,14 +241,12 @@ def test_an_hv_that_claims_page_ins_it_never_made_gets_an_abort(uv_side, lies):
     """HSvmPageInBulk answered H_SUCCESS for pages whose UV_PAGE_IN the HV never made (every
     page, or one in the middle): the ESM finds them missing and aborts with H_SVM_INIT_ABORT,
     and UV_ESM is answered, instead of the ESM failing on a page it does not have."""
-    stack, uv_addr, hv_listen = uv_side
-
     async def scenario():
-        async with ScriptedHv(hv_listen, uv_addr, stack) as hv:
-            side = Side(stack, uv_addr, hv)
+        async with uv_side.world() as w:
+            side, hv = Side(w), w.hv
             c = UvCtx(lpid=next(_lpids))
             image = GuestImage.of_size(f"liar{c.lpid}", NPAGES * PAGE_SIZE)
-            hv.guests[c.lpid] = Guest(image, make_blob(image, stack.signing_key()))
+            hv.guests[c.lpid] = Guest(image, make_blob(image, w.signing_key()))
             honest = type(hv).H_SVM_PAGE_IN
 
             async def page_in(req):
