@@ -1,5 +1,5 @@
 import sys
 
-from pefsim.cli import main
+from pefsim.ops.cli import main
 
 sys.exit(main())

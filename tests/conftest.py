@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pefsim.stack import LocalStack, StackConfig
+from pefsim.ops.stack import LocalStack, StackConfig
 
 _names = itertools.count()
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pefsim.abi import PAGE_SIZE
 from pefsim.blob import make_blob
-from pefsim.demo import Operator
+from pefsim.ops.demo import Operator
 from pefsim.image import GuestImage
 from pefsim.v1 import guest_pb2
 

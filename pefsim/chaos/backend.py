@@ -1,6 +1,6 @@
 """Where a chaos run's services live and how the nemesis reaches them.
 
-LocalBackend: UV, HV and guests as local processes (pefsim.stack), faults by signals, failpoints
+LocalBackend: UV, HV and guests as local processes (pefsim.ops.stack), faults by signals, failpoints
 and the fault proxies between HV and UV. The Docker backend (compose stack through the Docker SDK)
 implements the same interface.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from pefsim.stack import LocalStack, StackConfig
+from pefsim.ops.stack import LocalStack, StackConfig
 
 
 class LocalBackend:

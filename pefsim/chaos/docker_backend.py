@@ -27,7 +27,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from pefsim.health import check
+from pefsim.ops.health import check
 
 CRASH = ("import os, signal\n"
          "for p in os.listdir('/proc'):\n"

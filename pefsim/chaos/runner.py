@@ -33,7 +33,7 @@ from pefsim.abi import PAGE_SIZE, Errno
 from pefsim.blob import make_blob
 from pefsim.chaos import checker
 from pefsim.chaos.metrics import ChaosMetrics
-from pefsim.demo import Operator
+from pefsim.ops.demo import Operator
 from pefsim.image import GuestImage, page_digest
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 

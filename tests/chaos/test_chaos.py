@@ -15,7 +15,7 @@ from pefsim.chaos.backend import LocalBackend
 from pefsim.chaos.checker import INVARIANTS
 from pefsim.chaos.runner import FAULTS, ChaosConfig, run_chaos
 from pefsim.faults import MUTANTS
-from pefsim.stack import ROOT
+from pefsim.ops.stack import ROOT
 
 MEM = 4 << 20  # 64 pages (faults land inside the abort and ESM windows through breakpoints)
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from pefsim.stack import free_port
+from pefsim.ops.stack import free_port
 
 PROXY = [sys.executable, "-m", "pefsim.chaos.proxy"]
 

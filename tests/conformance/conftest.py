@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pefsim.stack import LocalStack, StackConfig, free_port
+from pefsim.ops.stack import LocalStack, StackConfig, free_port
 from tests.conftest import assert_clean_exit
 from tests.conformance.world import GrpcHvSide, GrpcUvSide, LocalHvSide, LocalUvSide
 

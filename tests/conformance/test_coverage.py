@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pefsim.conformance import ROWS
+from tests.conformance.rows import ROWS
 from pefsim.calltable import STATE, result_name
 from services.hypervisor import calltable as hv_table
 from services.ultravisor import calltable as uv_table
@@ -57,7 +57,7 @@ def test_conformance_doc_is_up_to_date():
     import subprocess
     import sys
 
-    from pefsim.stack import ROOT
+    from pefsim.ops.stack import ROOT
 
     out = subprocess.run([sys.executable, "tools/gen_conformance.py", "--check"], cwd=ROOT,
                          capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""Every HV row of the conformance table (pefsim/conformance.py), run against the HV core in
+"""Every HV row of the conformance table (tests/conformance/rows.py), run against the HV core in
 process and against real HV processes (tests/conformance/world.py).
 
 The test is the UV: it makes the hcalls as role "uv" and serves the UV's side (every ucall the HV
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from pefsim.abi import PAGE_SIZE, AbortReturn, GfnState, H, PageInFlag, U, gpa_of
-from pefsim.conformance import HV_ROWS, Row
+from tests.conformance.rows import HV_ROWS, Row
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from services.hypervisor.calltable import CALLS

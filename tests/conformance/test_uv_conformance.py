@@ -1,4 +1,4 @@
-"""Every UV row of the conformance table (pefsim/conformance.py), run against the UV core in
+"""Every UV row of the conformance table (tests/conformance/rows.py), run against the UV core in
 process and against a real UV process (tests/conformance/world.py).
 
 For each row a fresh SVM is put in the row's state by a scripted HV in this process (mid-ESM
@@ -16,7 +16,7 @@ import pytest
 
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, H, U, gpa_of
 from pefsim.blob import make_blob
-from pefsim.conformance import UV_ROWS, Row
+from tests.conformance.rows import UV_ROWS, Row
 from pefsim.image import GuestImage
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from services.ultravisor.calltable import CALLS

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from pefsim.stack import ROOT
+from pefsim.ops.stack import ROOT
 
 KEYS = {"guest_bytes", "memcpy_MBps", "memcpy_fresh_MBps", "tcp_MBps", "pagein_stream_MBps", "pageout_stream_MBps",
         "pagein_shm_MBps", "pageout_shm_MBps", "pagein_unary_MBps", "abort_latency_s", "hcall_p50_us",
@@ -25,13 +25,13 @@ def test_bench_json_is_well_formed():
     assert all(doc[k] > 0 for k in KEYS - {"abort_latency_s"})
     assert all(v > 0 for v in doc["abort_latency_s"].values())
     assert [row["guests"] for row in doc["scaling"]] == [1, 2]
-    from pefsim.bench import SHM_RUNS
+    from pefsim.ops.bench import SHM_RUNS
 
     runs = doc["shm_runs"]
     assert len(runs) == SHM_RUNS and all(r["pagein_MBps"] > 0 and r["pageout_MBps"] > 0 for r in runs)
     assert doc["pagein_shm_MBps"] == max(r["pagein_MBps"] for r in runs)
     assert doc["pageout_shm_MBps"] == max(r["pageout_MBps"] for r in runs)
-    from pefsim.bench import CHANNEL_VARIANTS
+    from pefsim.ops.bench import CHANNEL_VARIANTS
 
     assert [row["variant"] for row in doc["channel_options"]] == [name for name, _ in CHANNEL_VARIANTS]
     assert all(row["pagein_MBps"] > 0 and row["pageout_MBps"] > 0 and row["hv_rss_bytes"] > 0

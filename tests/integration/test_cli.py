@@ -10,7 +10,7 @@ import time
 
 from pefsim.blob import load_public_key, measure, verify_blob
 from pefsim.image import GuestImage
-from pefsim.stack import ROOT
+from pefsim.ops.stack import ROOT
 
 
 def pefsim(*args, **kw):

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from pefsim.v1 import hypervisor_pb2 as hpb
-from pefsim.demo import Operator
-from pefsim.stack import ROOT
+from pefsim.ops.demo import Operator
+from pefsim.ops.stack import ROOT
 
 
 def test_a_second_hv_on_the_same_data_dir_refuses_to_start(stack, run):

@@ -11,9 +11,9 @@ import pytest
 from pefsim import rpc
 from pefsim.abi import PAGE_SIZE, Errno, GfnState, H, Role, SecureGuest, U
 from pefsim.blob import new_signing_key
-from pefsim.demo import Operator
+from pefsim.ops.demo import Operator
 from pefsim.image import GuestImage
-from pefsim.stack import ROOT
+from pefsim.ops.stack import ROOT
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from pefsim.v1 import ultravisor_pb2_grpc
 from tests.conftest import history, unique
@@ -344,7 +344,7 @@ def test_reset_needs_stopped_vcpus_and_drops_secure_content(stack, run):
 
 def test_insecure_stack_runs_the_life_cycle(stack_factory, run):
     """With --insecure (roles asserted in metadata) the life cycle and the role checks work too."""
-    from pefsim.demo import run_demo, succeeded
+    from pefsim.ops.demo import run_demo, succeeded
 
     plain = stack_factory(insecure=True)
     summary = run(run_demo(plain, MEM))

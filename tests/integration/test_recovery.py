@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 from pefsim.abi import PAGE_SHIFT, Errno, GfnState, H, U, VmState
-from pefsim.demo import Operator
+from pefsim.ops.demo import Operator
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
 from tests.helpers import blob_for, boot_guest

@@ -12,7 +12,7 @@ import jsonschema
 import promql_parser
 import pytest
 
-from pefsim.stack import ROOT
+from pefsim.ops.stack import ROOT
 
 DASHBOARDS = sorted((ROOT / "deploy/grafana/dashboards").glob("*.json"))
 RULES = sorted((ROOT / "deploy/prometheus/rules").glob("*.yml"))

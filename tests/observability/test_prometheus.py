@@ -19,10 +19,10 @@ import pytest
 
 from pefsim.chaos.backend import LocalBackend
 from pefsim.chaos.runner import ChaosConfig, run_chaos
-from pefsim.demo import run_demo
+from pefsim.ops.demo import run_demo
 from pefsim.metrics import LATENCY_BUCKETS
-from pefsim.observability import INSTALL_HINT, Prometheus, prometheus_binary, write_config
-from pefsim.stack import LocalStack, StackConfig, free_port
+from pefsim.ops.observability import INSTALL_HINT, Prometheus, prometheus_binary, write_config
+from pefsim.ops.stack import LocalStack, StackConfig, free_port
 from tests.observability.test_dashboards import panel_queries, rule_exprs, substitute
 
 needs_prometheus = pytest.mark.skipif(prometheus_binary() is None or shutil.which("promtool") is None,
@@ -138,7 +138,7 @@ def test_promtool_check_metrics(observed):
 
 @needs_prometheus
 def test_promtool_rules():
-    from pefsim.stack import ROOT
+    from pefsim.ops.stack import ROOT
 
     rules = sorted(str(p) for p in (ROOT / "deploy/prometheus/rules").glob("*.yml"))
     check = subprocess.run(["promtool", "check", "rules", *rules], capture_output=True, text=True)
@@ -157,7 +157,7 @@ def test_pefsim_up_with_prometheus(tmp_path):
     import signal
     import sys
 
-    from pefsim.stack import ROOT
+    from pefsim.ops.stack import ROOT
 
     up = subprocess.Popen([sys.executable, "-m", "pefsim", "up", "--guests", "1", "--mem-mib", "1",
                            "--prometheus", "--run-dir", str(tmp_path / "run")], cwd=ROOT,
@@ -189,7 +189,7 @@ def test_up_without_prometheus_says_how_to_get_it(tmp_path):
     import os
     import sys
 
-    from pefsim.stack import ROOT
+    from pefsim.ops.stack import ROOT
 
     env = dict(os.environ, PATH=os.path.dirname(sys.executable))
     out = subprocess.run([sys.executable, "-m", "pefsim", "up", "--prometheus", "--run-dir", str(tmp_path)],

@@ -15,8 +15,8 @@ import pytest
 
 from pefsim import rpc
 from pefsim.abi import HV_RA_BASE, PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, U
-from pefsim.demo import Operator
-from pefsim.health import check
+from pefsim.ops.demo import Operator
+from pefsim.ops.health import check
 from pefsim.image import GuestImage
 from pefsim.tls import Tls, make_ca, make_cert
 from pefsim.v1 import (common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, hypervisor_pb2_grpc,
@@ -420,7 +420,7 @@ def test_insecure_mode_warns(tmp_path):
     import subprocess
     import sys
 
-    from pefsim.stack import ROOT
+    from pefsim.ops.stack import ROOT
 
     out = subprocess.run([sys.executable, "-m", "services.ultravisor", "--hv", "127.0.0.1:1", "--insecure",
                           "--trusted-key", "/nonexistent", "--listen", "127.0.0.1:0"],

@@ -17,8 +17,8 @@ import pytest
 
 from pefsim import rpc
 from pefsim.abi import PAGE_SIZE, Errno, Role
-from pefsim.demo import Operator
-from pefsim.stack import LocalStack, StackConfig
+from pefsim.ops.demo import Operator
+from pefsim.ops.stack import LocalStack, StackConfig
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
 from tests.conftest import assert_clean_exit, unique
 from tests.helpers import boot_guest

@@ -19,9 +19,9 @@ import pytest
 from pefsim.abi import HV_RA_BASE, PAGE_SHIFT, PAGE_SIZE, H, PageInFlag, U, gfn_of, gpa_of
 from pefsim.blob import make_blob
 from pefsim.dataplane import HvMemory, NotHvMemory
-from pefsim.demo import Operator
+from pefsim.ops.demo import Operator
 from pefsim.image import GuestImage
-from pefsim.stack import free_port
+from pefsim.ops.stack import free_port
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conformance.peers import Guest, ScriptedHv
 from tests.conftest import unique

@@ -14,7 +14,7 @@ import pytest
 from pefsim import rpc
 from pefsim.abi import PAGE_SIZE, Errno, H, U
 from pefsim.dataplane import MAX_DATA_PAGES
-from pefsim.demo import Operator
+from pefsim.ops.demo import Operator
 from pefsim.v1 import common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
 from tests.helpers import boot_guest

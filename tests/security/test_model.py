@@ -22,7 +22,7 @@ from pefsim.calltable import ALLOW, STATE
 from services.ultravisor import calltable
 from pefsim.blob import make_blob
 from pefsim.image import GuestImage
-from pefsim.stack import LocalStack, StackConfig, free_port
+from pefsim.ops.stack import LocalStack, StackConfig, free_port
 from pefsim.v1 import common_pb2, ultravisor_pb2 as upb, ultravisor_pb2_grpc
 from tests.conformance.peers import Guest, ScriptedHv, caller
 from tests.conftest import assert_clean_exit

@@ -36,7 +36,7 @@ def test_every_modelled_opcode_is_an_rpc_with_its_number():
 
 def test_not_modelled_calls_are_documented():
     """The calls pefsim leaves out say why in abi.proto."""
-    from pefsim.stack import ROOT
+    from pefsim.ops.stack import ROOT
 
     text = (ROOT / "protos/pefsim/v1/abi.proto").read_text()
     for name in ("UV_WRITE_PATE", "UV_RETURN", "H_TPM_COMM"):

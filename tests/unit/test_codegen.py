@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pefsim.abi import H, Hcall, U, Ucall
-from pefsim.stack import ROOT
+from pefsim.ops.stack import ROOT
 
 
 def test_generated_code_is_up_to_date():

@@ -11,7 +11,7 @@ import pytest
 
 from pefsim import keyfile
 from pefsim.blob import load_private_key, new_signing_key, save_keypair
-from pefsim.stack import ROOT
+from pefsim.ops.stack import ROOT
 from pefsim.tls import make_ca, make_cert
 
 

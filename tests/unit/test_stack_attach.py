@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pefsim.stack import ROOT, LocalStack, StackConfig, StackTlsMissing
+from pefsim.ops.stack import ROOT, LocalStack, StackConfig, StackTlsMissing
 from pefsim.tls import make_ca
 
 

@@ -40,9 +40,9 @@ from pathlib import Path
 
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, H, Role
 from pefsim.blob import make_blob
-from pefsim.demo import Operator
+from pefsim.ops.demo import Operator
 from pefsim.image import GuestImage
-from pefsim.stack import LocalStack, StackConfig
+from pefsim.ops.stack import LocalStack, StackConfig
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as hpb
 
 MiB = 1 << 20

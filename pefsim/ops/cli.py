@@ -50,7 +50,7 @@ def _interrupted(signum, _frame):
 
 
 def _stack_config(a, **kw):
-    from pefsim.stack import StackConfig
+    from pefsim.ops.stack import StackConfig
 
     run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="pefsim-"))
     return StackConfig(run_dir=run_dir, pool_pages=a.pool_pages, esm_copy=a.esm_copy,
@@ -65,8 +65,8 @@ def _mem_bytes(mib: float) -> int:
 
 
 def cmd_demo(a) -> int:
-    from pefsim import demo
-    from pefsim.stack import LocalStack, StackError
+    from pefsim.ops import demo
+    from pefsim.ops.stack import LocalStack, StackError
 
     mem = _mem_bytes(a.mem_mib)
     if a.compose:
@@ -96,8 +96,8 @@ def cmd_demo(a) -> int:
 
 
 def cmd_up(a) -> int:
-    from pefsim import observability
-    from pefsim.stack import LocalStack, free_port
+    from pefsim.ops import observability
+    from pefsim.ops.stack import LocalStack, free_port
 
     if a.prometheus and observability.prometheus_binary() is None:
         print(f"pefsim up --prometheus: {observability.INSTALL_HINT}", file=sys.stderr)
@@ -156,10 +156,10 @@ def cmd_up(a) -> int:
 def cmd_status(a) -> int:
     from google.protobuf import json_format
 
-    from pefsim.demo import Operator
+    from pefsim.ops.demo import Operator
     from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 
-    from pefsim.stack import LocalStack
+    from pefsim.ops.stack import LocalStack
 
     stack = LocalStack.attach(Path(a.stack))
 
@@ -319,7 +319,7 @@ def main(argv=None) -> int:
                    help="also the stream under each gRPC channel-option variant, ROUNDS paired rounds")
     p.add_argument("--options-guest-mib", type=float, default=256, help="guest size in the channel-option runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.set_defaults(func=lambda a: __import__("pefsim.bench", fromlist=["main"]).main(a))
+    p.set_defaults(func=lambda a: __import__("pefsim.ops.bench", fromlist=["main"]).main(a))
     p = sub.add_parser("certs", help="a project CA and mTLS certificates (kept if already there)")
     p.add_argument("--out", required=True, help="directory for ca.pem/ca.key and <identity>.pem/.key")
     p.add_argument("--identity", action="append",
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if getattr(a, "uv_port", 0) and a.uv_port == getattr(a, "hv_port", 0):
         ap.error(f"--uv-port and --hv-port are both {a.uv_port}: give each service its own")
-    from pefsim.stack import StackTlsMissing
+    from pefsim.ops.stack import StackTlsMissing
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupted)

@@ -1,6 +1,6 @@
 """A gRPC health probe for container healthchecks (no extra binary in the image).
 
-    python -m pefsim.health [--tls-dir DIR --as IDENTITY --server ROLE] HOST:PORT [SERVICE]
+    python -m pefsim.ops.health [--tls-dir DIR --as IDENTITY --server ROLE] HOST:PORT [SERVICE]
                                                     # exit 0 if SERVING, 1 otherwise
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from pefsim.tls import Tls
 
-    ap = argparse.ArgumentParser(prog="pefsim.health", description="gRPC health probe")
+    ap = argparse.ArgumentParser(prog="pefsim.ops.health", description="gRPC health probe")
     ap.add_argument("target")
     ap.add_argument("service", nargs="?", default="")
     ap.add_argument("--tls-dir", type=Path, help="mTLS: the directory of the identity's certificate")

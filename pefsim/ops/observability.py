@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (pefsim/ops/ is two levels down)
 RULES = ROOT / "deploy" / "prometheus" / "rules"
 JOBS = ("uv", "hv", "guest", "chaos")
 INSTALL_HINT = ("Prometheus is not installed. On Debian or Ubuntu: `apt-get install prometheus` "

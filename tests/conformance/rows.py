@@ -1,7 +1,7 @@
 """The conformance table: call x state x input -> result, with the source of each row.
 
-tests/conformance/ runs every row against real UV and HV processes (each driven by a scripted
-peer in the test process), and tools/gen_conformance.py writes docs/conformance.md from these rows
+tests/conformance/ runs every row against the UV and HV cores in process and against real UV and
+HV processes (each driven by a scripted peer in the test process), and tools/gen_conformance.py writes docs/conformance.md from these rows
 and the services' call tables. Sources:
 
   UV code   open-power/ultravisor (the published firmware)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pefsim.blob import load_private_key, new_signing_key, save_keypair
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (pefsim/ops/ is two levels down)
 
 
 class StackError(RuntimeError):
@@ -329,9 +329,9 @@ class LocalStack:
         return (self.run_dir.parent if self.attached else self.run_dir) / "targets"
 
     def write_targets(self, extra: dict[str, list[str]] | None = None) -> None:
-        """Prometheus file_sd targets for this stack (pefsim/observability.py); ``extra`` targets
+        """Prometheus file_sd targets for this stack (pefsim/ops/observability.py); ``extra`` targets
         (the chaos harness) are kept for every later rewrite."""
-        from pefsim.observability import write_targets
+        from pefsim.ops.observability import write_targets
 
         self.extra_targets.update(extra or {})
         jobs: dict[str, list[str]] = {k: list(v) for k, v in self.extra_targets.items()}

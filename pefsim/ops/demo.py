@@ -19,7 +19,7 @@ from pefsim import rpc
 from pefsim.abi import PAGE_SIZE, Errno, GfnState, H, Role, U, rc_name
 from pefsim.blob import make_blob
 from pefsim.image import GuestImage
-from pefsim.stack import LocalStack
+from pefsim.ops.stack import LocalStack
 from pefsim.v1 import guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
 from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
 
