@@ -179,7 +179,8 @@ def cmd_status(a) -> int:
 
 def cmd_chaos(a) -> int:
     from pefsim.chaos.backend import LocalBackend
-    from pefsim.chaos.runner import FAULTS, ChaosConfig, default_results, run_chaos
+    from pefsim.chaos.generator import FAULTS, ChaosConfig, default_results
+    from pefsim.chaos.runner import run_chaos
 
     if a.during not in FAULTS[a.fault]:
         raise SystemExit(f"--fault {a.fault} runs --during {' or '.join(FAULTS[a.fault])}")
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("chaos", help="seeded fault scenarios with checked invariants")
-    from pefsim.chaos.runner import FAULTS
+    from pefsim.chaos.generator import FAULTS
     from pefsim.faults import MUTANTS
 
     p.add_argument("--fault", required=True, choices=sorted(FAULTS))

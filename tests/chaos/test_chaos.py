@@ -13,7 +13,8 @@ import pytest
 
 from pefsim.chaos.backend import LocalBackend
 from pefsim.chaos.checker import INVARIANTS
-from pefsim.chaos.runner import FAULTS, ChaosConfig, run_chaos
+from pefsim.chaos.generator import FAULTS, ChaosConfig
+from pefsim.chaos.runner import run_chaos
 from pefsim.faults import MUTANTS
 from pefsim.ops.stack import ROOT
 

@@ -18,7 +18,8 @@ import urllib.request
 import pytest
 
 from pefsim.chaos.backend import LocalBackend
-from pefsim.chaos.runner import ChaosConfig, run_chaos
+from pefsim.chaos.generator import ChaosConfig
+from pefsim.chaos.runner import run_chaos
 from pefsim.ops.demo import run_demo
 from pefsim.metrics import LATENCY_BUCKETS
 from pefsim.ops.observability import INSTALL_HINT, Prometheus, prometheus_binary, write_config
