@@ -19,6 +19,8 @@ data directory (vm.json, the GFN-state and RAM files written through their share
 what a restarted HV (``Machine.restart_hv``) finds, exactly as after a real kill. (A power cut,
 which also loses what the page cache held, is not modelled here: docs/recovery.md.)
 
+``Machine.reset_uv`` is a machine reset as the UV sees it (a new UV core, a new boot id).
+
 What is not in process yet: the guest program (its VMM and vCPU) is the test's to drive; the
 vCPU port here (:class:`LocalVcpus`) holds a vCPU waiting after ``sc 2`` with the guest's resume
 semantics (one resume per abort token; a repeat acknowledged as a duplicate).
@@ -357,9 +359,9 @@ class Machine:
         self.uv_config = uv_config or UvConfig(pool_pages=256, lazy_pool=True)
         self.hv_to_uv, self.uv_to_hv = Link(), Link()
         self.vcpus = LocalVcpus()
+        self.trusted = trusted
         self.uv_service = Service("uv")
-        self.uv = Ultravisor(self.uv_config).attach(LocalHv(self))
-        self.uv.trusted = trusted
+        self.uv = self._new_uv()
         self.hv_service: Service = Service("hv")
         self.hv: Hypervisor | None = None
         self.crashed = asyncio.Event()
@@ -367,6 +369,23 @@ class Machine:
         self._loop = asyncio.get_running_loop()
         self._factory = self._loop.get_task_factory()
         self._loop.set_task_factory(_owning_task_factory)
+
+    def _new_uv(self) -> Ultravisor:
+        uv = Ultravisor(self.uv_config).attach(LocalHv(self))
+        uv.trusted = self.trusted
+        return uv
+
+    async def reset_uv(self) -> Ultravisor:
+        """A machine reset as the UV sees it: the UV core and everything it held (secure memory,
+        SVMs) gone, a new one with a new boot id in its place. The HV learns it from the next
+        answer's boot id, as it does from a real UV's."""
+        log.warning("UV reset")
+        self.uv_service.kill()
+        await asyncio.gather(*self.uv_service.tasks, return_exceptions=True)
+        await self.uv.close()
+        self.uv_service = Service("uv")
+        self.uv = self._new_uv()
+        return self.uv
 
     def start_hv(self) -> Hypervisor:
         """An HV core on hv_config.data_dir, recovered from it (journalled aborts restart as its tasks)."""

@@ -38,3 +38,12 @@ def flip_byte(path, offset: int) -> bytes:
 
 def page_offset(gfn: int) -> int:
     return gfn * PAGE_SIZE
+
+
+def metric(stack, svc: str, name: str) -> float:
+    """The sum of a series (``name`` or ``name{labels}``) in a service's /metrics, now."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://{stack.metrics_targets()[svc]}/metrics").read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))

@@ -62,8 +62,12 @@ async def test_an_hv_crash_at_any_step_ends_as_no_crash(stage, point, transfer):
             esm = g.esm()
             await asyncio.wait_for(m.crashed.wait(), BOUND_S)
         assert m.crashes == [point.split(":")[0]]
-        await m.restart_hv()
+        hv = await m.restart_hv()
+        assert hv.metrics.vms_recovered._value.get() == 1
+        assert hv.metrics.aborts_resumed._value.get() == (0 if point.startswith("hv.esm") else 1)
         await finished(m, g, esm)
+        if point.startswith("hv.abort"):  # the UV's H_SVM_INIT_ABORT was in flight when the HV died
+            assert m.uv.metrics.hcall_retries.labels("H_SVM_INIT_ABORT")._value.get() >= 1
 
 
 async def test_a_crash_during_recovery_too(stage):

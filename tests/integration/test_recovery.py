@@ -4,7 +4,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -13,13 +12,7 @@ from pefsim.abi import PAGE_SHIFT, Errno, GfnState, H, U, VmState
 from pefsim.ops.demo import Operator
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
-from tests.helpers import blob_for, boot_guest
-
-
-def metric(stack, svc: str, name: str) -> float:
-    text = urllib.request.urlopen(f"http://{stack.metrics_targets()[svc]}/metrics").read().decode()
-    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
-               or line.startswith(name + "{"))
+from tests.helpers import blob_for, boot_guest, metric
 
 
 def test_hv_that_never_answers_the_abort_costs_one_svm(stack_factory, run):

@@ -17,7 +17,7 @@ from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.ops.demo import Operator
 from pefsim.v1 import common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
-from tests.helpers import boot_guest
+from tests.helpers import boot_guest, metric
 from tests.security.test_hostile import HV_STUB, UV_STUB, as_, still_intact
 
 GUEST_STUB = guest_pb2_grpc.GuestServiceStub
@@ -215,6 +215,10 @@ def test_slowloris_and_session_flood_cost_only_the_attacker(stack, run):
             # at most the identity's 128 slots were held (the 100 sessions and 28 lorises; of those,
             # the ones that found no room in its 8 MiB of request bytes were turned away too)
             assert lorises_done.count("RESOURCE_EXHAUSTED") >= 100 - (rpc.MAX_INFLIGHT_PER_PEER - len(sessions))
+            refused = 'pefsim_calls_refused_total{call="HvStatus",reason='
+            assert metric(stack, "hv", refused + '"calls"}') + metric(stack, "hv", refused + '"bytes"}') \
+                == lorises_done.count("RESOURCE_EXHAUSTED")
+            assert metric(stack, "hv", refused + '"arrival"}') == lorises_done.count("DEADLINE_EXCEEDED")
             for s in sessions:
                 s.cancel()
             await other.close()
