@@ -21,9 +21,10 @@ which also loses what the page cache held, is not modelled here: docs/recovery.m
 
 ``Machine.reset_uv`` is a machine reset as the UV sees it (a new UV core, a new boot id).
 
-What is not in process yet: the guest program (its VMM and vCPU) is the test's to drive; the
-vCPU port here (:class:`LocalVcpus`) holds a vCPU waiting after ``sc 2`` with the guest's resume
-semantics (one resume per abort token; a repeat acknowledged as a duplicate).
+Guests: ``Machine.add_guest`` runs a guest core (the boot program the guest process runs) whose
+ports are :class:`LocalCalls`; the HV reaches its vCPU through the guest's own call table. A test
+may also drive a VM itself, the HV then reaching a :class:`LocalVcpu` that holds the guest's
+resume semantics (one resume per abort token; a repeat acknowledged as a duplicate).
 """
 from __future__ import annotations
 
@@ -40,6 +41,12 @@ from pefsim.abi import H, Role
 from pefsim.calltable import Caller
 from pefsim.dataplane import decoder
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
+from pefsim.calltable import CallTable, Denied, NoResult
+from pefsim.history import History
+from services.guest import calltable as guest_calltable
+from services.guest.core.metrics import GuestMetrics
+from services.guest.core.program import GuestConfig, GuestProgram
+from services.guest.ports import Unreachable
 from services.hypervisor.core.hypervisor import HvConfig, Hypervisor
 from services.hypervisor.ports import UvUnreachable, VcpuUnreachable
 from services.ultravisor.core.ultravisor import Ultravisor, UvConfig
@@ -56,6 +63,7 @@ def _methods(pb2, service: str) -> dict[str, tuple[Any, Any]]:
 
 UV_METHODS = _methods(upb, "UltravisorService")
 HV_METHODS = _methods(hpb, "HypervisorService")
+GUEST_METHODS = _methods(guest_pb2, "GuestService")
 
 
 def _copy(message):
@@ -293,6 +301,58 @@ class LocalHv:
         pass
 
 
+class LocalCalls:
+    """A guest core's port (services/guest/ports.Calls) onto the HV or UV core of the machine,
+    as guest:<name>: each call through the core's call table, as a task of that service."""
+
+    def __init__(self, machine: "Machine", service: str, name: str):
+        self.machine, self.service, self.caller = machine, service, Caller(Role.ROLE_GUEST, name)
+        self.methods = HV_METHODS if service == "hv" else UV_METHODS
+
+    def _target(self):
+        m = self.machine
+        return (m.hv, m.hv_service) if self.service == "hv" else (m.uv, m.uv_service)
+
+    async def _up(self, name: str, wait: bool, timeout: float | None):
+        core, service = self._target()
+        if core is None and wait:  # wait_for_ready: until the service is back, within the timeout
+            try:
+                await asyncio.wait_for(self.machine.hv_up.wait(), timeout)
+            except TimeoutError:
+                raise Unreachable(name, "DEADLINE_EXCEEDED") from None
+            core, service = self._target()
+        if core is None:
+            raise Unreachable(name, "UNAVAILABLE")
+        return core, service
+
+    async def call(self, name: str, request, *, timeout: float | None = None, wait: bool = False):
+        core, service = await self._up(name, wait, timeout)
+        call, resp_cls = core.table.calls[name], self.methods[name][1]
+        try:
+            return _copy(await service.serve(core.table.run(call, resp_cls, _copy(request), self.caller),
+                                             timeout if timeout is not None else 1e9))
+        except Denied:
+            raise Unreachable(name, "PERMISSION_DENIED") from None
+        except TimeoutError:
+            raise Unreachable(name, "DEADLINE_EXCEEDED") from None
+        except ServiceCrashed:
+            raise Unreachable(name, "UNAVAILABLE") from None
+
+    async def stream(self, name: str, request):
+        core, service = await self._up(name, False, None)
+        call, resp_cls = core.table.calls[name], self.methods[name][1]
+        try:
+            async for item in service.relay(core.table.stream(call, resp_cls, _copy(request), self.caller), 1e9):
+                yield _copy(item)
+        except (Denied, NoResult):
+            raise Unreachable(name, "PERMISSION_DENIED") from None
+        except ServiceCrashed:
+            raise Unreachable(name, "UNAVAILABLE") from None
+
+    async def close(self) -> None:
+        pass
+
+
 @dataclass
 class LocalVcpu:
     """A guest's vCPU as the HV's resumes and machine checks find it: waiting after its ``sc 2``
@@ -321,24 +381,40 @@ class LocalVcpu:
 
 
 class LocalVcpus:
-    """The HV core's VcpuPort onto the LocalVcpu of each VM (by lpid); ``reachable`` false makes
-    every call fail in transport (the guest is gone or cut off)."""
+    """The HV core's VcpuPort: onto a guest core's call table (VcpuResume, MachineCheck, as the
+    HV) when a guest of the machine has the VM's vCPU endpoint, else onto the LocalVcpu of the VM
+    (by lpid); ``reachable`` false makes every call fail in transport (cut off)."""
 
     def __init__(self):
         self.vcpus: dict[int, LocalVcpu] = {}
+        self.guests: dict[str, CallTable] = {}  # vCPU endpoint -> the guest's call table
         self.reachable = True
 
     def of(self, lpid: int) -> LocalVcpu:
         return self.vcpus.setdefault(lpid, LocalVcpu(lpid))
 
+    async def _guest_call(self, table: CallTable, name: str, request):
+        try:
+            return _copy(await table.run(table.calls[name], GUEST_METHODS[name][1], _copy(request),
+                                         Caller(Role.ROLE_HV, "hv")))
+        except Denied:
+            raise VcpuUnreachable("PERMISSION_DENIED") from None
+
     async def resume(self, vm, request, *, timeout: float):
         if not self.reachable:
             raise VcpuUnreachable("UNAVAILABLE")
+        guest = self.guests.get(vm.vcpu_endpoint)
+        if guest is not None:
+            return await self._guest_call(guest, "VcpuResume", request)
         return self.of(vm.lpid).resume(_copy(request))
 
     async def machine_check(self, vm, request, *, timeout: float) -> None:
         if not self.reachable:
             raise VcpuUnreachable("UNAVAILABLE")
+        guest = self.guests.get(vm.vcpu_endpoint)
+        if guest is not None:
+            await self._guest_call(guest, "MachineCheck", request)
+            return
         self.of(vm.lpid).machine_checks.append(request.reason)
 
     async def forget(self, lpid: int) -> None:
@@ -365,7 +441,9 @@ class Machine:
         self.hv_service: Service = Service("hv")
         self.hv: Hypervisor | None = None
         self.crashed = asyncio.Event()
+        self.hv_up = asyncio.Event()  # set while an HV core serves
         self.crashes: list[str] = []
+        self.guests: dict[str, GuestProgram] = {}
         self._loop = asyncio.get_running_loop()
         self._factory = self._loop.get_task_factory()
         self._loop.set_task_factory(_owning_task_factory)
@@ -394,7 +472,21 @@ class Machine:
         hv.attach(LocalUv(self, hv.uv_answered), self.vcpus)
         self.hv = hv
         self.hv_service.run(hv.recover)
+        self.hv_up.set()
         return hv
+
+    def add_guest(self, name: str, mem_bytes: int, blob: bytes = b"", **cfg) -> GuestProgram:
+        """A guest core (its boot program: the VM's VMM and vCPU) on this machine, reaching the HV
+        and UV cores through LocalCalls; the HV reaches its vCPU by its endpoint. ``cfg``:
+        GuestConfig fields (svm, secure_capable, resume_timeout_s, ...)."""
+        endpoint = f"{name}.local:1"
+        program = GuestProgram(GuestConfig(name=name, mem_bytes=mem_bytes, hv="", uv="", blob=blob, **cfg),
+                               endpoint=endpoint, hv=LocalCalls(self, "hv", name), uv=LocalCalls(self, "uv", name))
+        self.vcpus.guests[endpoint] = CallTable(
+            service=program, calls=guest_calltable.CALLS, state_table=guest_calltable.STATE_TABLE,
+            state_of=guest_calltable.state_of, observer=GuestMetrics(), history=History(None, f"guest:{name}"))
+        self.guests[name] = program
+        return program
 
     async def hv_call(self, name: str, request, caller: Caller, timeout: float = 30.0):
         """A call to the HV as ``caller`` (a guest's VMM, an operator), through its call table."""
@@ -420,6 +512,7 @@ class Machine:
                 with contextlib.suppress(BufferError):  # a view still held by an unwinding task
                     slot.close()
         self.hv = None
+        self.hv_up.clear()
         self.crashed.set()
 
     async def restart_hv(self) -> Hypervisor:
@@ -440,6 +533,9 @@ class Machine:
             faults.disarm(failpoint.partition(":")[0].partition("@")[0])
 
     async def close(self) -> None:
+        for program in self.guests.values():
+            if program.session is not None:
+                program.session.cancel()
         if self.hv is not None:
             self.hv.stopping = True
             self.hv_service.kill()

@@ -8,7 +8,7 @@ import asyncio
 from pefsim.abi import H, Role, VcpuState
 from pefsim.calltable import ALLOW, Call
 from pefsim.v1 import guest_pb2 as pb
-from services.guest.program import Resume
+from services.guest.core.program import Resume
 
 
 async def vcpu_resume(guest, req: pb.VcpuResumeRequest, caller) -> pb.VcpuResumeResponse:

@@ -19,8 +19,9 @@ from pefsim.calltable import CallTable
 from pefsim.history import History
 from pefsim.v1 import guest_pb2
 from services.guest import calltable
-from services.guest.metrics import GuestMetrics
-from services.guest.program import GuestConfig, GuestProgram
+from services.guest.adapters.grpc import GrpcCalls
+from services.guest.core.metrics import GuestMetrics
+from services.guest.core.program import GuestConfig, GuestProgram
 
 log = logging.getLogger("pefsim.guest")
 
@@ -29,7 +30,8 @@ async def build_server(cfg: GuestConfig, listen: str, history: str | None = None
                        ) -> tuple[grpc.aio.Server, int, GuestProgram, GuestMetrics]:
     metrics = GuestMetrics()
     server, port = await rpc.new_server(listen, [], "pefsim.v1.GuestService", cfg.tls)
-    guest = GuestProgram(cfg, endpoint=f"{rpc.host_of(listen)}:{port}", metrics=metrics)
+    guest = GuestProgram(cfg, endpoint=f"{rpc.host_of(listen)}:{port}", metrics=metrics,
+                         hv=GrpcCalls("hv", cfg.hv, cfg.name, cfg.tls), uv=GrpcCalls("uv", cfg.uv, cfg.name, cfg.tls))
     table = CallTable(service=guest, calls=calltable.CALLS, state_table=calltable.STATE_TABLE,
                       state_of=calltable.state_of, observer=metrics, history=History(history, f"guest:{cfg.name}"))
     dispatcher = rpc.Dispatcher(table=table, pb2=guest_pb2,

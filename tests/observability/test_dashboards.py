@@ -55,7 +55,7 @@ def exported_metric_names() -> set[str]:
     import tempfile
 
     from pefsim.chaos.metrics import ChaosMetrics
-    from services.guest.metrics import GuestMetrics
+    from services.guest.core.metrics import GuestMetrics
     from services.hypervisor.core.metrics import HvMetrics
     from services.hypervisor.core.state import HvState
     from services.ultravisor.core.metrics import UvMetrics

@@ -201,7 +201,7 @@ def test_up_without_prometheus_says_how_to_get_it(tmp_path):
 def declared_families() -> dict[str, str]:
     """Every metric family the services and the chaos harness declare: name -> type."""
     from pefsim.chaos.metrics import ChaosMetrics
-    from services.guest.metrics import GuestMetrics
+    from services.guest.core.metrics import GuestMetrics
     from services.hypervisor.core.metrics import HvMetrics
     from services.hypervisor.core.state import HvState
     from services.ultravisor.core.metrics import UvMetrics

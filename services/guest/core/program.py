@@ -15,20 +15,18 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from pefsim.backoff import Backoff
 from pefsim.dataplane import MAX_DATA_PAGES
-from pefsim import faults, rpc
+from pefsim import faults
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, U, VcpuState, gpa_of, rc_name
 from pefsim.image import GuestImage
-from pefsim.v1 import common_pb2, guest_pb2 as pb, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
-from pefsim.v1 import ultravisor_pb2 as upb, ultravisor_pb2_grpc
+from pefsim.v1 import common_pb2, guest_pb2 as pb, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
+from services.guest.ports import Calls, Unreachable
 
 log = logging.getLogger("pefsim.guest")
 
 BATCH_PAGES = 16  # pages per VcpuLoad/SvmLoad (1 MiB messages: small transient buffers)
-RETRY_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RETRY_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 UCALL_OFFSET = 0x1000  # where in the kernel image prom_init's `sc 2` sits
 
 
@@ -65,15 +63,16 @@ class GuestConfig:
 
 
 class GuestProgram:
-    def __init__(self, cfg: GuestConfig, endpoint: str, metrics=None):
-        from services.guest.metrics import GuestMetrics
+    """The VM's VMM and vCPU: ``hv`` and ``uv`` are its ports (services/guest/ports.py)."""
+
+    def __init__(self, cfg: GuestConfig, endpoint: str, hv: Calls, uv: Calls, metrics=None):
+        from services.guest.core.metrics import GuestMetrics
 
         self.cfg = cfg
         self.metrics = metrics or GuestMetrics()
         self.endpoint = endpoint
         self.image = GuestImage.of_size(cfg.name, cfg.mem_bytes)
-        self.hv = rpc.Peer(cfg.hv, Role.ROLE_GUEST, hypervisor_pb2_grpc.HypervisorServiceStub, cfg.name, cfg.tls, "hv")
-        self.uv = rpc.Peer(cfg.uv, Role.ROLE_GUEST, ultravisor_pb2_grpc.UltravisorServiceStub, cfg.name, cfg.tls, "uv")
+        self.hv, self.uv = hv, uv
         self.vcpu_state = VcpuState.VCPU_STOPPED
         self.lpid = 0
         self._resume: asyncio.Future | None = None
@@ -150,11 +149,11 @@ class GuestProgram:
         backoff = Backoff(cap=1.0, within=self.cfg.hv_wait_s)
         while True:
             try:
-                resp = await getattr(self.hv.stub, name)(request, timeout=10, wait_for_ready=True)
+                resp = await self.hv.call(name, request, timeout=10, wait=True)
                 break
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in RETRY_CODES or backoff.expired:
-                    raise GuestFailure(f"{name}: HV unreachable ({exc.code().name})") from None
+            except Unreachable as exc:
+                if exc.code not in RETRY_CODES or backoff.expired:
+                    raise GuestFailure(f"{name}: HV unreachable ({exc.code})") from None
                 await backoff.wait()
         errno = getattr(resp, "errno", Errno.OK)
         if errno != Errno.OK:
@@ -238,10 +237,10 @@ class GuestProgram:
         this vCPU waiting for a resume nobody owes it). Once sent, a transport failure is
         ambiguous (the UV may be running the ESM), so the vCPU waits for its resume."""
         try:
-            resp = await self.uv.stub.UV_ESM(upb.UvEsmRequest(
-                vcpu=self.vcpu_context(), kbase=self.image.kbase, fdt=self.image.fdt), wait_for_ready=True)
-        except grpc.aio.AioRpcError as exc:
-            self.event(f"UV_ESM: UV unreachable ({exc.code().name}: {exc.details()}); waiting for a resume")
+            resp = await self.uv.call("UV_ESM", upb.UvEsmRequest(
+                vcpu=self.vcpu_context(), kbase=self.image.kbase, fdt=self.image.fdt), wait=True)
+        except Unreachable as exc:
+            self.event(f"UV_ESM: UV unreachable ({exc.code}: {exc.detail}); waiting for a resume")
             return
         if resp.resumed:
             self.resume(Resume(r3=resp.rc, msr_s=resp.msr_s, nip=resp.nip, by=Role.ROLE_UV,
@@ -255,10 +254,10 @@ class GuestProgram:
     async def load(self, first: int, count: int) -> bytes:
         if self.vcpu_state == VcpuState.VCPU_SECURE:
             try:
-                resp = await self.uv.stub.SvmLoad(upb.SvmLoadRequest(
+                resp = await self.uv.call("SvmLoad", upb.SvmLoadRequest(
                     vcpu=self.vcpu_context(), gpa=gpa_of(first), npages=count))
-            except grpc.aio.AioRpcError as exc:
-                raise GuestFailure(f"SvmLoad: UV unreachable ({exc.code().name})") from None
+            except Unreachable as exc:
+                raise GuestFailure(f"SvmLoad: UV unreachable ({exc.code})") from None
             if resp.rc != U.U_SUCCESS:
                 raise GuestFailure(f"SvmLoad(gfn {first}): {rc_name(resp.rc, U)}")
             return resp.data
@@ -268,7 +267,7 @@ class GuestProgram:
 
     async def store(self, gfn: int, page: bytes) -> None:
         if self.vcpu_state == VcpuState.VCPU_SECURE:
-            resp = await self.uv.stub.SvmStore(upb.SvmStoreRequest(
+            resp = await self.uv.call("SvmStore", upb.SvmStoreRequest(
                 vcpu=self.vcpu_context(), gpa=gpa_of(gfn), data=page))
             if resp.rc != U.U_SUCCESS:
                 raise GuestFailure(f"SvmStore(gfn {gfn}): {rc_name(resp.rc, U)}")
@@ -311,7 +310,7 @@ class GuestProgram:
             await self.store(data_gfn, bytes([0xA5]) * PAGE_SIZE)
             steps.append(f"SvmStore gfn {data_gfn}: U_SUCCESS")
             ctx = self.vcpu_context()
-            rc = (await self.uv.stub.UV_SHARE_PAGE(upb.UvSharePageRequest(vcpu=ctx, gfn=last, npages=1))).rc
+            rc = (await self.uv.call("UV_SHARE_PAGE", upb.UvSharePageRequest(vcpu=ctx, gfn=last, npages=1))).rc
             steps.append(f"UV_SHARE_PAGE gfn {last}: {rc_name(rc, U)}")
             if rc == U.U_SUCCESS:
                 self.written[last] = bytes(PAGE_SIZE)  # shared pages start zeroed
@@ -320,12 +319,12 @@ class GuestProgram:
                 seen = (await self._hv("HostReadPage", hpb.HostReadPageRequest(
                     lpid=self.lpid, gpa=gpa_of(last)))).data
                 steps.append(f"host reads the shared page: {'same bytes' if seen == message else 'DIFFERENT'}")
-                rc = (await self.uv.stub.UV_UNSHARE_PAGE(upb.UvUnsharePageRequest(
+                rc = (await self.uv.call("UV_UNSHARE_PAGE", upb.UvUnsharePageRequest(
                     vcpu=ctx, gfn=last, npages=1))).rc
                 steps.append(f"UV_UNSHARE_PAGE gfn {last}: {rc_name(rc, U)}")
                 if rc == U.U_SUCCESS:
                     self.written[last] = bytes(PAGE_SIZE)  # unshare zeroes too
-        except (GuestFailure, grpc.aio.AioRpcError) as exc:
+        except (GuestFailure, Unreachable) as exc:
             steps.append(f"failed: {exc}")
             return pb.ExerciseResponse(steps=steps, ok=False)
         ok = all(("U_SUCCESS" in s or "same bytes" in s) for s in steps)
@@ -337,14 +336,14 @@ class GuestProgram:
         backoff = None  # from the first failure after the session was last held
         while True:
             try:
-                async for event in self.hv.stub.VmSession(hpb.VmSessionRequest(lpid=self.lpid)):
+                async for event in self.hv.stream("VmSession", hpb.VmSessionRequest(lpid=self.lpid)):
                     if event.errno != Errno.OK:
                         self.event(f"VM session refused: {Errno(event.errno).name}")
                         return
                     backoff = None
                 return  # the HV ended the session: the VM was destroyed
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.CANCELLED:
+            except Unreachable as exc:
+                if exc.code == "CANCELLED":
                     return
                 backoff = backoff or Backoff(cap=1.0, within=self.cfg.hv_wait_s)
                 if backoff.expired:

@@ -1,0 +1,57 @@
+"""The whole stack in one process: guest cores (the same boot program the guest processes run)
+on the UV and HV cores, wired by services/local.py. Guests that go secure, abort on a bad blob,
+boot as a normal VM, or lack the secure capability (H_SVM_INIT_START answers H_AUTHORITY: the
+ESM aborts), and an HV crash in the middle of an abort under a real guest:
+each guest's own report says what happened and that its memory is what it wrote."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pefsim.abi import PAGE_SIZE, H, Role, U
+from pefsim.blob import make_blob
+from pefsim.image import GuestImage
+
+MEM = 48 * PAGE_SIZE
+BOUND_S = 30
+
+
+def blob(m, name: str, bad: bool = False) -> bytes:
+    return make_blob(GuestImage.of_size(name, MEM), m.signing_key, override={"kernel": "0" * 128} if bad else None)
+
+
+async def test_guests_go_secure_abort_or_stay_normal(stage):
+    async with stage() as m:
+        guests = {
+            "secure": m.add_guest("secure", MEM, blob(m, "secure")),
+            "aborted": m.add_guest("aborted", MEM, blob(m, "aborted", bad=True)),
+            "normal": m.add_guest("normal", MEM, svm=False),
+            "incapable": m.add_guest("incapable", MEM, blob(m, "incapable"), secure_capable=False),
+        }
+        reports = dict(zip(guests, await asyncio.wait_for(
+            asyncio.gather(*(g.boot() for g in guests.values())), BOUND_S)))
+        assert {k: r.outcome for k, r in reports.items()} == {
+            "secure": "secure", "aborted": "aborted", "normal": "normal", "incapable": "aborted"}
+        assert all(r.memory_intact for r in reports.values())
+        assert (reports["secure"].esm_rc, reports["secure"].msr_s) == (U.U_SUCCESS, True)
+        # merged design: the HV resumes the aborted guest with H_PARAMETER at the nip after `sc 2`
+        for k in ("aborted", "incapable"):
+            assert (reports[k].esm_rc, reports[k].resumed_by) == (H.H_PARAMETER, Role.ROLE_HV), k
+            assert reports[k].abort_latency_s > 0
+        status = m.uv.state.svms
+        assert [s.lpid for s in status.values()] == [reports["secure"].lpid]  # the UV forgot the aborted SVM
+
+
+@pytest.mark.parametrize("point", ["hv.abort.page_out:20", "hv.abort.before_terminate", "hv.abort.before_resume"])
+async def test_an_hv_crash_mid_abort_under_a_real_guest(stage, point):
+    async with stage() as m:
+        g = m.add_guest("victim", MEM, blob(m, "victim", bad=True))
+        with m.crash_at(point):
+            booting = asyncio.ensure_future(g.boot())
+            await asyncio.wait_for(m.crashed.wait(), BOUND_S)
+        await m.restart_hv()
+        report = await asyncio.wait_for(booting, BOUND_S)
+        assert (report.outcome, report.memory_intact, report.esm_rc) == ("aborted", True, H.H_PARAMETER)
+        assert report.resumed_by == Role.ROLE_HV and not report.detail
+        assert g.report.duplicate_resumes == 0
