@@ -17,8 +17,7 @@ The caller decides what to retry; this only says how long to wait and when to st
 """
 from __future__ import annotations
 
-import asyncio
-import time
+from pefsim import clock
 
 
 class Backoff:
@@ -29,14 +28,14 @@ class Backoff:
     def reset(self) -> None:
         """Back to the first wait, and a new ``within`` window (the operation succeeded)."""
         self.delay = self.first
-        self.deadline = None if self.within is None else time.monotonic() + self.within
+        self.deadline = None if self.within is None else clock.monotonic() + self.within
 
     @property
     def expired(self) -> bool:
         """Whether the ``within`` window is over (never, without one)."""
-        return self.deadline is not None and time.monotonic() > self.deadline
+        return self.deadline is not None and clock.monotonic() > self.deadline
 
     async def wait(self) -> None:
         """Sleep the current delay, then double it (up to the cap)."""
-        await asyncio.sleep(self.delay)
+        await clock.sleep(self.delay)
         self.delay = min(self.delay * 2, self.cap)

@@ -24,10 +24,10 @@ import asyncio
 import collections
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, Mapping
 
+from pefsim import clock
 from pefsim.abi import Role, rc_name
 from pefsim.history import History
 
@@ -260,7 +260,7 @@ class CallTable:
     async def run(self, call: Call, resp_cls: Any, request: Any, caller: Caller) -> Any:
         """One unary call: checks, handler, observation. Raises Denied for a caller the call is
         not for; a handler's exception (a bug) is logged and raised."""
-        t0 = time.perf_counter()
+        t0 = clock.monotonic()
         rc, state = self.precheck(call, request, caller)
         if rc is DENIED:
             raise self._denied(call, caller)
@@ -284,7 +284,7 @@ class CallTable:
             raise
         result = 0 if call.result is None else int(getattr(response, call.result))
         name = "OK" if call.result is None else result_name(call, result)
-        elapsed = time.perf_counter() - t0
+        elapsed = clock.monotonic() - t0
         self.observer.observe_call(call.name, name, elapsed)
         self.history.record(call=call.name, caller=caller.role_name, who=caller.name,
                             lpid=request_lpid(request),
@@ -296,7 +296,7 @@ class CallTable:
         """A server-streaming call: the checks answer with one message carrying the result (a
         call whose response has none: NoResult); a call that passes them streams what its
         handler (an async generator) yields. Raises Denied as ``run`` does."""
-        t0 = time.perf_counter()
+        t0 = clock.monotonic()
         rc, state = self.precheck(call, request, caller)
         if rc is DENIED:
             raise self._denied(call, caller)
@@ -304,7 +304,7 @@ class CallTable:
                             lpid=request_lpid(request), state=None if state is None else state.name,
                             rc=0 if rc is None else int(rc), stream="start")
         if rc is not None:
-            self.observer.observe_call(call.name, result_name(call, rc), time.perf_counter() - t0)
+            self.observer.observe_call(call.name, result_name(call, rc), clock.monotonic() - t0)
             if call.result is None:
                 raise NoResult(call.name, rc)
             yield self.refusal(call, resp_cls, request, rc)
@@ -318,7 +318,7 @@ class CallTable:
         item the handler processes goes through the checks of the call it batches."""
         if caller.role not in call.callers:
             raise self._denied(call, caller)
-        async with self.streaming(call, caller, None, time.perf_counter()):
+        async with self.streaming(call, caller, None, clock.monotonic()):
             async for item in call.handler(self.service, requests, caller):
                 yield item
 
@@ -337,7 +337,7 @@ class CallTable:
             raise
         else:
             self.observer.observe_call(call.name, "OK" if call.result is None else result_name(call, 0),
-                                       time.perf_counter() - t0)
+                                       clock.monotonic() - t0)
         finally:
             self.observer.call_running(call.name, -1)
 

@@ -3,8 +3,9 @@ the timeline and debugging)."""
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
+
+from pefsim import clock
 
 
 class History:
@@ -16,7 +17,7 @@ class History:
 
     def record(self, **event: Any) -> None:
         if self._fh is not None:
-            event = {"t": time.time(), "svc": self.service, **event}
+            event = {"t": clock.wall_ns() / 1e9, "svc": self.service, **event}
             self._fh.write(json.dumps(event, sort_keys=True) + "\n")
 
     def close(self) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 
+from pefsim import clock
 from pefsim.backoff import Backoff
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim import faults
@@ -39,7 +39,7 @@ class Resume:
     abort_issued_ns: int = 0
     token: int = 0  # an abort's token: the same resume delivered again is recognised
     machine_check: str = ""  # set when the machine failed under the vCPU instead
-    at_ns: int = field(default_factory=time.time_ns)
+    at_ns: int = field(default_factory=clock.wall_ns)
 
 
 class GuestFailure(Exception):
@@ -85,7 +85,7 @@ class GuestProgram:
     # -- timeline -------------------------------------------------------------------------------
 
     def event(self, what: str) -> None:
-        self.report.timeline.add(unix_ns=time.time_ns(), what=what)
+        self.report.timeline.add(unix_ns=clock.wall_ns(), what=what)
         log.info("%s: %s", self.cfg.name, what)
 
     @property
@@ -181,7 +181,7 @@ class GuestProgram:
             await self.verify()
             return
         faults.reach("guest.before_esm", self.cfg.name)
-        t_sc2 = time.time_ns()
+        t_sc2 = clock.wall_ns()
         res = await self.enter_secure_mode()
         if res.machine_check:
             self.report.outcome, self.report.detail = "failed", f"machine check: {res.machine_check}"

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
+from pefsim import clock
 from pefsim import faults
 from pefsim.backoff import Backoff
 from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest, U, rc_name
@@ -123,7 +123,7 @@ def _answer(vm, response: pb.HSvmInitAbortResponse) -> pb.HSvmInitAbortResponse:
 
 
 async def run(hv, vm, lock: _Handed) -> pb.HSvmInitAbortResponse:
-    t0 = time.perf_counter()
+    t0 = clock.monotonic()
     v10 = hv.cfg.abort_return == AbortReturn.ABORT_RETURN_UV
     recovered = 0
     try:
@@ -141,7 +141,7 @@ async def run(hv, vm, lock: _Handed) -> pb.HSvmInitAbortResponse:
                     for slot_id in sorted(vm.slots):
                         await uv.unregister_slot(hv, vm, slot_id)
                     hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_ABORT, abort=None)
-                    hv.metrics.abort_seconds.labels("returned-to-uv").observe(time.perf_counter() - t0)
+                    hv.metrics.abort_seconds.labels("returned-to-uv").observe(clock.monotonic() - t0)
                     return _answer(vm, pb.HSvmInitAbortResponse(
                         rc=H.H_SUCCESS, returned_to=AbortReturn.ABORT_RETURN_UV, pages_recovered=recovered))
                 hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE,
@@ -160,12 +160,12 @@ async def run(hv, vm, lock: _Handed) -> pb.HSvmInitAbortResponse:
             outcome = await resume_vcpu(hv, vm, journal)
         hv.state.set_abort(vm, None)
     except AbortCancelled:
-        hv.metrics.abort_seconds.labels("cancelled").observe(time.perf_counter() - t0)
+        hv.metrics.abort_seconds.labels("cancelled").observe(clock.monotonic() - t0)
         log.warning("lpid %d: abort cancelled (VM %s)", vm.lpid, vm.failed or "destroyed")
         return _answer(vm, pb.HSvmInitAbortResponse(rc=H.H_HARDWARE, returned_to=AbortReturn.ABORT_RETURN_GUEST))
     finally:
         lock.release()  # if the page-out phase was never reached (or the task was cancelled in it)
-    hv.metrics.abort_seconds.labels(outcome).observe(time.perf_counter() - t0)
+    hv.metrics.abort_seconds.labels(outcome).observe(clock.monotonic() - t0)
     log.info("lpid %d: aborted, %d pages given back, guest %s", vm.lpid, recovered, outcome)
     return answer
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pefsim import clock
 from pefsim.abi import AbortReturn, SecureGuest, VmState
 from pefsim.calltable import CallTable
 from pefsim.history import History
@@ -80,7 +80,7 @@ class Hypervisor:
         vms = self.state.load()
         for q in self.state.quarantined:
             self.metrics.vms_quarantined.labels(q.reason).inc()
-        deadline = time.monotonic() + self.cfg.session_grace_s
+        deadline = clock.monotonic() + self.cfg.session_grace_s
         for vm in vms:
             if vm.had_session:
                 vm.session_deadline = deadline
@@ -104,7 +104,7 @@ class Hypervisor:
                 status = None
             if status is not None:
                 self.check_uv_boot(status.boot_id)
-            await asyncio.sleep(self.cfg.uv_probe_s)
+            await clock.sleep(self.cfg.uv_probe_s)
 
     def check_uv_boot(self, boot_id: str) -> bool:
         """Compare a UV answer's boot id with the one this HV's VMs depend on; on a change start
@@ -150,7 +150,7 @@ class Hypervisor:
         from services.hypervisor.core.vms import destroy  # vms imports this module's neighbours
 
         while True:
-            now = time.monotonic()
+            now = clock.monotonic()
             for vm in list(self.state.vms.values()):
                 if (vm.owner and not vm.had_session and vm.sessions == 0 and vm.abort is None
                         and now - vm.created_at > self.cfg.unattached_grace_s):
@@ -163,7 +163,7 @@ class Hypervisor:
                     await destroy(self, vm, "vmm-gone")
                 elif vm.sessions:
                     vm.session_deadline = 0.0
-            await asyncio.sleep(0.5)
+            await clock.sleep(0.5)
 
     # -- peers -------------------------------------------------------------------------------------
 

@@ -69,13 +69,13 @@ import mmap
 import os
 import re
 import shutil
-import time
 import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pefsim import clock
 from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gfn_of, gpa_of
 from pefsim.dataplane import MAX_FRAME_PAGES
 
@@ -388,7 +388,7 @@ class Vm:
     abort_answer: Any = None  # asyncio.Future of the H_SVM_INIT_ABORT answer (abort.py)
     sessions: int = 0
     session_deadline: float = 0.0
-    created_at: float = field(default_factory=time.monotonic)  # this process's view: reset at load
+    created_at: float = field(default_factory=clock.monotonic)  # this process's view: reset at load
     destroyed: bool = False
     dying: bool = False  # a destroy is waiting for the VM's lock: retries give up
     gone: asyncio.Event = field(default_factory=asyncio.Event)  # set when destroyed

@@ -11,8 +11,8 @@ its history lines and the UV's boot id in Hypervisor.ucall.)
 """
 from __future__ import annotations
 
-import time
 
+from pefsim import clock
 from pefsim.abi import U, gpa_of, rc_name
 from pefsim.v1 import ultravisor_pb2 as upb
 from services.hypervisor.core.bulk import offer_memory
@@ -45,13 +45,13 @@ async def terminate(hv, vm, trigger: str, *, unreachable_raises: bool = False) -
     """UV_SVM_TERMINATE for the VM: its result and how long it took (the value the metric
     observed). A UV that cannot be reached is U_FUNCTION (the call did not happen), or, with
     ``unreachable_raises`` (the abort, which asks again), UvUnreachable."""
-    t0 = time.perf_counter()
+    t0 = clock.monotonic()
     try:
         rc = (await hv.ucall("UV_SVM_TERMINATE", upb.UvSvmTerminateRequest(lpid=vm.lpid))).rc
     except UvUnreachable:
         if unreachable_raises:
             raise
         rc = U.U_FUNCTION
-    seconds = time.perf_counter() - t0
+    seconds = clock.monotonic() - t0
     hv.metrics.terminate_seconds.labels(trigger, rc_name(rc, U)).observe(seconds)
     return rc, seconds

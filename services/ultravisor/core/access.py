@@ -9,8 +9,8 @@ page, reached through the HV.
 """
 from __future__ import annotations
 
-import time
 
+from pefsim import clock
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, Role, SvmState, U,
                         gfn_of, gpa_of)
@@ -120,7 +120,7 @@ async def uv_status(uv, req: pb.UvStatusRequest, caller) -> pb.UvStatusResponse:
     every VM anyway) see every SVM, the pool and every terminated lpid the UV remembers; a guest
     sees only its own SVMs and terminated lpids (owner: the identity that made UV_ESM), not the
     pool (how much secure memory the others use); anyone else, nothing but the boot id."""
-    st, now = uv.state, time.time_ns()
+    st, now = uv.state, clock.wall_ns()
     everything = caller.role in SEES_EVERY_SVM
     owner = caller.name if caller.role == Role.ROLE_GUEST else None
     if not everything and owner is None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from array import array
 
 
+from pefsim import clock
 from pefsim.abi import (PAGE_SHIFT, PAGE_SIZE, AbortReturn, EsmCopy, GpfState, H, PageInFlag,
                         SvmState, U, gfn_of, gpa_of, rc_name)
 from pefsim import faults
@@ -49,17 +49,17 @@ async def hcall(uv, name: str, request):
 
 
 async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:
-    t0 = time.perf_counter()
+    t0 = clock.monotonic()
     try:
         resp = await _secure(uv, svm, req)
-        uv.metrics.esm_seconds.labels("secure").observe(time.perf_counter() - t0)
+        uv.metrics.esm_seconds.labels("secure").observe(clock.monotonic() - t0)
         log.info("lpid %d went secure", svm.lpid)
         return resp
     except EsmFailed as failure:
         uv.metrics.esm_failures.labels(failure.reason).inc()
         log.warning("lpid %d: ESM failed (%s); aborting", svm.lpid, failure)
         resp = await abort(uv, svm, req, failure)
-        uv.metrics.esm_seconds.labels("aborted").observe(time.perf_counter() - t0)
+        uv.metrics.esm_seconds.labels("aborted").observe(clock.monotonic() - t0)
         return resp
 
 
@@ -104,11 +104,11 @@ BULK_PAGES = 16384  # pages per HSvmPageInBulk call (1 GiB)
 async def page_in_all(uv, svm) -> None:
     """Every GFN of every slot, with its content: one H_SVM_PAGE_IN a page (--transfer unary), or
     HSvmPageInBulk (the same per-page semantics, batched; the default)."""
-    t0 = time.perf_counter()
+    t0 = clock.monotonic()
     if uv.cfg.transfer == "unary":
         for gfn in svm.gfns():
             await page_in(uv, svm, gfn)
-        uv.metrics.page_in_seconds.labels("unary").observe(time.perf_counter() - t0)
+        uv.metrics.page_in_seconds.labels("unary").observe(clock.monotonic() - t0)
         return
     for slot in svm.slots_in_order():
         for idx in range(0, slot.npages, BULK_PAGES):
@@ -126,7 +126,7 @@ async def page_in_all(uv, svm) -> None:
             missing = slot.first_not(GpfState.GPF_SECURE, idx, idx + n)
             if missing is not None:  # the HV said H_SUCCESS for a page it never paged in
                 raise EsmFailed("page-in", f"gfn {slot.base + missing}: H_SUCCESS without its UV_PAGE_IN")
-    uv.metrics.page_in_seconds.labels(uv.cfg.transfer).observe(time.perf_counter() - t0)
+    uv.metrics.page_in_seconds.labels(uv.cfg.transfer).observe(clock.monotonic() - t0)
 
 
 async def page_in(uv, svm, gfn: int) -> None:
@@ -206,14 +206,14 @@ async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmRe
     token = svm.abort_issued_ns
     trace = common_pb2.Trace(abort_issued_unix_ns=svm.abort_issued_ns)
     request = hpb.HSvmInitAbortRequest(lpid=lpid, srr0=resume_at, srr1_msr_s=False, trace=trace, token=token)
-    t0 = time.perf_counter()
+    t0 = clock.monotonic()
     resp = await hv.hcall_until_answered(uv, svm, "H_SVM_INIT_ABORT", request, uv.cfg.abort_attempt_timeout_s)
     if resp is None:
         # the HV finished the abort (its UV_SVM_TERMINATE arrived) but its answer was lost
-        uv.metrics.abort_seconds.labels("terminated-by-hv").observe(time.perf_counter() - t0)
+        uv.metrics.abort_seconds.labels("terminated-by-hv").observe(clock.monotonic() - t0)
         return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
     if resp.rc == H.H_PARAMETER and resp.returned_to == AbortReturn.ABORT_RETURN_GUEST:
-        uv.metrics.abort_seconds.labels("resumed-by-hv").observe(time.perf_counter() - t0)
+        uv.metrics.abort_seconds.labels("resumed-by-hv").observe(clock.monotonic() - t0)
         return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
     # v10 (the HV returned H_SUCCESS to us), or the HV refused the abort (H_UNSUPPORTED: its VM
     # is already normal, i.e. it gave every page back; or it never started ESM): the UV finishes
@@ -223,6 +223,6 @@ async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmRe
         log.error("lpid %d: HV answered H_SVM_INIT_ABORT with %s", lpid, rc_name(resp.rc, H))
     async with svm.lock:
         uv.state.destroy_svm(lpid)
-    uv.metrics.abort_seconds.labels(outcome).observe(time.perf_counter() - t0)
+    uv.metrics.abort_seconds.labels(outcome).observe(clock.monotonic() - t0)
     return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=True, msr_s=False, nip=resume_at, trace=trace,
                             token=token)

@@ -6,8 +6,8 @@ is idempotent can be made until it is answered.
 from __future__ import annotations
 
 import logging
-import time
 
+from pefsim import clock
 from pefsim.backoff import Backoff
 from services.ultravisor.ports import HvUnreachable
 
@@ -34,7 +34,7 @@ async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
     made again, backing off up to 2 s. Returns the answer, or None once the SVM is terminated
     (the HV finished the work and its answer was lost)."""
     backoff, attempts = Backoff(), 0
-    svm.unanswered = (name, time.time_ns())  # UvStatus and pefsim_uv_hcall_unanswered_seconds
+    svm.unanswered = (name, clock.wall_ns())  # UvStatus and pefsim_uv_hcall_unanswered_seconds
     try:
         while not svm.destroyed:
             try:

@@ -1,11 +1,11 @@
 """The Ultravisor's metrics (on top of the per-call ones in pefsim/metrics.py)."""
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from pefsim import clock
 from pefsim.abi import SvmState
 from pefsim.metrics import LATENCY_BUCKETS, ServiceMetrics
 
@@ -44,12 +44,12 @@ class UvMetrics(ServiceMetrics):
         for call in ("H_SVM_INIT_DONE", "H_SVM_INIT_ABORT"):
             self.hcall_retries.labels(call)  # exported at 0 before the first retry
             unanswered.labels(call).set_function(lambda call=call: max(
-                [(time.time_ns() - since) / 1e9 for _, asking, since, _ in snap.get().svms
+                [(clock.wall_ns() - since) / 1e9 for _, asking, since, _ in snap.get().svms
                  if asking == call] or [0.0]))
         pending = Gauge("pefsim_uv_abort_pending_seconds",
                         "Age of the oldest SVM waiting in SVM_ABORT for the HV (0: none).", registry=r)
         pending.set_function(lambda: max(
-            [(time.time_ns() - issued) / 1e9 for st, _, _, issued in snap.get().svms
+            [(clock.wall_ns() - issued) / 1e9 for st, _, _, issued in snap.get().svms
              if st == SvmState.SVM_ABORT and issued] or [0.0]))
         self.terminate_seconds = Histogram(
             "pefsim_uv_terminate_duration_seconds",

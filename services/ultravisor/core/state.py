@@ -61,7 +61,6 @@ import asyncio
 import mmap
 import os
 import struct
-import time
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
@@ -69,6 +68,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pefsim import clock
 from pefsim import faults
 from pefsim.dataplane import HvMemory
 from pefsim.abi import PAGE_SIZE, SECURE_RA_BASE, GpfState, SvmState, gfn_of
@@ -302,7 +302,7 @@ class Svm:
     nonce_counter: int = 0
     reserved: int = 0
     abort_issued_ns: int = 0
-    created_ns: int = field(default_factory=time.time_ns)
+    created_ns: int = field(default_factory=clock.wall_ns)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     destroyed: bool = False
     esm_task: Any = None  # the ESM context (esm.py) while it runs
@@ -391,7 +391,7 @@ class UvState:
     def set_svm_state(self, svm: Svm, state: int) -> None:
         svm.state = state
         if state == SvmState.SVM_ABORT:
-            svm.abort_issued_ns = time.time_ns()
+            svm.abort_issued_ns = clock.wall_ns()
 
     def destroy_svm(self, lpid: int) -> int:
         """UV_SVM_TERMINATE's work: scrub and free every frame, return the reservation, forget

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 
+from pefsim import clock
 from pefsim import faults
 from pefsim.abi import SvmState, U
 from pefsim.v1 import ultravisor_pb2 as pb
@@ -30,10 +30,10 @@ async def uv_svm_terminate(uv, req: pb.UvSvmTerminateRequest, caller) -> pb.UvSv
     """Destroy the SVM: every secure page given back to the pool (scrubbed before any reuse,
     state.py), slots, GPF map and key dropped."""
     svm = uv.state.svms[req.lpid]
-    t0, state = time.perf_counter(), SvmState(svm.state).name
+    t0, state = clock.monotonic(), SvmState(svm.state).name
     async with guarded(uv, "UV_SVM_TERMINATE", req, svm):  # a second terminate waits, then U_SUCCESS
         freed = uv.state.destroy_svm(req.lpid)
-    uv.metrics.terminate_seconds.labels(state).observe(time.perf_counter() - t0)
+    uv.metrics.terminate_seconds.labels(state).observe(clock.monotonic() - t0)
     log.info("lpid %d terminated, %d secure pages freed (to be scrubbed)", req.lpid, freed)
     if faults.mutant("uv-terminate-bad-rc"):
         return pb.UvSvmTerminateResponse(rc=U.U_P2, pages_freed=freed)
