@@ -27,6 +27,7 @@ from grpc._cython import cygrpc
 from pefsim.abi import PAGE_SIZE, Role
 from pefsim.calltable import Call, CallTable, Caller, Denied, NoResult, ROLE_NAMES, check_call_table, result_name
 from pefsim.dataplane import MAX_DATA_PAGES
+from pefsim.transport import Unreachable
 
 log = logging.getLogger("pefsim.rpc")
 
@@ -469,6 +470,11 @@ async def start_server(listen: str, handlers: list[grpc.GenericRpcHandler], serv
     server, port = await new_server(listen, handlers, service_name, tls)
     await server.start()
     return server, port
+
+
+def unreachable(cls: type[Unreachable], what: str, exc: grpc.aio.AioRpcError) -> Unreachable:
+    """The one translation of a failed gRPC call into a port's transport failure."""
+    return cls(what, exc.code().name, exc.details() or "")
 
 
 def host_of(listen: str) -> str:

@@ -43,10 +43,10 @@ from pefsim.dataplane import decoder
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from pefsim.calltable import CallTable, Denied, NoResult
 from pefsim.history import History
+from pefsim.transport import Unreachable
 from services.guest import calltable as guest_calltable
 from services.guest.core.metrics import GuestMetrics
 from services.guest.core.program import GuestConfig, GuestProgram
-from services.guest.ports import Unreachable
 from services.hypervisor.core.hypervisor import HvConfig, Hypervisor
 from services.hypervisor.ports import UvUnreachable, VcpuUnreachable
 from services.ultravisor.core.ultravisor import Ultravisor, UvConfig
@@ -202,6 +202,28 @@ class ServiceCrashed(Exception):
     """The service serving a call crashed (or was down) before answering."""
 
 
+@contextlib.contextmanager
+def transport(cls: type[Unreachable], name: str, link: Link | None = None):
+    """A call through the in-process transport as its caller's port sees it: refused by a cut
+    link before the callee acts; the callee's side ending without an answer (a deadline, a crash,
+    a caller it is not for) as ``cls`` with the gRPC code the wire would give; an answer the link
+    loses after the callee acted. The one translation every local port uses."""
+    if link is not None and not link.before(name):
+        raise cls(name, "UNAVAILABLE")
+    try:
+        yield
+    except TimeoutError:
+        raise cls(name, "DEADLINE_EXCEEDED") from None
+    except ServiceCrashed:
+        raise cls(name, "UNAVAILABLE") from None
+    except Denied:
+        raise cls(name, "PERMISSION_DENIED") from None
+    except NoResult:
+        raise cls(name, "FAILED_PRECONDITION") from None
+    if link is not None and link.loses(name):
+        raise cls(name, "UNAVAILABLE")
+
+
 class LocalUv:
     """The HV core's UvPort onto a UV core in this process."""
 
@@ -217,19 +239,8 @@ class LocalUv:
             self.machine.crash_hv(f"{name} answer {self.machine.hv_to_uv.arrived[name]}")
             raise faults.Crash(name)
 
-    @contextlib.contextmanager
     def _transport(self, name: str):
-        link = self.machine.hv_to_uv
-        if not link.before(name):
-            raise UvUnreachable(name, "UNAVAILABLE")
-        try:
-            yield
-        except TimeoutError:
-            raise UvUnreachable(name, "DEADLINE_EXCEEDED") from None
-        except ServiceCrashed:
-            raise UvUnreachable(name, "UNAVAILABLE") from None
-        if link.loses(name):
-            raise UvUnreachable(name, "UNAVAILABLE")
+        return transport(UvUnreachable, name, self.machine.hv_to_uv)
 
     async def ucall(self, name: str, request, *, on_behalf: str, timeout: float):
         uv = self.machine.uv
@@ -282,19 +293,13 @@ class LocalHv:
         self.machine = machine
 
     async def hcall(self, name: str, request, *, on_behalf: str, timeout: float):
-        link, hv = self.machine.uv_to_hv, self.machine.hv
-        if hv is None or not link.before(name):
+        hv = self.machine.hv
+        if hv is None:  # between a crash and the restart
             raise HvUnreachable(name, "UNAVAILABLE")
         call, (_, resp_cls) = hv.table.calls[name], HV_METHODS[name]
-        try:
+        with transport(HvUnreachable, name, self.machine.uv_to_hv):
             resp = await self.machine.hv_service.serve(
                 hv.table.run(call, resp_cls, _copy(request), Caller(Role.ROLE_UV, "uv", on_behalf)), timeout)
-        except TimeoutError:
-            raise HvUnreachable(name, "DEADLINE_EXCEEDED") from None
-        except ServiceCrashed:
-            raise HvUnreachable(name, "UNAVAILABLE") from None
-        if link.loses(name):
-            raise HvUnreachable(name, "UNAVAILABLE")
         return _copy(resp)
 
     async def close(self) -> None:
@@ -316,10 +321,8 @@ class LocalCalls:
     async def _up(self, name: str, wait: bool, timeout: float | None):
         core, service = self._target()
         if core is None and wait:  # wait_for_ready: until the service is back, within the timeout
-            try:
+            with transport(Unreachable, name):
                 await asyncio.wait_for(self.machine.hv_up.wait(), timeout)
-            except TimeoutError:
-                raise Unreachable(name, "DEADLINE_EXCEEDED") from None
             core, service = self._target()
         if core is None:
             raise Unreachable(name, "UNAVAILABLE")
@@ -328,26 +331,16 @@ class LocalCalls:
     async def call(self, name: str, request, *, timeout: float | None = None, wait: bool = False):
         core, service = await self._up(name, wait, timeout)
         call, resp_cls = core.table.calls[name], self.methods[name][1]
-        try:
+        with transport(Unreachable, name):
             return _copy(await service.serve(core.table.run(call, resp_cls, _copy(request), self.caller),
                                              timeout if timeout is not None else 1e9))
-        except Denied:
-            raise Unreachable(name, "PERMISSION_DENIED") from None
-        except TimeoutError:
-            raise Unreachable(name, "DEADLINE_EXCEEDED") from None
-        except ServiceCrashed:
-            raise Unreachable(name, "UNAVAILABLE") from None
 
     async def stream(self, name: str, request):
         core, service = await self._up(name, False, None)
         call, resp_cls = core.table.calls[name], self.methods[name][1]
-        try:
+        with transport(Unreachable, name):
             async for item in service.relay(core.table.stream(call, resp_cls, _copy(request), self.caller), 1e9):
                 yield _copy(item)
-        except (Denied, NoResult):
-            raise Unreachable(name, "PERMISSION_DENIED") from None
-        except ServiceCrashed:
-            raise Unreachable(name, "UNAVAILABLE") from None
 
     async def close(self) -> None:
         pass
@@ -394,15 +387,13 @@ class LocalVcpus:
         return self.vcpus.setdefault(lpid, LocalVcpu(lpid))
 
     async def _guest_call(self, table: CallTable, name: str, request):
-        try:
+        with transport(VcpuUnreachable, name):
             return _copy(await table.run(table.calls[name], GUEST_METHODS[name][1], _copy(request),
                                          Caller(Role.ROLE_HV, "hv")))
-        except Denied:
-            raise VcpuUnreachable("PERMISSION_DENIED") from None
 
     async def resume(self, vm, request, *, timeout: float):
         if not self.reachable:
-            raise VcpuUnreachable("UNAVAILABLE")
+            raise VcpuUnreachable("vCPU", "UNAVAILABLE")
         guest = self.guests.get(vm.vcpu_endpoint)
         if guest is not None:
             return await self._guest_call(guest, "VcpuResume", request)
@@ -410,7 +401,7 @@ class LocalVcpus:
 
     async def machine_check(self, vm, request, *, timeout: float) -> None:
         if not self.reachable:
-            raise VcpuUnreachable("UNAVAILABLE")
+            raise VcpuUnreachable("vCPU", "UNAVAILABLE")
         guest = self.guests.get(vm.vcpu_endpoint)
         if guest is not None:
             await self._guest_call(guest, "MachineCheck", request)

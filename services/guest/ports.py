@@ -10,14 +10,11 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Protocol
 
+from pefsim.transport import Unreachable
 
-class Unreachable(Exception):
-    """A call failed in transport (or was refused before any service code ran): ``code`` is the
-    gRPC status code's name (UNAVAILABLE, DEADLINE_EXCEEDED, CANCELLED, PERMISSION_DENIED, ...)."""
+__all__ = ["Calls", "Unreachable"]
 
-    def __init__(self, what: str, code: str, detail: str = ""):
-        super().__init__(f"{what}: {code}{f' ({detail})' if detail else ''}")
-        self.code, self.detail = code, detail
+
 
 
 class Calls(Protocol):

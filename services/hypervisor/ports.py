@@ -17,14 +17,11 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterator, Callable, Protocol
 
+from pefsim.transport import Unreachable
 
-class UvUnreachable(Exception):
-    """A ucall failed in transport: the UV is down or unreachable (it may or may not have acted).
-    ``code`` names how (a gRPC status code name: UNAVAILABLE, DEADLINE_EXCEEDED, ...)."""
 
-    def __init__(self, what: str, code: str = "UNAVAILABLE"):
-        super().__init__(f"{what}: {code}")
-        self.code = code
+class UvUnreachable(Unreachable):
+    """A ucall failed in transport: the UV is down or unreachable (it may or may not have acted)."""
 
 
 class UvReset(UvUnreachable):
@@ -32,12 +29,8 @@ class UvReset(UvUnreachable):
     the UV is gone. The HV fails those VMs; the caller stops what it was doing for one."""
 
 
-class VcpuUnreachable(Exception):
-    """A call to a guest's vCPU failed in transport (its code says how: UNAVAILABLE, ...)."""
-
-    def __init__(self, code: str):
-        super().__init__(code)
-        self.code = code
+class VcpuUnreachable(Unreachable):
+    """A call to a guest's vCPU failed in transport."""
 
 
 OnBoot = Callable[[str], None]  # told each answer's boot id; raises UvReset for a new boot

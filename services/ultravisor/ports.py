@@ -9,14 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from pefsim.transport import Unreachable
 
-class HvUnreachable(Exception):
+
+class HvUnreachable(Unreachable):
     """The hcall failed in transport: the HV died, froze or is cut off (it may or may not have
-    acted). ``code`` names how (a gRPC status code name)."""
-
-    def __init__(self, what: str, code: str = "UNAVAILABLE"):
-        super().__init__(f"{what}: {code}")
-        self.code = code
+    acted)."""
 
 
 class HvPort(Protocol):

@@ -10,10 +10,6 @@ from pefsim.v1 import hypervisor_pb2_grpc, ultravisor_pb2_grpc
 from services.guest.ports import Unreachable
 
 
-def _unreachable(name: str, exc: grpc.aio.AioRpcError) -> Unreachable:
-    return Unreachable(name, exc.code().name, exc.details() or "")
-
-
 class GrpcCalls:
     """ports.Calls onto one service (``hv`` or ``uv``) as the guest ``identity``."""
 
@@ -26,14 +22,14 @@ class GrpcCalls:
         try:
             return await getattr(self.peer.stub, name)(request, timeout=timeout, wait_for_ready=wait)
         except grpc.aio.AioRpcError as exc:
-            raise _unreachable(name, exc) from None
+            raise rpc.unreachable(Unreachable, name, exc) from None
 
     async def stream(self, name: str, request):
         try:
             async for item in getattr(self.peer.stub, name)(request):
                 yield item
         except grpc.aio.AioRpcError as exc:
-            raise _unreachable(name, exc) from None
+            raise rpc.unreachable(Unreachable, name, exc) from None
 
     async def close(self) -> None:
         await self.peer.close()

@@ -22,10 +22,6 @@ log = logging.getLogger("pefsim.hv.grpc")
 SERVICE = "/pefsim.v1.UltravisorService"
 
 
-def _unreachable(call: str, exc: grpc.aio.AioRpcError) -> UvUnreachable:
-    return UvUnreachable(call, exc.code().name)
-
-
 def _on_behalf(owner: str) -> tuple[tuple[str, str], ...]:
     return ((rpc.ON_BEHALF_HEADER, owner),)
 
@@ -48,7 +44,7 @@ class GrpcUv:
             resp = await pending
             boot_id = await _boot_id(pending)
         except grpc.aio.AioRpcError as exc:
-            raise _unreachable(name, exc) from None
+            raise rpc.unreachable(UvUnreachable, name, exc) from None
         self.on_boot(boot_id)
         return resp
 
@@ -62,7 +58,7 @@ class GrpcUv:
             boot_id = await _boot_id(stream)
         except grpc.aio.AioRpcError as exc:
             log.error("UvPageInStream: UV unreachable (%s)", exc.code().name)
-            raise _unreachable("UvPageInStream", exc) from None
+            raise rpc.unreachable(UvUnreachable, "UvPageInStream", exc) from None
         finally:
             stream.cancel()  # a no-op once it ended; else the consumer stopped early
         self.on_boot(boot_id)
@@ -78,7 +74,7 @@ class GrpcUv:
             boot_id = await _boot_id(stream)
         except grpc.aio.AioRpcError as exc:
             log.error("UvPageOutStream: UV unreachable (%s)", exc.code().name)
-            raise _unreachable("UvPageOutStream", exc) from None
+            raise rpc.unreachable(UvUnreachable, "UvPageOutStream", exc) from None
         finally:
             stream.cancel()
         self.on_boot(boot_id)
@@ -87,7 +83,7 @@ class GrpcUv:
         try:
             return await self.peer.stub.UvStatus(upb.UvStatusRequest(), timeout=2)
         except grpc.aio.AioRpcError as exc:
-            raise _unreachable("UvStatus", exc) from None
+            raise rpc.unreachable(UvUnreachable, "UvStatus", exc) from None
 
     async def close(self) -> None:
         await self.peer.close()
@@ -115,13 +111,13 @@ class GrpcVcpus:
         try:
             return await self._peer(vm).stub.VcpuResume(request, timeout=timeout, wait_for_ready=True)
         except grpc.aio.AioRpcError as exc:
-            raise VcpuUnreachable(exc.code().name) from None
+            raise rpc.unreachable(VcpuUnreachable, "VcpuResume", exc) from None
 
     async def machine_check(self, vm, request, *, timeout: float) -> None:
         try:
             await self._peer(vm).stub.MachineCheck(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise VcpuUnreachable(exc.code().name) from None
+            raise rpc.unreachable(VcpuUnreachable, "MachineCheck", exc) from None
 
     async def forget(self, lpid: int) -> None:
         peer = self.peers.pop(lpid, None)

@@ -22,7 +22,7 @@ class GrpcHv:
             return await getattr(self.peer.stub, name)(request, timeout=timeout, wait_for_ready=True,
                                                        metadata=((rpc.ON_BEHALF_HEADER, on_behalf),))
         except grpc.aio.AioRpcError as exc:
-            raise HvUnreachable(name, exc.code().name) from None
+            raise rpc.unreachable(HvUnreachable, name, exc) from None
 
     async def close(self) -> None:
         await self.peer.close()
