@@ -1,6 +1,8 @@
 """Test helpers shared by the suites: guests with chosen blobs, operator stubs, page maths."""
 from __future__ import annotations
 
+import contextlib
+
 from pefsim.abi import PAGE_SIZE
 from pefsim.blob import make_blob
 from pefsim.ops.demo import Operator
@@ -47,3 +49,14 @@ def metric(stack, svc: str, name: str) -> float:
     text = urllib.request.urlopen(f"http://{stack.metrics_targets()[svc]}/metrics").read().decode()
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
                or line.startswith(name + "{"))
+
+
+@contextlib.asynccontextmanager
+async def operating(stack):
+    """An Operator of ``stack`` (gRPC stubs as the operator, each guest's as its owner), closed
+    after the block: the frame of a test's scenario."""
+    op = Operator.of(stack)
+    try:
+        yield op
+    finally:
+        await op.close()

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 from pefsim.v1 import hypervisor_pb2 as hpb
-from pefsim.ops.demo import Operator
 from pefsim.ops.stack import ROOT
+from tests.helpers import operating
 
 
 def test_a_second_hv_on_the_same_data_dir_refuses_to_start(stack, run):
@@ -23,9 +23,6 @@ def test_a_second_hv_on_the_same_data_dir_refuses_to_start(stack, run):
     assert "Traceback" not in second.stderr
 
     async def still_serving():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             await op.hv.stub.HvStatus(hpb.HvStatusRequest(), timeout=10)
-        finally:
-            await op.close()
     run(still_serving())

@@ -11,13 +11,12 @@ import pytest
 from pefsim import rpc
 from pefsim.abi import PAGE_SIZE, Errno, GfnState, H, Role, SecureGuest, U
 from pefsim.blob import new_signing_key
-from pefsim.ops.demo import Operator
 from pefsim.image import GuestImage
 from pefsim.ops.stack import ROOT
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from pefsim.v1 import ultravisor_pb2_grpc
 from tests.conftest import history, unique
-from tests.helpers import MEM, blob_for, boot_guest
+from tests.helpers import MEM, blob_for, boot_guest, operating
 
 
 def uv_status(op):
@@ -50,8 +49,7 @@ def test_demo_json_reports_four_outcomes_intact():
 def test_secure_guest_runs_from_uv_memory(stack, run):
     """A guest goes secure: every page went to the UV, the HV holds only zeroed device pages."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             name = unique("sec")
             rep = await boot_guest(stack, op, name)
             assert (rep.outcome, rep.esm_rc, rep.msr_s, rep.memory_intact) == ("secure", U.U_SUCCESS, True, True)
@@ -65,8 +63,6 @@ def test_secure_guest_runs_from_uv_memory(stack, run):
             ram = hv_ram(stack, rep.lpid)
             assert ram == bytes(len(ram))
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -80,8 +76,7 @@ def test_bad_blob_aborts_with_memory_intact(stack, run, bad, reason):
     """Any blob mismatch, missing item or bad signature -> abort: the guest resumes after UV_ESM
     as a normal VM with H_PARAMETER, memory byte-identical, and the UV forgets the SVM."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             name = unique("bad")
             kw = dict(bad)
             if kw.get("key") == "other":
@@ -96,8 +91,6 @@ def test_bad_blob_aborts_with_memory_intact(stack, run, bad, reason):
             vm = vm_info(await op.hv.stub.HvStatus(hpb.HvStatusRequest()), rep.lpid)
             assert vm.secure_guest == 0 and vm.gfns_by_state["GFN_NORMAL"] == vm.npages
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
     metrics = urllib.request.urlopen(f"http://{stack.metrics_targets()['uv']}/metrics").read().decode()
     assert f'pefsim_uv_esm_failures_total{{reason="{reason}"}}' in metrics
@@ -107,8 +100,7 @@ def test_abort_pages_come_back_from_the_uv(stack, run):
     """The abort really copies each page back out of the UV: the HV scrubbed its pages when they
     went secure, so the intact memory the guest finds came through UV_PAGE_OUT."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             name = unique("back")
             rep = await boot_guest(stack, op, name, blob=blob_for(stack, name, omit=("kernel",)))
             assert rep.outcome == "aborted" and rep.memory_intact
@@ -121,23 +113,18 @@ def test_abort_pages_come_back_from_the_uv(stack, run):
             assert {e["state"] for e in page_outs} == {"SVM_ABORT"}
             assert {name for e in page_outs for name in e.get("results", {e.get("rc_name"): 1})} == {"U_SUCCESS"}
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
 
 
 def test_no_secure_capability_aborts(stack, run):
     """Without KVM_CAP_PPC_SECURE_GUEST, H_SVM_INIT_START answers H_AUTHORITY and ESM aborts."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await boot_guest(stack, op, unique("nocap"), extra=("--no-secure-capable",))
             assert (rep.outcome, rep.esm_rc, rep.memory_intact) == ("aborted", H.H_PARAMETER, True)
             starts = [e for e in history(stack, "hv") if e["call"] == "H_SVM_INIT_START"
                       and e["lpid"] == rep.lpid]
             assert starts[-1]["rc_name"] == "H_AUTHORITY"
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -147,15 +134,12 @@ def test_secure_memory_exhaustion_aborts(stack_factory, run):
     small = stack_factory(pool_pages=8)
 
     async def scenario():
-        op = Operator.of(small)
-        try:
+        async with operating(small) as op:
             rep = await boot_guest(small, op, unique("big"))
             assert (rep.outcome, rep.esm_rc, rep.memory_intact) == ("aborted", H.H_PARAMETER, True)
             regs = [e for e in history(small, "uv") if e["call"] == "UV_REGISTER_MEM_SLOT"]
             assert regs[-1]["rc_name"] == "U_PARAMETER"
             assert (await uv_status(op)).pool_pages_in_use == 0
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -166,8 +150,7 @@ def test_abort_returning_to_uv_v10(stack_factory, run):
     v10 = stack_factory(abort_return="uv")
 
     async def scenario():
-        op = Operator.of(v10)
-        try:
+        async with operating(v10) as op:
             name = unique("v10")
             rep = await boot_guest(v10, op, name, blob=blob_for(v10, name, omit=("bootargs",)))
             assert (rep.outcome, rep.esm_rc, rep.memory_intact) == ("aborted", H.H_PARAMETER, True)
@@ -177,8 +160,6 @@ def test_abort_returning_to_uv_v10(stack_factory, run):
             vm = vm_info(await op.hv.stub.HvStatus(hpb.HvStatusRequest()), rep.lpid)
             assert vm.secure_guest == 0  # the guest's memory check entered the HV: flag cleared
             assert rep.lpid in (await uv_status(op)).terminated_lpids
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -188,8 +169,7 @@ def test_measured_only_esm(stack_factory, run):
     measured = stack_factory(esm_copy="measured")
 
     async def scenario():
-        op = Operator.of(measured)
-        try:
+        async with operating(measured) as op:
             name = unique("meas")
             image = GuestImage.of_size(name, MEM)
             rep = await boot_guest(measured, op, name)
@@ -198,8 +178,6 @@ def test_measured_only_esm(stack_factory, run):
                         and e["lpid"] == rep.lpid]
             assert len(page_ins) == image.data_start // PAGE_SIZE - 1  # kernel .. blob
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -207,8 +185,7 @@ def test_host_touch_pages_out_ciphertext_and_tamper_is_refused(stack, run):
     """After INIT_DONE the host touching a page gets AES-GCM ciphertext only; a tampered or
     replayed ciphertext is refused with U_P3 and the page stays intact in the UV's keeping."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             name = unique("enc")
             rep = await boot_guest(stack, op, name)
             image = GuestImage.of_size(name, MEM)
@@ -246,8 +223,6 @@ def test_host_touch_pages_out_ciphertext_and_tamper_is_refused(stack, run):
                 fh.write(again.data)
             assert (await op.guest(name).Verify(guest_pb2.VerifyRequest())).report.memory_intact
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -255,8 +230,7 @@ def test_share_unshare_and_page_inval(stack, run):
     """Shared pages are zeroed on share, readable by both sides, zeroed on unshare; the HV's
     unmap of a shared page invalidates the UV's mapping, which the next access restores."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             name = unique("share")
             rep = await boot_guest(stack, op, name)
             ex = await op.guest(name).Exercise(guest_pb2.ExerciseRequest())
@@ -286,8 +260,6 @@ def test_share_unshare_and_page_inval(stack, run):
             finally:
                 await svm.close()
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -295,8 +267,7 @@ def test_memslot_hotplug_while_secure(stack, run):
     """A memslot added to a secure VM is registered with the UV (and its GFNs made secure); a
     deleted one is dropped and unregistered."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await boot_guest(stack, op, unique("hotplug"))
             slot = common_pb2.Memslot(slot_id=1, base_gfn=1024, npages=4)
             add = await op.hv.stub.SetMemslot(hpb.SetMemslotRequest(lpid=rep.lpid, slot=slot))
@@ -312,8 +283,6 @@ def test_memslot_hotplug_while_secure(stack, run):
             svm = next(s for s in (await uv_status(op)).svms if s.lpid == rep.lpid)
             assert svm.memslots == 1 and svm.reserved_pages == MEM // PAGE_SIZE
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -321,8 +290,7 @@ def test_reset_needs_stopped_vcpus_and_drops_secure_content(stack, run):
     """KVM_PPC_SVM_OFF: EBUSY while a vCPU runs; then secure contents dropped without page-out,
     memslots unregistered, the SVM terminated; the HV keeps no plaintext of them."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await boot_guest(stack, op, unique("reset"))
             busy = await op.hv.stub.ResetVm(hpb.ResetVmRequest(lpid=rep.lpid))
             assert busy.errno == Errno.EBUSY
@@ -337,8 +305,6 @@ def test_reset_needs_stopped_vcpus_and_drops_secure_content(stack, run):
             ram = hv_ram(stack, rep.lpid)
             assert ram == bytes(len(ram))
             await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=rep.lpid))
-        finally:
-            await op.close()
     run(scenario())
 
 

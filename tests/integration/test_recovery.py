@@ -9,10 +9,9 @@ import grpc
 import pytest
 
 from pefsim.abi import PAGE_SHIFT, Errno, GfnState, H, U, VmState
-from pefsim.ops.demo import Operator
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
-from tests.helpers import blob_for, boot_guest, metric
+from tests.helpers import blob_for, boot_guest, metric, operating
 
 
 def test_hv_that_never_answers_the_abort_costs_one_svm(stack_factory, run):
@@ -21,8 +20,7 @@ def test_hv_that_never_answers_the_abort_costs_one_svm(stack_factory, run):
     hostile = stack_factory(mutants=("hv-abort-hangs",))
 
     async def scenario():
-        op = Operator.of(hostile)
-        try:
+        async with operating(hostile) as op:
             other = await boot_guest(hostile, op, unique("other"))
             assert other.outcome == "secure"
             name = unique("stuck")
@@ -45,8 +43,6 @@ def test_hv_that_never_answers_the_abort_costs_one_svm(stack_factory, run):
             status = await op.uv.stub.UvStatus(upb.UvStatusRequest())
             assert all(s.lpid != svm.lpid for s in status.svms)
             stuck.cancel()
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -56,8 +52,7 @@ def test_frozen_hv_does_not_stop_the_uv(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             sec = await boot_guest(stack, op, unique("sec"))
             hv = stack.procs["hv"]
             hv.signal(signal.SIGSTOP)
@@ -69,8 +64,6 @@ def test_frozen_hv_does_not_stop_the_uv(stack_factory, run):
                 hv.signal(signal.SIGCONT)
             status = await op.hv.stub.HvStatus(hpb.HvStatusRequest(), timeout=20)
             assert any(v.lpid == sec.lpid for v in status.vms)
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -80,8 +73,7 @@ def test_guest_waits_for_a_restarting_hv(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             normal = await boot_guest(stack, op, unique("normal"), extra=("--no-svm",))
             assert normal.outcome == "normal" and normal.memory_intact
             stack.procs["hv"].kill()
@@ -102,8 +94,6 @@ def test_guest_waits_for_a_restarting_hv(stack_factory, run):
                 await asyncio.sleep(0.1)
             assert vm.session, "the guest's VMM did not reconnect its session"
             assert status.vms_recovered >= 1
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -113,8 +103,7 @@ def test_vmm_that_does_not_come_back_loses_its_vm(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             sec = await boot_guest(stack, op, unique("orphan"))
             stack.procs["hv"].kill()
             stack.procs[f"guest-{sec.name}"].kill()
@@ -129,8 +118,6 @@ def test_vmm_that_does_not_come_back_loses_its_vm(stack_factory, run):
                 raise AssertionError("the orphaned VM was not destroyed")
             uv = await op.uv.stub.UvStatus(upb.UvStatusRequest())
             assert sec.lpid in uv.terminated_lpids and all(s.lpid != sec.lpid for s in uv.svms)
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -157,13 +144,10 @@ def test_abort_result_code_is_h_parameter_after_recovery(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await boot_through_hv_kill(stack, op, unique("mid"), "hv.abort.page_out:5",
                                              omit=("initrd",))
             assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("aborted", H.H_PARAMETER, 1, True)
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -174,8 +158,7 @@ def test_init_done_whose_answer_is_lost_is_asked_again(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             seen = {}
 
             async def while_down():  # the UV keeps asking, and says so
@@ -195,8 +178,6 @@ def test_init_done_whose_answer_is_lost_is_asked_again(stack_factory, run):
             assert (rep.outcome, rep.esm_rc, rep.resumes, rep.memory_intact) == ("secure", U.U_SUCCESS, 1, True)
             vm = next(v for v in (await op.hv.stub.HvStatus(hpb.HvStatusRequest())).vms if v.lpid == rep.lpid)
             assert vm.state == VmState.VM_SECURE.name
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -236,8 +217,7 @@ def test_secure_page_out_whose_answer_is_lost_is_found_in_shared_memory(stack_fa
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await host_touch_through_hv_kill(stack, op, "touch")
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline:
@@ -249,8 +229,6 @@ def test_secure_page_out_whose_answer_is_lost_is_found_in_shared_memory(stack_fa
             verify = (await op.guest(rep.name).Verify(guest_pb2.VerifyRequest())).report
             assert verify.memory_intact, verify.detail
             assert metric(stack, "hv", "pefsim_hv_pages_lost_total") == 0
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -261,8 +239,7 @@ def test_secure_page_out_lost_without_shared_memory_fails_the_vm_loudly(stack_fa
     stack = stack_factory(shared_memory=False)
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await host_touch_through_hv_kill(stack, op, "lost")
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and metric(stack, "hv", "pefsim_hv_pages_lost_total") < 1:
@@ -271,8 +248,6 @@ def test_secure_page_out_lost_without_shared_memory_fails_the_vm_loudly(stack_fa
             assert metric(stack, "hv", 'pefsim_hv_vms_failed_total{reason="page-lost"}') == 1
             status = (await op.guest(rep.name).GuestStatus(guest_pb2.GuestStatusRequest())).report
             assert (status.outcome, status.detail) == ("failed", "machine check: page-lost")
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -286,8 +261,7 @@ def test_secure_page_out_whose_answer_is_lost_is_settled_before_the_uv_pages_it_
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await secure_guest_with_armed_hv(stack, op, "lose", "=lose")
             read = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=rep.lpid, gpa=2 << PAGE_SHIFT),
                                                  timeout=10)
@@ -297,8 +271,6 @@ def test_secure_page_out_whose_answer_is_lost_is_settled_before_the_uv_pages_it_
             assert verify.memory_intact, verify.detail
             assert "page-in of gfn 0x2 with its page-out pending: settled" in stack.procs["hv"].log_path.read_text()
             assert metric(stack, "hv", "pefsim_hv_pages_lost_total") == 0
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -312,8 +284,7 @@ def test_a_stop_failpoint_is_a_breakpoint(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             name = unique("bp")
             await asyncio.to_thread(stack.restart, "hv", (f"hv.esm.page_in:3@{name}=stop",))
             addr = await asyncio.to_thread(stack.add_guest, name, 1 << 20, blob_for(stack, name))
@@ -325,8 +296,6 @@ def test_a_stop_failpoint_is_a_breakpoint(stack_factory, run):
             stack.procs["hv"].signal(signal.SIGCONT)
             rep = (await asyncio.wait_for(boot, 60)).report
             assert (rep.outcome, rep.memory_intact) == ("secure", True)
-        finally:
-            await op.close()
     run(scenario())
     with pytest.raises(SystemExit, match="unknown action"):
         faults.configure(["hv.esm.page_in:1@x=explode"])

@@ -22,7 +22,7 @@ from pefsim.tls import Tls, make_ca, make_cert
 from pefsim.v1 import (common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, hypervisor_pb2_grpc,
                        ultravisor_pb2 as upb, ultravisor_pb2_grpc)
 from tests.conftest import unique
-from tests.helpers import MEM, blob_for, boot_guest
+from tests.helpers import MEM, blob_for, boot_guest, operating
 
 UV_STUB, HV_STUB = ultravisor_pb2_grpc.UltravisorServiceStub, hypervisor_pb2_grpc.HypervisorServiceStub
 
@@ -76,8 +76,7 @@ def test_guest_certificate_gets_u_permission_for_hv_ucalls(stack, run):
     """A guest presenting its own certificate for HV-only ucalls gets U_PERMISSION and nothing
     changes in the SVM."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await secure_guest(stack, op)
             before = await svm_info(op, rep.lpid)
             guest = as_(stack, f"guest:{rep.name}", stack.uv_addr, UV_STUB, "uv")
@@ -96,8 +95,6 @@ def test_guest_certificate_gets_u_permission_for_hv_ucalls(stack, run):
             assert await svm_info(op, rep.lpid) == before
             assert await still_intact(op, rep)
             await guest.close()
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -105,8 +102,7 @@ def test_guest_cannot_reach_another_guests_vm_or_svm(stack, run):
     """Guest B's certificate gets U_PERMISSION for A's SVM calls and PERMISSION_DENIED for A's
     VM at the HV; A is untouched."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             a = await secure_guest(stack, op, "a")
             b = await secure_guest(stack, op, "b")
             uv_b = as_(stack, f"guest:{b.name}", stack.uv_addr, UV_STUB, "uv")
@@ -125,8 +121,6 @@ def test_guest_cannot_reach_another_guests_vm_or_svm(stack, run):
             assert await still_intact(op, a)
             await uv_b.close()
             await hv_b.close()
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -134,8 +128,7 @@ def test_uv_esm_for_another_guests_vm_is_refused(stack, run):
     """Guest B makes UV_ESM claiming A's (normal) VM: the HV refuses INIT_START (H_AUTHORITY)
     before touching A's VM; B gets H_PARAMETER; A runs on, memory intact, still normal."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             a = await boot_guest(stack, op, unique("normal"), extra=("--no-svm",))
             b_name = unique("thief")
             thief = as_(stack, f"guest:{b_name}", stack.uv_addr, UV_STUB, "uv")
@@ -148,8 +141,6 @@ def test_uv_esm_for_another_guests_vm_is_refused(stack, run):
             assert await svm_info(op, a.lpid) is None
             assert await still_intact(op, a)
             await thief.close()
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -313,8 +304,7 @@ def test_malformed_messages_at_every_rpc(stack, run):
     """Garbage bytes as the request of every RPC of every service: a gRPC error, never a crash;
     every service still serves afterwards."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await secure_guest(stack, op, "fuzzed")
             targets = {"uv": stack.uv_addr, "hv": stack.hv_addr, "guest": stack.guest_addr(rep.name)}
             identities = {"uv": "hv", "hv": "uv", "guest": "hv"}
@@ -350,8 +340,6 @@ def test_malformed_messages_at_every_rpc(stack, run):
             for svc, addr in targets.items():
                 assert check(addr, tls=stack.tls("operator"), server_role=svc), svc
             assert await still_intact(op, rep)
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -361,8 +349,7 @@ def test_a_flooding_guest_does_not_starve_another(stack_factory, run):
     small = stack_factory(uv_args=("--max-inflight-per-peer", "16"))
 
     async def scenario():
-        op = Operator.of(small)
-        try:
+        async with operating(small) as op:
             noisy = await secure_guest(small, op, "noisy")
             quiet = await secure_guest(small, op, "quiet")
             peer = as_(small, f"guest:{noisy.name}", small.uv_addr, UV_STUB, "uv")
@@ -390,8 +377,6 @@ def test_a_flooding_guest_does_not_starve_another(stack_factory, run):
             assert quiet_ok
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in results and U.U_SUCCESS in results
             await peer.close()
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -401,8 +386,7 @@ def test_limits_on_svms_and_secure_memory_per_svm(stack_factory, run):
     limited = stack_factory(uv_args=("--max-svms", "1", "--max-svm-pages", "32"))
 
     async def scenario():
-        op = Operator.of(limited)
-        try:
+        async with operating(limited) as op:
             first = await boot_guest(limited, op, unique("one"))
             assert first.outcome == "secure"
             second = await boot_guest(limited, op, unique("two"))
@@ -411,8 +395,6 @@ def test_limits_on_svms_and_secure_memory_per_svm(stack_factory, run):
             big_name = unique("big")
             big = await boot_guest(limited, op, big_name, mem=4 << 20, blob=blob_for(limited, big_name, 4 << 20))
             assert (big.outcome, big.esm_rc, big.memory_intact) == ("aborted", H.H_PARAMETER, True)
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -435,8 +417,7 @@ def test_vcpu_resume_only_from_the_hv_or_uv(stack, run):
     """A guest's vCPU takes resumes from the HV or the UV only: another guest's certificate gets
     H_PERMISSION and the vCPU is not disturbed."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             rep = await secure_guest(stack, op)
             other = as_(stack, "guest:intruder", stack.guest_addr(rep.name), guest_pb2_grpc.GuestServiceStub, "guest")
             resp = await other.stub.VcpuResume(guest_pb2.VcpuResumeRequest(lpid=rep.lpid, r3=0, msr_s=False))
@@ -444,6 +425,4 @@ def test_vcpu_resume_only_from_the_hv_or_uv(stack, run):
             status = (await op.guest(rep.name).GuestStatus(guest_pb2.GuestStatusRequest())).report
             assert status.outcome == "secure" and status.resumes == 1
             await other.close()
-        finally:
-            await op.close()
     run(scenario())

@@ -21,7 +21,7 @@ from pefsim.ops.demo import Operator
 from pefsim.ops.stack import LocalStack, StackConfig
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as hpb, hypervisor_pb2_grpc
 from tests.conftest import assert_clean_exit, unique
-from tests.helpers import boot_guest
+from tests.helpers import boot_guest, operating
 
 DISK_MIB = 16  # the HV's whole data directory
 ATTACK_PAGES = 32  # 2 MiB a VM: the disk holds a handful
@@ -156,8 +156,7 @@ def test_power_cut_empty_vm_json_quarantines_that_vm_only(stack_factory, run):
     stack = stack_factory()
 
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             kept = await boot_guest(stack, op, unique("kept"), extra=("--no-svm",))
             victim = await boot_guest(stack, op, unique("victim"), extra=("--no-svm",))
             assert kept.memory_intact and victim.memory_intact
@@ -177,6 +176,4 @@ def test_power_cut_empty_vm_json_quarantines_that_vm_only(stack_factory, run):
             assert metric(stack, 'pefsim_hv_vms_quarantined_total{reason="bad-vm-json"}') == 1
             third = await boot_guest(stack, op, unique("third"), extra=("--no-svm",))
             assert third.memory_intact and third.lpid > victim.lpid
-        finally:
-            await op.close()
     run(scenario())

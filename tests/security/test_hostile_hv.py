@@ -19,13 +19,12 @@ import pytest
 from pefsim.abi import HV_RA_BASE, PAGE_SHIFT, PAGE_SIZE, H, PageInFlag, U, gfn_of, gpa_of
 from pefsim.blob import make_blob
 from pefsim.dataplane import HvMemory, NotHvMemory
-from pefsim.ops.demo import Operator
 from pefsim.image import GuestImage
 from pefsim.ops.stack import free_port
 from pefsim.v1 import common_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conformance.peers import Guest, ScriptedHv
 from tests.conftest import unique
-from tests.helpers import MEM
+from tests.helpers import MEM, operating
 from tests.security.test_hostile import UV_STUB, as_, secure_guest, svm_info
 
 NPAGES = 16
@@ -180,11 +179,8 @@ def test_the_real_hv_still_shares_its_memory(stack, run):
     """The stack's HV offers its RAM files as before and the UV takes them: no fallback to the
     stream in the HV's log."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             await secure_guest(stack, op, "shm")
-        finally:
-            await op.close()
     run(scenario())
     assert "no shared memory with the UV" not in stack.procs["hv"].log_path.read_text()
 
@@ -220,8 +216,7 @@ def test_a_share_the_hv_never_answers_leaves_the_page_as_it_was(stack_factory, r
     patient = stack_factory(uv_args=("--hcall-timeout", "2"))
 
     async def scenario():
-        op = Operator.of(patient)
-        try:
+        async with operating(patient) as op:
             rep = await secure_guest(patient, op, "sharer")
             guest = as_(patient, f"guest:{rep.name}", patient.uv_addr, UV_STUB, "uv")
             vcpu, gfn = vcpu_of(rep.lpid), GuestImage.of_size(rep.name, MEM).npages - 1
@@ -248,8 +243,6 @@ def test_a_share_the_hv_never_answers_leaves_the_page_as_it_was(stack_factory, r
             assert (after.state, after.secure_pages, after.shared_pages) == \
                 (before.state, before.secure_pages, before.shared_pages)
             await guest.close()
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -327,8 +320,7 @@ def test_a_guest_sees_only_its_own_svms_in_uv_status(stack, run):
     """Guest B's UvStatus lists B's SVM and not A's, nor another guest's terminated lpid, nor the pool;
     the operator's and the HV's list both."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             a = await secure_guest(stack, op, "a")
             b = await secure_guest(stack, op, "b")
             gone = await secure_guest(stack, op, "gone")  # another guest's SVM, terminated
@@ -345,6 +337,4 @@ def test_a_guest_sees_only_its_own_svms_in_uv_status(stack, run):
                 assert gone.lpid in everything.terminated_lpids and everything.pool_pages_total > 0
             await uv_b.close()
             await hv.close()
-        finally:
-            await op.close()
     run(scenario())

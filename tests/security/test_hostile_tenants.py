@@ -17,7 +17,7 @@ from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.ops.demo import Operator
 from pefsim.v1 import common_pb2, guest_pb2, guest_pb2_grpc, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from tests.conftest import unique
-from tests.helpers import boot_guest, metric
+from tests.helpers import boot_guest, metric, operating
 from tests.security.test_hostile import HV_STUB, UV_STUB, as_, still_intact
 
 GUEST_STUB = guest_pb2_grpc.GuestServiceStub
@@ -72,8 +72,7 @@ def test_vcpu_endpoint_of_another_guest_is_never_resumed(stack, run):
 def test_vcpu_refuses_a_resume_for_another_lpid(stack, run):
     """Even an HV certificate cannot resume a vCPU with another lpid than its VM's."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             victim = await boot_guest(stack, op, unique("resumed"))
             hv = rpc.Peer(stack.guest_addr(victim.name), rpc.ROLE_NAMES["hv"], GUEST_STUB, "hv",
                           stack.tls("hv"), "guest")
@@ -84,8 +83,6 @@ def test_vcpu_refuses_a_resume_for_another_lpid(stack, run):
             assert rep.outcome == "secure" and rep.refused_resumes == 0
             assert await still_intact(op, victim)
             await hv.close()
-        finally:
-            await op.close()
     run(scenario())
 
 
@@ -147,8 +144,7 @@ def test_status_calls_show_each_guest_its_own(stack, run):
     """HvStatus lists a guest its own VMs only (the operator sees all); a guest's timeline
     (GuestStatus) is the operator's alone."""
     async def scenario():
-        op = Operator.of(stack)
-        try:
+        async with operating(stack) as op:
             a = await boot_guest(stack, op, unique("seen"))
             b_name = unique("peeker")
             b = as_(stack, f"guest:{b_name}", stack.hv_addr, HV_STUB, "hv")
@@ -166,8 +162,6 @@ def test_status_calls_show_each_guest_its_own(stack, run):
             assert (await b.stub.DestroyVm(hpb.DestroyVmRequest(lpid=mine.lpid))).errno == Errno.OK
             await spy.close()
             await b.close()
-        finally:
-            await op.close()
     run(scenario())
 
 

@@ -51,32 +51,29 @@ class GrpcUv:
     async def page_in_stream(self, frames, *, on_behalf: str, timeout: float):
         call = self.peer.channel.stream_stream(f"{SERVICE}/UvPageInStream", request_serializer=bytes,
                                                response_deserializer=upb.PageBatchResult.FromString)
-        stream = call(frames, timeout=timeout, wait_for_ready=True, metadata=_on_behalf(on_behalf))
-        try:
-            async for result in stream:
-                yield result
-            boot_id = await _boot_id(stream)
-        except grpc.aio.AioRpcError as exc:
-            log.error("UvPageInStream: UV unreachable (%s)", exc.code().name)
-            raise rpc.unreachable(UvUnreachable, "UvPageInStream", exc) from None
-        finally:
-            stream.cancel()  # a no-op once it ended; else the consumer stopped early
-        self.on_boot(boot_id)
+        async for result in self._relay("UvPageInStream", call(frames, timeout=timeout, wait_for_ready=True,
+                                                               metadata=_on_behalf(on_behalf))):
+            yield result
 
     async def page_out_stream(self, request, *, on_behalf: str, timeout: float):
         call = self.peer.channel.unary_stream(f"{SERVICE}/UvPageOutStream",
                                               request_serializer=upb.PageOutRequest.SerializeToString,
                                               response_deserializer=decoder(upb.PageOutBatch))
-        stream = call(request, timeout=timeout, wait_for_ready=True, metadata=_on_behalf(on_behalf))
+        async for frame in self._relay("UvPageOutStream", call(request, timeout=timeout, wait_for_ready=True,
+                                                               metadata=_on_behalf(on_behalf))):
+            yield frame
+
+    async def _relay(self, name: str, stream):
+        """A stream's messages, then its boot id to on_boot; a transport failure UvUnreachable."""
         try:
-            async for frame in stream:
-                yield frame
+            async for message in stream:
+                yield message
             boot_id = await _boot_id(stream)
         except grpc.aio.AioRpcError as exc:
-            log.error("UvPageOutStream: UV unreachable (%s)", exc.code().name)
-            raise rpc.unreachable(UvUnreachable, "UvPageOutStream", exc) from None
+            log.error("%s: UV unreachable (%s)", name, exc.code().name)
+            raise rpc.unreachable(UvUnreachable, name, exc) from None
         finally:
-            stream.cancel()
+            stream.cancel()  # a no-op once it ended; else the consumer stopped early
         self.on_boot(boot_id)
 
     async def status(self):
