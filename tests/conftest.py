@@ -1,9 +1,10 @@
 """Fixtures: real service processes on 127.0.0.1, layered by life-cycle stage.
 
-* ``stack_factory`` starts a LocalStack (UV + HV as separate processes) with a given config and
-  owns it: at teardown it stops every process and asserts that each exited cleanly and that no
-  log holds a traceback. On a failed test the logs and histories stay in the run directory,
-  whose path the failure report shows.
+* ``stack_factory`` starts a LocalStack (UV + HV as separate processes, and the guests a test
+  adds) with a given config and owns it: at teardown it saves every service's /metrics under
+  ``<run dir>/metrics/``, stops every process and asserts that each exited cleanly and that no
+  log holds a traceback. The logs, histories and metrics stay in the run directory, whose path
+  a failure report shows.
 * ``stack`` is one default stack per test module.
 * ``run`` runs a coroutine (each test makes its own gRPC channels inside it).
 """
@@ -37,6 +38,21 @@ def assert_clean_exit(stack: LocalStack, codes: dict | None = None) -> None:
     assert not problems, "\n".join(problems) + f"\n(run dir {stack.run_dir})"
 
 
+def keep_metrics(stack: LocalStack) -> None:
+    """Every running service's /metrics, as text, in <run dir>/metrics/<service>.prom (a service
+    that does not answer gets a line saying why)."""
+    import urllib.request
+
+    out = Path(stack.run_dir) / "metrics"
+    out.mkdir(exist_ok=True)
+    for name, addr in stack.metrics_targets().items():
+        try:
+            text = urllib.request.urlopen(f"http://{addr}/metrics", timeout=2).read().decode()
+        except OSError as exc:
+            text = f"# not scraped: {exc}\n"
+        (out / f"{name}.prom").write_text(text)
+
+
 @pytest.fixture(scope="module")
 def stack_factory(tmp_path_factory):
     stacks: list[LocalStack] = []
@@ -48,6 +64,8 @@ def stack_factory(tmp_path_factory):
         return stack
 
     yield make
+    for stack in stacks:
+        keep_metrics(stack)
     stopped = [(stack, stack.stop()) for stack in stacks]  # every one, before any assertion
     for stack, codes in stopped:
         assert_clean_exit(stack, codes)
