@@ -21,6 +21,7 @@ unless named.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -52,6 +53,10 @@ MUTANTS = {
                         "(invariant 4)",
     "hv-abort-hangs": "the HV never finishes H_SVM_INIT_ABORT (invariant 5)",
     "uv-terminate-bad-rc": "UV_SVM_TERMINATE answers U_P2, not a result it can give (invariant 6)",
+    "uv-frees-at-abort": "the alternative argued on the list: the UV gives up an aborting SVM's pages when "
+                         "it calls H_SVM_INIT_ABORT, not at UV_SVM_TERMINATE (invariant 1)",
+    "uv-frees-on-page-out": "the UV frees each page of an aborting SVM once it handed it to the HV: an HV "
+                            "that lost the page (killed, answer lost) cannot have it again (invariant 1)",
 }
 
 _counts: dict[str, int] = {}
@@ -153,6 +158,21 @@ def armed(name: str) -> bool:
     """Whether a failpoint is armed: code that moves pages in runs then takes them one by one,
     so the failpoint's hit count is still a page count."""
     return name in _armed
+
+
+@contextlib.contextmanager
+def mutants(names) -> None:
+    """Turn on the named mutants for the block (in one process: the simulator, tests)."""
+    unknown = set(names) - set(MUTANTS)
+    if unknown:
+        raise ValueError(f"unknown mutants {sorted(unknown)}; known: {', '.join(MUTANTS)}")
+    before = set(_mutants)
+    _mutants.update(names)
+    try:
+        yield
+    finally:
+        _mutants.clear()
+        _mutants.update(before)
 
 
 def mutant(name: str) -> bool:

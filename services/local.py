@@ -89,6 +89,8 @@ class Link:
     lose: Callable[[str, int], bool] | None = None
     # (call name, n-th answer or stream item of that name) -> crash the caller as it arrives
     crash: Callable[[str, int], bool] | None = None
+    # (call name, n-th call of that name) -> called as the call is about to go (it may cut the link)
+    on_call: Callable[[str, int], None] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     arrived: dict[str, int] = field(default_factory=dict)
 
@@ -97,7 +99,15 @@ class Link:
         if self.cut:
             return False
         self.counts[name] = self.counts.get(name, 0) + 1
-        return True
+        if self.on_call is not None:
+            self.on_call(name, self.counts[name])
+        return not self.cut
+
+    def reset(self) -> None:
+        """Forget what went through (the counts a plan's n-th call is counted from) and heal."""
+        self.cut, self.lose, self.crash, self.on_call = False, None, None, None
+        self.counts.clear()
+        self.arrived.clear()
 
     def loses(self, name: str) -> bool:
         return self.lose is not None and self.lose(name, self.counts.get(name, 0))
@@ -127,12 +137,14 @@ class Service:
 
     def __init__(self, name: str):
         self.name = name
-        self.tasks: set[asyncio.Task] = set()
+        # in creation order (a dict, not a set: a set's order is the tasks' addresses, and a
+        # crash cancelling them in that order would make a simulated run unrepeatable)
+        self.tasks: dict[asyncio.Task, None] = {}
         self.alive = True
 
     def adopt(self, task: asyncio.Task) -> None:
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.tasks[task] = None
+        task.add_done_callback(lambda t: self.tasks.pop(t, None))
 
     def run(self, fn, *args):
         """``fn(*args)`` as this service (tasks it creates are this service's)."""

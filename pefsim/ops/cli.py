@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -212,6 +213,40 @@ def cmd_chaos(a) -> int:
     return 1 if summary["violations"] else 0
 
 
+def cmd_sim(a) -> int:
+    """The deterministic simulator (pefsim/sim/): the real cores in one process on virtual time."""
+    import logging
+
+    from pefsim.sim.campaign import SimConfig, run_campaign
+    from pefsim.sim.scenario import DURINGS, FAULTS
+
+    if a.runs < 1:
+        raise SystemExit("--runs must be at least 1")
+    if os.environ.get("PYTHONHASHSEED") != "0":  # str hashes (set orders) the same in every replay
+        import subprocess
+
+        return subprocess.call([sys.executable, "-m", "pefsim", *a.argv], env={**os.environ, "PYTHONHASHSEED": "0"})
+    logging.disable(logging.CRITICAL if a.json else logging.ERROR)  # the services' own lines, thousands of runs
+
+    def progress(done: int, total: int) -> None:
+        if not a.json and (done == total or done % 100 == 0):
+            print(f"  {done}/{total} runs", file=sys.stderr, flush=True)
+    cfg = SimConfig(runs=a.runs, seed=a.seed, faults=tuple(a.fault) or FAULTS, durings=tuple(a.during) or DURINGS,
+                    mutants=tuple(a.mutant), exhaustive=a.exhaustive, stop_at_first=a.stop_at_first,
+                    progress=progress)
+    summary = run_campaign(cfg, only=a.only)
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{summary['runs']} runs ({summary['mode']}), {summary['faults_injected']} faults, "
+              f"{len(summary['violations'])} violations in {summary['seconds']} s "
+              f"({summary['runs_per_minute']} runs a minute; {summary['virtual_seconds']} s simulated); "
+              f"history sha256 {summary['history_sha256'][:16]}")
+        for v in summary["violations"][:20]:
+            print(f"  seed {v['seed']} ({v['plan']}): {v['invariant']}: {v['detail']}\n    replay: {v['replay']}")
+    return 1 if summary["violations"] else 0
+
+
 def cmd_certs(a) -> int:
     from pefsim.tls import file_name, make_ca, make_cert
 
@@ -308,6 +343,24 @@ def main(argv=None) -> int:
     p.add_argument("--metrics-listen", help="serve the harness's metrics (faults, runs) on host:port")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_chaos)
+    p = sub.add_parser("sim", help="the real cores in one process on virtual time: thousands of seeded "
+                                   "fault schedules a minute, judged by the chaos checkers")
+    from pefsim.sim.scenario import DURINGS as SIM_DURINGS, FAULTS as SIM_FAULTS
+
+    p.add_argument("--fault", action="append", default=[], choices=SIM_FAULTS,
+                   help="fault kinds to draw from (repeatable; default: all)")
+    p.add_argument("--during", action="append", default=[], choices=SIM_DURINGS,
+                   help="moments to draw from (repeatable; default: both)")
+    p.add_argument("--runs", type=int, default=100, help="sampled runs (run i has seed SEED+i)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--exhaustive", action="store_true",
+                   help="every single HV crash point, lost answer and cut of the small configuration, once each")
+    p.add_argument("--only", type=int, help="with --exhaustive: only the plan with this number (a replay)")
+    p.add_argument("--mutant", action="append", default=[], choices=sorted(MUTANTS),
+                   help="run a deliberately broken build (to see a checker catch it)")
+    p.add_argument("--stop-at-first", action="store_true", help="stop at the first run with a violation")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_sim)
     p = sub.add_parser("bench", help="page transfer against memcpy and raw TCP, in one run")
     p.add_argument("--guest-mib", type=float, default=1024, help="guest size (default 1 GiB)")
     p.add_argument("--unary-mib", type=float, default=64,
@@ -342,6 +395,7 @@ def main(argv=None) -> int:
     p.add_argument("--tamper", action="append", default=[], help="wrong digest for an item (tests)")
     p.set_defaults(func=cmd_blob)
     a = ap.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(a, "uv_port", 0) and a.uv_port == getattr(a, "hv_port", 0):
         ap.error(f"--uv-port and --hv-port are both {a.uv_port}: give each service its own")
     from pefsim.ops.stack import StackTlsMissing

@@ -48,6 +48,8 @@ BITES = {
     "hv-double-resume": ("aborted-resumed-once", {}),
     "hv-abort-hangs": ("final-state-bound", {"final_bound_s": 4.0}),
     "uv-terminate-bad-rc": ("legal-return-codes", {}),
+    "uv-frees-at-abort": ("memory-intact", {}),
+    "uv-frees-on-page-out": ("memory-intact", {}),
 }
 
 

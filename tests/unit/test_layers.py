@@ -39,14 +39,16 @@ def test_every_core_module_is_listed():
     assert len([m for m in CORE if ".core." in m]) >= 22
 
 
-def test_the_cores_read_time_only_through_the_clock_port():
-    """No core module reads the time or sleeps but through pefsim.clock (a simulator swaps it)."""
+def test_the_cores_read_time_and_entropy_only_through_their_ports():
+    """No core module reads the time, sleeps or draws random bytes but through pefsim.clock and
+    pefsim.entropy (a simulator swaps both, so a seed replays)."""
     import re
 
     offenders = []
     for svc in SERVICES:
         for path in sorted((ROOT / "services" / svc / "core").glob("*.py")):
             for n, line in enumerate(path.read_text().splitlines(), 1):
-                if re.search(r"\btime\.(time|monotonic|perf_counter|time_ns)\b|asyncio\.sleep\((?!0\))", line):
+                if re.search(r"\btime\.(time|monotonic|perf_counter|time_ns)\b|asyncio\.sleep\((?!0\))"
+                             r"|os\.urandom|\bsecrets\.|generate_key", line):
                     offenders.append(f"{path.relative_to(ROOT)}:{n}: {line.strip()}")
     assert not offenders, "\n".join(offenders)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 from itertools import groupby
 
+from pefsim import entropy
 from pefsim.abi import PAGE_SHIFT, U
 from pefsim.dataplane import MAX_DATA_PAGES, MAX_FRAME_PAGES, encode
 from pefsim.v1 import ultravisor_pb2 as upb
@@ -148,7 +148,7 @@ async def offer_memory(hv, vm, slot) -> None:
     """Offer the UV the slot's RAM file; remember whether it could open it."""
     if not hv.cfg.shared_memory:
         return
-    nonce = secrets.token_bytes(16)
+    nonce = entropy.token_bytes(16)
     nonce_path = vm.directory / f"slot-{slot.slot_id}.nonce"
     nonce_path.write_bytes(nonce)
     try:

@@ -69,12 +69,12 @@ import mmap
 import os
 import re
 import shutil
-import secrets
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pefsim import entropy
 from pefsim import clock
 from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gfn_of, gpa_of
 from pefsim.dataplane import MAX_FRAME_PAGES
@@ -427,7 +427,7 @@ class HvState:
         self.vms: dict[int, Vm] = {}
         self.next_lpid = 1
         self.next_ra = HV_RA_BASE
-        self.boot_id = secrets.token_hex(8)
+        self.boot_id = entropy.token_hex(8)
         self.recovered = 0
         self.quarantined: list[Quarantined] = []  # by this start's load
 

@@ -202,6 +202,10 @@ async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmRe
     if svm.destroyed:  # terminated under us (the VM was destroyed): nobody resumes this vCPU
         return pb.UvEsmResponse(rc=U.U_STATE, resumed=False)
     uv.state.set_svm_state(svm, SvmState.SVM_ABORT)
+    if faults.mutant("uv-frees-at-abort"):  # the list's alternative: the pages go with the abort call
+        async with svm.lock:
+            for gfn in svm.gfns_in(GpfState.GPF_SECURE):
+                uv.state.forget_page(svm.gpf(gfn))
     faults.reach("uv.esm.before_abort")
     token = svm.abort_issued_ns
     trace = common_pb2.Trace(abort_issued_unix_ns=svm.abort_issued_ns)

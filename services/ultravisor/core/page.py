@@ -79,6 +79,9 @@ def page_out_one(uv, svm, gpa: int, dest_ra: int = 0, batch=None) -> tuple[int, 
         if faults.mutant("uv-abort-pageout-no-data"):
             return U.U_SUCCESS, b"", False
         data = uv.state.pool.view(gpf.frame)
+        if faults.mutant("uv-frees-on-page-out"):
+            data = bytes(data)
+            uv.state.forget_page(gpf)
     else:
         plain = bytes(uv.state.pool.view(gpf.frame)) if faults.mutant("uv-pageout-plaintext") else None
         data = plain or uv.state.page_out(svm, gfn_of(gpa), gpf)
@@ -124,7 +127,7 @@ def page_out_run(uv, svm, gpa: int, n: int, place) -> bool:
     encrypted one by one by page_out_one). Called after the call-table checks passed for the run,
     with svm.lock held."""
     where = _one_slot(svm, gpa, n) if svm.state == SvmState.SVM_ABORT else None
-    if where is None or faults.mutant("uv-abort-pageout-no-data"):
+    if where is None or faults.mutant("uv-abort-pageout-no-data") or faults.mutant("uv-frees-on-page-out"):
         return False
     slot, i = where
     if not slot.all_in(i, n, GpfState.GPF_SECURE):

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import asyncio
 import mmap
-import os
 import struct
 from array import array
 from collections import deque
@@ -68,6 +67,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from pefsim import entropy
 from pefsim import clock
 from pefsim import faults
 from pefsim.dataplane import HvMemory
@@ -297,8 +297,8 @@ class Svm:
     state: int = SvmState.SVM_ACTIVE
     slots: dict[int, SlotPages] = field(default_factory=dict)  # slotid -> its pages
     sealed: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # gfn -> (nonce, tag), paged out
-    key: bytes = field(default_factory=lambda: AESGCM.generate_key(bit_length=256))
-    nonce_prefix: bytes = field(default_factory=lambda: os.urandom(4))
+    key: bytes = field(default_factory=lambda: entropy.token_bytes(32))  # AES-256-GCM
+    nonce_prefix: bytes = field(default_factory=lambda: entropy.token_bytes(4))
     nonce_counter: int = 0
     reserved: int = 0
     abort_issued_ns: int = 0
@@ -374,7 +374,7 @@ class UvState:
         self.pool = SecurePool(pool_pages, populate_pool)
         self.svms: dict[int, Svm] = {}
         self.terminated: deque[tuple[int, str]] = deque(maxlen=TERMINATED_KEPT)  # (lpid, owner), oldest first
-        self.boot_id = os.urandom(8).hex()  # a restarted UV is a new machine: nothing survives
+        self.boot_id = entropy.token_hex(8)  # a restarted UV is a new machine: nothing survives
         self.hvmem = HvMemory(hv_memory_dir)  # HV RAM files the HV shared, per SVM and slot
 
     def svm_state(self, lpid: int) -> int:
@@ -450,6 +450,12 @@ class UvState:
         if gpf.frame is not None:
             self.pool.release(gpf.frame)
             gpf.frame = None
+
+    def forget_page(self, gpf: Gpf) -> None:
+        """-> GPF_UNBACKED, its frame back to the pool (only the mutants that give pages up early
+        use it: the design keeps an aborting SVM's pages until UV_SVM_TERMINATE)."""
+        self._drop_frame(gpf)
+        gpf.state = GpfState.GPF_UNBACKED
 
     def mark_secure(self, gpf: Gpf, data) -> None:
         """-> GPF_SECURE holding ``data``: bytes, a page source that fills the frame itself

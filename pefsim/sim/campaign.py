@@ -1,0 +1,96 @@
+"""``pefsim sim``: many simulated runs (scenario.py), sampled from a seed or enumerated
+(``--exhaustive``), judged by the chaos checkers; one JSON summary.
+
+Sampled: run i has seed ``seed + i``; its plan and everything random in it come from that seed,
+so each failing run prints the one command that replays it. Exhaustive: every crash point of the
+HV on the ESM and abort paths (each failpoint at each page, each frame of the bulk streams), each
+answer the HV<->UV link can lose and each call it can be cut at, once each.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+
+from pefsim.sim.scenario import ABORT_POINTS, DURINGS, FAULTS, LOSABLE, PAGES, Plan, plan_of, run_one
+
+
+@dataclass
+class SimConfig:
+    runs: int = 100
+    seed: int = 1
+    faults: tuple[str, ...] = FAULTS
+    durings: tuple[str, ...] = DURINGS
+    mutants: tuple[str, ...] = ()
+    exhaustive: bool = False
+    stop_at_first: bool = False
+    progress: object = None  # called with (done, total) now and then
+    extra_args: list[str] = field(default_factory=list)
+
+
+def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
+    """Every single fault of the small configuration, once: the HV crashing at each failpoint hit
+    and as each answer or frame arrives, each answer lost, the link cut at each call."""
+    plans: list[Plan] = []
+
+    def add(**kw):
+        plans.append(Plan(seed=len(plans), **kw))
+    for during in durings:
+        add(fault="none", during=during)
+        points = [(p, n) for p in ABORT_POINTS for n in (range(1, PAGES + 1) if p == "hv.abort.page_out" else (1,))] \
+            if during == "abort" else [("hv.esm.page_in", n) for n in range(1, PAGES + 1)] + [("hv.esm.init_done", 1)]
+        for point, n in points:
+            add(fault="kill-hv", during=during, failpoint=f"{point}:{n}@victim", for_s=1.0)
+        arrivals = (("UvPageOutStream", 1), ("UvPageOutStream", 2), ("UV_SVM_TERMINATE", 1)) if during == "abort" \
+            else (("UvPageInStream", 1), ("UvPageInStream", 2), ("UV_REGISTER_MEM_SLOT", 1))
+        for arrival in arrivals:
+            add(fault="kill-hv", during=during, arrival=arrival, for_s=1.0)
+        for link, calls in LOSABLE.items():
+            for call in calls:
+                add(fault="lose", during=during, link=link, lose=(call, 1))
+        cuts = ("H_SVM_INIT_ABORT", "UvPageOutStream", "UV_SVM_TERMINATE") if during == "abort" \
+            else ("H_SVM_INIT_START", "UV_REGISTER_MEM_SLOT", "HSvmPageInBulk", "H_SVM_INIT_DONE")
+        for call in cuts:
+            add(fault="partition", during=during, cut_at=(call, 1), for_s=5.0)
+    return plans
+
+
+def replay_command(cfg: SimConfig, plan: Plan) -> str:
+    if cfg.exhaustive:
+        args = ["pefsim", "sim", "--exhaustive", "--only", str(plan.seed)]
+    else:
+        args = ["pefsim", "sim", "--seed", str(plan.seed), "--runs", "1"]
+        args += [a for f in cfg.faults if cfg.faults != FAULTS for a in ("--fault", f)]
+        args += [a for d in cfg.durings if cfg.durings != DURINGS for a in ("--during", d)]
+    args += [a for m in cfg.mutants for a in ("--mutant", m)]
+    return " ".join(args)
+
+
+def run_campaign(cfg: SimConfig, only: int | None = None) -> dict:
+    """Run the campaign; the summary ``pefsim sim --json`` prints."""
+    plans = every_plan(cfg.durings) if cfg.exhaustive else \
+        [plan_of(cfg.seed + i, cfg.faults, cfg.durings) for i in range(cfg.runs)]
+    if only is not None:
+        plans = [p for p in plans if p.seed == only]
+    t0 = time.perf_counter()
+    digest = hashlib.sha256()
+    violations, injected, virtual_s = [], 0, 0.0
+    for i, plan in enumerate(plans):
+        outcome = run_one(plan, cfg.mutants)
+        digest.update(outcome.digest.encode())
+        injected += plan.fault != "none"
+        virtual_s += outcome.virtual_s
+        for v in outcome.violations:
+            violations.append({"seed": plan.seed, "invariant": v.invariant, "detail": v.detail,
+                               "plan": plan.fault + ("" if not plan.fault else f" during {plan.during}"),
+                               "replay": replay_command(cfg, plan)})
+        if cfg.progress is not None:
+            cfg.progress(i + 1, len(plans))
+        if violations and cfg.stop_at_first:
+            plans = plans[:i + 1]
+            break
+    seconds = time.perf_counter() - t0
+    return {"runs": len(plans), "faults_injected": injected, "violations": violations,
+            "seconds": round(seconds, 3), "runs_per_minute": round(len(plans) / seconds * 60, 1) if seconds else 0.0,
+            "virtual_seconds": round(virtual_s, 3), "history_sha256": digest.hexdigest(),
+            "mode": "exhaustive" if cfg.exhaustive else "sampled", "mutants": list(cfg.mutants)}

@@ -1,0 +1,256 @@
+"""One simulated run: the real UV, HV and guest cores in one process (services/local.Machine) on
+virtual time (loop.py) with seeded entropy, a fault drawn from the seed, and the chaos checkers
+(pefsim/chaos/checker.py, the same code that judges real-process runs) on what was recorded.
+
+A run: boot a bystander guest to secure; boot the victim (a blob that does not match: its ESM
+aborts; or a good one: the fault lands in its ESM); the nemesis puts the plan's fault in place
+(an HV crash at a failpoint or as a frame arrives, a lost answer on the HV<->UV link, a partition
+of that link for a while); restart a crashed HV after a seeded downtime; wait (bounded, virtual)
+for every guest to be final; read memory back (each guest checks its own), let the host touch a
+secure page, destroy the run's VMs; then check every invariant on the record and the histories.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from google.protobuf import json_format
+
+from pefsim import entropy, faults
+from pefsim.abi import PAGE_SIZE, Errno, Role
+from pefsim.blob import make_blob
+from pefsim.calltable import Caller
+from pefsim.chaos import checker
+from pefsim.chaos.store import read_history
+from pefsim.image import GuestImage, page_digest
+from pefsim.sim import loop as vloop
+from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
+
+PAGES = 16  # a guest of 16 pages of 64 KiB (1 MiB)
+MEM = PAGES * PAGE_SIZE
+FINAL_BOUND_S = 90.0  # virtual seconds for every guest to be final after the last fault heals (as chaos)
+FAULTS = ("none", "kill-hv", "lose", "partition")
+DURINGS = ("abort", "esm")
+OPERATOR = Caller(Role.ROLE_OPERATOR, "operator")
+ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
+LOSABLE = {"uv->hv": ("H_SVM_INIT_ABORT", "H_SVM_INIT_DONE", "HSvmPageInBulk", "H_SVM_INIT_START"),
+           "hv->uv": ("UvPageOutStream", "UvPageInStream", "UV_SVM_TERMINATE", "UV_REGISTER_MEM_SLOT")}
+
+
+@dataclass
+class Plan:
+    """What the nemesis does in one run, drawn from the run's seed alone."""
+
+    seed: int
+    fault: str
+    during: str
+    failpoint: str = ""  # kill-hv: a failpoint armed =crash
+    arrival: tuple[str, int] = ("", 0)  # kill-hv: crash the HV as the n-th answer of this call arrives
+    link: str = ""  # lose: "uv->hv" or "hv->uv"
+    lose: tuple[str, int] = ("", 0)  # lose: the n-th answer of this call
+    cut_at: tuple[str, int] = ("", 0)  # partition: the link is cut as the n-th such call goes
+    for_s: float = 0.0  # partition: how long (virtual s); kill-hv: the HV's downtime
+
+def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ...] = DURINGS) -> Plan:
+    """The plan of run ``seed``: the same seed and the same choice of faults and moments give the
+    same plan (each draw takes the same random numbers whatever the choice)."""
+    rng = random.Random(seed)
+    plan = Plan(seed, faults_[rng.randrange(len(FAULTS)) % len(faults_)],
+                durings[rng.randrange(len(DURINGS)) % len(durings)])
+    if plan.fault == "kill-hv":
+        plan.for_s = round(rng.uniform(0.0, 5.0), 3)
+        if rng.random() < 0.5:
+            if plan.during == "abort":
+                point = rng.choices(ABORT_POINTS, weights=(6, 2, 2))[0]
+                nth = rng.randint(1, PAGES) if point == "hv.abort.page_out" else 1
+            else:
+                point = rng.choice(("hv.esm.page_in", "hv.esm.init_done"))
+                nth = rng.randint(1, PAGES) if point == "hv.esm.page_in" else 1
+            plan.failpoint = f"{point}:{nth}@victim"
+        else:
+            calls = (("UvPageOutStream", 2), ("UV_SVM_TERMINATE", 1)) if plan.during == "abort" \
+                else (("UvPageInStream", 2), ("UV_REGISTER_MEM_SLOT", 1))
+            call, frames = rng.choice(calls)
+            plan.arrival = (call, rng.randint(1, frames))
+    elif plan.fault == "lose":
+        plan.link = rng.choice(tuple(LOSABLE))
+        plan.lose = (rng.choice(LOSABLE[plan.link]), 1)
+    elif plan.fault == "partition":
+        calls = (("H_SVM_INIT_ABORT", 1), ("UvPageOutStream", 1), ("UV_SVM_TERMINATE", 1)) \
+            if plan.during == "abort" else (("H_SVM_INIT_START", 1), ("UV_REGISTER_MEM_SLOT", 1),
+                                            ("HSvmPageInBulk", 1), ("H_SVM_INIT_DONE", 1))
+        call, most = rng.choice(calls)
+        plan.cut_at = (call, rng.randint(1, most))
+        plan.for_s = round(rng.uniform(0.1, 10.0), 3)
+    return plan
+
+
+def _blob_hex(image: GuestImage, key, good: bool) -> str:
+    return make_blob(image, key, override=None if good else {"kernel": "0" * 128}).hex()
+
+
+async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[dict, dict]:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from services.hypervisor.core.hypervisor import HvConfig
+    from services.local import Machine
+    from services.ultravisor.core.ultravisor import UvConfig
+
+    key = Ed25519PrivateKey.from_private_bytes(entropy.token_bytes(32))
+    m = Machine(HvConfig(data_dir=root / "hv", shared_memory=False, history=str(root / "hv.history.jsonl")),
+                UvConfig(pool_pages=4 * PAGES, lazy_pool=True, history=str(root / "uv.history.jsonl")),
+                trusted=key.public_key())
+    m.start_hv()
+    record = {"run": plan.seed, "plan": asdict(plan), "final_bound_s": FINAL_BOUND_S, "guests": {},
+              "host_touches": [], "pool_before": 0}
+    guests = {}
+    for role, good in (("bystander", True), ("victim", plan.during != "abort")):
+        image = GuestImage.of_size(role, MEM)
+        blob = _blob_hex(image, key, good)
+        guests[role] = m.add_guest(role, MEM, bytes.fromhex(blob))
+        record["guests"][role] = {"name": role, "mem_bytes": MEM, "blob_hex": blob, "role": role}
+    try:
+        by = await asyncio.wait_for(guests["bystander"].boot(), FINAL_BOUND_S)
+        record["guests"]["bystander"]["outcome"] = by.outcome
+        with _nemesis(m, plan) as nemesis:
+            victim = asyncio.ensure_future(guests["victim"].boot())
+            fault = await _fault(m, plan, victim, nemesis)
+        record["fault"] = fault
+        try:
+            await asyncio.wait_for(asyncio.shield(victim), FINAL_BOUND_S)
+        except TimeoutError:
+            pass
+        for role, g in guests.items():
+            rep = g.report
+            if rep.outcome == "secure":
+                await g.verify()
+                record["host_touches"].append(await _host_touch(m, record["guests"][role], rep.lpid))
+            elif rep.outcome in ("aborted", "normal"):
+                await g.verify()
+            record["guests"][role]["report"] = json_format.MessageToDict(rep)
+            record["guests"][role]["report"]["lpid"] = rep.lpid
+            record["guests"][role]["outcome"] = rep.outcome if rep.outcome in checker.FINAL else "not-final"
+        for g in guests.values():
+            if g.lpid and m.hv is not None:
+                await m.hv_call("DestroyVm", hpb.DestroyVmRequest(lpid=g.lpid), OPERATOR, timeout=FINAL_BOUND_S)
+        status = await m.uv_call("UvStatus", upb.UvStatusRequest(), OPERATOR)
+        record["uv_after"] = json_format.MessageToDict(status, always_print_fields_with_no_presence=True)
+    finally:
+        await m.close()
+    history = {svc: read_history(root / f"{svc}.history.jsonl", [0, float("inf")]) for svc in ("uv", "hv")}
+    return record, history
+
+
+class _nemesis:
+    """Arms the plan's fault for the victim's boot (and disarms whatever is left after)."""
+
+    def __init__(self, m, plan: Plan):
+        self.m, self.plan = m, plan
+        self.cut: asyncio.Future | None = None
+
+    def __enter__(self):
+        m, plan = self.m, self.plan
+        m.hv_to_uv.reset()
+        m.uv_to_hv.reset()
+        if plan.cut_at[0]:
+            call, nth = plan.cut_at
+            self.cut = asyncio.get_running_loop().create_future()
+
+            def maybe_cut(name: str, n: int) -> None:
+                if name == call and n == nth and not self.cut.done():
+                    m.hv_to_uv.cut = m.uv_to_hv.cut = True
+                    self.cut.set_result(asyncio.get_running_loop().time())
+            m.hv_to_uv.on_call = m.uv_to_hv.on_call = maybe_cut
+        if plan.failpoint:
+            faults.arm(f"{plan.failpoint}=crash", on_crash=m.crash_hv)
+        if plan.arrival[0]:
+            call, nth = plan.arrival
+            m.hv_to_uv.crash = lambda name, n: name == call and n == nth
+        if plan.lose[0]:
+            call, nth = plan.lose
+            link = m.uv_to_hv if plan.link == "uv->hv" else m.hv_to_uv
+            link.lose = lambda name, n: name == call and n == nth
+        return self
+
+    def __exit__(self, *exc):
+        if self.plan.failpoint:
+            faults.disarm(self.plan.failpoint.partition(":")[0])
+
+
+async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> dict:
+    """Wait for the fault to happen (or the victim to finish first), heal it; what happened."""
+    rec = {"injected": False, "t_inject": 0.0, "t_heal": 0.0, "detail": ""}
+    now = asyncio.get_running_loop().time
+    if plan.fault == "kill-hv":
+        crashed = asyncio.ensure_future(m.crashed.wait())
+        await asyncio.wait({crashed, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+        crashed.cancel()
+        m.hv_to_uv.crash = None
+        if m.crashed.is_set():
+            rec.update(injected=True, t_inject=now(), detail=f"HV crashed at {m.crashes[-1]}")
+            await asyncio.sleep(plan.for_s)
+            await m.restart_hv()
+        rec["t_heal"] = now()
+    elif plan.fault == "partition":
+        await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+        if nemesis.cut.done():
+            rec.update(injected=True, t_inject=now(), detail=f"HV<->UV cut at {plan.cut_at[0]} for {plan.for_s} s")
+            await asyncio.sleep(plan.for_s)
+        m.hv_to_uv.cut = m.uv_to_hv.cut = False
+        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+        rec["t_heal"] = now()
+    elif plan.fault == "lose":
+        rec.update(injected=True, t_inject=now(), detail=f"{plan.link} {plan.lose[0]} answer lost")
+        rec["t_heal"] = now()
+    return rec
+
+
+async def _host_touch(m, guest: dict, lpid: int) -> dict:
+    """The host reads a data page of a secure guest: it must get ciphertext."""
+    image = GuestImage.of_size(guest["name"], guest["mem_bytes"])
+    resp = await m.hv_call("HostReadPage", hpb.HostReadPageRequest(lpid=lpid, gpa=image.data_start), OPERATOR)
+    plain = image.page(image.data_start // PAGE_SIZE, bytes.fromhex(guest["blob_hex"]))
+    return {"guest": guest["name"], "errno": Errno(resp.errno).name, "data_sha": page_digest(resp.data),
+            "plaintext": resp.errno == Errno.OK and resp.data == plain}
+
+
+@dataclass
+class Outcome:
+    plan: Plan
+    violations: list
+    digest: str  # sha256 of the record and the histories: a seed replays to the same digest
+    virtual_s: float
+
+
+def scratch_dir() -> Path | None:
+    """Where runs keep the HV's data directory: a memory file system when there is one (the HV
+    fsyncs every metadata write; on a disk that is most of a run's time), else the temp dir."""
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def run_one(plan: Plan, mutants: tuple[str, ...] = (), scratch: Path | None = None) -> Outcome:
+    """One run on its own virtual-time loop, entropy seeded from the plan's seed."""
+    root = Path(tempfile.mkdtemp(prefix=f"pefsim-sim-{plan.seed}-", dir=scratch or scratch_dir()))
+    try:
+        with entropy.use(plan.seed), faults.mutants(mutants):
+            loop_time: list[float] = []
+
+            async def main():
+                try:
+                    return await _scenario(plan, root, mutants)
+                finally:
+                    loop_time.append(asyncio.get_running_loop().time())
+            record, history = vloop.run(main())
+        found = checker.check(record, history)
+        text = json.dumps({"record": record, "history": history}, sort_keys=True, default=str)
+        return Outcome(plan, found, hashlib.sha256(text.encode()).hexdigest(), loop_time[0])
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
