@@ -431,10 +431,13 @@ class Machine:
     """One UV core and one HV core (restartable) in this event loop, wired by the local ports.
 
     ``hv_config``: the HV's configuration (its ``data_dir`` is where a restarted HV recovers from).
-    Background tasks (the UV monitor, the watchdog) are not started: a test drives time."""
+    The HV's background tasks (the UV monitor, the watchdog) run only with ``background`` (they
+    tick forever: on virtual time, the simulator's; a test of its own drives time without them)."""
 
-    def __init__(self, hv_config: HvConfig, uv_config: UvConfig | None = None, trusted=None):
+    def __init__(self, hv_config: HvConfig, uv_config: UvConfig | None = None, trusted=None,
+                 background: bool = False):
         self.hv_config = hv_config
+        self.background = background  # run the HV's UV monitor and session watchdog (the simulator)
         self.uv_config = uv_config or UvConfig(pool_pages=256, lazy_pool=True)
         self.hv_to_uv, self.uv_to_hv = Link(), Link()
         self.vcpus = LocalVcpus()
@@ -475,6 +478,8 @@ class Machine:
         hv.attach(LocalUv(self, hv.uv_answered), self.vcpus)
         self.hv = hv
         self.hv_service.run(hv.recover)
+        if self.background:
+            self.hv_service.run(hv.start_background)
         self.hv_up.set()
         return hv
 

@@ -4,7 +4,8 @@
 Sampled: run i has seed ``seed + i``; its plan and everything random in it come from that seed,
 so each failing run prints the one command that replays it. Exhaustive: every crash point of the
 HV on the ESM and abort paths (each failpoint at each page, each frame of the bulk streams), each
-answer the HV<->UV link can lose and each call it can be cut at, once each.
+answer the HV<->UV link can lose, each call it can be cut at, and a UV reset at each of those
+calls, once each.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from pefsim.sim.scenario import ABORT_POINTS, DURINGS, FAULTS, LOSABLE, PAGES, Plan, plan_of, run_one
+from pefsim.sim.scenario import ABORT_POINTS, CUT_CALLS, DURINGS, FAULTS, LOSABLE, PAGES, Plan, plan_of, run_one
 
 
 @dataclass
@@ -48,10 +49,9 @@ def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
         for link, calls in LOSABLE.items():
             for call in calls:
                 add(fault="lose", during=during, link=link, lose=(call, 1))
-        cuts = ("H_SVM_INIT_ABORT", "UvPageOutStream", "UV_SVM_TERMINATE") if during == "abort" \
-            else ("H_SVM_INIT_START", "UV_REGISTER_MEM_SLOT", "HSvmPageInBulk", "H_SVM_INIT_DONE")
-        for call in cuts:
+        for call in CUT_CALLS[during]:
             add(fault="partition", during=during, cut_at=(call, 1), for_s=5.0)
+            add(fault="reset-uv", during=during, cut_at=(call, 1))
     return plans
 
 

@@ -36,10 +36,12 @@ from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 PAGES = 16  # a guest of 16 pages of 64 KiB (1 MiB)
 MEM = PAGES * PAGE_SIZE
 FINAL_BOUND_S = 90.0  # virtual seconds for every guest to be final after the last fault heals (as chaos)
-FAULTS = ("none", "kill-hv", "lose", "partition")
+FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv")
 DURINGS = ("abort", "esm")
 OPERATOR = Caller(Role.ROLE_OPERATOR, "operator")
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
+CUT_CALLS = {"abort": ("H_SVM_INIT_ABORT", "UvPageOutStream", "UV_SVM_TERMINATE"),
+             "esm": ("H_SVM_INIT_START", "UV_REGISTER_MEM_SLOT", "HSvmPageInBulk", "H_SVM_INIT_DONE")}
 LOSABLE = {"uv->hv": ("H_SVM_INIT_ABORT", "H_SVM_INIT_DONE", "HSvmPageInBulk", "H_SVM_INIT_START"),
            "hv->uv": ("UvPageOutStream", "UvPageInStream", "UV_SVM_TERMINATE", "UV_REGISTER_MEM_SLOT")}
 
@@ -55,7 +57,8 @@ class Plan:
     arrival: tuple[str, int] = ("", 0)  # kill-hv: crash the HV as the n-th answer of this call arrives
     link: str = ""  # lose: "uv->hv" or "hv->uv"
     lose: tuple[str, int] = ("", 0)  # lose: the n-th answer of this call
-    cut_at: tuple[str, int] = ("", 0)  # partition: the link is cut as the n-th such call goes
+    cut_at: tuple[str, int] = ("", 0)  # partition: the link is cut as the n-th such call goes;
+    # reset-uv: the UV is reset (a machine reset) as it goes
     for_s: float = 0.0  # partition: how long (virtual s); kill-hv: the HV's downtime
 
 def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ...] = DURINGS) -> Plan:
@@ -82,12 +85,9 @@ def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ..
     elif plan.fault == "lose":
         plan.link = rng.choice(tuple(LOSABLE))
         plan.lose = (rng.choice(LOSABLE[plan.link]), 1)
-    elif plan.fault == "partition":
-        calls = (("H_SVM_INIT_ABORT", 1), ("UvPageOutStream", 1), ("UV_SVM_TERMINATE", 1)) \
-            if plan.during == "abort" else (("H_SVM_INIT_START", 1), ("UV_REGISTER_MEM_SLOT", 1),
-                                            ("HSvmPageInBulk", 1), ("H_SVM_INIT_DONE", 1))
-        call, most = rng.choice(calls)
-        plan.cut_at = (call, rng.randint(1, most))
+    elif plan.fault in ("partition", "reset-uv"):
+        calls = CUT_CALLS[plan.during]
+        plan.cut_at = (calls[rng.randrange(len(calls))], 1)
         plan.for_s = round(rng.uniform(0.1, 10.0), 3)
     return plan
 
@@ -106,7 +106,7 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
     key = Ed25519PrivateKey.from_private_bytes(entropy.token_bytes(32))
     m = Machine(HvConfig(data_dir=root / "hv", shared_memory=False, history=str(root / "hv.history.jsonl")),
                 UvConfig(pool_pages=4 * PAGES, lazy_pool=True, history=str(root / "uv.history.jsonl")),
-                trusted=key.public_key())
+                trusted=key.public_key(), background=True)
     m.start_hv()
     record = {"run": plan.seed, "plan": asdict(plan), "final_bound_s": FINAL_BOUND_S, "guests": {},
               "host_touches": [], "pool_before": 0}
@@ -165,7 +165,7 @@ class _nemesis:
 
             def maybe_cut(name: str, n: int) -> None:
                 if name == call and n == nth and not self.cut.done():
-                    m.hv_to_uv.cut = m.uv_to_hv.cut = True
+                    m.hv_to_uv.cut = m.uv_to_hv.cut = True  # a reset: down until the new UV is up
                     self.cut.set_result(asyncio.get_running_loop().time())
             m.hv_to_uv.on_call = m.uv_to_hv.on_call = maybe_cut
         if plan.failpoint:
@@ -203,6 +203,14 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
         if nemesis.cut.done():
             rec.update(injected=True, t_inject=now(), detail=f"HV<->UV cut at {plan.cut_at[0]} for {plan.for_s} s")
             await asyncio.sleep(plan.for_s)
+        m.hv_to_uv.cut = m.uv_to_hv.cut = False
+        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+        rec["t_heal"] = now()
+    elif plan.fault == "reset-uv":
+        await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+        if nemesis.cut.done():
+            rec.update(injected=True, t_inject=now(), detail=f"UV reset at {plan.cut_at[0]}")
+            await m.reset_uv()
         m.hv_to_uv.cut = m.uv_to_hv.cut = False
         m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
         rec["t_heal"] = now()

@@ -32,7 +32,8 @@ def test_a_sampled_campaign_holds_every_invariant():
 def test_every_single_fault_of_the_small_configuration():
     plans = every_plan()
     kinds = {(p.fault, p.during) for p in plans}
-    assert {("kill-hv", "abort"), ("kill-hv", "esm"), ("lose", "abort"), ("partition", "esm")} <= kinds
+    assert {("kill-hv", "abort"), ("kill-hv", "esm"), ("lose", "abort"), ("partition", "esm"),
+            ("reset-uv", "esm")} <= kinds
     summary = run_campaign(SimConfig(exhaustive=True))
     assert summary["runs"] == len(plans) >= 60
     assert summary["violations"] == [], json.dumps(summary["violations"][:3], indent=1)
@@ -71,6 +72,17 @@ def test_keeping_pages_until_terminate_is_what_survives_a_lost_page():
     assert run_one(plan).violations == []
     broken = run_one(plan, mutants=("uv-frees-on-page-out",)).violations
     assert [v.invariant for v in broken] == ["memory-intact"], broken
+
+
+def test_regression_a_uv_reset_before_init_start_reaches_the_hv():
+    """Found by the simulator (seed 92 of --fault reset-uv): the UV reset while the victim's
+    H_SVM_INIT_START was on its way. The HV had never seen the VM enter secure mode, so its UV
+    reset handling left it alone, and the vCPU waited in `sc 2` for a resume that could never
+    come, past every bound. The guest now asks which UV answers after a UV_ESM lost in transport
+    and stops on a machine check when it is another boot."""
+    outcome = run_one(plan_of(92, ("reset-uv",)))
+    assert outcome.plan.cut_at == ("H_SVM_INIT_START", 1)
+    assert outcome.violations == []
 
 
 def test_a_failing_seed_prints_the_command_that_replays_it():

@@ -81,6 +81,7 @@ class GuestProgram:
         self.booting: asyncio.Task | None = None
         self.session: asyncio.Task | None = None
         self.taken_token = 0
+        self.uv_boot = ""  # the UV's boot id when this vCPU made its `sc 2`
 
     # -- timeline -------------------------------------------------------------------------------
 
@@ -219,6 +220,7 @@ class GuestProgram:
     async def enter_secure_mode(self) -> Resume:
         """`sc 2` UV_ESM(kbase, fdt), then wait for the one resume."""
         loop = asyncio.get_running_loop()
+        self.uv_boot = await self._uv_boot_id()
         self._resume = loop.create_future()
         self.vcpu_state = VcpuState.VCPU_IN_UCALL
         self.event("sc 2: UV_ESM")
@@ -241,6 +243,7 @@ class GuestProgram:
                 vcpu=self.vcpu_context(), kbase=self.image.kbase, fdt=self.image.fdt), wait=True)
         except Unreachable as exc:
             self.event(f"UV_ESM: UV unreachable ({exc.code}: {exc.detail}); waiting for a resume")
+            await self._watch_for_a_uv_reset()
             return
         if resp.resumed:
             self.resume(Resume(r3=resp.rc, msr_s=resp.msr_s, nip=resp.nip, by=Role.ROLE_UV,
@@ -248,6 +251,27 @@ class GuestProgram:
         else:
             self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, U)}): "
                        "control went to the HV")
+
+    async def _uv_boot_id(self) -> str:
+        """The boot id of the UV answering now ("" if none answers)."""
+        try:
+            return (await self.uv.call("UvStatus", upb.UvStatusRequest(), timeout=5)).boot_id
+        except Unreachable:
+            return ""
+
+    async def _watch_for_a_uv_reset(self) -> None:
+        """After a UV_ESM lost in transport the vCPU waits for its resume: the UV may be running
+        the ESM context, and it or the HV resumes the vCPU. But if the UV that answers now is
+        another boot, the context died with the machine (a UV reset) and no resume will come: the
+        HV fails only the VMs it saw enter secure mode, and a `sc 2` whose H_SVM_INIT_START never
+        reached it is not one of them. The vCPU then stops as after a machine check."""
+        backoff = Backoff(cap=1.0)
+        while self.uv_boot and self._resume is not None and not self._resume.done():
+            now = await self._uv_boot_id()
+            if now and now != self.uv_boot:
+                self.machine_check("uv-reset")
+                return
+            await backoff.wait()
 
     # -- memory ---------------------------------------------------------------------------------
 
