@@ -3,7 +3,8 @@
 
 Sampled: run i has seed ``seed + i``; its plan and everything random in it come from that seed,
 so each failing run prints the one command that replays it. Exhaustive: every crash point of the
-HV on the ESM and abort paths (each failpoint at each page, each frame of the bulk streams), each
+HV on the ESM and abort paths (each failpoint at each page, each frame of the bulk streams; for
+the abort, a second crash at each of its steps while the restarted HV recovers), each
 answer the HV<->UV link can lose, each call it can be cut at, and a UV reset at each of those
 calls, once each.
 """
@@ -42,6 +43,11 @@ def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
             if during == "abort" else [("hv.esm.page_in", n) for n in range(1, PAGES + 1)] + [("hv.esm.init_done", 1)]
         for point, n in points:
             add(fault="kill-hv", during=during, failpoint=f"{point}:{n}@victim", for_s=1.0)
+        if during == "abort":  # crash once, then again while the restarted HV finishes the abort
+            for first in ("hv.abort.page_out:1", f"hv.abort.page_out:{PAGES}", "hv.abort.before_terminate"):
+                for again in ABORT_POINTS:
+                    add(fault="kill-hv", during=during, failpoint=f"{first}@victim", again=f"{again}:1@victim",
+                        for_s=1.0)
         arrivals = (("UvPageOutStream", 1), ("UvPageOutStream", 2), ("UV_SVM_TERMINATE", 1)) if during == "abort" \
             else (("UvPageInStream", 1), ("UvPageInStream", 2), ("UV_REGISTER_MEM_SLOT", 1))
         for arrival in arrivals:

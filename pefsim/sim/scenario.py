@@ -60,6 +60,7 @@ class Plan:
     cut_at: tuple[str, int] = ("", 0)  # partition: the link is cut as the n-th such call goes;
     # reset-uv: the UV is reset (a machine reset) as it goes
     for_s: float = 0.0  # partition: how long (virtual s); kill-hv: the HV's downtime
+    again: str = ""  # kill-hv: a failpoint armed =crash in the restarted HV (a crash during recovery)
 
 def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ...] = DURINGS) -> Plan:
     """The plan of run ``seed``: the same seed and the same choice of faults and moments give the
@@ -196,7 +197,21 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
         if m.crashed.is_set():
             rec.update(injected=True, t_inject=now(), detail=f"HV crashed at {m.crashes[-1]}")
             await asyncio.sleep(plan.for_s)
-            await m.restart_hv()
+            if plan.again:  # and once more while the restarted HV recovers
+                faults.arm(f"{plan.again}=crash", on_crash=m.crash_hv)
+                try:
+                    await m.restart_hv()
+                    again = asyncio.ensure_future(m.crashed.wait())
+                    await asyncio.wait({again, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+                    again.cancel()
+                finally:
+                    faults.disarm(plan.again.partition(":")[0])
+                if m.crashed.is_set():
+                    rec["detail"] += f", then at {m.crashes[-1]} while recovering"
+                    await asyncio.sleep(plan.for_s)
+                    await m.restart_hv()
+            else:
+                await m.restart_hv()
         rec["t_heal"] = now()
     elif plan.fault == "partition":
         await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
