@@ -53,6 +53,9 @@ MUTANTS = {
                         "(invariant 4)",
     "hv-abort-hangs": "the HV never finishes H_SVM_INIT_ABORT (invariant 5)",
     "uv-terminate-bad-rc": "UV_SVM_TERMINATE answers U_P2, not a result it can give (invariant 6)",
+    "hv-init-done-unguarded": "H_SVM_INIT_DONE acts on the state checked before it took the VM's lock (the "
+                              "check-then-act race issue 13 fixed): it can sweep a VM destroyed or made normal "
+                              "meanwhile (invariant 3)",
     "uv-frees-at-abort": "the alternative argued on the list: the UV gives up an aborting SVM's pages when "
                          "it calls H_SVM_INIT_ABORT, not at UV_SVM_TERMINATE (invariant 1)",
     "uv-frees-on-page-out": "the UV frees each page of an aborting SVM once it handed it to the HV: an HV "

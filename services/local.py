@@ -135,8 +135,11 @@ class Service:
     """The tasks one service core runs calls and background work in (a process's worth): what a
     crash cancels."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, latency: Callable[[], float] | None = None):
         self.name = name
+        # each message to and from this service waits this long first (None: no wait): a seeded
+        # draw makes the simulator try other interleavings of the services, as a network would
+        self.latency = latency
         # in creation order (a dict, not a set: a set's order is the tasks' addresses, and a
         # crash cancelling them in that order would make a simulated run unrepeatable)
         self.tasks: dict[asyncio.Task, None] = {}
@@ -162,10 +165,18 @@ class Service:
         """Run one call as this service's task; its result for the caller, who waits at most
         ``timeout`` (then TimeoutError) and whose own cancellation leaves the call running. A
         crash of this service while the call runs is ServiceCrashed."""
-        task = self.spawn(coro)
+        try:
+            if self.latency is not None:
+                await asyncio.sleep(self.latency())  # the request on its way
+            task = self.spawn(coro)
+        except BaseException:
+            coro.close()  # never sent (the caller gave up, or the service is down)
+            raise
         done, _ = await asyncio.wait({task}, timeout=timeout)
         if not done:
             raise TimeoutError
+        if self.latency is not None:
+            await asyncio.sleep(self.latency())  # the answer on its way back
         return self.outcome(task)
 
     def outcome(self, task: asyncio.Task):
@@ -393,6 +404,7 @@ class LocalVcpus:
     def __init__(self):
         self.vcpus: dict[int, LocalVcpu] = {}
         self.guests: dict[str, CallTable] = {}  # vCPU endpoint -> the guest's call table
+        self.gone: set[str] = set()  # endpoints of guests killed: nothing answers there
         self.reachable = True
 
     def of(self, lpid: int) -> LocalVcpu:
@@ -404,7 +416,7 @@ class LocalVcpus:
                                          Caller(Role.ROLE_HV, "hv")))
 
     async def resume(self, vm, request, *, timeout: float):
-        if not self.reachable:
+        if not self.reachable or vm.vcpu_endpoint in self.gone:
             raise VcpuUnreachable("vCPU", "UNAVAILABLE")
         guest = self.guests.get(vm.vcpu_endpoint)
         if guest is not None:
@@ -412,7 +424,7 @@ class LocalVcpus:
         return self.of(vm.lpid).resume(_copy(request))
 
     async def machine_check(self, vm, request, *, timeout: float) -> None:
-        if not self.reachable:
+        if not self.reachable or vm.vcpu_endpoint in self.gone:
             raise VcpuUnreachable("vCPU", "UNAVAILABLE")
         guest = self.guests.get(vm.vcpu_endpoint)
         if guest is not None:
@@ -442,6 +454,7 @@ class Machine:
         self.hv_to_uv, self.uv_to_hv = Link(), Link()
         self.vcpus = LocalVcpus()
         self.trusted = trusted
+        self.latency: Callable[[], float] | None = None  # Service.latency for every service (set before start)
         self.uv_service = Service("uv")
         self.uv = self._new_uv()
         self.hv_service: Service = Service("hv")
@@ -467,13 +480,13 @@ class Machine:
         self.uv_service.kill()
         await asyncio.gather(*self.uv_service.tasks, return_exceptions=True)
         await self.uv.close()
-        self.uv_service = Service("uv")
+        self.uv_service = Service("uv", self.latency)
         self.uv = self._new_uv()
         return self.uv
 
     def start_hv(self) -> Hypervisor:
         """An HV core on hv_config.data_dir, recovered from it (journalled aborts restart as its tasks)."""
-        self.hv_service = Service("hv")
+        self.hv_service = Service("hv", self.latency)
         hv = Hypervisor(self.hv_config)
         hv.attach(LocalUv(self, hv.uv_answered), self.vcpus)
         self.hv = hv
@@ -495,6 +508,16 @@ class Machine:
             state_of=guest_calltable.state_of, observer=GuestMetrics(), history=History(None, f"guest:{name}"))
         self.guests[name] = program
         return program
+
+    def kill_guest(self, name: str, *tasks: asyncio.Future) -> None:
+        """kill -9 of a guest process: its program's tasks (``tasks``: what the caller runs of it,
+        its boot) and its VM session end, and its vCPU stops answering."""
+        program = self.guests.pop(name)
+        self.vcpus.guests.pop(program.endpoint, None)
+        self.vcpus.gone.add(program.endpoint)
+        for task in (*tasks, program.session):
+            if task is not None:
+                task.cancel()
 
     async def hv_call(self, name: str, request, caller: Caller, timeout: float = 30.0):
         """A call to the HV as ``caller`` (a guest's VMM, an operator), through its call table."""

@@ -25,7 +25,7 @@ INVARIANTS = {
     "final-state-bound": "every SVM reaches a final state (secure, normal, terminated) within the bound "
                          "after the last fault heals",
     "legal-return-codes": "every result a service gave is legal for the call and the state it was in "
-                          "(the conformance table)",
+                          "(the conformance table); no handler raised (INTERNAL)",
 }
 
 FINAL = ("secure", "aborted", "normal", "failed", "killed")
@@ -130,6 +130,9 @@ def legal_return_codes(rec, history):
 
     tables = {"uv": uv_table, "hv": hv_table}
     for svc, table in tables.items():
+        for e in history.get(svc, []):  # a handler that raised answered INTERNAL: no legal result
+            if "error" in e and e.get("dir") != "out":
+                yield f"{svc} {e.get('call')} raised {e['error']} (INTERNAL)"
         calls = {c.name: c for c in table.CALLS}
         states = {name: {s.name: s for s in row} for name, row in table.STATE_TABLE.items()}
         for e in history.get(svc, []):

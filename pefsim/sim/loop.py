@@ -84,5 +84,10 @@ def run(main, debug: bool = False):
         with clock.use(LoopClock()):
             return loop.run_until_complete(main)
     finally:
+        left = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in left:  # as asyncio.run does: whatever still runs is cancelled and let end
+            task.cancel()
+        if left:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
         loop.run_until_complete(loop.shutdown_asyncgens())
         loop.close()

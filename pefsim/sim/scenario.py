@@ -36,7 +36,7 @@ from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 PAGES = 16  # a guest of 16 pages of 64 KiB (1 MiB)
 MEM = PAGES * PAGE_SIZE
 FINAL_BOUND_S = 90.0  # virtual seconds for every guest to be final after the last fault heals (as chaos)
-FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv")
+FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv", "kill-guest")
 DURINGS = ("abort", "esm")
 OPERATOR = Caller(Role.ROLE_OPERATOR, "operator")
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
@@ -58,7 +58,7 @@ class Plan:
     link: str = ""  # lose: "uv->hv" or "hv->uv"
     lose: tuple[str, int] = ("", 0)  # lose: the n-th answer of this call
     cut_at: tuple[str, int] = ("", 0)  # partition: the link is cut as the n-th such call goes;
-    # reset-uv: the UV is reset (a machine reset) as it goes
+    # reset-uv: the UV is reset (a machine reset) as it goes; kill-guest: the victim is killed
     for_s: float = 0.0  # partition: how long (virtual s); kill-hv: the HV's downtime
     again: str = ""  # kill-hv: a failpoint armed =crash in the restarted HV (a crash during recovery)
 
@@ -86,7 +86,7 @@ def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ..
     elif plan.fault == "lose":
         plan.link = rng.choice(tuple(LOSABLE))
         plan.lose = (rng.choice(LOSABLE[plan.link]), 1)
-    elif plan.fault in ("partition", "reset-uv"):
+    elif plan.fault in ("partition", "reset-uv", "kill-guest"):
         calls = CUT_CALLS[plan.during]
         plan.cut_at = (calls[rng.randrange(len(calls))], 1)
         plan.for_s = round(rng.uniform(0.1, 10.0), 3)
@@ -108,6 +108,8 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
     m = Machine(HvConfig(data_dir=root / "hv", shared_memory=False, history=str(root / "hv.history.jsonl")),
                 UvConfig(pool_pages=4 * PAGES, lazy_pool=True, history=str(root / "uv.history.jsonl")),
                 trusted=key.public_key(), background=True)
+    jitter = random.Random(plan.seed ^ 0x5EED)
+    m.latency = m.uv_service.latency = lambda: jitter.uniform(0.0, 0.002)  # 0-2 ms a message, seeded
     m.start_hv()
     record = {"run": plan.seed, "plan": asdict(plan), "final_bound_s": FINAL_BOUND_S, "guests": {},
               "host_touches": [], "pool_before": 0}
@@ -124,11 +126,20 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
             victim = asyncio.ensure_future(guests["victim"].boot())
             fault = await _fault(m, plan, victim, nemesis)
         record["fault"] = fault
+        killed = fault["injected"] and plan.fault == "kill-guest"
         try:
-            await asyncio.wait_for(asyncio.shield(victim), FINAL_BOUND_S)
+            if killed:  # final once the HV destroyed its VM and the UV forgot its SVM
+                await _until(lambda: m.hv is not None and g_lpid(guests["victim"]) not in m.hv.state.vms
+                             and g_lpid(guests["victim"]) not in m.uv.state.svms, FINAL_BOUND_S)
+            else:
+                await asyncio.wait_for(asyncio.shield(victim), FINAL_BOUND_S)
         except TimeoutError:
             pass
         for role, g in guests.items():
+            if role == "victim" and killed:
+                gone = m.hv is not None and g.lpid not in m.hv.state.vms
+                record["guests"][role]["outcome"] = "killed" if gone else "not-destroyed"
+                continue
             rep = g.report
             if rep.outcome == "secure":
                 await g.verify()
@@ -149,6 +160,17 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
     return record, history
 
 
+def g_lpid(program) -> int:
+    return program.lpid
+
+
+async def _until(cond, timeout: float, every: float = 0.05) -> None:
+    """Wait (virtual time) until ``cond()``; TimeoutError after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(every)
+
+
 class _nemesis:
     """Arms the plan's fault for the victim's boot (and disarms whatever is left after)."""
 
@@ -166,7 +188,8 @@ class _nemesis:
 
             def maybe_cut(name: str, n: int) -> None:
                 if name == call and n == nth and not self.cut.done():
-                    m.hv_to_uv.cut = m.uv_to_hv.cut = True  # a reset: down until the new UV is up
+                    if plan.fault != "kill-guest":  # a partition; a reset: down until the new UV is up
+                        m.hv_to_uv.cut = m.uv_to_hv.cut = True
                     self.cut.set_result(asyncio.get_running_loop().time())
             m.hv_to_uv.on_call = m.uv_to_hv.on_call = maybe_cut
         if plan.failpoint:
@@ -220,6 +243,14 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
             await asyncio.sleep(plan.for_s)
         m.hv_to_uv.cut = m.uv_to_hv.cut = False
         m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+        rec["t_heal"] = now()
+    elif plan.fault == "kill-guest":
+        await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+        m.hv_to_uv.cut = m.uv_to_hv.cut = False  # the trigger only marks the moment here
+        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+        if nemesis.cut.done() and not victim.done():
+            rec.update(injected=True, t_inject=now(), detail=f"kill -9 the victim guest at {plan.cut_at[0]}")
+            m.kill_guest("victim", victim)
         rec["t_heal"] = now()
     elif plan.fault == "reset-uv":
         await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)

@@ -53,8 +53,13 @@ BITES = {
 }
 
 
+# mutants whose bug needs an interleaving the process harness does not reach: the simulator
+# (tests/sim/test_sim.py) catches them
+SIM_ONLY = {"hv-init-done-unguarded"}
+
+
 def test_every_mutant_and_invariant_is_paired():
-    assert set(BITES) == set(MUTANTS)
+    assert set(BITES) | SIM_ONLY == set(MUTANTS) and not set(BITES) & SIM_ONLY
     assert {inv for inv, _ in BITES.values()} == set(INVARIANTS)
 
 

@@ -58,7 +58,10 @@ CAUGHT_BY = {
     "uv-terminate-bad-rc": "legal-return-codes",
     "uv-frees-at-abort": "memory-intact",
     "uv-frees-on-page-out": "memory-intact",
+    "hv-init-done-unguarded": "legal-return-codes",
 }
+# the fault a mutant needs (default: any)
+NEEDS = {"hv-init-done-unguarded": ("kill-guest",)}
 
 
 def test_every_mutant_has_its_invariant():
@@ -67,7 +70,9 @@ def test_every_mutant_has_its_invariant():
 
 @pytest.mark.parametrize("mutant", sorted(CAUGHT_BY))
 def test_the_simulator_catches_each_mutant(mutant):
-    summary = run_campaign(SimConfig(runs=WITHIN, seed=1, mutants=(mutant,), stop_at_first=True))
+    faults_ = NEEDS.get(mutant)
+    summary = run_campaign(SimConfig(runs=WITHIN, seed=1, mutants=(mutant,), stop_at_first=True,
+                                     **({"faults": faults_} if faults_ else {})))
     assert summary["violations"], f"{mutant}: no violation in {WITHIN} seeds"
     assert CAUGHT_BY[mutant] in {v["invariant"] for v in summary["violations"]}
 
@@ -90,6 +95,16 @@ def test_regression_a_uv_reset_before_init_start_reaches_the_hv():
     and stops on a machine check when it is another boot."""
     outcome = run_one(plan_of(92, ("reset-uv",)))
     assert outcome.plan.cut_at == ("H_SVM_INIT_START", 1)
+    assert outcome.violations == []
+
+
+def test_regression_a_guest_killed_while_its_abort_terminates():
+    """Found by the simulator (seed 18 of --fault kill-guest): the guest killed as the HV's abort
+    called UV_SVM_TERMINATE; its VMM's session ended, the VM was destroyed, and the abort's next
+    journal write found no directory: H_SVM_INIT_ABORT answered INTERNAL. A destroyed VM's
+    metadata is no longer written."""
+    outcome = run_one(plan_of(18, ("kill-guest",)))
+    assert (outcome.plan.during, outcome.plan.cut_at) == ("abort", ("UV_SVM_TERMINATE", 1))
     assert outcome.violations == []
 
 

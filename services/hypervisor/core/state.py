@@ -641,7 +641,14 @@ class HvState:
         shutil.rmtree(vm.directory, ignore_errors=True)
 
     def save(self, vm: Vm) -> None:
-        """Write the VM's metadata next to its RAM, durably (write_durably: fsync'd, atomic)."""
+        """Write the VM's metadata next to its RAM, durably (write_durably: fsync'd, atomic). A
+        VM destroyed meanwhile has no metadata any more (its directory is gone): nothing is
+        written. Work that outlives a VM's lock (an abort's terminate and resume phases, a
+        machine check) may still record a step for it after a destroy ran (found by pefsim sim:
+        a guest killed while its abort called UV_SVM_TERMINATE made the abort's next journal
+        write fail, and H_SVM_INIT_ABORT answer INTERNAL)."""
+        if vm.destroyed:
+            return
         meta = {"lpid": vm.lpid, "name": vm.name, "vcpu_endpoint": vm.vcpu_endpoint,
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
                 "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed, "owner": vm.owner,

@@ -47,7 +47,9 @@ async def h_svm_init_done(hv, req: pb.HSvmInitDoneRequest, caller) -> pb.HSvmIni
     """Sweep every GFN still normal into the secure state without copying it (5.9+: the UV only
     paged in what it needed), then INIT_DONE. Calling it again just succeeds again."""
     vm = hv.state.vms[req.lpid]
-    async with hv.table.guard("H_SVM_INIT_DONE", req, vm.lock):
+    # the mutant brings back the check-then-act race: the state checked before the lock only
+    guarded = vm.lock if faults.mutant("hv-init-done-unguarded") else hv.table.guard("H_SVM_INIT_DONE", req, vm.lock)
+    async with guarded:
         if vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_DONE:
             return pb.HSvmInitDoneResponse(rc=H.H_SUCCESS)
         for slot, idx in vm.pages():
