@@ -39,11 +39,13 @@ CALLS = [
     # a UV_ESM the checks refuse returns to the caller in R3 at once (resumed): no HV owes it a resume
     Call("UV_ESM", svm.uv_esm, SVM, U.U_PERMISSION, opcode=Ucall.UV_ESM, family=U,
          refusal=lambda r: {"resumed": True, "msr_s": False, "nip": r.vcpu.nip}, checks=(
+        # the firmware's dispatcher refuses MSR[HV|PR] before uv_esm looks at its arguments
+        # (uvcall.c:1151-1155 before 884-887): kbase 0 from user mode is U_PERMISSION
+        Check("msr", lambda r: not r.vcpu.msr_hv and not r.vcpu.msr_pr, U.U_PERMISSION,
+              "caller MSR has HV or PR set"),
         Check("kbase", lambda r: r.kbase != 0, U.U_P2, "kbase is 0"),
         Check("fdt", lambda r: r.fdt != 0, U.U_P3, "fdt is 0"),
         Check("lpid", lambda r: r.vcpu.lpid != 0, U.U_PERMISSION, "caller LPID is 0 (the HV)"),
-        Check("msr", lambda r: not r.vcpu.msr_hv and not r.vcpu.msr_pr, U.U_PERMISSION,
-              "caller MSR has HV or PR set"),
         STATE,
         Check("msr_s", lambda r: not r.vcpu.msr_s, U.U_PERMISSION,
               "caller claims MSR[S] but has no SVM"),
@@ -119,7 +121,7 @@ RESULTS = {
     "UV_PAGE_OUT": (U.U_SUCCESS, U.U_P3, U.U_PARAMETER, U.U_RETRY),
     "UV_PAGE_INVAL": (U.U_SUCCESS, U.U_P2, U.U_P3),
     "UV_SVM_TERMINATE": (U.U_SUCCESS,),
-    "UV_SHARE_PAGE": (U.U_SUCCESS, U.U_P2, U.U_RETRY),
+    "UV_SHARE_PAGE": (U.U_SUCCESS, U.U_P2),
     "UV_UNSHARE_PAGE": (U.U_SUCCESS, U.U_P2),
     "UV_UNSHARE_ALL_PAGES": (U.U_SUCCESS, U.U_P2),
     "SvmLoad": (U.U_SUCCESS, U.U_PARAMETER, U.U_RETRY, U.U_BUSY, U.U_P2),

@@ -268,3 +268,28 @@ def test_an_hv_that_claims_page_ins_it_never_made_gets_an_abort(uv_side, lies):
                 await side.stub("hv").UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=c.lpid))
                 await side.close()
     asyncio.run(scenario())
+
+
+def test_a_share_whose_paged_out_page_never_comes_back_is_u_p2(uv_side):
+    """UV_SHARE_PAGE of a paged-out page the HV never pages back in (H_SVM_PAGE_IN answered
+    H_SUCCESS without its UV_PAGE_IN, every try): the firmware gives up with U_P2
+    (svm_host.c:1044-1046), and the page stays paged out, its ciphertext still the HV's."""
+    async def scenario():
+        async with uv_side.world() as w:
+            side = Side(w)
+            try:
+                c = await side.setup(Row("UV", "UV_SHARE_PAGE", "SVM_SECURE", "", "", "", lambda c: None))
+
+                async def page_in_nothing(req):
+                    return hpb.HSvmPageInResponse(rc=H.H_SUCCESS)
+                w.hv.answer("H_SVM_PAGE_IN", c.lpid, page_in_nothing)
+                resp = await side.stub("guest").UV_SHARE_PAGE(upb.UvSharePageRequest(
+                    vcpu=common_pb2.VcpuContext(lpid=c.lpid, msr_s=True), gfn=c.pagedout_gfn, npages=1))
+                assert resp.rc == U.U_P2
+                tries = [r for call, r in w.hv.seen if call == "H_SVM_PAGE_IN" and r.lpid == c.lpid]
+                assert len(tries) >= 2  # asked again before giving up
+                info = await side.svm_info(c.lpid)
+                assert info.shared_pages == 1  # only the setup's shared page
+            finally:
+                await side.close()
+    asyncio.run(scenario())

@@ -3,8 +3,8 @@
 Share: every page of the range goes HV_SHARING -> H_SVM_PAGE_IN(gpa, H_PAGE_IN_SHARED) -> (the HV
 calls UV_PAGE_IN) -> SHARED, and the HV hands a zeroed page. A paged-out page is first paged back
 in (at most SHARE_PAGE_IN_TRIES times). Each page keeps its secure frame, untouched, until every
-page of the call is shared; only then are the frames scrubbed. A share that fails (U_P2, or
-U_RETRY) leaves every page as it was, content and state (``_put_back``): the HV is asked to
+page of the call is shared; only then are the frames scrubbed. A share that fails (U_P2, also
+when a paged-out page would not come back in: the firmware's code) leaves every page as it was, content and state (``_put_back``): the HV is asked to
 unshare what it already mapped, and the UV puts the page back on its frame even if the HV cannot
 (the HV keeps a stale mapping of a zeroed page, nothing of the SVM's). A page paged back in for
 the call stays in (its content is the same).
@@ -85,9 +85,9 @@ async def uv_share_page(uv, req: pb.UvSharePageRequest, caller) -> pb.UvSharePag
             if gpf.state != GpfState.GPF_PAGEDOUT:
                 break
             await _h_page_in(uv, svm.lpid, gfn, PageInFlag.H_PAGE_IN_NONSHARED)
-        if gpf.state == GpfState.GPF_PAGEDOUT:
+        if gpf.state == GpfState.GPF_PAGEDOUT:  # the firmware gives up with U_P2 (svm_host.c:1044-1046)
             await _put_back(uv, svm, changed)
-            return pb.UvSharePageResponse(rc=U.U_RETRY)
+            return pb.UvSharePageResponse(rc=U.U_P2)
         changed.append((gfn, gpf.state))
         uv.state.mark_sharing(gpf)
         rc = await _h_page_in(uv, svm.lpid, gfn, PageInFlag.H_PAGE_IN_SHARED)
