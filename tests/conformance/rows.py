@@ -645,8 +645,10 @@ CHOICES = [
      "and an allocation that finds no free frame scrubs one itself, so a free frame always holds "
      "zeros and UV_SVM_TERMINATE does not wait for a memset of the SVM's memory. The open-source "
      "UV does not scrub. The HV "
-     "zeroes its page when a GFN goes secure (the kernel frees it) and when it becomes shared (the "
-     "UV's zeroing on share).", "pefsim"),
+     "zeroes its page when a GFN goes secure (the kernel frees it) and when it becomes shared. "
+     "UV_SHARE_PAGE then zeroes each page it shared itself, as ultravisor.rst says and the firmware "
+     "does (commit_all_gfns_as_shared's memset), so an HV that maps a stale page (the kernel's "
+     "kvmppc_share_page does not zero) shows the SVM zeros, not host data.", "pefsim"),
     ("Encrypted page-out",
      "After ESM a page leaves the UV only as AES-256-GCM ciphertext under a per-SVM key; the nonce is "
      "a random 4-byte prefix and a 64-bit counter, the tag stays in the UV, and the AAD binds lpid, "

@@ -293,3 +293,32 @@ def test_a_share_whose_paged_out_page_never_comes_back_is_u_p2(uv_side):
             finally:
                 await side.close()
     asyncio.run(scenario())
+
+
+def test_a_page_the_svm_shares_reads_zeros_whatever_the_hv_left_in_it(uv_side):
+    """ultravisor.rst: UV_SHARE_PAGE zeroes the pages before returning (the firmware memsets
+    them). The scripted HV here maps its page as the kernel does, without zeroing it: the SVM
+    still reads zeros, not the host's stale data."""
+    async def scenario():
+        async with uv_side.world() as w:
+            side = Side(w)
+            try:
+                c = await side.setup(Row("UV", "UV_SHARE_PAGE", "SVM_SECURE", "", "", "", lambda c: None))
+                g = w.hv.guests[c.lpid]
+
+                async def share_without_zeroing(req):  # the kernel's kvmppc_share_page: no memset
+                    rc = (await w.hv.uv.stub.UV_PAGE_IN(upb.UvPageInRequest(
+                        lpid=req.lpid, src_ra=HV_RA_BASE + req.guest_pa, dest_gpa=req.guest_pa, flags=0,
+                        order=PAGE_SHIFT, data=b""))).rc
+                    return hpb.HSvmPageInResponse(rc=H.H_SUCCESS if rc == U.U_SUCCESS else H.H_PARAMETER)
+                w.hv.answer("H_SVM_PAGE_IN", c.lpid, share_without_zeroing)
+                gfn = c.secure_gfn
+                assert g.pages[gfn] != bytes(PAGE_SIZE)  # stale host data in the HV's page
+                vcpu = common_pb2.VcpuContext(lpid=c.lpid, msr_s=True)
+                assert (await side.stub("guest").UV_SHARE_PAGE(upb.UvSharePageRequest(
+                    vcpu=vcpu, gfn=gfn, npages=1))).rc == U.U_SUCCESS
+                load = await side.stub("guest").SvmLoad(upb.SvmLoadRequest(vcpu=vcpu, gpa=gpa_of(gfn), npages=1))
+                assert load.rc == U.U_SUCCESS and load.data == bytes(PAGE_SIZE)
+            finally:
+                await side.close()
+    asyncio.run(scenario())

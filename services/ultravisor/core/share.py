@@ -1,7 +1,8 @@
 """UV_SHARE_PAGE, UV_UNSHARE_PAGE and UV_UNSHARE_ALL_PAGES (SVM -> UV).
 
 Share: every page of the range goes HV_SHARING -> H_SVM_PAGE_IN(gpa, H_PAGE_IN_SHARED) -> (the HV
-calls UV_PAGE_IN) -> SHARED, and the HV hands a zeroed page. A paged-out page is first paged back
+calls UV_PAGE_IN) -> SHARED; then the UV zeroes each page (the firmware does; the HV's kernel does
+not). A paged-out page is first paged back
 in (at most SHARE_PAGE_IN_TRIES times). Each page keeps its secure frame, untouched, until every
 page of the call is shared; only then are the frames scrubbed. A share that fails (U_P2, also
 when a paged-out page would not come back in: the firmware's code) leaves every page as it was, content and state (``_put_back``): the HV is asked to
@@ -18,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 
-from pefsim.abi import PAGE_SHIFT, GpfState, H, PageInFlag, U, gpa_of
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, GpfState, H, PageInFlag, U, gpa_of
 from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as pb
 from services.ultravisor.core.hv import HvUnreachable, hcall
 from services.ultravisor.core.state import NoSlot
+
+ZERO_PAGE = bytes(PAGE_SIZE)
 
 SHARE_PAGE_IN_TRIES = 4
 TRANSIENT = (GpfState.GPF_HV_SHARING, GpfState.GPF_HV_UNSHARING)
@@ -95,6 +98,17 @@ async def uv_share_page(uv, req: pb.UvSharePageRequest, caller) -> pb.UvSharePag
             await _put_back(uv, svm, changed)
             return pb.UvSharePageResponse(rc=U.U_P2)
         uv.metrics.moved("shared")
+    # "Zero the pages before returning" (ultravisor.rst; the firmware's commit_all_gfns_as_shared
+    # memsets them): the UV zeroes what the HV mapped, not trusting the HV to have (the kernel
+    # does not), so the SVM never reads stale host data through a page it just shared
+    for gfn, _ in changed:
+        try:
+            resp = await hcall(uv, "VcpuStore", hpb.VcpuStoreRequest(lpid=svm.lpid, gpa=gpa_of(gfn), data=ZERO_PAGE))
+        except HvUnreachable:
+            resp = None
+        if resp is None or resp.errno != Errno.OK:
+            await _put_back(uv, svm, changed)
+            return pb.UvSharePageResponse(rc=U.U_P2)
     for gfn, _ in changed:  # every page is shared: the frames they kept go
         uv.state.drop_kept_frame(svm.gpf(gfn))
     return pb.UvSharePageResponse(rc=U.U_SUCCESS)
