@@ -649,6 +649,12 @@ CHOICES = [
      "UV_SHARE_PAGE then zeroes each page it shared itself, as ultravisor.rst says and the firmware "
      "does (commit_all_gfns_as_shared's memset), so an HV that maps a stale page (the kernel's "
      "kvmppc_share_page does not zero) shows the SVM zeros, not host data.", "pefsim"),
+    ("A page-in without data",
+     "H_SVM_PAGE_IN may answer H_SUCCESS without a UV_PAGE_IN for a GFN the HV never backed "
+     "(book3s_hv_uvmem.c kvmppc_svm_page_in: `if (spage)`); the UV then takes the page as zeros, as "
+     "the kernel leaves it, and the ESM goes on. An HV that claims page-ins it never made can thus "
+     "make a page read as zeros: in a measured region the digest check aborts the ESM; an unmeasured "
+     "page is zeros in the secure guest (tests/conformance/test_uv_conformance.py).", "kernel"),
     ("Encrypted page-out",
      "After ESM a page leaves the UV only as AES-256-GCM ciphertext under a per-SVM key; the nonce is "
      "a random 4-byte prefix and a 64-bit counter, the tag stays in the UV, and the AAD binds lpid, "

@@ -236,21 +236,25 @@ def test_uv_row(uv_side, row):
     asyncio.run(run_row(uv_side, row))
 
 
-@pytest.mark.parametrize("lies", ["every page", "one page"])
-def test_an_hv_that_claims_page_ins_it_never_made_gets_an_abort(uv_side, lies):
-    """HSvmPageInBulk answered H_SUCCESS for pages whose UV_PAGE_IN the HV never made (every
-    page, or one in the middle): the ESM finds them missing and aborts with H_SVM_INIT_ABORT,
-    and UV_ESM is answered, instead of the ESM failing on a page it does not have."""
+@pytest.mark.parametrize("lies", ["every page", "a kernel page", "a data page"])
+def test_a_page_in_without_its_uv_page_in_reads_as_zeros(uv_side, lies):
+    """H_SVM_PAGE_IN answered H_SUCCESS without the UV_PAGE_IN: legal for a GFN the HV never
+    backed (kvmppc_svm_page_in: ``if (spage)``), so the UV takes the page as zeros. What an HV that
+    lies this way can do, and no more: a page the guest wrote reads as zeros. In a measured region
+    (the kernel here; or everything, FDT included) the ESM then aborts with H_SVM_INIT_ABORT and
+    UV_ESM is answered; an unmeasured data page just reads as zeros in the secure guest."""
     async def scenario():
         async with uv_side.world() as w:
             side, hv = Side(w), w.hv
             c = UvCtx(lpid=next(_lpids))
             image = GuestImage.of_size(f"liar{c.lpid}", NPAGES * PAGE_SIZE)
             hv.guests[c.lpid] = Guest(image, make_blob(image, w.signing_key()))
+            lied = {"every page": None, "a kernel page": 1, "a data page": NPAGES - 1}[lies]
+            assert lies != "a data page" or lied >= image.data_start // PAGE_SIZE
             honest = type(hv).H_SVM_PAGE_IN
 
             async def page_in(req):
-                if lies == "every page" or req.guest_pa == gpa_of(NPAGES // 2):
+                if lied is None or req.guest_pa == gpa_of(lied):
                     return hpb.HSvmPageInResponse(rc=H.H_SUCCESS)  # and no UV_PAGE_IN
                 del hv.answers[("H_SVM_PAGE_IN", c.lpid)]
                 try:
@@ -260,10 +264,16 @@ def test_an_hv_that_claims_page_ins_it_never_made_gets_an_abort(uv_side, lies):
             hv.answer("H_SVM_PAGE_IN", c.lpid, page_in)
             try:
                 resp = await asyncio.wait_for(side.stub("guest").UV_ESM(esm_request(c, image)), 30)
-                assert hv.reached("H_SVM_INIT_ABORT", c.lpid).is_set()
-                assert not resp.msr_s
-                info = await side.svm_info(c.lpid)
-                assert info is not None and info.state == "SVM_ABORT"
+                if lies == "a data page":
+                    assert (resp.rc, resp.msr_s) == (U.U_SUCCESS, True)
+                    load = await side.stub("guest").SvmLoad(upb.SvmLoadRequest(
+                        vcpu=common_pb2.VcpuContext(lpid=c.lpid, msr_s=True), gpa=gpa_of(lied), npages=1))
+                    assert load.data == bytes(PAGE_SIZE) != image.page(lied)
+                else:
+                    assert hv.reached("H_SVM_INIT_ABORT", c.lpid).is_set()
+                    assert not resp.msr_s
+                    info = await side.svm_info(c.lpid)
+                    assert info is not None and info.state == "SVM_ABORT"
             finally:
                 await side.stub("hv").UV_SVM_TERMINATE(upb.UvSvmTerminateRequest(lpid=c.lpid))
                 await side.close()

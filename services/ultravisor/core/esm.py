@@ -123,9 +123,8 @@ async def page_in_all(uv, svm) -> None:
                 raise EsmFailed("page-in", f"gpa 0x{chunk[bad]:x}: {rc_name(resp.rc, H)}")
             if slot.gone:
                 raise EsmFailed("page-in", f"gfn {slot.base}: memslot unregistered under the ESM")
-            missing = slot.first_not(GpfState.GPF_SECURE, idx, idx + n)
-            if missing is not None:  # the HV said H_SUCCESS for a page it never paged in
-                raise EsmFailed("page-in", f"gfn {slot.base + missing}: H_SUCCESS without its UV_PAGE_IN")
+            if slot.first_not(GpfState.GPF_SECURE, idx, idx + n) is not None:
+                await zero_fill(uv, svm, slot, idx, n)
     uv.metrics.page_in_seconds.labels(uv.cfg.transfer).observe(clock.monotonic() - t0)
 
 
@@ -142,8 +141,27 @@ async def page_in(uv, svm, gfn: int) -> None:
         order=PAGE_SHIFT))).rc
     if rc != H.H_SUCCESS:
         raise EsmFailed("page-in", f"gfn {gfn}: {rc_name(rc, H)}")
-    if svm.pages_of(gfn) is None or svm.gpf(gfn).state != GpfState.GPF_SECURE:
-        raise EsmFailed("page-in", f"gfn {gfn}: H_SUCCESS without its UV_PAGE_IN")
+    slot = svm.pages_of(gfn)
+    if slot is None:
+        raise EsmFailed("page-in", f"gfn {gfn}: no longer in a memslot")
+    if svm.gpf(gfn).state != GpfState.GPF_SECURE:
+        await zero_fill(uv, svm, slot, gfn - slot.base, 1)
+
+
+async def zero_fill(uv, svm, slot, idx: int, n: int) -> None:
+    """H_SVM_PAGE_IN answered H_SUCCESS without a UV_PAGE_IN for some of the ``n`` pages from
+    ``idx``: legal for a GFN the HV never backed (book3s_hv_uvmem.c kvmppc_svm_page_in, ``if
+    (spage)``: an untouched page is migrated without its UV_PAGE_IN), so the UV takes each such
+    page as zeros, as the kernel leaves it. A lying HV can therefore make a page the guest wrote
+    read as zeros; in a measured region (kernel, initrd, FDT, blob) the digest check then fails
+    the ESM."""
+    async with svm.lock:
+        for i in range(idx, idx + n):
+            gpf = svm.gpf(slot.base + i)
+            if gpf.state == GpfState.GPF_UNBACKED:
+                uv.state.mark_secure(gpf, None)
+                log.info("lpid %d: gfn 0x%x paged in without data (never backed by the HV): zeros",
+                         svm.lpid, slot.base + i)
 
 
 async def region(uv, svm, gpa: int, length: int):
