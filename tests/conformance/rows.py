@@ -416,8 +416,13 @@ HV_ROWS = [
               lambda c, r: c.uv_got(2) == c.content(2) and c.hv_page_zero(2))),
     Row("HV", "H_SVM_PAGE_IN", T, "a page already paged in", "H_PARAMETER", "kernel",
         _h_page_in, setup="paged-in"),
-    Row("HV", "H_SVM_PAGE_IN", T, "the UV refuses the page", "H_PARAMETER", "kernel",
-        _h_page_in, setup="uv-refuses"),
+    Row("HV", "H_SVM_PAGE_IN", T, "the UV refuses the page", "H_PARAMETER",
+        "kernel for the result (5.9+; before, the UV_PAGE_IN result was ignored: H_SUCCESS); pefsim for "
+        "the state after: the GFN stays normal and a retry can succeed, where the kernel has already "
+        "marked it device-backed (kvmppc_uvmem_get_page) and answers a retry H_PARAMETER",
+        _h_page_in, setup="uv-refuses",
+        then=("the GFN is still normal, its content in the HV",
+              lambda c, r: c.gfn_state(2) == "GFN_NORMAL" and c.hv_page(2) == c.content(2))),
     Row("HV", "H_SVM_PAGE_IN", SEC, "H_PAGE_IN_SHARED on a secure page", "H_SUCCESS",
         "kernel (skip_page_out: content dropped)",
         lambda c: _h_page_in(c, flags=PageInFlag.H_PAGE_IN_SHARED), setup="paged-in",
@@ -649,6 +654,12 @@ CHOICES = [
      "UV_SHARE_PAGE then zeroes each page it shared itself, as ultravisor.rst says and the firmware "
      "does (commit_all_gfns_as_shared's memset), so an HV that maps a stale page (the kernel's "
      "kvmppc_share_page does not zero) shows the SVM zeros, not host data.", "pefsim"),
+    ("A page-out refused during the abort",
+     "When the UV refuses a page's UV_PAGE_OUT during the abort, the HV logs it and the page is lost. "
+     "pefsim gives the GFN back to the guest as a zero page, so the guest's own memory check reports "
+     "it; the kernel (kvmppc_uvmem_drop_pages) only logs \"Can't page out gpa\" and leaves the GFN "
+     "device-backed, so a later touch goes through kvmppc_uvmem_migrate_to_ram, whose UV_PAGE_OUT "
+     "against the terminated SVM fails: VM_FAULT_SIGBUS to the VMM.", "pefsim"),
     ("A page-in without data",
      "H_SVM_PAGE_IN may answer H_SUCCESS without a UV_PAGE_IN for a GFN the HV never backed "
      "(book3s_hv_uvmem.c kvmppc_svm_page_in: `if (spage)`); the UV then takes the page as zeros, as "

@@ -5,7 +5,9 @@ Merged design (default), phases recorded in the VM's journal (``vm.abort``):
   page-out    every GFN_SECURE_IN page is taken back with UV_PAGE_OUT and written to the HV's
               page before its GFN is marked normal. A ucall that fails in transport is asked
               again (the UV keeps an aborting SVM's pages until UV_SVM_TERMINATE, so asking twice
-              is harmless); a refusal is logged and the page lost, as in the kernel.
+              is harmless); a refusal is logged and the page lost: the guest reads zeros there (a
+              pefsim choice; the kernel leaves the GFN device-backed and a later touch SIGBUSes
+              the VMM: docs/conformance.md, "A page-out refused during the abort").
   terminate   secure_guest = 0 is recorded together with this phase; then UV_SVM_TERMINATE
               (asked again until the UV answers).
   resume      the guest's vCPU is resumed with H_PARAMETER at SRR0 (VcpuResume, carrying the
@@ -173,7 +175,9 @@ async def run(hv, vm, lock: _Handed) -> pb.HSvmInitAbortResponse:
 async def page_out_all(hv, vm) -> int:
     """Every secure page back to the HV with its content (drop_pages with skip_page_out false),
     in bulk streams (or one UV_PAGE_OUT a page with --transfer unary). A page the UV refuses is
-    logged and lost, as in the kernel. Called with vm.lock held; returns the pages given back."""
+    logged and lost: its GFN goes normal with a zero page (a pefsim choice: in the kernel it stays
+    device-backed and a later touch SIGBUSes the VMM). Called with vm.lock held; returns the pages
+    given back."""
     got = [0]
     for slot in vm.slots.values():
         if slot.count(GfnState.GFN_NORMAL) + slot.count(GfnState.GFN_SECURE_IN) == slot.npages:
