@@ -128,8 +128,9 @@ UV_ROWS = [
     Row("UV", "UV_REGISTER_MEM_SLOT", A, "a new slot during ESM", "U_SUCCESS", "UV code", _register),
     Row("UV", "UV_REGISTER_MEM_SLOT", S, "a new slot (memory hot-plug)", "U_SUCCESS", "UV code / kernel",
         _register),
-    Row("UV", "UV_REGISTER_MEM_SLOT", S, "slot id already registered", "U_PARAMETER", "UV code",
-        lambda c: _register(c, slotid=0)),
+    Row("UV", "UV_REGISTER_MEM_SLOT", S, "slot id already registered", "U_PARAMETER",
+        "pefsim (the firmware accepts it: memslot_overlap skips the same id, svm_host.c:264-265, and the "
+        "slot is reserved again and replaced)", lambda c: _register(c, slotid=0)),
     Row("UV", "UV_REGISTER_MEM_SLOT", S, "range overlaps another slot", "U_PARAMETER", "UV code",
         lambda c: _register(c, start_gpa=c.gpa(2))),
     Row("UV", "UV_REGISTER_MEM_SLOT", S, "larger than the free secure memory", "U_PARAMETER",
@@ -165,7 +166,8 @@ UV_ROWS = [
     Row("UV", "UV_PAGE_IN", S, "gpa outside every slot", "U_P3", "UV code",
         lambda c: _page_in(c, 5000)),
     Row("UV", "UV_PAGE_IN", S, "gpa not 64 KiB aligned", "U_P3",
-        "pefsim (the kernel passes unaligned gpas on; the UV's answer is unconfirmed)",
+        "pefsim (the kernel passes unaligned gpas on; the firmware's svm_valid_address is a range test "
+        "only, svm_host.c:603-618, and accepts it)",
         lambda c: _page_in(c, dest_gpa=c.gpa(c.secure_gfn) + 8)),
     Row("UV", "UV_PAGE_IN", A, "a page not yet in, with its content", "U_SUCCESS", "UV code (plain copy)",
         lambda c: _page_in(c, c.unbacked_gfn)),
@@ -194,8 +196,9 @@ UV_ROWS = [
         lambda c: _page_out(c, c.pagedout_gfn)),
     Row("UV", "UV_PAGE_OUT", S, "a shared page", "U_PARAMETER",
         "UV code (the doc says success for shared pages)", lambda c: _page_out(c, c.shared_gfn)),
-    Row("UV", "UV_PAGE_OUT", A, "a page not yet in", "U_PARAMETER", "UV code",
-        lambda c: _page_out(c, c.unbacked_gfn)),
+    Row("UV", "UV_PAGE_OUT", A, "a page not yet in", "U_PARAMETER",
+        "pefsim (the firmware has no unbacked state: a GFN never paged in is GPF_SECURE by default, "
+        "svm_host.h:474, so it would be encrypted and U_SUCCESS)", lambda c: _page_out(c, c.unbacked_gfn)),
     Row("UV", "UV_PAGE_OUT", B, "a secure page while aborting", "U_SUCCESS",
         "pefsim (the UV code returns 0 WITHOUT copying: a bug the merged abort needs fixed)",
         _page_out, then=("the HV gets the plaintext page back", lambda c, r: r.data == c.plain)),
@@ -280,7 +283,8 @@ UV_ROWS = [
         then=("secure again, and zeroed", lambda c, r: c.reads_zero(c.shared_gfn))),
     Row("UV", "UV_UNSHARE_PAGE", S, "made by the HV", "U_PERMISSION", "UV code",
         lambda c: _share(upb.UvUnsharePageRequest, c), caller="hv"),
-    Row("UV", "UV_UNSHARE_PAGE", S, "a page that is not shared", "U_SUCCESS", "pefsim (skipped)",
+    Row("UV", "UV_UNSHARE_PAGE", S, "a page that is not shared", "U_SUCCESS",
+        "UV code (\"Unsharing a secure page is a idempotent operation\": skipped)",
         lambda c: _share(upb.UvUnsharePageRequest, c, c.secure_gfn)),
     Row("UV", "UV_UNSHARE_ALL_PAGES", S, "caller MSR[S] clear", "U_PERMISSION", "UV code",
         lambda c: upb.UvUnshareAllPagesRequest(vcpu=_vcpu(c, msr_s=False)), check="msr"),
@@ -424,7 +428,8 @@ HV_ROWS = [
         then=("the GFN is still normal, its content in the HV",
               lambda c, r: c.gfn_state(2) == "GFN_NORMAL" and c.hv_page(2) == c.content(2))),
     Row("HV", "H_SVM_PAGE_IN", SEC, "H_PAGE_IN_SHARED on a secure page", "H_SUCCESS",
-        "kernel (skip_page_out: content dropped)",
+        "kernel (skip_page_out: content dropped); pefsim for the zeroed page (the kernel's replacement "
+        "page holds whatever its allocator had)",
         lambda c: _h_page_in(c, flags=PageInFlag.H_PAGE_IN_SHARED), setup="paged-in",
         then=("GFN shared, page zeroed", lambda c, r: c.gfn_state(2) == "GFN_SHARED" and c.hv_page_zero(2))),
     Row("HV", "H_SVM_PAGE_IN", SEC, "a paged-out page", "H_SUCCESS", "kernel",
@@ -447,8 +452,10 @@ HV_ROWS = [
     Row("HV", "HSvmPageInBulk", T, "the UV refuses the pages", "H_PARAMETER", "as H_SVM_PAGE_IN", _bulk,
         setup="uv-refuses"),
     # H_SVM_PAGE_OUT -----------------------------------------------------------------------------
-    Row("HV", "H_SVM_PAGE_OUT", SEC, "made by the guest", "H_UNSUPPORTED", "kernel 8c47b6ff29e3",
-        _h_page_out, caller="guest"),
+    Row("HV", "H_SVM_PAGE_OUT", SEC, "made by the guest", "H_UNSUPPORTED",
+        "pefsim (8c47b6ff29e3 tests MSR[S] in SRR1, which a secure guest's hcalls carry, and the open "
+        "UV reflects them unfiltered: the kernel would execute it; pefsim's UV filters H_SVM_* from an "
+        "SVM, as that commit's message assumes)", _h_page_out, caller="guest"),
     Row("HV", "H_SVM_PAGE_OUT", N, "a normal VM", "H_UNSUPPORTED", "kernel", _h_page_out),
     Row("HV", "H_SVM_PAGE_OUT", NONE, "no VM with the lpid", "H_PARAMETER", "pefsim", _h_page_out),
     Row("HV", "H_SVM_PAGE_OUT", AB, "INIT_ABORT flag set (v10)", "H_UNSUPPORTED", "kernel", _h_page_out),
@@ -526,7 +533,7 @@ HV_ROWS = [
         lambda c: hpb.ResetVmRequest(lpid=c.lpid)),
     Row("HV", "ResetVm", SEC, "a vCPU running", "EBUSY", "kernel", lambda c: hpb.ResetVmRequest(lpid=c.lpid),
         setup="running"),
-    Row("HV", "ResetVm", SEC, "vCPUs stopped", "OK", "kernel",
+    Row("HV", "ResetVm", SEC, "vCPUs stopped", "OK", "kernel (pefsim for the scrubbed HV page: the kernel's replacement page is not zeroed)",
         lambda c: hpb.ResetVmRequest(lpid=c.lpid), setup="paged-in",
         then=("no page-out; memslots unregistered; terminated; VM normal, HV page scrubbed",
               lambda c, r: c.vm_state() == "VM_NORMAL" and c.unregistered() == 1 and c.terminated()
