@@ -396,7 +396,7 @@ def _abort(c):
     return hpb.HSvmInitAbortRequest(lpid=c.lpid, srr0=0x11004, srr1_msr_s=False)
 
 
-N, T, SEC, AB, NONE = "VM_NORMAL", "VM_TRANSIENT", "VM_SECURE", "VM_ABORTING", "VM_ABSENT"
+N, T, SEC, NONE = "VM_NORMAL", "VM_TRANSIENT", "VM_SECURE", "VM_ABSENT"
 
 HV_ROWS = [
     # H_SVM_PAGE_IN ------------------------------------------------------------------------------
@@ -407,8 +407,6 @@ HV_ROWS = [
         "kernel", lambda c: _h_page_in(c, order=12)),
     Row("HV", "H_SVM_PAGE_IN", NONE, "no VM with the lpid", "H_PARAMETER",
         "pefsim (in KVM the calling vCPU's VM always exists)", _h_page_in),
-    Row("HV", "H_SVM_PAGE_IN", AB, "INIT_ABORT flag set (v10)", "H_UNSUPPORTED",
-        "kernel (INIT_START clear)", _h_page_in),
     Row("HV", "H_SVM_PAGE_IN", T, "order 12", "H_P3", "kernel", lambda c: _h_page_in(c, order=12),
         check="order"),
     Row("HV", "H_SVM_PAGE_IN", T, "flags 0x2", "H_P2", "kernel", lambda c: _h_page_in(c, flags=2),
@@ -440,7 +438,6 @@ HV_ROWS = [
         caller="guest"),
     Row("HV", "HSvmPageInBulk", N, "a normal VM", "H_UNSUPPORTED", "as H_SVM_PAGE_IN", _bulk),
     Row("HV", "HSvmPageInBulk", NONE, "no VM with the lpid", "H_PARAMETER", "as H_SVM_PAGE_IN", _bulk),
-    Row("HV", "HSvmPageInBulk", AB, "INIT_ABORT flag set (v10)", "H_UNSUPPORTED", "as H_SVM_PAGE_IN", _bulk),
     Row("HV", "HSvmPageInBulk", T, "every page of the slot", "H_SUCCESS", "as H_SVM_PAGE_IN, page by page",
         _bulk, then=("the UV got every page's content, each HV page scrubbed, each result H_SUCCESS",
                      lambda c, r: all(c.uv_got(g) == c.content(g) and c.hv_page_zero(g) for g in range(c.npages))
@@ -458,7 +455,6 @@ HV_ROWS = [
         "SVM, as that commit's message assumes)", _h_page_out, caller="guest"),
     Row("HV", "H_SVM_PAGE_OUT", N, "a normal VM", "H_UNSUPPORTED", "kernel", _h_page_out),
     Row("HV", "H_SVM_PAGE_OUT", NONE, "no VM with the lpid", "H_PARAMETER", "pefsim", _h_page_out),
-    Row("HV", "H_SVM_PAGE_OUT", AB, "INIT_ABORT flag set (v10)", "H_UNSUPPORTED", "kernel", _h_page_out),
     Row("HV", "H_SVM_PAGE_OUT", SEC, "order 12", "H_P3", "kernel", lambda c: _h_page_out(c, order=12),
         check="order"),
     Row("HV", "H_SVM_PAGE_OUT", SEC, "flags 1", "H_P2", "kernel", lambda c: _h_page_out(c, flags=1),
@@ -492,8 +488,6 @@ HV_ROWS = [
         "kernel (unguarded: resets the VM to transient)",
         lambda c: hpb.HSvmInitStartRequest(lpid=c.lpid),
         then=("VM transient again", lambda c, r: c.vm_state() == "VM_TRANSIENT")),
-    Row("HV", "H_SVM_INIT_START", AB, "INIT_ABORT flag set (v10)", "H_SUCCESS", "kernel",
-        lambda c: hpb.HSvmInitStartRequest(lpid=c.lpid)),
     # H_SVM_INIT_DONE ----------------------------------------------------------------------------
     Row("HV", "H_SVM_INIT_DONE", T, "made by the guest", "H_UNSUPPORTED", "kernel 8c47b6ff29e3",
         lambda c: hpb.HSvmInitDoneRequest(lpid=c.lpid), caller="guest"),
@@ -507,13 +501,10 @@ HV_ROWS = [
               lambda c, r: c.vm_state() == "VM_SECURE" and c.gfn_count("GFN_SECURE_IN") == c.npages)),
     Row("HV", "H_SVM_INIT_DONE", SEC, "again", "H_SUCCESS", "kernel",
         lambda c: hpb.HSvmInitDoneRequest(lpid=c.lpid)),
-    Row("HV", "H_SVM_INIT_DONE", AB, "INIT_ABORT flag set (v10)", "H_UNSUPPORTED", "kernel",
-        lambda c: hpb.HSvmInitDoneRequest(lpid=c.lpid)),
     # H_SVM_INIT_ABORT ---------------------------------------------------------------------------
     Row("HV", "H_SVM_INIT_ABORT", N, "a normal VM", "H_UNSUPPORTED", "kernel and doc", _abort),
     Row("HV", "H_SVM_INIT_ABORT", NONE, "no VM with the lpid", "H_PARAMETER", "pefsim", _abort),
     Row("HV", "H_SVM_INIT_ABORT", SEC, "after INIT_DONE", "H_STATE", "kernel (respin) and doc", _abort),
-    Row("HV", "H_SVM_INIT_ABORT", AB, "INIT_ABORT flag set (v10)", "H_UNSUPPORTED", "kernel", _abort),
     Row("HV", "H_SVM_INIT_ABORT", T, "during ESM", "H_PARAMETER", "kernel (merged v5.6)", _abort,
         setup="paged-in",
         then=("every page back with its content, secure_guest 0, UV_SVM_TERMINATE, the vCPU "
@@ -525,9 +516,11 @@ HV_ROWS = [
     Row("HV", "H_SVM_INIT_ABORT", N, "made by the guest of a normal VM", "H_UNSUPPORTED", "kernel",
         _abort, caller="guest"),
     Row("HV", "H_SVM_INIT_ABORT", T, "with abort_return = uv (v10)", "H_SUCCESS",
-        "the v10 proposal (pefsim switch)", _abort, setup="v10",
-        then=("INIT_ABORT flag set, memslots unregistered, no resume from the HV",
-              lambda c, r: c.secure_guest() == 4 and c.unregistered() == 1 and not c.resumes())),
+        "the v10 proposal (pefsim switch): INIT_ABORT cleared on the hcall's own exit path "
+        "(check_svm_abort) before its last UV_RETURN", _abort, setup="v10",
+        then=("every page back, the VM normal already, memslots unregistered, no UV_SVM_TERMINATE and "
+              "no resume from the HV", lambda c, r: c.secure_guest() == 0 and c.hv_page(2) == c.content(2)
+              and c.unregistered() == 1 and not c.terminated() and not c.resumes())),
     # control surface ----------------------------------------------------------------------------
     Row("HV", "ResetVm", N, "a normal VM", "OK", "kernel (KVM_PPC_SVM_OFF: nothing to do)",
         lambda c: hpb.ResetVmRequest(lpid=c.lpid)),
@@ -612,7 +605,7 @@ def _control_rows() -> list[Row]:
     }
     rows = []
     for call, (build, who) in requests.items():
-        for state in (NONE, N, T, SEC, AB):
+        for state in (NONE, N, T, SEC):
             expect = "ENOENT" if state == NONE else special.get((call, state), "OK")
             rows.append(Row("HV", call, state, "a plain request", expect, why[expect], build,
                             caller=who))
@@ -643,9 +636,13 @@ CHOICES = [
      "The HV pages every secure page out WITH its content, sets secure_guest = 0, issues "
      "UV_SVM_TERMINATE and resumes the guest itself with H_PARAMETER at SRR0 (an HRFID: no return "
      "to the UV). Memslots are not unregistered (the UV forgets them with the SVM). `--abort-return "
-     "uv` runs the v10 proposal instead: the HV unregisters memslots, sets secure_guest = "
-     "INIT_ABORT and returns H_SUCCESS to the UV, which terminates the SVM and resumes the guest; "
-     "the flag clears the next time the vCPU enters the HV.", "kernel v5.6+, [PATCH v10 7/8]"),
+     "uv` runs the v10 proposal instead: the HV pages everything out, unregisters the memslots, "
+     "sets secure_guest = INIT_ABORT and clears it again on the abort hcall's own exit path "
+     "(check_svm_abort, before the last UV_RETURN: no other call ever sees VM_ABORTING), makes no "
+     "UV_SVM_TERMINATE, and returns H_SUCCESS to the UV, which terminates the SVM and resumes the "
+     "guest. Not modelled in v10 mode: v10's H_SVM_INIT_ABORT tests only INIT_START, so an abort "
+     "after INIT_DONE would go ahead there; pefsim answers H_STATE in both modes.",
+     "kernel v5.6+, [PATCH v10 7/8]"),
     ("UV_PAGE_OUT while aborting",
      "Returns the page's plaintext (the SVM never went secure, so nothing leaves the UV that the HV "
      "did not hand it) and keeps the page until UV_SVM_TERMINATE, so asking again is harmless. The "

@@ -15,8 +15,9 @@ SERVICES = [("UV", uv_table), ("HV", hv_table)]
 @pytest.mark.parametrize("svc, table", SERVICES, ids=["uv", "hv"])
 def test_every_call_state_cell_has_a_row(svc, table):
     have = {(r.call, r.state) for r in ROWS if r.service == svc}
+    unreachable = getattr(table, "UNREACHABLE", {})
     missing = [f"{call} x {state.name}" for call, row in table.STATE_TABLE.items()
-               for state in row if (call, state.name) not in have]
+               for state in row if (call, state.name) not in have and state not in unreachable]
     assert not missing, "no conformance row for:\n" + "\n".join(missing)
 
 

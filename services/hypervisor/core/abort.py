@@ -15,7 +15,8 @@ Merged design (default), phases recorded in the VM's journal (``vm.abort``):
   (done)      the journal is cleared.
 
 v10 design (``--abort-return uv``): page-out, then the memslots are unregistered, secure_guest =
-INIT_ABORT and H_SUCCESS returns to the UV.
+INIT_ABORT, cleared again on the hcall's own exit path (check_svm_abort), and H_SUCCESS returns to
+the UV; the HV makes no UV_SVM_TERMINATE (the UV terminates the SVM itself).
 
 The UV's H_SVM_INIT_ABORT is answered once the SVM is terminated (phase ``resume`` recorded),
 not after the resume: the resume goes to an endpoint the guest named and may take up to
@@ -142,7 +143,10 @@ async def run(hv, vm, lock: _Handed) -> pb.HSvmInitAbortResponse:
                 if v10:
                     for slot_id in sorted(vm.slots):
                         await uv.unregister_slot(hv, vm, slot_id)
-                    hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_ABORT, abort=None)
+                    # v10 sets INIT_ABORT, and the abort hcall's own exit path clears it before its
+                    # last UV_RETURN (book3s_hv_rmhandlers.S check_svm_abort): no other call ever
+                    # sees it, so the VM is normal when the UV gets H_SUCCESS
+                    hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE, abort=None)
                     hv.metrics.abort_seconds.labels("returned-to-uv").observe(clock.monotonic() - t0)
                     return _answer(vm, pb.HSvmInitAbortResponse(
                         rc=H.H_SUCCESS, returned_to=AbortReturn.ABORT_RETURN_UV, pages_recovered=recovered))

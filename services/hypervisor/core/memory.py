@@ -6,7 +6,6 @@ from __future__ import annotations
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, GfnState, Role, SecureGuest, gfn_of, gpa_of
 from pefsim.v1 import hypervisor_pb2 as pb, ultravisor_pb2 as upb
-from services.hypervisor.core.vms import vcpu_entry
 from services.hypervisor.ports import UvUnreachable
 from services.hypervisor.core.pages import secure_page_out
 
@@ -33,8 +32,6 @@ def _pages(vm, gpa: int, npages: int, caller):
 
 async def vcpu_load(hv, req: pb.VcpuLoadRequest, caller) -> pb.VcpuLoadResponse:
     vm = hv.state.vms[req.lpid]
-    if caller.role != Role.ROLE_UV:
-        vcpu_entry(hv, vm)
     pages = _pages(vm, req.gpa, req.npages, caller)
     if pages is None:
         return pb.VcpuLoadResponse(errno=Errno.EFAULT)
@@ -43,8 +40,6 @@ async def vcpu_load(hv, req: pb.VcpuLoadRequest, caller) -> pb.VcpuLoadResponse:
 
 async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreResponse:
     vm = hv.state.vms[req.lpid]
-    if caller.role != Role.ROLE_UV:
-        vcpu_entry(hv, vm)
     pages = _pages(vm, req.gpa, len(req.data) >> PAGE_SHIFT, caller)
     if pages is None:
         return pb.VcpuStoreResponse(errno=Errno.EFAULT)

@@ -6,8 +6,9 @@ VM states (VmState, derived from kvm->arch.secure_guest)
   VM_NORMAL     secure_guest == 0
   VM_TRANSIENT  INIT_START                (H_SVM_INIT_START done, ESM in progress)
   VM_SECURE     INIT_START | INIT_DONE
-  VM_ABORTING   INIT_ABORT                (only with abort_return = uv, the v10 proposal: cleared
-                                           the next time the vCPU enters the HV)
+  VM_ABORTING   INIT_ABORT                (v10 only, and never seen by a call: v10 clears it on the
+                                           abort hcall's own exit path; a state of the flags,
+                                           kept for completeness and for vm.json files that hold it)
   VM_ABSENT     no VM with the lpid (pefsim's name for "not found")
 
   call                 NORMAL            TRANSIENT                 SECURE

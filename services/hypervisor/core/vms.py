@@ -76,15 +76,8 @@ async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
     return pb.CreateVmResponse(errno=Errno.OK, lpid=vm.lpid)
 
 
-def vcpu_entry(hv, vm) -> None:
-    """The vCPU enters the HV: with the v10 design this return path clears INIT_ABORT."""
-    if vm.secure_guest == SecureGuest.KVMPPC_SECURE_INIT_ABORT:
-        hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE)
-
-
 async def run_vm(hv, req: pb.RunVmRequest, caller) -> pb.RunVmResponse:
     vm = hv.state.vms[req.lpid]
-    vcpu_entry(hv, vm)
     vm.running = True
     return pb.RunVmResponse(errno=Errno.OK)
 
