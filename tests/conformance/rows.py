@@ -128,9 +128,11 @@ UV_ROWS = [
     Row("UV", "UV_REGISTER_MEM_SLOT", A, "a new slot during ESM", "U_SUCCESS", "UV code", _register),
     Row("UV", "UV_REGISTER_MEM_SLOT", S, "a new slot (memory hot-plug)", "U_SUCCESS", "UV code / kernel",
         _register),
-    Row("UV", "UV_REGISTER_MEM_SLOT", S, "slot id already registered", "U_PARAMETER",
-        "pefsim (the firmware accepts it: memslot_overlap skips the same id, svm_host.c:264-265, and the "
-        "slot is reserved again and replaced)", lambda c: _register(c, slotid=0)),
+    Row("UV", "UV_REGISTER_MEM_SLOT", S, "slot id already registered", "U_SUCCESS",
+        "UV code (memslot_overlap skips the same id, svm_host.c:264-265: the slot is reserved again "
+        "and replaced; the doc and the kernel say nothing)", lambda c: _register(c, slotid=0),
+        then=("the slot is replaced: the old slot's secure pages are freed",
+              lambda c, r: c.status is not None and c.status.secure_pages < c.frames)),
     Row("UV", "UV_REGISTER_MEM_SLOT", S, "range overlaps another slot", "U_PARAMETER", "UV code",
         lambda c: _register(c, start_gpa=c.gpa(2))),
     Row("UV", "UV_REGISTER_MEM_SLOT", S, "larger than the free secure memory", "U_PARAMETER",
@@ -482,10 +484,15 @@ HV_ROWS = [
         then=("VM transient anyway (377f02d487b5)", lambda c, r: c.vm_state() == "VM_TRANSIENT")),
     Row("HV", "H_SVM_INIT_START", N, "the UV refuses a memslot", "H_PARAMETER", "kernel",
         lambda c: hpb.HSvmInitStartRequest(lpid=c.lpid), setup="uv-refuses-slot"),
-    Row("HV", "H_SVM_INIT_START", T, "again during ESM", "H_SUCCESS", "kernel (unguarded re-entry)",
+    Row("HV", "H_SVM_INIT_START", T, "again during ESM", "H_SUCCESS",
+        "kernel (unguarded re-entry; every slot registered again, which the firmware accepts by "
+        "replacing it: also against pefsim's own UV, tests/inprocess/test_init_start_reentry.py. The "
+        "kernel's comment table calls it an error; its side effect, a fresh zeroed GFN tracking "
+        "array, is not modelled: pefsim's HV keeps its GFN states)",
         lambda c: hpb.HSvmInitStartRequest(lpid=c.lpid)),
     Row("HV", "H_SVM_INIT_START", SEC, "after INIT_DONE", "H_SUCCESS",
-        "kernel (unguarded: resets the VM to transient)",
+        "kernel (unguarded: the assignment secure_guest = INIT_START makes the VM transient again; "
+        "against pefsim's own UV too, the replaced slot's secure pages then gone)",
         lambda c: hpb.HSvmInitStartRequest(lpid=c.lpid),
         then=("VM transient again", lambda c, r: c.vm_state() == "VM_TRANSIENT")),
     # H_SVM_INIT_DONE ----------------------------------------------------------------------------

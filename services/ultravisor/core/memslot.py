@@ -7,16 +7,22 @@ from services.ultravisor.core.guard import guarded
 
 
 async def uv_register_mem_slot(uv, req: pb.UvRegisterMemSlotRequest, caller) -> pb.UvRegisterMemSlotResponse:
-    """Register a slot and reserve its secure memory. The UV code collapses every failure to
-    U_PARAMETER: duplicate slot id, overlap with another slot, or the pool cannot reserve it."""
+    """Register a slot and reserve its secure memory. A slot id already registered is replaced,
+    as the firmware does (memslot_overlap skips the same id, svm_host.c:264-265, and the slot is
+    reserved again): the old slot's pages are freed. Codes, one convention: the firmware's where
+    the firmware refuses (it collapses every failure to U_PARAMETER: overlap with another slot,
+    a reservation the pool cannot make), the doc's where only the doc refuses (flags: U_P4)."""
     svm = uv.state.svms[req.lpid]
     base, npages = gfn_of(req.start_gpa), gfn_of(req.size)
     async with guarded(uv, "UV_REGISTER_MEM_SLOT", req, svm):
-        if req.slotid in svm.slots or svm.reserved + npages > uv.cfg.max_svm_pages:
+        old = svm.slots.get(req.slotid)
+        if svm.reserved - (old.npages if old else 0) + npages > uv.cfg.max_svm_pages:
             return pb.UvRegisterMemSlotResponse(rc=U.U_PARAMETER)
-        for other in svm.slots.values():
-            if base < other.base + other.npages and other.base < base + npages:
+        for slotid, other in svm.slots.items():
+            if slotid != req.slotid and base < other.base + other.npages and other.base < base + npages:
                 return pb.UvRegisterMemSlotResponse(rc=U.U_PARAMETER)
+        if old is not None:
+            uv.state.remove_slot(svm, req.slotid)
         if not uv.state.add_slot(svm, req.slotid, base, npages):
             return pb.UvRegisterMemSlotResponse(rc=U.U_PARAMETER)
     return pb.UvRegisterMemSlotResponse(rc=U.U_SUCCESS)
