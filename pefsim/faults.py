@@ -124,7 +124,9 @@ def arm(spec: str, on_crash: Callable[[str], None] | None = None) -> None:
         _crash_hooks[name] = on_crash
 
 
-def disarm(name: str) -> None:
+def disarm(spec: str) -> None:
+    """Disarm a failpoint, named or by the spec it was armed with (NAME[:N][@VM][=ACTION])."""
+    name = spec.partition("=")[0].partition("@")[0].partition(":")[0]
     _armed.pop(name, None)
     _counts.pop(name, None)
     _crash_hooks.pop(name, None)

@@ -561,7 +561,7 @@ class Machine:
         try:
             yield
         finally:
-            faults.disarm(failpoint.partition(":")[0].partition("@")[0])
+            faults.disarm(failpoint)
 
     async def close(self) -> None:
         for program in self.guests.values():

@@ -205,7 +205,7 @@ class _nemesis:
 
     def __exit__(self, *exc):
         if self.plan.failpoint:
-            faults.disarm(self.plan.failpoint.partition(":")[0])
+            faults.disarm(self.plan.failpoint)
 
 
 async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> dict:
@@ -228,7 +228,7 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
                     await asyncio.wait({again, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
                     again.cancel()
                 finally:
-                    faults.disarm(plan.again.partition(":")[0])
+                    faults.disarm(plan.again)
                 if m.crashed.is_set():
                     rec["detail"] += f", then at {m.crashes[-1]} while recovering"
                     await asyncio.sleep(plan.for_s)

@@ -32,3 +32,10 @@ def test_a_failpoint_is_armed_for_its_hit_and_vm():
     faults.configure(["guest.before_esm:2@g1=stop"])
     assert faults._armed["guest.before_esm"] == (2, "g1", "stop")
     assert faults.armed("guest.before_esm")
+
+
+def test_disarm_takes_the_spec_it_was_armed_with():
+    for spec in ("hv.abort.before_terminate@victim", "hv.abort.page_out:3@victim", "hv.esm.init_done"):
+        faults.arm(f"{spec}=crash")
+        faults.disarm(spec)
+        assert not faults._armed, spec
