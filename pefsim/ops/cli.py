@@ -154,6 +154,56 @@ def cmd_up(a) -> int:
     return 0
 
 
+def _ours(pid: int) -> bool:
+    """Whether ``pid`` is still a pefsim process (a service or the command that launched it), not
+    a process that reused the number since stack.json was written."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(part.startswith((b"services.", b"pefsim")) or part.endswith(b"/pefsim") for part in cmdline)
+
+
+def cmd_down(a) -> int:
+    """Stop the stack a stack.json describes: its launcher (`pefsim up`, `pefsim demo`) is asked to
+    stop as Ctrl-C would (it stops every service it started); services left without a launcher
+    (it was killed) get SIGTERM themselves; whatever still runs after --timeout gets SIGKILL.
+    Exit 0 when nothing of the stack is left, 1 when something is, 3 for a stack file that cannot
+    be read."""
+    path = Path(a.stack)
+    try:
+        info = json.loads(path.read_text())
+        pids = {str(name): int(pid) for name, pid in info["pids"].items()}
+        launcher = int(info.get("launcher") or 0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"pefsim down: cannot read the stack file {path}: {exc}", file=sys.stderr)
+        return 3
+    running = {name: pid for name, pid in pids.items() if _ours(pid)}
+    if launcher and _ours(launcher):
+        running["launcher"] = launcher
+        os.kill(launcher, signal.SIGTERM)
+    else:
+        for pid in running.values():
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + a.timeout
+    while running and time.monotonic() < deadline:
+        running = {name: pid for name, pid in running.items() if _ours(pid) and not _zombie(pid)}
+        time.sleep(0.1)  # a bounded wait for the processes to end
+    for name, pid in running.items():
+        print(f"pefsim down: {name} (pid {pid}) still runs after {a.timeout:g} s: SIGKILL", file=sys.stderr)
+        os.kill(pid, signal.SIGKILL)
+    left = [name for name, pid in running.items() if _ours(pid) and not _zombie(pid)]
+    print(f"pefsim down: {path.parent} stopped" + (f"; still running: {', '.join(left)}" if left else ""))
+    return 1 if left else 0
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def cmd_status(a) -> int:
     from google.protobuf import json_format
 
@@ -312,6 +362,10 @@ def main(argv=None) -> int:
                    help="also start a local Prometheus (Debian's package) scraping the stack")
     p.add_argument("--prometheus-port", type=int, default=0, help="its port (default: a free one)")
     p.set_defaults(func=cmd_up)
+    p = sub.add_parser("down", help="stop the stack a stack.json describes (its launcher first)")
+    p.add_argument("--stack", required=True, help="stack.json of a running stack")
+    p.add_argument("--timeout", type=float, default=15.0, help="seconds before what still runs gets SIGKILL")
+    p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="show what the UV and the HV hold")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
     p.set_defaults(func=cmd_status)

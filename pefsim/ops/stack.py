@@ -318,7 +318,8 @@ class LocalStack:
                "guests": {n.removeprefix("guest-"): f"{self.cfg.host}:{p.ready.get('port')}"
                           for n, p in self.procs.items() if n.startswith("guest-")},
                "metrics": self.metrics_targets(),
-               "pids": {n: p.popen.pid for n, p in self.procs.items() if p.popen}}
+               "pids": {n: p.popen.pid for n, p in self.procs.items() if p.popen},
+               "launcher": os.getpid()}  # the command that started them (pefsim down asks it first)
         tmp = self.run_dir / "stack.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
         os.replace(tmp, self.run_dir / "stack.json")

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from pefsim.blob import load_public_key, measure, verify_blob
 from pefsim.image import GuestImage
@@ -93,6 +94,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan whose new parent has not reaped it yet has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_relative_run_dir_works(tmp_path):
     """`pefsim demo --run-dir rd` from another directory: the services (which start in the package
     root) find rd's certificates and keys, because every path is resolved before they start."""
@@ -130,3 +139,43 @@ def test_ports_are_checked():
     for args in (("--uv-port", "99999"), ("--uv-port", "7300", "--hv-port", "7300"), ("--hv-port", "x")):
         out = pefsim("up", *args, timeout=30)
         assert out.returncode == 2 and "port" in out.stderr, out.stderr
+
+
+def _up_with_a_guest(run_dir: Path) -> tuple[subprocess.Popen, Path, list[int]]:
+    up = subprocess.Popen([sys.executable, "-m", "pefsim", "up", "--guests", "1", "--mem-mib", "1",
+                           "--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    stack_file, deadline = run_dir / "stack.json", time.monotonic() + 60
+    while time.monotonic() < deadline and not (stack_file.exists() and json.loads(stack_file.read_text())["guests"]):
+        assert up.poll() is None, up.stdout.read()
+        time.sleep(0.05)  # a bounded poll for the stack to be up
+    info = json.loads(stack_file.read_text())
+    assert info["launcher"] == up.pid
+    return up, stack_file, list(info["pids"].values())
+
+
+def test_down_stops_a_running_stack(tmp_path):
+    """`pefsim down --stack FILE` asks the stack's launcher to stop, as Ctrl-C would: every
+    service ends, and so does `pefsim up`."""
+    up, stack_file, pids = _up_with_a_guest(tmp_path / "run")
+    try:
+        down = pefsim("down", "--stack", str(stack_file), timeout=60)
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert up.wait(30) == 0
+        assert [p for p in pids if _alive(p)] == []
+    finally:
+        if up.poll() is None:
+            up.kill()
+
+
+def test_down_stops_services_whose_launcher_was_killed(tmp_path):
+    """With its launcher gone (kill -9: the services run on in their own sessions), `pefsim down`
+    stops the services the stack file names; a stack file that cannot be read is exit 3."""
+    up, stack_file, pids = _up_with_a_guest(tmp_path / "run")
+    up.kill()
+    up.wait(10)
+    assert all(_running(p) for p in pids)
+    down = pefsim("down", "--stack", str(stack_file), timeout=60)
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert [p for p in pids if _running(p)] == []
+    assert pefsim("down", "--stack", str(tmp_path / "nothing.json")).returncode == 3
