@@ -433,5 +433,9 @@ def main(a) -> int:
                  scale_counts=[int(n) for n in a.scaling.split(",")] if a.scaling else None,
                  scale_guest_bytes=int(a.scale_guest_mib * MiB), show_progress=not a.json,
                  option_rounds=a.channel_options, option_guest_bytes=int(a.options_guest_mib * MiB))
+    verdicts = targets(result)
+    if a.json:
+        result["targets"] = [{"target": name, "value": round(value, 4), "bound": bound, "op": op, "ok": ok}
+                             for name, value, bound, op, ok in verdicts]
     print(json.dumps(result) if a.json else render(result))
-    return 0
+    return 0 if all(ok for *_, ok in verdicts) else 1  # a missed target is a failed check

@@ -164,6 +164,15 @@ def _ours(pid: int) -> bool:
     return any(part.startswith((b"services.", b"pefsim")) or part.endswith(b"/pefsim") for part in cmdline)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pefsim")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def cmd_down(a) -> int:
     """Stop the stack a stack.json describes: its launcher (`pefsim up`, `pefsim demo`) is asked to
     stop as Ctrl-C would (it stops every service it started); services left without a launcher
@@ -233,6 +242,8 @@ def cmd_chaos(a) -> int:
     from pefsim.chaos.generator import FAULTS, ChaosConfig, default_results
     from pefsim.chaos.runner import run_chaos
 
+    if a.during is None:  # the first moment the fault has (kill-guest has only esm)
+        a.during = FAULTS[a.fault][0]
     if a.during not in FAULTS[a.fault]:
         raise SystemExit(f"--fault {a.fault} runs --during {' or '.join(FAULTS[a.fault])}")
     if a.runs < 1:
@@ -342,6 +353,7 @@ def cmd_blob(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pefsim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"pefsim {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="run the life-cycle demo")
     _stack_args(p)
@@ -374,8 +386,8 @@ def main(argv=None) -> int:
     from pefsim.faults import MUTANTS
 
     p.add_argument("--fault", required=True, choices=sorted(FAULTS))
-    p.add_argument("--during", default="abort", choices=["abort", "esm", "secure"],
-                   help="when the fault hits the victim guest (default: abort)")
+    p.add_argument("--during", default=None, choices=["abort", "esm", "secure"],
+                   help="when the fault hits the victim guest (default: the first the fault allows: abort, or esm for kill-guest)")
     p.add_argument("--runs", type=int, default=1)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--mem-mib", type=float, default=64.0, help="victim guest memory (default 64 MiB)")

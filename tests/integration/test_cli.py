@@ -179,3 +179,13 @@ def test_down_stops_services_whose_launcher_was_killed(tmp_path):
     assert down.returncode == 0, down.stdout + down.stderr
     assert [p for p in pids if _running(p)] == []
     assert pefsim("down", "--stack", str(tmp_path / "nothing.json")).returncode == 3
+
+
+def test_version_and_chaos_default_moment(tmp_path):
+    """`pefsim --version`; `pefsim chaos --fault kill-guest` without --during runs the moment that
+    fault has (esm), as the README's example does."""
+    assert pefsim("--version").stdout.startswith("pefsim ")
+    out = pefsim("chaos", "--fault", "kill-guest", "--runs", "1", "--mem-mib", "1", "--json",
+                 "--results", str(tmp_path / "results"), timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.loads(out.stdout)["runs"] == 1
