@@ -214,7 +214,6 @@ def _zombie(pid: int) -> bool:
 
 
 def cmd_status(a) -> int:
-    from google.protobuf import json_format
 
     from pefsim.ops.demo import Operator
     from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
@@ -232,9 +231,43 @@ def cmd_status(a) -> int:
             await op.close()
 
     uv, hv = asyncio.run(fetch())
-    print(json.dumps({"uv": json_format.MessageToDict(uv), "hv": json_format.MessageToDict(hv)},
-                     indent=2))
+    if a.output == "json":
+        print(json.dumps({"uv": plain(uv), "hv": plain(hv)}, indent=2))
+        return 0
+    print(f"ultravisor (boot {uv.boot_id}): pool {uv.pool_pages_in_use}/{uv.pool_pages_total} pages in use, "
+          f"{uv.pool_pages_reserved} reserved; {len(uv.terminated_lpids)} SVMs terminated")
+    print(f"  {'lpid':>5} {'state':<11} {'secure':>6} {'paged-out':>9} {'shared':>6} {'abort pending':>13}  asking")
+    for s in uv.svms:
+        asking = f"{s.unanswered_hcall} for {s.unanswered_s:.1f} s" if s.unanswered_hcall else "-"
+        print(f"  {s.lpid:>5} {s.state:<11} {s.secure_pages:>6} {s.pagedout_pages:>9} {s.shared_pages:>6} "
+              f"{(f'{s.abort_pending_s:.1f} s' if s.abort_pending_s else '-'):>13}  {asking}")
+    print(f"hypervisor (boot {hv.boot_id}): {len(hv.vms)} VMs, {hv.vms_recovered} recovered at start")
+    print(f"  {'lpid':>5} {'name':<16} {'state':<13} {'pages':>6} {'running':<7} {'session':<7} notes")
+    for v in hv.vms:
+        notes = ", ".join(filter(None, ["aborting" if v.aborting else "", f"failed: {v.failed}" if v.failed else ""]))
+        print(f"  {v.lpid:>5} {v.name[:16]:<16} {v.state:<13} {v.npages:>6} {str(v.running).lower():<7} "
+              f"{str(v.session).lower():<7} {notes or '-'}")
     return 0
+
+
+def plain(message) -> dict:
+    """A message as JSON-able data with every field (zero ones too), protobuf's field names, and
+    64-bit integers as numbers (protobuf's JSON mapping drops zeros and quotes int64s)."""
+    out = {}
+    for field in message.DESCRIPTOR.fields:
+        value = getattr(message, field.name)
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            value = {k: plain(v) if hasattr(v, "DESCRIPTOR") else v for k, v in value.items()}
+        elif field.is_repeated:
+            value = [plain(v) if hasattr(v, "DESCRIPTOR") else v for v in value]
+        elif field.message_type is not None:
+            value = plain(value)
+        elif field.enum_type is not None:
+            value = field.enum_type.values_by_number[value].name if value in field.enum_type.values_by_number else value
+        elif isinstance(value, bytes):
+            value = value.hex()
+        out[field.name] = value
+    return out
 
 
 def cmd_chaos(a) -> int:
@@ -380,6 +413,8 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="show what the UV and the HV hold")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table",
+                   help="a table (default), or JSON with every field and integers as numbers")
     p.set_defaults(func=cmd_status)
     p = sub.add_parser("chaos", help="seeded fault scenarios with checked invariants")
     from pefsim.chaos.generator import FAULTS

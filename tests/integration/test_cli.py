@@ -40,12 +40,17 @@ def test_up_demo_on_it_status_and_ctrl_c(tmp_path):
         # the guest booted secure in the background; wait for it
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            status = json.loads(pefsim("status", "--stack", str(stack_file)).stdout)
-            if any(s.get("state") == "SVM_SECURE" for s in status["uv"].get("svms", [])):
+            status = json.loads(pefsim("status", "--stack", str(stack_file), "-o", "json").stdout)
+            if any(s["state"] == "SVM_SECURE" for s in status["uv"]["svms"]):
                 break
             time.sleep(0.2)
         else:
             raise AssertionError(f"no secure guest on the stack: {status}")
+        assert isinstance(status["uv"]["pool_pages_total"], int) and "pool_pages_reserved" in status["uv"]
+        vm = status["hv"]["vms"][0]
+        assert isinstance(vm["npages"], int) and vm["aborting"] is False and vm["failed"] == ""
+        table = pefsim("status", "--stack", str(stack_file)).stdout
+        assert "ultravisor (boot" in table and "SVM_SECURE" in table and "VM_SECURE" in table
         demo = pefsim("demo", "--json", "--mem-mib", "1", "--stack", str(stack_file), timeout=180)
         assert demo.returncode == 0, demo.stdout + demo.stderr
         doc = json.loads(demo.stdout)
