@@ -429,6 +429,11 @@ def render(result: dict) -> str:
 
 
 def main(a) -> int:
+    for option in ("guest_mib", "unary_mib", "scale_guest_mib", "options_guest_mib"):
+        size = int(getattr(a, option) * MiB)
+        if size <= 0 or size % (64 << 10):
+            raise ValueError(f"--{option.replace('_', '-')} must be a positive multiple of 64 KiB (0.0625 MiB), "
+                             f"not {getattr(a, option)}")
     result = run(guest_bytes=int(a.guest_mib * MiB), unary_bytes=int(a.unary_mib * MiB), hcalls=a.hcalls,
                  scale_counts=[int(n) for n in a.scaling.split(",")] if a.scaling else None,
                  scale_guest_bytes=int(a.scale_guest_mib * MiB), show_progress=not a.json,

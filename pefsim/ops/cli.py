@@ -58,6 +58,13 @@ def _stack_config(a, **kw):
                        abort_return=a.abort_return, **kw)
 
 
+def _counts(text: str) -> str:
+    """--scaling: positive integers separated by commas (kept as the text the bench parses)."""
+    if text and not all(part.isdecimal() and int(part) > 0 for part in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not positive integers separated by commas (e.g. 1,4,16)")
+    return text
+
+
 def _mem_bytes(mib: float) -> int:
     mem = int(mib * (1 << 20))
     if mem <= 0 or mem % PAGE_SIZE:
@@ -387,6 +394,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pefsim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"pefsim {_version()}")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="run the life-cycle demo")
     _stack_args(p)
@@ -467,7 +475,7 @@ def main(argv=None) -> int:
     p.add_argument("--unary-mib", type=float, default=64,
                    help="guest size for the one-call-a-page run (default 64 MiB: it is slow)")
     p.add_argument("--hcalls", type=int, default=2000, help="hcalls timed for the latency (default 2000)")
-    p.add_argument("--scaling", default="", metavar="N,N,...",
+    p.add_argument("--scaling", default="", metavar="N,N,...", type=_counts,
                    help="also N guests aborting at once, e.g. 1,4,16,64")
     p.add_argument("--scale-guest-mib", type=float, default=16, help="guest size in the scaling runs")
     p.add_argument("--channel-options", type=int, default=0, metavar="ROUNDS",
@@ -512,6 +520,38 @@ def main(argv=None) -> int:
         print(f"pefsim {a.cmd}: interrupted{f' ({exc})' if str(exc) else ''}; every service it started is stopped",
               file=sys.stderr)
         return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # the one error layer: a line that says what is wrong, and the exit code
+        if a.debug:
+            raise
+        code, why = _what_went_wrong(exc)
+        print(f"pefsim {a.cmd}: {why} (--debug shows the traceback)", file=sys.stderr)
+        return code
+
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_ENVIRONMENT, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+def _what_went_wrong(exc: Exception) -> tuple[int, str]:
+    """An exception that reached the CLI as (exit code, one line): the environment (a file, a
+    port, a stack, a tool: 3), a value the command cannot use (2), or a bug in pefsim (1, named as
+    one)."""
+    from pefsim.ops.stack import StackError
+
+    if isinstance(exc, FileNotFoundError):
+        return EXIT_ENVIRONMENT, f"{exc.filename or exc}: no such file or directory"
+    if isinstance(exc, PermissionError):
+        return EXIT_ENVIRONMENT, f"{exc.filename or exc}: permission denied"
+    if isinstance(exc, IsADirectoryError | NotADirectoryError):
+        return EXIT_ENVIRONMENT, f"{exc.filename or exc}: {exc.strerror}"
+    if isinstance(exc, OSError):
+        return EXIT_ENVIRONMENT, f"{exc.strerror or exc}{f': {exc.filename}' if exc.filename else ''}"
+    if isinstance(exc, StackError):
+        return EXIT_ENVIRONMENT, str(exc).splitlines()[0]
+    if isinstance(exc, ValueError):
+        return EXIT_USAGE, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return EXIT_CHECK_FAILED, f"internal error: {type(exc).__name__}: {exc}"
 
 
 if __name__ == "__main__":

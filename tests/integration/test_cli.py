@@ -194,3 +194,31 @@ def test_version_and_chaos_default_moment(tmp_path):
                  "--results", str(tmp_path / "results"), timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["runs"] == 1
+
+
+def test_ordinary_mistakes_are_one_line_with_an_exit_code(tmp_path):
+    """One error layer: each mistake is one line on stderr, no traceback, and an exit code a script
+    can use (2: a value the command cannot use; 3: the environment: a file, a directory); --debug
+    shows the traceback."""
+    pub = tmp_path / "keys"
+    assert pefsim("keys", "--out", str(pub)).returncode == 0
+    (tmp_path / "afile").write_text("x")
+    cases = [
+        (("status", "--stack", str(tmp_path / "none.json")), 3, "no such file"),
+        (("bench", "--guest-mib", "0.01"), 2, "multiple of 64 KiB"),
+        (("blob", "--name", "g", "--mem-mib", "1", "--key", str(tmp_path / "none.key"), "-o",
+          str(tmp_path / "g.blob")), 3, "no such file"),
+        (("blob", "--name", "g", "--mem-mib", "1", "--key", str(pub / "esm-signing.pub"), "-o",
+          str(tmp_path / "g.blob")), 2, "not an unencrypted PEM private key"),
+        (("certs", "--out", str(tmp_path / "c"), "--identity", "guest:../../x"), 2, "not an identity"),
+        (("chaos", "--fault", "kill-hv", "--runs", "1", "--results", str(tmp_path / "afile")), 3,
+         "Not a directory"),
+    ]
+    for args, code, says in cases:
+        out = pefsim(*args)
+        assert (out.returncode, out.stderr.count("\n")) == (code, 1), (args, out.returncode, out.stderr)
+        assert says in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    debug = pefsim("--debug", "status", "--stack", str(tmp_path / "none.json"))
+    assert "Traceback" in debug.stderr
+    bad = pefsim("bench", "--scaling", "1,x")
+    assert bad.returncode == 2 and "positive integers" in bad.stderr and "Traceback" not in bad.stderr
