@@ -20,6 +20,7 @@ import io
 import json
 import os
 import signal
+import shutil
 import tarfile
 import tempfile
 import time
@@ -88,14 +89,20 @@ class DockerBackend:
 
     def tls(self, identity: str):
         """The stack's credentials (copied out of its tls volume): operator, or guest:harness for
-        any guest this backend starts."""
-        from pefsim.tls import Tls
+        any guest this backend starts. Only the CA certificate and those two identities' files are
+        copied (never the CA key or another service's key), into a directory stop() removes."""
+        from pefsim.tls import Tls, file_name
 
         if self._tls_dir is None:
             self._tls_dir = Path(tempfile.mkdtemp(prefix="pefsim-docker-tls-"))
+            wanted = {"ca.pem"} | {f"{file_name(who)}.{ext}" for who in ("operator", "guest:harness")
+                                   for ext in ("pem", "key")}
             stream, _ = self.container("uv").get_archive("/tls/.")
             with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-                tar.extractall(self._tls_dir, filter="data")
+                members = [m for m in tar.getmembers() if Path(m.name).name in wanted and m.isfile()]
+                for m in members:
+                    m.name = Path(m.name).name
+                tar.extractall(self._tls_dir, members=members, filter="data")
         return Tls(self._tls_dir, "guest:harness" if identity.startswith("guest:") else identity)
 
     def wait_healthy(self, svc: str, timeout: float = 60.0) -> None:
@@ -118,6 +125,10 @@ class DockerBackend:
     def stop(self) -> dict:
         for name in list(self.guests):
             self.stop_guest(name)
+        for path in (self._tls_dir, self._histories):  # nothing of the run (no key) is left behind
+            if path is not None:
+                shutil.rmtree(path, ignore_errors=True)
+        self._tls_dir = None
         return {}
 
     def signing_key(self):

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -50,10 +51,30 @@ def _interrupted(signum, _frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
+def _temp_run_dir(a, prefix: str = "pefsim-") -> Path:
+    """The run directory the user named, or a temporary one, remembered so the command removes it
+    when it is done (it holds the stack's CA and keys) unless something failed."""
+    if a.run_dir:
+        return Path(a.run_dir)
+    a.temp_run_dir = Path(tempfile.mkdtemp(prefix=prefix))
+    return a.temp_run_dir
+
+
+def _done_with(a, failed: bool) -> None:
+    """Remove the temporary run directory, or, when something failed, say where it is kept."""
+    temp = getattr(a, "temp_run_dir", None)
+    if temp is None:
+        return
+    if failed:
+        print(f"pefsim {a.cmd}: logs, histories and keys kept in {temp}", file=sys.stderr)
+    else:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
 def _stack_config(a, **kw):
     from pefsim.ops.stack import StackConfig
 
-    run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="pefsim-"))
+    run_dir = _temp_run_dir(a)
     return StackConfig(run_dir=run_dir, pool_pages=a.pool_pages, esm_copy=a.esm_copy,
                        abort_return=a.abort_return, **kw)
 
@@ -98,8 +119,13 @@ def cmd_demo(a) -> int:
                 summary = asyncio.run(demo.run_demo(stack, mem))
         except StackError as exc:
             print(f"pefsim demo: the stack did not start: {exc}", file=sys.stderr)
+            _done_with(a, failed=True)
             return 2
+        except BaseException:
+            _done_with(a, failed=True)
+            raise
     print(demo.public(summary) if a.json else demo.render(summary))
+    _done_with(a, failed=not demo.succeeded(summary))
     return 0 if demo.succeeded(summary) else 1
 
 
@@ -111,9 +137,9 @@ def cmd_up(a) -> int:
         print(f"pefsim up --prometheus: {observability.INSTALL_HINT}", file=sys.stderr)
         return 2
     stack = LocalStack(_stack_config(a, uv_port=a.uv_port, hv_port=a.hv_port))
-    stack.start()
-    prom = None
+    prom, failed = None, True
     try:
+        stack.start()
         if a.prometheus:
             config = observability.write_config(stack.run_dir / "prometheus.yml", [stack.target_dir])
             storage = stack.run_dir / "prometheus-data"
@@ -153,11 +179,13 @@ def cmd_up(a) -> int:
                 print(f"stopped: {', '.join(dead)} exited; see {stack.run_dir / 'logs'}", file=sys.stderr)
                 return 1
             time.sleep(0.2)
+        failed = False
     finally:
         if prom is not None:
             prom.stop()
         codes = stack.stop()
         print("stopped: " + ", ".join(f"{n} ({c})" for n, c in codes.items()), flush=True)
+        _done_with(a, failed=failed)
     return 0
 
 
@@ -293,7 +321,7 @@ def cmd_chaos(a) -> int:
                       final_bound_s=a.final_bound, results=a.results or default_results(), backend=a.backend,
                       mutants=tuple(a.mutant), abort_return=a.abort_return, progress=not a.json,
                       metrics_listen=a.metrics_listen)
-    run_dir = a.run_dir or Path(tempfile.mkdtemp(prefix="pefsim-chaos-"))
+    run_dir = _temp_run_dir(a, "pefsim-chaos-")
     if a.backend == "docker":
         from pefsim.chaos.docker_backend import DockerBackend
 
@@ -301,7 +329,12 @@ def cmd_chaos(a) -> int:
     else:
         backend = LocalBackend(run_dir, proxies=a.fault.startswith("net-"), mutants=tuple(a.mutant),
                                abort_return=a.abort_return, pool_pages=a.pool_pages)
-    summary = run_chaos(cfg, backend, log=lambda s: print(s, flush=True))
+    try:
+        summary = run_chaos(cfg, backend, log=lambda s: print(s, flush=True))
+    except BaseException:
+        _done_with(a, failed=True)
+        raise
+    _done_with(a, failed=bool(summary["violations"]))
     if a.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
     else:

@@ -222,3 +222,13 @@ def test_ordinary_mistakes_are_one_line_with_an_exit_code(tmp_path):
     assert "Traceback" in debug.stderr
     bad = pefsim("bench", "--scaling", "1,x")
     assert bad.returncode == 2 and "positive integers" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_temporary_run_dir_is_removed_when_done(tmp_path):
+    """A command that made its own run directory (it holds the stack's CA and keys) removes it when
+    it succeeded; the demo here, with TMPDIR pointed at an empty directory."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = pefsim("demo", "--json", "--mem-mib", "1", env={**os.environ, "TMPDIR": str(tmp)}, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert list(tmp.iterdir()) == []
