@@ -65,7 +65,7 @@ def _done_with(a, failed: bool) -> None:
     temp = getattr(a, "temp_run_dir", None)
     if temp is None:
         return
-    if failed:
+    if failed and temp.is_dir() and any(temp.iterdir()):  # a stack ran there: its evidence stays
         print(f"pefsim {a.cmd}: logs, histories and keys kept in {temp}", file=sys.stderr)
     else:
         shutil.rmtree(temp, ignore_errors=True)
