@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -33,8 +34,29 @@ class StackTlsMissing(StackError):
     The message is one line: which file, and what to do."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A port nothing listens on, for a service to bind a moment later, picked below the ephemeral
+    range: a port bind(0) returns comes from that range, which the kernel also hands out as the
+    source port of any outgoing connection, so another process's connection could take it before
+    the service binds it (seen in CI: 'Failed to bind to address')."""
+    low = _ephemeral_low()
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a crowded host: the kernel's pick
         s.bind((host, 0))
         return s.getsockname()[1]
 
