@@ -129,8 +129,9 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
         killed = fault["injected"] and plan.fault == "kill-guest"
         try:
             if killed:  # final once the HV destroyed its VM and the UV forgot its SVM
-                await _until(lambda: m.hv is not None and g_lpid(guests["victim"]) not in m.hv.state.vms
-                             and g_lpid(guests["victim"]) not in m.uv.state.svms, FINAL_BOUND_S)
+                lpid = guests["victim"].lpid
+                await _until(lambda: m.hv is not None and lpid not in m.hv.state.vms
+                             and lpid not in m.uv.state.svms, FINAL_BOUND_S)
             else:
                 await asyncio.wait_for(asyncio.shield(victim), FINAL_BOUND_S)
         except TimeoutError:
@@ -158,10 +159,6 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
         await m.close()
     history = {svc: read_history(root / f"{svc}.history.jsonl", [0, float("inf")]) for svc in ("uv", "hv")}
     return record, history
-
-
-def g_lpid(program) -> int:
-    return program.lpid
 
 
 async def _until(cond, timeout: float, every: float = 0.05) -> None:
@@ -208,14 +205,26 @@ class _nemesis:
             faults.disarm(self.plan.failpoint)
 
 
+async def _first(event, victim: asyncio.Future) -> None:
+    """Wait (bounded) for ``event`` (a coroutine, or a future the nemesis shares) or the victim's
+    end, whichever comes first; a coroutine's task is cancelled after, a shared future never."""
+    waiting = asyncio.ensure_future(event)
+    await asyncio.wait({waiting, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
+    if waiting is not event:
+        waiting.cancel()
+
+
+def _heal_links(m) -> None:
+    m.hv_to_uv.cut = m.uv_to_hv.cut = False
+    m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+
+
 async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> dict:
     """Wait for the fault to happen (or the victim to finish first), heal it; what happened."""
     rec = {"injected": False, "t_inject": 0.0, "t_heal": 0.0, "detail": ""}
     now = asyncio.get_running_loop().time
     if plan.fault == "kill-hv":
-        crashed = asyncio.ensure_future(m.crashed.wait())
-        await asyncio.wait({crashed, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
-        crashed.cancel()
+        await _first(m.crashed.wait(), victim)
         m.hv_to_uv.crash = None
         if m.crashed.is_set():
             rec.update(injected=True, t_inject=now(), detail=f"HV crashed at {m.crashes[-1]}")
@@ -224,9 +233,7 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
                 faults.arm(f"{plan.again}=crash", on_crash=m.crash_hv)
                 try:
                     await m.restart_hv()
-                    again = asyncio.ensure_future(m.crashed.wait())
-                    await asyncio.wait({again, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
-                    again.cancel()
+                    await _first(m.crashed.wait(), victim)
                 finally:
                     faults.disarm(plan.again)
                 if m.crashed.is_set():
@@ -235,33 +242,21 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
                     await m.restart_hv()
             else:
                 await m.restart_hv()
-        rec["t_heal"] = now()
-    elif plan.fault == "partition":
-        await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
-        if nemesis.cut.done():
+    elif plan.fault in ("partition", "kill-guest", "reset-uv"):
+        await _first(nemesis.cut, victim)
+        if nemesis.cut.done() and plan.fault == "partition":
             rec.update(injected=True, t_inject=now(), detail=f"HV<->UV cut at {plan.cut_at[0]} for {plan.for_s} s")
             await asyncio.sleep(plan.for_s)
-        m.hv_to_uv.cut = m.uv_to_hv.cut = False
-        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
-        rec["t_heal"] = now()
-    elif plan.fault == "kill-guest":
-        await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
-        m.hv_to_uv.cut = m.uv_to_hv.cut = False  # the trigger only marks the moment here
-        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
-        if nemesis.cut.done() and not victim.done():
-            rec.update(injected=True, t_inject=now(), detail=f"kill -9 the victim guest at {plan.cut_at[0]}")
-            m.kill_guest("victim", victim)
-        rec["t_heal"] = now()
-    elif plan.fault == "reset-uv":
-        await asyncio.wait({nemesis.cut, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
-        if nemesis.cut.done():
+        elif nemesis.cut.done() and plan.fault == "reset-uv":
             rec.update(injected=True, t_inject=now(), detail=f"UV reset at {plan.cut_at[0]}")
             await m.reset_uv()
-        m.hv_to_uv.cut = m.uv_to_hv.cut = False
-        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
-        rec["t_heal"] = now()
+        _heal_links(m)
+        if plan.fault == "kill-guest" and nemesis.cut.done() and not victim.done():
+            rec.update(injected=True, t_inject=now(), detail=f"kill -9 the victim guest at {plan.cut_at[0]}")
+            m.kill_guest("victim", victim)
     elif plan.fault == "lose":
         rec.update(injected=True, t_inject=now(), detail=f"{plan.link} {plan.lose[0]} answer lost")
+    if plan.fault != "none":
         rec["t_heal"] = now()
     return rec
 
