@@ -37,6 +37,8 @@ POINTS = {
     "hv.abort.before_resume": "UV_SVM_TERMINATE done, before the guest is resumed",
     "hv.secure.page_out": "the HV got UV_PAGE_OUT's answer for a secure page-out (H_SVM_PAGE_OUT, "
                           "a host touch), before writing the ciphertext",
+    "hv.disk.before_rename": "the HV wrote and fsync'd a VM's new vm.json as a temporary, before renaming it "
+                             "over the old one",
     "uv.esm.before_abort": "the UV decided to abort, before H_SVM_INIT_ABORT",
     "guest.before_esm": "the guest loaded its image, before its `sc 2` UV_ESM (with =stop: "
                         "`pefsim bench` starts many guests' ESMs and aborts at once)",

@@ -14,10 +14,11 @@ services run; only the transport differs:
 Faults are ports that fail on cue: a :class:`Link` can be cut (every call fails before the callee
 acts) or told to lose the answer of a call after the callee acted; a failpoint armed with
 ``=crash`` (pefsim.faults) crashes the HV core where it is reached. ``Machine.crash_hv`` is a
-``kill -9``: every task of the HV core is cancelled and its object dropped; what it wrote to its
-data directory (vm.json, the GFN-state and RAM files written through their shared mappings) is
-what a restarted HV (``Machine.restart_hv``) finds, exactly as after a real kill. (A power cut,
-which also loses what the page cache held, is not modelled here: docs/recovery.md.)
+``kill -9``: every task of the HV core is cancelled and its object dropped. What a restarted HV
+(``Machine.restart_hv``) finds on disk is kept by :class:`Disk`, with a kill's semantics: exactly
+what the data directory held at the crash's instant, nothing the dead core's unwinding tasks did
+after it (a real kill runs no ``finally``). (A power cut, which also loses what the page cache
+held, is not modelled here: docs/recovery.md.)
 
 ``Machine.reset_uv`` is a machine reset as the UV sees it (a new UV core, a new boot id).
 
@@ -439,6 +440,58 @@ class LocalVcpus:
         pass
 
 
+class Disk:
+    """The HV's data directory through a crash, as a ``kill -9`` of the HV process leaves it.
+
+    What survives: every write that completed before the crash's instant, in the page cache if
+    not yet on the platters (file contents, renames, creations and removals, stores through the
+    shared mappings of guest RAM and GFN states: all visible to the files). What does not: anything
+    after that instant. In one process a crashed core's tasks still unwind (``except`` and
+    ``finally`` run, and may write: ``write_durably`` removes its temporary); a killed process's
+    never do. So ``crash`` takes an image of the directory at the instant and ``restore`` puts it
+    back before the next HV starts, recording what the dead core changed after its death
+    (``discarded``). A crash between two steps of a multi-step write (failpoint
+    ``hv.disk.before_rename``: the temporary written and fsync'd, not yet renamed) leaves exactly
+    the files a kill there leaves."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.image: dict[str, bytes | None] | None = None  # relative path -> bytes, None: a directory
+        self.discarded: list[str] = []  # "changed PATH" / "removed PATH" / "created PATH", per crash
+
+    def _read(self) -> dict[str, bytes | None]:
+        found: dict[str, bytes | None] = {}
+        for path in sorted(self.root.rglob("*")):
+            rel = str(path.relative_to(self.root))
+            found[rel] = None if path.is_dir() else path.read_bytes()
+        return found
+
+    def crash(self) -> None:
+        """The crash's instant: what is on disk now is what the next HV will find."""
+        self.image = self._read()
+
+    def restore(self) -> None:
+        """Undo what happened after the crash (the dead core's unwinding); before the HV restarts."""
+        if self.image is None:
+            return
+        now, image, self.image = self._read(), self.image, None
+        for rel in sorted(set(now) - set(image), reverse=True):  # files before their directories
+            path = self.root / rel
+            path.rmdir() if now[rel] is None else path.unlink()
+            self.discarded.append(f"created {rel}")
+        for rel in sorted(image):  # directories before their files
+            path, data = self.root / rel, image[rel]
+            if rel in now and now[rel] == data:
+                continue
+            self.discarded.append(f"{'removed' if rel not in now else 'changed'} {rel}")
+            if data is None:
+                path.mkdir(parents=True, exist_ok=True)
+                continue
+            with open(path, "r+b" if path.exists() else "wb") as fh:  # in place: no truncation under a map
+                fh.write(data)
+                fh.truncate()
+
+
 class Machine:
     """One UV core and one HV core (restartable) in this event loop, wired by the local ports.
 
@@ -462,6 +515,7 @@ class Machine:
         self.crashed = asyncio.Event()
         self.hv_up = asyncio.Event()  # set while an HV core serves
         self.crashes: list[str] = []
+        self.disk = Disk(hv_config.data_dir)  # what a restarted HV finds: the directory at the crash
         self.guests: dict[str, GuestProgram] = {}
         self._loop = asyncio.get_running_loop()
         self._factory = self._loop.get_task_factory()
@@ -536,6 +590,7 @@ class Machine:
             return
         log.warning("HV crashed%s", f" ({why})" if why else "")
         self.crashes.append(why)
+        self.disk.crash()
         self.hv.stopping = True
         self.hv_service.kill()
         for vm in self.hv.state.vms.values():
@@ -551,6 +606,7 @@ class Machine:
         if self.hv is not None:
             self.crash_hv("restart")
         await asyncio.gather(*self.hv_service.tasks, return_exceptions=True)
+        self.disk.restore()
         self.crashed.clear()
         return self.start_hv()
 

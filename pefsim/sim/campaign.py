@@ -14,7 +14,8 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from pefsim.sim.scenario import ABORT_POINTS, CUT_CALLS, DURINGS, FAULTS, LOSABLE, PAGES, Plan, plan_of, run_one
+from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, LOSABLE, PAGES, VM_JSON_WRITES,
+                                 Plan, plan_of, run_one)
 
 
 @dataclass
@@ -41,6 +42,7 @@ def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
         add(fault="none", during=during)
         points = [(p, n) for p in ABORT_POINTS for n in (range(1, PAGES + 1) if p == "hv.abort.page_out" else (1,))] \
             if during == "abort" else [("hv.esm.page_in", n) for n in range(1, PAGES + 1)] + [("hv.esm.init_done", 1)]
+        points += [(DISK_POINT, n) for n in range(1, VM_JSON_WRITES[during] + 1)]
         for point, n in points:
             add(fault="kill-hv", during=during, failpoint=f"{point}:{n}@victim", for_s=1.0)
         if during == "abort":  # crash once, then again while the restarted HV finishes the abort

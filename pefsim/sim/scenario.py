@@ -40,6 +40,8 @@ FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv", "kill-guest")
 DURINGS = ("abort", "esm")
 OPERATOR = Caller(Role.ROLE_OPERATOR, "operator")
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
+DISK_POINT = "hv.disk.before_rename"  # a crash between a vm.json's fsync'd temporary and its rename
+VM_JSON_WRITES = {"abort": 7, "esm": 4}  # how many times the victim's boot replaces its vm.json
 CUT_CALLS = {"abort": ("H_SVM_INIT_ABORT", "UvPageOutStream", "UV_SVM_TERMINATE"),
              "esm": ("H_SVM_INIT_START", "UV_REGISTER_MEM_SLOT", "HSvmPageInBulk", "H_SVM_INIT_DONE")}
 LOSABLE = {"uv->hv": ("H_SVM_INIT_ABORT", "H_SVM_INIT_DONE", "HSvmPageInBulk", "H_SVM_INIT_START"),
@@ -72,11 +74,13 @@ def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ..
         plan.for_s = round(rng.uniform(0.0, 5.0), 3)
         if rng.random() < 0.5:
             if plan.during == "abort":
-                point = rng.choices(ABORT_POINTS, weights=(6, 2, 2))[0]
+                point = rng.choices(ABORT_POINTS + (DISK_POINT,), weights=(6, 2, 2, 2))[0]
                 nth = rng.randint(1, PAGES) if point == "hv.abort.page_out" else 1
             else:
-                point = rng.choice(("hv.esm.page_in", "hv.esm.init_done"))
+                point = rng.choice(("hv.esm.page_in", "hv.esm.init_done", DISK_POINT))
                 nth = rng.randint(1, PAGES) if point == "hv.esm.page_in" else 1
+            if point == DISK_POINT:
+                nth = rng.randint(1, VM_JSON_WRITES[plan.during])
             plan.failpoint = f"{point}:{nth}@victim"
         else:
             calls = (("UvPageOutStream", 2), ("UV_SVM_TERMINATE", 1)) if plan.during == "abort" \
@@ -242,6 +246,7 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
                     await m.restart_hv()
             else:
                 await m.restart_hv()
+            rec["disk_discarded"] = list(m.disk.discarded)  # what the dead HV's unwinding wrote: undone
     elif plan.fault in ("partition", "kill-guest", "reset-uv"):
         await _first(nemesis.cut, victim)
         if nemesis.cut.done() and plan.fault == "partition":
@@ -276,6 +281,7 @@ class Outcome:
     violations: list
     digest: str  # sha256 of the record and the histories: a seed replays to the same digest
     virtual_s: float
+    record: dict  # what the run recorded (plan, fault, guests' outcomes), as the checkers read it
 
 
 def scratch_dir() -> Path | None:
@@ -300,6 +306,6 @@ def run_one(plan: Plan, mutants: tuple[str, ...] = (), scratch: Path | None = No
             record, history = vloop.run(main())
         found = checker.check(record, history)
         text = json.dumps({"record": record, "history": history}, sort_keys=True, default=str)
-        return Outcome(plan, found, hashlib.sha256(text.encode()).hexdigest(), loop_time[0])
+        return Outcome(plan, found, hashlib.sha256(text.encode()).hexdigest(), loop_time[0], record)
     finally:
         shutil.rmtree(root, ignore_errors=True)

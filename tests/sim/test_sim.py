@@ -87,6 +87,19 @@ def test_keeping_pages_until_terminate_is_what_survives_a_lost_page():
     assert [v.invariant for v in broken] == ["memory-intact"], broken
 
 
+def test_an_hv_killed_between_a_temporary_and_its_rename_recovers_from_the_old_file():
+    """The simulated disk keeps what a kill leaves: the crash lands after vm.json's temporary was
+    written and fsync'd, before its rename. The dead core's unwinding removes the temporary (a
+    killed process would not): that removal is undone, so the restarted HV finds the old vm.json
+    beside a stale temporary, loads the old one and finishes the abort."""
+    plan = next(p for p in every_plan(("abort",)) if p.failpoint == "hv.disk.before_rename:5@victim")
+    outcome = run_one(plan)
+    assert outcome.violations == []
+    assert outcome.record["fault"]["injected"]
+    assert [d for d in outcome.record["fault"]["disk_discarded"] if d.endswith("vm.json.tmp")] == \
+        ["removed vm-2/vm.json.tmp"], outcome.record["fault"]
+
+
 def test_regression_a_uv_reset_before_init_start_reaches_the_hv():
     """Found by the simulator (seed 92 of --fault reset-uv): the UV reset while the victim's
     H_SVM_INIT_START was on its way. The HV had never seen the VM enter secure mode, so its UV

@@ -76,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 from pefsim import entropy
-from pefsim import clock
+from pefsim import clock, faults
 from pefsim.abi import HV_RA_BASE, PAGE_SIZE, GfnState, SecureGuest, VmState, gfn_of, gpa_of
 from pefsim.dataplane import MAX_FRAME_PAGES
 
@@ -238,16 +238,19 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, text: str) -> None:
+def write_durably(path: Path, text: str, who: str = "") -> None:
     """Replace ``path`` so that a kill or a power cut leaves the old content or the new, never an
     empty or torn file: a temporary written and fsync'd, renamed over, the directory fsync'd. A
-    failure leaves the old file and no temporary."""
+    failure leaves the old file and no temporary; a kill between the two (failpoint
+    ``hv.disk.before_rename``, for VM ``who``) leaves the old file and the temporary, which the
+    next write replaces and loading ignores."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        faults.reach("hv.disk.before_rename", who)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -656,7 +659,7 @@ class HvState:
                 "pageouts_pending": sorted(vm.pageouts_pending),
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
                            "ra_base": s.ra_base, "shared": s.shared} for s in vm.slots.values()]}
-        write_durably(vm.directory / "vm.json", json.dumps(meta, sort_keys=True))
+        write_durably(vm.directory / "vm.json", json.dumps(meta, sort_keys=True), vm.name)
 
     # -- secure_guest --------------------------------------------------------------------------
 
