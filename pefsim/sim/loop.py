@@ -49,16 +49,32 @@ class _VirtualSelector(selectors.BaseSelector):
 
 
 class VirtualLoop(asyncio.SelectorEventLoop):
-    """An event loop on virtual time (``now``, seconds from 0)."""
+    """An event loop on virtual time (``now``, seconds from 0).
 
-    def __init__(self):
+    With ``schedule`` (a seeded random.Random), the order in which the callbacks that are ready
+    together run (a task's next step, a future's done callback, a message's delivery) is drawn
+    from it at each turn, not first come first served: any order of ready work is one a real
+    system can take (threads, processes and the network promise nothing between them), and the
+    seed makes it replay. Callbacks that become ready during a turn run in a later turn, as
+    asyncio's own loop does."""
+
+    def __init__(self, schedule=None):
         selector = _VirtualSelector()
         self.now = 0.0
+        self.schedule = schedule
         super().__init__(selector)
         selector.loop = self
 
     def time(self) -> float:
         return self.now
+
+    def _run_once(self):
+        if self.schedule is not None and len(self._ready) > 1:
+            ready = list(self._ready)
+            self.schedule.shuffle(ready)
+            self._ready.clear()
+            self._ready.extend(ready)
+        super()._run_once()
 
 
 class LoopClock:
@@ -75,11 +91,12 @@ class LoopClock:
         await asyncio.sleep(seconds)
 
 
-def run(main, debug: bool = False):
-    """Run a coroutine to its end on a fresh VirtualLoop, with the clock port on its time."""
+def run(main, schedule=None):
+    """Run a coroutine to its end on a fresh VirtualLoop (ready work ordered by ``schedule``, a
+    seeded random.Random, if given), with the clock port on its time."""
     from pefsim import clock
 
-    loop = VirtualLoop()
+    loop = VirtualLoop(schedule)
     try:
         with clock.use(LoopClock()):
             return loop.run_until_complete(main)

@@ -291,8 +291,13 @@ def scratch_dir() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
-def run_one(plan: Plan, mutants: tuple[str, ...] = (), scratch: Path | None = None) -> Outcome:
-    """One run on its own virtual-time loop, entropy seeded from the plan's seed."""
+SCHEDULES = ("seeded", "fifo")
+
+
+def run_one(plan: Plan, mutants: tuple[str, ...] = (), scratch: Path | None = None,
+            schedule: str = "seeded") -> Outcome:
+    """One run on its own virtual-time loop, entropy seeded from the plan's seed; ready work runs
+    in an order drawn from the seed (``seeded``) or first come first served (``fifo``)."""
     root = Path(tempfile.mkdtemp(prefix=f"pefsim-sim-{plan.seed}-", dir=scratch or scratch_dir()))
     try:
         with entropy.use(plan.seed), faults.mutants(mutants):
@@ -303,7 +308,8 @@ def run_one(plan: Plan, mutants: tuple[str, ...] = (), scratch: Path | None = No
                     return await _scenario(plan, root, mutants)
                 finally:
                     loop_time.append(asyncio.get_running_loop().time())
-            record, history = vloop.run(main())
+            order = random.Random(plan.seed ^ 0x5C4ED) if schedule == "seeded" else None
+            record, history = vloop.run(main(), order)
         found = checker.check(record, history)
         text = json.dumps({"record": record, "history": history}, sort_keys=True, default=str)
         return Outcome(plan, found, hashlib.sha256(text.encode()).hexdigest(), loop_time[0], record)
