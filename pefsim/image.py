@@ -14,6 +14,7 @@ what any page must hold without keeping a copy.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -25,6 +26,11 @@ from pefsim.abi import PAGE_SIZE, gpa_of
 FDT_MAGIC = "pefsim-fdt-v1"
 BLOB_PAGES = 1
 MIN_PAGES = 9
+
+
+@functools.lru_cache(maxsize=256)  # 16 MiB at most; the simulator's guests read theirs thousands of times
+def _random_page(key: str) -> bytes:
+    return random.Random(key).randbytes(PAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -90,7 +96,7 @@ class GuestImage:
     # -- content --------------------------------------------------------------------------------
 
     def _random_page(self, gfn: int) -> bytes:
-        return random.Random(f"{self.seed or self.name}:{gfn}").randbytes(PAGE_SIZE)
+        return _random_page(f"{self.seed or self.name}:{gfn}")
 
     def fdt_document(self, blob_len: int) -> dict:
         return {

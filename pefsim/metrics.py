@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from typing import Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
                                start_http_server)
@@ -92,7 +92,8 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 class ServiceMetrics(CallObserver):
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
+        self._registry = CollectorRegistry()
+        self._unborn: list[tuple[Any, tuple[str, ...]]] = []  # children to create at 0 (zero)
         self.snapshots: list[LoopSnapshot] = []  # bound to the loop serve() runs on
         ProcessCollector(registry=self.registry)  # process_start_time_seconds, RSS, CPU
         PlatformCollector(registry=self.registry)
@@ -108,13 +109,25 @@ class ServiceMetrics(CallObserver):
             "reason (calls: too many in flight; bytes: too many request bytes; arrival: no request in time).",
             ["call", "reason"], registry=self.registry)
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The registry, every zeroed series in it: a reader (/metrics, a test) sees them all."""
+        self._born()
+        return self._registry
+
+    def _born(self) -> None:
+        """Create the children ``zero`` asked for. Deferred until someone reads the registry: a
+        Histogram's child costs ~40 us (its buckets), a service has hundreds, and a core that is
+        never scraped (in process, the simulator's thousands of runs) never needs them."""
+        unborn, self._unborn = self._unborn, []
+        for metric, labels in unborn:
+            metric.labels(*labels)
+
     def prepare_call(self, call: str, results: list[str]) -> None:
-        self.calls_running.labels(call)
-        for reason in ("calls", "bytes", "arrival"):
-            self.calls_refused.labels(call, reason)
-        for result in results:
-            self.calls.labels(call, result)
-            self.call_seconds.labels(call, result)
+        self.zero(self.calls_running, call)
+        self.zero(self.calls_refused, *((call, reason) for reason in ("calls", "bytes", "arrival")))
+        self.zero(self.calls, *((call, result) for result in results))
+        self.zero(self.call_seconds, *((call, result) for result in results))
 
     def call_running(self, call: str, delta: int) -> None:
         self.calls_running.labels(call).inc(delta)
@@ -152,12 +165,11 @@ class ServiceMetrics(CallObserver):
         self.snapshots.append(snap)
         return snap
 
-    @staticmethod
-    def zero(metric, *label_sets) -> None:
-        """Create a labelled metric's children up front: a series that is born at 1 has no
-        increase for rate() to see, so its first event would be lost to the dashboards."""
-        for labels in label_sets:
-            metric.labels(*labels if isinstance(labels, tuple) else (labels,))
+    def zero(self, metric, *label_sets) -> None:
+        """Have a labelled metric's children exist at 0 before their first event: a series that
+        is born at 1 has no increase for rate() to see, so its first event would be lost to the
+        dashboards. They are made when the registry is first read (``registry``)."""
+        self._unborn += [(metric, labels if isinstance(labels, tuple) else (labels,)) for labels in label_sets]
 
     def serve(self, listen: str | None) -> int | None:
         """Serve /metrics on ``host:port`` (port 0 picks one); returns the bound port."""
