@@ -94,6 +94,20 @@ class Link:
     on_call: Callable[[str, int], None] | None = None
     counts: dict[str, int] = field(default_factory=dict)
     arrived: dict[str, int] = field(default_factory=dict)
+    # the guests (a call's on_behalf) whose calls the callee never answers, alive as it is for every
+    # other guest: each such call waits out its caller's deadline (DEADLINE_EXCEEDED)
+    ignore: set[str] = field(default_factory=set)
+    ignored_in_flight: int = 0  # such calls waiting now
+
+    async def ignored(self, on_behalf: str, timeout: float) -> None:
+        """A call on behalf of an ignored guest: no answer before the caller's deadline."""
+        if on_behalf in self.ignore:
+            self.ignored_in_flight += 1
+            try:
+                await asyncio.sleep(timeout)
+            finally:
+                self.ignored_in_flight -= 1
+            raise TimeoutError
 
     def before(self, name: str) -> bool:
         """Whether the call may go through; counts it. False: it never reached the callee."""
@@ -109,6 +123,7 @@ class Link:
         self.cut, self.lose, self.crash, self.on_call = False, None, None, None
         self.counts.clear()
         self.arrived.clear()
+        self.ignore.clear()
 
     def loses(self, name: str) -> bool:
         return self.lose is not None and self.lose(name, self.counts.get(name, 0))
@@ -322,6 +337,7 @@ class LocalHv:
             raise HvUnreachable(name, "UNAVAILABLE")
         call, (_, resp_cls) = hv.table.calls[name], HV_METHODS[name]
         with transport(HvUnreachable, name, self.machine.uv_to_hv):
+            await self.machine.uv_to_hv.ignored(on_behalf, timeout)
             resp = await self.machine.hv_service.serve(
                 hv.table.run(call, resp_cls, _copy(request), Caller(Role.ROLE_UV, "uv", on_behalf)), timeout)
         return _copy(resp)

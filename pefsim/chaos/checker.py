@@ -24,6 +24,9 @@ INVARIANTS = {
                             "resumed in secure mode after an abort",
     "final-state-bound": "every SVM reaches a final state (secure, normal, terminated) within the bound "
                          "after the last fault heals",
+    "held-svm-bounded": "an SVM whose calls the HV never answers costs that SVM only: another guest still "
+                        "gets to secure, the UV keeps the held SVM (its pages within its size, not growing) "
+                        "and asks for it one call at a time",
     "legal-return-codes": "every result a service gave is legal for the call and the state it was in "
                           "(the conformance table); no handler raised (INTERNAL)",
 }
@@ -90,10 +93,15 @@ def no_plaintext_to_hv(rec, history):
 def uv_forgets_terminated(rec, history):
     lpids = {g["report"]["lpid"] for g in rec["guests"].values() if g.get("report", {}).get("lpid")}
     after = rec["uv_after"]
+    kept = 0  # pages of a held SVM no UV_SVM_TERMINATE ever reached: the UV must keep it
+    terminated = {e["lpid"] for e in history.get("hv", []) if e.get("call") == "UV_SVM_TERMINATE"}
     for svm in after.get("svms", []):
+        if svm["lpid"] == rec.get("held", {}).get("lpid") and svm["lpid"] not in terminated:
+            kept += int(svm.get("securePages", 0))
+            continue  # the HV never saw its H_SVM_INIT_START, so never terminates it (docs/recovery.md)
         if svm["lpid"] in lpids:
             yield f"lpid {svm['lpid']} still held by the UV after teardown ({svm})"
-    before, now = rec["pool_before"], int(after.get("poolPagesInUse", 0))
+    before, now = rec["pool_before"], int(after.get("poolPagesInUse", 0)) - kept
     if now != before:
         yield f"secure pages in use {now} after the run, {before} before"
 
@@ -118,10 +126,35 @@ def aborted_resumed_once(rec, history):
 
 
 def final_state_bound(rec, history):
+    held = rec.get("held", {}).get("guest")
     for g in rec["guests"].values():
         outcome = g.get("outcome")
+        if outcome == "held" and g["name"] == held:
+            continue  # the HV never answers for it: held-svm-bounded judges it
         if outcome not in FINAL:
             yield f"{g['name']}: no final state within {rec['final_bound_s']} s after the heal (last: {outcome})"
+
+
+def held_svm_bounded(rec, history):
+    held = rec.get("held")
+    if not held:
+        return
+    late = rec["guests"].get(held["late"], {})
+    if late.get("outcome") != "secure":
+        yield f"{held['late']} booted while the HV ignored {held['guest']}: {late.get('outcome')}, not secure"
+    elif held["late_boot_s"] > held["late_bound_s"]:
+        yield (f"{held['late']} took {held['late_boot_s']:.1f} s to get to secure while the HV ignored "
+               f"{held['guest']} (bound {held['late_bound_s']} s): the held SVM's calls stood in its way")
+    samples = held["samples"]
+    for s in samples:
+        if s["pages"] > held["svm_pages"]:
+            yield f"{held['guest']} pins {s['pages']} pages in the UV at t={s['t']:.1f}, more than its {held['svm_pages']}"
+        if s["in_flight"] > 1:
+            yield f"{s['in_flight']} calls for {held['guest']} wait on the silent HV at once at t={s['t']:.1f}"
+        if s["held_by_uv"] is False and rec["guests"][held["guest"]].get("outcome") == "held":
+            yield f"the UV let go of {held['guest']} while its guest still waits (t={s['t']:.1f})"
+    if len(samples) > 1 and samples[-1]["pages"] > samples[0]["pages"]:
+        yield f"{held['guest']}'s pins grew from {samples[0]['pages']} to {samples[-1]['pages']} pages"
 
 
 def legal_return_codes(rec, history):
@@ -160,6 +193,7 @@ CHECKS = {
     "uv-forgets-terminated": uv_forgets_terminated,
     "aborted-resumed-once": aborted_resumed_once,
     "final-state-bound": final_state_bound,
+    "held-svm-bounded": held_svm_bounded,
     "legal-return-codes": legal_return_codes,
 }
 assert set(CHECKS) == set(INVARIANTS)

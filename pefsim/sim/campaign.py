@@ -14,8 +14,8 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
-from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, LOSABLE, PAGES, VM_JSON_WRITES,
-                                 Plan, plan_of, run_one)
+from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, HANG_CALLS, LOSABLE, PAGES,
+                                 VM_JSON_WRITES, Plan, plan_of, run_one)
 
 
 @dataclass
@@ -60,6 +60,8 @@ def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
         for call in CUT_CALLS[during]:
             add(fault="partition", during=during, cut_at=(call, 1), for_s=5.0)
             add(fault="reset-uv", during=during, cut_at=(call, 1))
+        for call in HANG_CALLS[during]:
+            add(fault="hang", during=during, cut_at=(call, 1))
     return plans
 
 

@@ -36,7 +36,7 @@ from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 PAGES = 16  # a guest of 16 pages of 64 KiB (1 MiB)
 MEM = PAGES * PAGE_SIZE
 FINAL_BOUND_S = 90.0  # virtual seconds for every guest to be final after the last fault heals (as chaos)
-FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv", "kill-guest")
+FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv", "kill-guest", "hang")
 DURINGS = ("abort", "esm")
 OPERATOR = Caller(Role.ROLE_OPERATOR, "operator")
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
@@ -44,6 +44,13 @@ DISK_POINT = "hv.disk.before_rename"  # a crash between a vm.json's fsync'd temp
 VM_JSON_WRITES = {"abort": 7, "esm": 4}  # how many times the victim's boot replaces its vm.json
 CUT_CALLS = {"abort": ("H_SVM_INIT_ABORT", "UvPageOutStream", "UV_SVM_TERMINATE"),
              "esm": ("H_SVM_INIT_START", "UV_REGISTER_MEM_SLOT", "HSvmPageInBulk", "H_SVM_INIT_DONE")}
+# hang: from this call of the victim's on, the HV answers nothing the UV asks for the victim (alive
+# for every other guest); a late guest must still get to secure, and what the victim pins stay bounded
+HANG_CALLS = {"abort": ("H_SVM_INIT_ABORT",), "esm": ("H_SVM_INIT_START", "HSvmPageInBulk", "H_SVM_INIT_DONE")}
+HELD_FOR_S = 60.0  # how long (virtual s) the held SVM's pins are watched for growth
+# the late guest's boot to secure while the HV ignores the victim (~0.05 s alone): a wait of the
+# order of the UV's hcall timeout (30 s) means the held SVM's calls stood in the others' way
+LATE_BOUND_S = 5.0
 LOSABLE = {"uv->hv": ("H_SVM_INIT_ABORT", "H_SVM_INIT_DONE", "HSvmPageInBulk", "H_SVM_INIT_START"),
            "hv->uv": ("UvPageOutStream", "UvPageInStream", "UV_SVM_TERMINATE", "UV_REGISTER_MEM_SLOT")}
 
@@ -60,7 +67,8 @@ class Plan:
     link: str = ""  # lose: "uv->hv" or "hv->uv"
     lose: tuple[str, int] = ("", 0)  # lose: the n-th answer of this call
     cut_at: tuple[str, int] = ("", 0)  # partition: the link is cut as the n-th such call goes;
-    # reset-uv: the UV is reset (a machine reset) as it goes; kill-guest: the victim is killed
+    # reset-uv: the UV is reset (a machine reset) as it goes; kill-guest: the victim is killed;
+    # hang: from it on, the HV never answers the UV's calls for the victim
     for_s: float = 0.0  # partition: how long (virtual s); kill-hv: the HV's downtime
     again: str = ""  # kill-hv: a failpoint armed =crash in the restarted HV (a crash during recovery)
 
@@ -90,6 +98,9 @@ def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ..
     elif plan.fault == "lose":
         plan.link = rng.choice(tuple(LOSABLE))
         plan.lose = (rng.choice(LOSABLE[plan.link]), 1)
+    elif plan.fault == "hang":
+        calls = HANG_CALLS[plan.during]
+        plan.cut_at = (calls[rng.randrange(len(calls))], 1)
     elif plan.fault in ("partition", "reset-uv", "kill-guest"):
         calls = CUT_CALLS[plan.during]
         plan.cut_at = (calls[rng.randrange(len(calls))], 1)
@@ -130,6 +141,9 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
             victim = asyncio.ensure_future(guests["victim"].boot())
             fault = await _fault(m, plan, victim, nemesis)
         record["fault"] = fault
+        held = fault["injected"] and plan.fault == "hang"
+        if held:  # another guest gets to secure meanwhile, and the victim's pins are watched
+            await _held(m, plan, key, record, guests)
         killed = fault["injected"] and plan.fault == "kill-guest"
         try:
             if killed:  # final once the HV destroyed its VM and the UV forgot its SVM
@@ -146,6 +160,9 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
                 record["guests"][role]["outcome"] = "killed" if gone else "not-destroyed"
                 continue
             rep = g.report
+            if role == "victim" and held and rep.outcome not in checker.FINAL:
+                record["guests"][role]["outcome"] = "held"  # judged by held-svm-bounded
+                continue
             if rep.outcome == "secure":
                 await g.verify()
                 record["host_touches"].append(await _host_touch(m, record["guests"][role], rep.lpid))
@@ -163,6 +180,30 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
         await m.close()
     history = {svc: read_history(root / f"{svc}.history.jsonl", [0, float("inf")]) for svc in ("uv", "hv")}
     return record, history
+
+
+async def _held(m, plan: Plan, key, record: dict, guests: dict) -> None:
+    """The HV went silent for the victim: boot a late guest to secure past it, and sample what
+    the victim pins in the UV (its secure and reserved pages, the calls for it waiting) now and
+    HELD_FOR_S later."""
+    image = GuestImage.of_size("late", MEM)
+    blob = _blob_hex(image, key, True)
+    guests["late"] = m.add_guest("late", MEM, bytes.fromhex(blob))
+    record["guests"]["late"] = {"name": "late", "mem_bytes": MEM, "blob_hex": blob, "role": "late"}
+    t0 = asyncio.get_running_loop().time()
+    await asyncio.wait_for(guests["late"].boot(), FINAL_BOUND_S)
+    late_s = asyncio.get_running_loop().time() - t0
+    lpid, samples = guests["victim"].lpid, []
+    for wait in (0.0, HELD_FOR_S):
+        await asyncio.sleep(wait)
+        status = await m.uv_call("UvStatus", upb.UvStatusRequest(), OPERATOR)
+        svm = next((s for s in status.svms if s.lpid == lpid), None)
+        samples.append({"t": asyncio.get_running_loop().time(), "held_by_uv": svm is not None,
+                        "pages": max(svm.secure_pages, svm.reserved_pages) if svm else 0,  # frames <= reservation
+                        "unanswered": svm.unanswered_hcall if svm else "",
+                        "in_flight": m.uv_to_hv.ignored_in_flight})
+    record["held"] = {"guest": "victim", "lpid": lpid, "svm_pages": PAGES, "late": "late", "late_boot_s": late_s,
+                      "late_bound_s": LATE_BOUND_S, "samples": samples}
 
 
 async def _until(cond, timeout: float, every: float = 0.05) -> None:
@@ -189,7 +230,9 @@ class _nemesis:
 
             def maybe_cut(name: str, n: int) -> None:
                 if name == call and n == nth and not self.cut.done():
-                    if plan.fault != "kill-guest":  # a partition; a reset: down until the new UV is up
+                    if plan.fault == "hang":  # this call and every later one for the victim
+                        m.uv_to_hv.ignore.add("victim")
+                    elif plan.fault != "kill-guest":  # a partition; a reset: down until the new UV is up
                         m.hv_to_uv.cut = m.uv_to_hv.cut = True
                     self.cut.set_result(asyncio.get_running_loop().time())
             m.hv_to_uv.on_call = m.uv_to_hv.on_call = maybe_cut
@@ -259,6 +302,12 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
         if plan.fault == "kill-guest" and nemesis.cut.done() and not victim.done():
             rec.update(injected=True, t_inject=now(), detail=f"kill -9 the victim guest at {plan.cut_at[0]}")
             m.kill_guest("victim", victim)
+    elif plan.fault == "hang":  # never healed: the HV stays silent for the victim
+        await _first(nemesis.cut, victim)
+        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+        if nemesis.cut.done():
+            rec.update(injected=True, t_inject=now(), detail=f"the HV answers nothing for the victim from its "
+                                                             f"{plan.cut_at[0]} on")
     elif plan.fault == "lose":
         rec.update(injected=True, t_inject=now(), detail=f"{plan.link} {plan.lose[0]} answer lost")
     if plan.fault != "none":

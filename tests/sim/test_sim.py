@@ -40,7 +40,7 @@ def test_every_single_fault_of_the_small_configuration():
     plans = every_plan()
     kinds = {(p.fault, p.during) for p in plans}
     assert {("kill-hv", "abort"), ("kill-hv", "esm"), ("lose", "abort"), ("partition", "esm"),
-            ("reset-uv", "esm")} <= kinds
+            ("reset-uv", "esm"), ("hang", "abort"), ("hang", "esm")} <= kinds
     assert len([p for p in plans if p.again]) == 9  # a second crash while recovering the abort
     summary = run_campaign(SimConfig(exhaustive=True))
     assert summary["runs"] == len(plans) >= 60
@@ -59,9 +59,10 @@ CAUGHT_BY = {
     "uv-frees-at-abort": "memory-intact",
     "uv-frees-on-page-out": "memory-intact",
     "hv-init-done-unguarded": "legal-return-codes",
+    "uv-hcalls-one-at-a-time": "held-svm-bounded",
 }
 # the fault a mutant needs (default: any)
-NEEDS = {"hv-init-done-unguarded": ("kill-guest",)}
+NEEDS = {"hv-init-done-unguarded": ("kill-guest",), "uv-hcalls-one-at-a-time": ("hang",)}
 
 
 def test_every_mutant_has_its_invariant():
@@ -98,6 +99,24 @@ def test_an_hv_killed_between_a_temporary_and_its_rename_recovers_from_the_old_f
     assert outcome.record["fault"]["injected"]
     assert [d for d in outcome.record["fault"]["disk_discarded"] if d.endswith("vm.json.tmp")] == \
         ["removed vm-2/vm.json.tmp"], outcome.record["fault"]
+
+
+@pytest.mark.parametrize("call", ["H_SVM_INIT_ABORT", "H_SVM_INIT_START", "H_SVM_INIT_DONE"])
+def test_an_hv_silent_for_one_svm_costs_that_svm_only(call):
+    """Liveness: from the victim's ``call`` on, the HV answers nothing the UV asks for it, and never
+    comes back for it. A guest booted after that gets to secure as fast as alone; the UV keeps the
+    victim (its reservation, never more than its size, not growing over a minute) and asks for it
+    one call at a time; the operator's DestroyVm at the end is what lets it go."""
+    plan = next(p for p in every_plan() if p.fault == "hang" and p.cut_at[0] == call)
+    outcome = run_one(plan)
+    assert outcome.violations == []
+    held = outcome.record["held"]
+    assert outcome.record["guests"]["late"]["outcome"] == "secure" and held["late_boot_s"] < 1.0
+    assert [s["held_by_uv"] for s in held["samples"]] == [True, True]
+    pages = [s["pages"] for s in held["samples"]]
+    assert pages[0] == pages[1] <= held["svm_pages"]
+    assert max(s["in_flight"] for s in held["samples"]) <= 1
+    assert held["samples"][-1]["unanswered"] in ("H_SVM_INIT_ABORT", "H_SVM_INIT_DONE")
 
 
 def test_regression_a_uv_reset_before_init_start_reaches_the_hv():

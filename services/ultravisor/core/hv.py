@@ -5,9 +5,10 @@ is idempotent can be made until it is answered.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
-from pefsim import clock
+from pefsim import clock, faults
 from pefsim.backoff import Backoff
 from services.ultravisor.ports import HvUnreachable
 
@@ -23,9 +24,17 @@ def on_behalf(uv, lpid: int) -> str:
     return svm.owner if svm is not None else ""
 
 
+async def _hcall(uv, name: str, request, on_behalf: str, timeout: float):
+    """The HV port's hcall; one at a time for the whole UV under the mutant that serialises them."""
+    if not faults.mutant("uv-hcalls-one-at-a-time"):
+        return await uv.hv.hcall(name, request, on_behalf=on_behalf, timeout=timeout)
+    async with uv.__dict__.setdefault("_mutant_hcall_lock", asyncio.Lock()):
+        return await uv.hv.hcall(name, request, on_behalf=on_behalf, timeout=timeout)
+
+
 async def hcall(uv, name: str, request):
     """Make an hcall to the HV for ``request.lpid``'s guest; HvUnreachable on a transport failure."""
-    return await uv.hv.hcall(name, request, on_behalf=on_behalf(uv, request.lpid), timeout=uv.cfg.hcall_timeout_s)
+    return await _hcall(uv, name, request, on_behalf(uv, request.lpid), uv.cfg.hcall_timeout_s)
 
 
 async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
@@ -38,7 +47,7 @@ async def hcall_until_answered(uv, svm, name: str, request, timeout_s: float):
     try:
         while not svm.destroyed:
             try:
-                return await uv.hv.hcall(name, request, on_behalf=on_behalf(uv, svm.lpid), timeout=timeout_s)
+                return await _hcall(uv, name, request, on_behalf(uv, svm.lpid), timeout_s)
             except HvUnreachable as exc:
                 attempts += 1
                 uv.metrics.hcall_retries.labels(name).inc()
