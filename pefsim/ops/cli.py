@@ -351,11 +351,13 @@ def cmd_sim(a) -> int:
     """The deterministic simulator (pefsim/sim/): the real cores in one process on virtual time."""
     import logging
 
-    from pefsim.sim.campaign import SimConfig, run_campaign
+    from pefsim.sim.campaign import SimConfig, chaos_rate, run_campaign
     from pefsim.sim.scenario import DURINGS, FAULTS
 
     if a.runs < 1:
         raise SystemExit("--runs must be at least 1")
+    if a.jobs < 1 or a.compare_chaos < 0:
+        raise SystemExit("--jobs must be at least 1, --compare-chaos at least 0")
     if os.environ.get("PYTHONHASHSEED") != "0":  # str hashes (set orders) the same in every replay
         import subprocess
 
@@ -367,8 +369,11 @@ def cmd_sim(a) -> int:
             print(f"  {done}/{total} runs", file=sys.stderr, flush=True)
     cfg = SimConfig(runs=a.runs, seed=a.seed, faults=tuple(a.fault) or FAULTS, durings=tuple(a.during) or DURINGS,
                     mutants=tuple(a.mutant), exhaustive=a.exhaustive, stop_at_first=a.stop_at_first,
-                    progress=progress)
+                    progress=progress, schedule=a.schedule, jobs=a.jobs)
     summary = run_campaign(cfg, only=a.only)
+    if a.compare_chaos:
+        summary["chaos"] = chaos = chaos_rate(a.compare_chaos, a.seed)
+        summary["speedup"] = round(summary["runs_per_minute"] / chaos["runs_per_minute"], 1)
     if a.json:
         print(json.dumps(summary))
     else:
@@ -378,7 +383,11 @@ def cmd_sim(a) -> int:
               f"history sha256 {summary['history_sha256'][:16]}")
         for v in summary["violations"][:20]:
             print(f"  seed {v['seed']} ({v['plan']}): {v['invariant']}: {v['detail']}\n    replay: {v['replay']}")
-    return 1 if summary["violations"] else 0
+        if a.compare_chaos:
+            print(f"real processes ({chaos['command']}): {chaos['runs']} runs in {chaos['seconds']} s, "
+                  f"{chaos['runs_per_minute']} runs a minute, {chaos['violations']} violations; "
+                  f"the simulator is {summary['speedup']}x faster")
+    return 1 if summary["violations"] or summary.get("chaos", {}).get("violations") else 0
 
 
 def cmd_certs(a) -> int:
@@ -501,6 +510,11 @@ def main(argv=None) -> int:
     p.add_argument("--mutant", action="append", default=[], choices=sorted(MUTANTS),
                    help="run a deliberately broken build (to see a checker catch it)")
     p.add_argument("--stop-at-first", action="store_true", help="stop at the first run with a violation")
+    p.add_argument("--schedule", choices=("seeded", "fifo"), default="seeded",
+                   help="the order of work ready at once: drawn from each run's seed (default) or first come first served")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (the summary is the same for any number)")
+    p.add_argument("--compare-chaos", type=int, default=0, metavar="N",
+                   help="also run N real-process chaos runs of the same kind and print both rates")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_sim)
     p = sub.add_parser("bench", help="page transfer against memcpy and raw TCP, in one run")

@@ -29,6 +29,8 @@ class SimConfig:
     stop_at_first: bool = False
     progress: object = None  # called with (done, total) now and then
     extra_args: list[str] = field(default_factory=list)
+    schedule: str = "seeded"  # the order of ready work: drawn from each run's seed, or fifo
+    jobs: int = 1  # worker processes (each run is independent: the summary is the same for any count)
 
 
 def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
@@ -73,7 +75,37 @@ def replay_command(cfg: SimConfig, plan: Plan) -> str:
         args += [a for f in cfg.faults if cfg.faults != FAULTS for a in ("--fault", f)]
         args += [a for d in cfg.durings if cfg.durings != DURINGS for a in ("--during", d)]
     args += [a for m in cfg.mutants for a in ("--mutant", m)]
+    args += ["--schedule", cfg.schedule] if cfg.schedule != "seeded" else []
     return " ".join(args)
+
+
+def _run(job: tuple[Plan, tuple[str, ...], str]) -> tuple[str, list, float]:
+    """One run, as a worker process returns it (the outcome's digest, violations, virtual time)."""
+    plan, mutants, schedule = job
+    out = run_one(plan, mutants, schedule=schedule)
+    return out.digest, [(v.invariant, v.detail) for v in out.violations], out.virtual_s
+
+
+def _worker_start() -> None:
+    """A worker ends quietly when the pool ends it (SIGTERM) and leaves Ctrl-C to the parent, not
+    with the command's own handlers (which it inherits by fork)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _outcomes(cfg: SimConfig, plans: list[Plan]):
+    """Each plan's (digest, violations, virtual s), in the plans' order, from ``cfg.jobs`` worker
+    processes (forked: the same code, the same PYTHONHASHSEED) or this one."""
+    jobs = [(plan, cfg.mutants, cfg.schedule) for plan in plans]
+    if cfg.jobs <= 1:
+        yield from map(_run, jobs)
+        return
+    import multiprocessing
+
+    with multiprocessing.get_context("fork").Pool(cfg.jobs, _worker_start, maxtasksperchild=500) as pool:
+        yield from pool.imap(_run, jobs, chunksize=4)
 
 
 def run_campaign(cfg: SimConfig, only: int | None = None) -> dict:
@@ -85,13 +117,12 @@ def run_campaign(cfg: SimConfig, only: int | None = None) -> dict:
     t0 = time.perf_counter()
     digest = hashlib.sha256()
     violations, injected, virtual_s = [], 0, 0.0
-    for i, plan in enumerate(plans):
-        outcome = run_one(plan, cfg.mutants)
-        digest.update(outcome.digest.encode())
+    for i, (plan, (run_digest, found, run_virtual_s)) in enumerate(zip(plans, _outcomes(cfg, plans))):
+        digest.update(run_digest.encode())
         injected += plan.fault != "none"
-        virtual_s += outcome.virtual_s
-        for v in outcome.violations:
-            violations.append({"seed": plan.seed, "invariant": v.invariant, "detail": v.detail,
+        virtual_s += run_virtual_s
+        for invariant, detail in found:
+            violations.append({"seed": plan.seed, "invariant": invariant, "detail": detail,
                                "plan": plan.fault + ("" if not plan.fault else f" during {plan.during}"),
                                "replay": replay_command(cfg, plan)})
         if cfg.progress is not None:
@@ -103,4 +134,33 @@ def run_campaign(cfg: SimConfig, only: int | None = None) -> dict:
     return {"runs": len(plans), "faults_injected": injected, "violations": violations,
             "seconds": round(seconds, 3), "runs_per_minute": round(len(plans) / seconds * 60, 1) if seconds else 0.0,
             "virtual_seconds": round(virtual_s, 3), "history_sha256": digest.hexdigest(),
-            "mode": "exhaustive" if cfg.exhaustive else "sampled", "mutants": list(cfg.mutants)}
+            "mode": "exhaustive" if cfg.exhaustive else "sampled", "mutants": list(cfg.mutants),
+            "schedule": cfg.schedule, "jobs": cfg.jobs}
+
+
+def chaos_rate(runs: int, seed: int = 1) -> dict:
+    """The same kind of run through real processes, for comparison: ``runs`` runs of
+    ``pefsim chaos --fault kill-hv --during abort`` with 16-page guests, as the simulator's; their
+    rate a minute (wall clock, stack start included)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from pefsim.chaos.backend import LocalBackend
+    from pefsim.chaos.generator import ChaosConfig
+    from pefsim.chaos.runner import run_chaos
+    from pefsim.sim.scenario import MEM
+
+    root = Path(tempfile.mkdtemp(prefix="pefsim-compare-"))
+    try:
+        cfg = ChaosConfig(fault="kill-hv", during="abort", runs=runs, seed=seed, mem_bytes=MEM,
+                          results=root / "results")
+        backend = LocalBackend(root / "run", proxies=False, mutants=(), abort_return="guest", pool_pages=4096)
+        t0 = time.perf_counter()
+        summary = run_chaos(cfg, backend, log=lambda s: None)
+        seconds = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"runs": runs, "seconds": round(seconds, 3), "runs_per_minute": round(runs / seconds * 60, 1),
+            "violations": len(summary["violations"]), "command": f"pefsim chaos --fault kill-hv --during abort "
+                                                                   f"--runs {runs} --seed {seed} --mem-mib 1"}

@@ -29,6 +29,32 @@ def test_a_sampled_campaign_holds_every_invariant():
     assert again["history_sha256"] == summary["history_sha256"]
 
 
+def test_worker_processes_give_the_same_summary():
+    """--jobs splits the runs over forked workers: each run is independent of the ones before it
+    in its process, so the history digest is the serial one."""
+    serial = run_campaign(SimConfig(runs=12, seed=300))
+    parallel = run_campaign(SimConfig(runs=12, seed=300, jobs=2))
+    assert parallel["history_sha256"] == serial["history_sha256"]
+    assert parallel["violations"] == serial["violations"] == []
+
+
+def test_fifo_and_seeded_schedules_differ():
+    """The seeded scheduler changes the order of ready work (so the histories), fifo does not."""
+    plan = plan_of(3)
+    assert run_one(plan, schedule="fifo").digest == run_one(plan, schedule="fifo").digest
+    assert run_one(plan, schedule="fifo").digest != run_one(plan).digest
+
+
+@pytest.mark.processes
+def test_compare_chaos_prints_both_rates():
+    out = subprocess.run([sys.executable, "-m", "pefsim", "sim", "--runs", "30", "--compare-chaos", "2", "--json"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["chaos"]["runs"] == 2 and summary["chaos"]["violations"] == 0
+    assert summary["speedup"] > 1 and summary["runs_per_minute"] > summary["chaos"]["runs_per_minute"]
+
+
 def test_two_thousand_seeds_across_the_fault_kinds():
     """CI's share of the campaign (the README records a larger one): zero violations."""
     summary = run_campaign(SimConfig(runs=2000, seed=20_000))
