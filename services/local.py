@@ -368,17 +368,20 @@ class LocalCalls:
             raise Unreachable(name, "UNAVAILABLE")
         return core, service
 
+    def _link(self) -> Link:
+        return self.machine.guest_to_hv if self.service == "hv" else self.machine.guest_to_uv
+
     async def call(self, name: str, request, *, timeout: float | None = None, wait: bool = False):
         core, service = await self._up(name, wait, timeout)
         call, resp_cls = core.table.calls[name], self.methods[name][1]
-        with transport(Unreachable, name):
+        with transport(Unreachable, name, self._link()):
             return _copy(await service.serve(core.table.run(call, resp_cls, _copy(request), self.caller),
                                              timeout if timeout is not None else 1e9))
 
     async def stream(self, name: str, request):
         core, service = await self._up(name, False, None)
         call, resp_cls = core.table.calls[name], self.methods[name][1]
-        with transport(Unreachable, name):
+        with transport(Unreachable, name, self._link()):
             async for item in service.relay(core.table.stream(call, resp_cls, _copy(request), self.caller), 1e9):
                 yield _copy(item)
 
@@ -423,12 +426,13 @@ class LocalVcpus:
         self.guests: dict[str, CallTable] = {}  # vCPU endpoint -> the guest's call table
         self.gone: set[str] = set()  # endpoints of guests killed: nothing answers there
         self.reachable = True
+        self.link = Link()  # HV -> guests' vCPUs
 
     def of(self, lpid: int) -> LocalVcpu:
         return self.vcpus.setdefault(lpid, LocalVcpu(lpid))
 
     async def _guest_call(self, table: CallTable, name: str, request):
-        with transport(VcpuUnreachable, name):
+        with transport(VcpuUnreachable, name, self.link):
             return _copy(await table.run(table.calls[name], GUEST_METHODS[name][1], _copy(request),
                                          Caller(Role.ROLE_HV, "hv")))
 
@@ -521,7 +525,9 @@ class Machine:
         self.background = background  # run the HV's UV monitor and session watchdog (the simulator)
         self.uv_config = uv_config or UvConfig(pool_pages=256, lazy_pool=True)
         self.hv_to_uv, self.uv_to_hv = Link(), Link()
+        self.guest_to_hv, self.guest_to_uv = Link(), Link()  # every guest's calls, as its VMM's and vCPU's
         self.vcpus = LocalVcpus()
+        self.hv_to_guest = self.vcpus.link
         self.trusted = trusted
         self.latency: Callable[[], float] | None = None  # Service.latency for every service (set before start)
         self.uv_service = Service("uv")

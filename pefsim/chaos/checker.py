@@ -20,6 +20,8 @@ INVARIANTS = {
     "no-plaintext-to-hv": "the HV never received plaintext of a page of a VM that had reached INIT_DONE",
     "uv-forgets-terminated": "after UV_SVM_TERMINATE the UV holds no page, memslot or key of the SVM; "
                              "secure pages in use return to the count before the run",
+    "no-orphan-vms": "after teardown the HV holds no VM of the run's guests: a call asked again after its "
+                     "answer was lost (CreateVm) made one VM, not two",
     "aborted-resumed-once": "each aborted guest resumed exactly once, with H_PARAMETER; no guest "
                             "resumed in secure mode after an abort",
     "final-state-bound": "every SVM reaches a final state (secure, normal, terminated) within the bound "
@@ -104,6 +106,15 @@ def uv_forgets_terminated(rec, history):
     before, now = rec["pool_before"], int(after.get("poolPagesInUse", 0)) - kept
     if now != before:
         yield f"secure pages in use {now} after the run, {before} before"
+
+
+def no_orphan_vms(rec, history):
+    if "hv_after" not in rec:  # the process harness records no HV view after its teardown
+        return
+    names = {g["name"] for g in rec["guests"].values()}
+    for vm in rec["hv_after"]:
+        if vm["owner"] in names:
+            yield f"lpid {vm['lpid']} ({vm['name']}) still held by the HV after teardown"
 
 
 def aborted_resumed_once(rec, history):
@@ -191,6 +202,7 @@ CHECKS = {
     "memory-intact": memory_intact,
     "no-plaintext-to-hv": no_plaintext_to_hv,
     "uv-forgets-terminated": uv_forgets_terminated,
+    "no-orphan-vms": no_orphan_vms,
     "aborted-resumed-once": aborted_resumed_once,
     "final-state-bound": final_state_bound,
     "held-svm-bounded": held_svm_bounded,

@@ -52,7 +52,10 @@ HELD_FOR_S = 60.0  # how long (virtual s) the held SVM's pins are watched for gr
 # order of the UV's hcall timeout (30 s) means the held SVM's calls stood in the others' way
 LATE_BOUND_S = 5.0
 LOSABLE = {"uv->hv": ("H_SVM_INIT_ABORT", "H_SVM_INIT_DONE", "HSvmPageInBulk", "H_SVM_INIT_START"),
-           "hv->uv": ("UvPageOutStream", "UvPageInStream", "UV_SVM_TERMINATE", "UV_REGISTER_MEM_SLOT")}
+           "hv->uv": ("UvPageOutStream", "UvPageInStream", "UV_SVM_TERMINATE", "UV_REGISTER_MEM_SLOT"),
+           "hv->guest": ("VcpuResume",),  # the HV's resume of an aborted guest's vCPU
+           "guest->uv": ("UV_ESM",),  # the guest's `sc 2`
+           "guest->hv": ("CreateVm", "RunVm", "VcpuStore")}  # the guest's VMM
 
 
 @dataclass
@@ -174,6 +177,9 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
         for g in guests.values():
             if g.lpid and m.hv is not None:
                 await m.hv_call("DestroyVm", hpb.DestroyVmRequest(lpid=g.lpid), OPERATOR, timeout=FINAL_BOUND_S)
+        if m.hv is not None:
+            record["hv_after"] = [{"lpid": vm.lpid, "name": vm.name, "owner": vm.owner}
+                                  for vm in m.hv.state.vms.values()]
         status = await m.uv_call("UvStatus", upb.UvStatusRequest(), OPERATOR)
         record["uv_after"] = json_format.MessageToDict(status, always_print_fields_with_no_presence=True)
     finally:
@@ -222,8 +228,8 @@ class _nemesis:
 
     def __enter__(self):
         m, plan = self.m, self.plan
-        m.hv_to_uv.reset()
-        m.uv_to_hv.reset()
+        for link in _links(m).values():
+            link.reset()
         if plan.cut_at[0]:
             call, nth = plan.cut_at
             self.cut = asyncio.get_running_loop().create_future()
@@ -243,8 +249,7 @@ class _nemesis:
             m.hv_to_uv.crash = lambda name, n: name == call and n == nth
         if plan.lose[0]:
             call, nth = plan.lose
-            link = m.uv_to_hv if plan.link == "uv->hv" else m.hv_to_uv
-            link.lose = lambda name, n: name == call and n == nth
+            _links(m)[plan.link].lose = lambda name, n: name == call and n == nth
         return self
 
     def __exit__(self, *exc):
@@ -259,6 +264,12 @@ async def _first(event, victim: asyncio.Future) -> None:
     await asyncio.wait({waiting, victim}, timeout=FINAL_BOUND_S, return_when=asyncio.FIRST_COMPLETED)
     if waiting is not event:
         waiting.cancel()
+
+
+def _links(m) -> dict:
+    """The machine's links by the names plans use."""
+    return {"uv->hv": m.uv_to_hv, "hv->uv": m.hv_to_uv, "hv->guest": m.hv_to_guest, "guest->uv": m.guest_to_uv,
+            "guest->hv": m.guest_to_hv}
 
 
 def _heal_links(m) -> None:

@@ -116,16 +116,18 @@ class HSvmPageInBulkResponse(_message.Message):
     def __init__(self, rc: _Optional[int] = ..., rcs: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class CreateVmRequest(_message.Message):
-    __slots__ = ("name", "memslots", "vcpu_endpoint", "secure_capable")
+    __slots__ = ("name", "memslots", "vcpu_endpoint", "secure_capable", "request_id")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MEMSLOTS_FIELD_NUMBER: _ClassVar[int]
     VCPU_ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     SECURE_CAPABLE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     name: str
     memslots: _containers.RepeatedCompositeFieldContainer[_common_pb2.Memslot]
     vcpu_endpoint: str
     secure_capable: bool
-    def __init__(self, name: _Optional[str] = ..., memslots: _Optional[_Iterable[_Union[_common_pb2.Memslot, _Mapping]]] = ..., vcpu_endpoint: _Optional[str] = ..., secure_capable: _Optional[bool] = ...) -> None: ...
+    request_id: str
+    def __init__(self, name: _Optional[str] = ..., memslots: _Optional[_Iterable[_Union[_common_pb2.Memslot, _Mapping]]] = ..., vcpu_endpoint: _Optional[str] = ..., secure_capable: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class CreateVmResponse(_message.Message):
     __slots__ = ("errno", "lpid")

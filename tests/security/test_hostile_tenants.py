@@ -101,6 +101,35 @@ def test_bad_vcpu_endpoints_are_refused(stack, run, endpoint):
     run(scenario())
 
 
+def test_create_vm_asked_again_with_its_request_id_makes_one_vm(stack, run):
+    """A CreateVm whose answer was lost is asked again with the same request id: the same owner
+    gets the same VM back, not a second (found by pefsim sim: a lost CreateVm answer left an
+    orphan VM with its RAM); another owner using the same id gets its own VM; an id longer than a
+    key is EINVAL."""
+    async def scenario():
+        a, b = unique("idem-a"), unique("idem-b")
+        hv_a = as_(stack, f"guest:{a}", stack.hv_addr, HV_STUB, "hv")
+        hv_b = as_(stack, f"guest:{b}", stack.hv_addr, HV_STUB, "hv")
+        made = []
+        try:
+            req = hpb.CreateVmRequest(name="idem", vcpu_endpoint="127.0.0.1:7000", memslots=one_slot(1),
+                                      request_id="k-1")
+            first, again = await hv_a.stub.CreateVm(req), await hv_a.stub.CreateVm(req)
+            other = await hv_b.stub.CreateVm(req)
+            made = [(hv_a, first.lpid), (hv_b, other.lpid)]
+            assert first.errno == again.errno == other.errno == Errno.OK
+            assert again.lpid == first.lpid and other.lpid != first.lpid
+            long = hpb.CreateVmRequest(name="idem", vcpu_endpoint="127.0.0.1:7000", memslots=one_slot(1),
+                                       request_id="k" * 65)
+            assert (await hv_a.stub.CreateVm(long)).errno == Errno.EINVAL
+        finally:
+            for hv, lpid in made:
+                await hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=lpid))
+            await hv_a.close()
+            await hv_b.close()
+    run(scenario())
+
+
 def test_operator_vm_is_for_operators_only(stack, run):
     """A VM an operator made has no guest owner: no guest may read, write, hold a session on,
     destroy or secure it (UV_ESM on it is refused by the HV before anything changes)."""

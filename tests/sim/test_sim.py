@@ -12,7 +12,7 @@ import pytest
 
 from pefsim import faults
 from pefsim.sim.campaign import SimConfig, every_plan, run_campaign
-from pefsim.sim.scenario import plan_of, run_one
+from pefsim.sim.scenario import Plan, plan_of, run_one
 
 
 def test_a_seed_replays_to_the_same_history():
@@ -143,6 +143,26 @@ def test_an_hv_silent_for_one_svm_costs_that_svm_only(call):
     assert pages[0] == pages[1] <= held["svm_pages"]
     assert max(s["in_flight"] for s in held["samples"]) <= 1
     assert held["samples"][-1]["unanswered"] in ("H_SVM_INIT_ABORT", "H_SVM_INIT_DONE")
+
+
+def test_regression_a_lost_uv_esm_answer_of_a_good_guest():
+    """Found by the simulator (lost answers on the guest's links): the UV took a good guest to
+    secure, and the answer of its UV_ESM, the vCPU's return, was lost; the vCPU waited for a
+    resume nobody owed it until its own timeout. The guest now asks the UV: its SVM is secure,
+    so the return happened, and it resumes at kbase in secure mode."""
+    plan = Plan(seed=7, fault="lose", during="esm", link="guest->uv", lose=("UV_ESM", 1))
+    outcome = run_one(plan)
+    assert outcome.violations == []
+    assert outcome.record["guests"]["victim"]["outcome"] == "secure"
+
+
+def test_regression_a_lost_create_vm_answer_makes_one_vm():
+    """Found by the simulator: a CreateVm whose answer was lost was asked again and made a second
+    VM; the first stayed in the HV (with its RAM) after teardown. The guest sends a request id,
+    and the HV gives the same VM back to a repeat."""
+    plan = Plan(seed=7, fault="lose", during="esm", link="guest->hv", lose=("CreateVm", 1))
+    outcome = run_one(plan)
+    assert outcome.violations == [] and outcome.record["hv_after"] == []
 
 
 def test_regression_a_uv_reset_before_init_start_reaches_the_hv():

@@ -14,11 +14,11 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from pefsim import clock
+from pefsim import clock, entropy
 from pefsim.backoff import Backoff
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim import faults
-from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, U, VcpuState, gpa_of, rc_name
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, Errno, H, Role, SvmState, U, VcpuState, gpa_of, rc_name
 from pefsim.image import GuestImage
 from pefsim.v1 import common_pb2, guest_pb2 as pb, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 from services.guest.ports import Calls, Unreachable
@@ -166,7 +166,8 @@ class GuestProgram:
         npages = self.image.npages
         resp = await self._hv("CreateVm", hpb.CreateVmRequest(
             name=self.cfg.name, memslots=[common_pb2.Memslot(slot_id=0, base_gfn=0, npages=npages)],
-            vcpu_endpoint=self.endpoint, secure_capable=self.cfg.secure_capable))
+            vcpu_endpoint=self.endpoint, secure_capable=self.cfg.secure_capable,
+            request_id=entropy.token_hex(8)))  # asked again after a lost answer: the same VM back
         self.lpid = self.report.lpid = resp.lpid
         self.event(f"VM created: lpid {self.lpid}, {npages} pages of 64 KiB")
         self.session = asyncio.ensure_future(self.hold_session())
@@ -220,7 +221,7 @@ class GuestProgram:
     async def enter_secure_mode(self) -> Resume:
         """`sc 2` UV_ESM(kbase, fdt), then wait for the one resume."""
         loop = asyncio.get_running_loop()
-        self.uv_boot = await self._uv_boot_id()
+        self.uv_boot = (await self._uv_view())[0]
         self._resume = loop.create_future()
         self.vcpu_state = VcpuState.VCPU_IN_UCALL
         self.event("sc 2: UV_ESM")
@@ -252,24 +253,37 @@ class GuestProgram:
             self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, U)}): "
                        "control went to the HV")
 
-    async def _uv_boot_id(self) -> str:
-        """The boot id of the UV answering now ("" if none answers)."""
+    async def _uv_view(self) -> tuple[str, str]:
+        """The boot id of the UV answering now and the state of this guest's SVM in it ("", "" if
+        no UV answers; state "" if it holds no SVM for this lpid)."""
         try:
-            return (await self.uv.call("UvStatus", upb.UvStatusRequest(), timeout=5)).boot_id
+            status = await self.uv.call("UvStatus", upb.UvStatusRequest(), timeout=5)
         except Unreachable:
-            return ""
+            return "", ""
+        return status.boot_id, next((s.state for s in status.svms if s.lpid == self.lpid), "")
 
     async def _watch_for_a_uv_reset(self) -> None:
         """After a UV_ESM lost in transport the vCPU waits for its resume: the UV may be running
-        the ESM context, and it or the HV resumes the vCPU. But if the UV that answers now is
-        another boot, the context died with the machine (a UV reset) and no resume will come: the
-        HV fails only the VMs it saw enter secure mode, and a `sc 2` whose H_SVM_INIT_START never
-        reached it is not one of them. The vCPU then stops as after a machine check."""
+        the ESM context, and it or the HV resumes the vCPU. Two answers come from the UV itself:
+
+        * The UV that answers now is another boot: the context died with the machine (a UV reset)
+          and no resume will come (the HV fails only the VMs it saw enter secure mode, and a
+          `sc 2` whose H_SVM_INIT_START never reached it is not one of them). The vCPU stops as
+          after a machine check.
+        * The SVM is SVM_SECURE: the context returned to the vCPU in secure mode, and that return
+          is what got lost (found by pefsim sim: a good guest's lost UV_ESM answer left its vCPU
+          waiting until its own timeout). The vCPU takes the return the context made, at kbase
+          with MSR[S] = 1 and U_SUCCESS, as the `sc 2` would have.
+        """
         backoff = Backoff(cap=1.0)
         while self.uv_boot and self._resume is not None and not self._resume.done():
-            now = await self._uv_boot_id()
+            now, state = await self._uv_view()
             if now and now != self.uv_boot:
                 self.machine_check("uv-reset")
+                return
+            if state == SvmState.SVM_SECURE.name:
+                self.event("UV_ESM's answer was lost; the UV holds this SVM secure: resuming at kbase")
+                self.resume(Resume(r3=U.U_SUCCESS, msr_s=True, nip=self.image.kbase, by=Role.ROLE_UV))
                 return
             await backoff.wait()
 

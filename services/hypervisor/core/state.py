@@ -303,7 +303,8 @@ def _checked_meta(meta, lpid: int) -> dict:
            "secure_capable": _field(meta, "secure_capable", bool),
            "secure_guest": _field(meta, "secure_guest", int),
            "had_session": _field(meta, "had_session", bool, False), "failed": _field(meta, "failed", str, ""),
-           "owner": _field(meta, "owner", str, ""), "pageouts_pending": _field(meta, "pageouts_pending", list, []),
+           "owner": _field(meta, "owner", str, ""), "request_id": _field(meta, "request_id", str, ""),
+           "pageouts_pending": _field(meta, "pageouts_pending", list, []),
            "abort": _checked_abort(meta.get("abort")), "slots": _checked_slots(_field(meta, "slots", list))}
     if out["lpid"] != lpid:
         raise Damaged("bad-vm-json", f"vm.json says lpid {out['lpid']}, in the directory of lpid {lpid}")
@@ -384,6 +385,7 @@ class Vm:
     had_session: bool = False  # a VMM held a session: after a restart it must come back
     failed: str = ""  # why the HV failed the VM (e.g. "uv-reset")
     owner: str = ""  # identity of the guest whose VMM created it ("" when an operator did)
+    request_id: str = ""  # the CreateVm's idempotency key (CreateVmRequest.request_id)
     # GFNs whose UV_PAGE_OUT (H_SVM_PAGE_OUT, host touch) was asked and whose answer is not yet
     # recorded: written before the ucall, so a restarted HV asks again (pages.py)
     pageouts_pending: set[int] = field(default_factory=set)
@@ -525,6 +527,7 @@ class HvState:
         vm = Vm(lpid=lpid, name=meta["name"], directory=directory, vcpu_endpoint=meta["vcpu_endpoint"],
                 secure_capable=meta["secure_capable"], secure_guest=meta["secure_guest"], abort=meta["abort"],
                 had_session=meta["had_session"], failed=meta["failed"], owner=meta["owner"],
+                request_id=meta["request_id"],
                 pageouts_pending=set(meta["pageouts_pending"]))
         try:
             for s in meta["slots"]:
@@ -586,7 +589,8 @@ class HvState:
     def lpid_file(self) -> Path:
         return self.data_dir / "next-lpid"
 
-    def create_vm(self, name: str, vcpu_endpoint: str, secure_capable: bool, owner: str = "") -> Vm:
+    def create_vm(self, name: str, vcpu_endpoint: str, secure_capable: bool, owner: str = "",
+                  request_id: str = "") -> Vm:
         """A new VM, in memory. lpids are never reused by this data directory, even across restarts;
         the lpid's record and the VM's directory are written with its first slot (add_slot), where
         a full disk is answered."""
@@ -599,7 +603,8 @@ class HvState:
             lpid += 1
         self.next_lpid = lpid + 1
         vm = self.vms[lpid] = Vm(lpid=lpid, name=name, directory=self.data_dir / f"vm-{lpid}",
-                                 vcpu_endpoint=vcpu_endpoint, secure_capable=secure_capable, owner=owner)
+                                 vcpu_endpoint=vcpu_endpoint, secure_capable=secure_capable, owner=owner,
+                                 request_id=request_id)
         return vm
 
     def add_slot(self, vm: Vm, slot_id: int, base_gfn: int, npages: int) -> Slot:
@@ -656,6 +661,7 @@ class HvState:
         meta = {"lpid": vm.lpid, "name": vm.name, "vcpu_endpoint": vm.vcpu_endpoint,
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
                 "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed, "owner": vm.owner,
+                "request_id": vm.request_id,
                 "pageouts_pending": sorted(vm.pageouts_pending),
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
                            "ra_base": s.ra_base, "shared": s.shared} for s in vm.slots.values()]}

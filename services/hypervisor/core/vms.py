@@ -15,6 +15,7 @@ from services.hypervisor.core.state import MAX_SLOT_ID
 log = logging.getLogger("pefsim.hv")
 MAX_VM_PAGES = 1 << 20  # 64 GiB of guest memory per VM
 MAX_GFN = 1 << (64 - PAGE_SHIFT)  # a guest physical address is 64 bits
+MAX_REQUEST_ID = 64  # CreateVmRequest.request_id: a key, not a payload
 MAX_ENDPOINT = 261  # a DNS name (253) or a bracketed IPv6 address, ':' and a port
 # host:port and nothing else: no unix: paths, no dns:/// or other gRPC target schemes
 ENDPOINT = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
@@ -58,12 +59,18 @@ async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
     """KVM_CREATE_VM plus the memslots. EINVAL for bad slots or a vCPU endpoint that is not a
     plain host:port; ENOMEM when the owner already holds its quota of VMs or of pages
     (--max-vms-per-owner, --max-pages-per-owner); ENOSPC when the disk cannot hold the RAM."""
-    if not req.memslots or not _slots_valid(req.memslots) or not endpoint_ok(req.vcpu_endpoint):
+    if not req.memslots or not _slots_valid(req.memslots) or not endpoint_ok(req.vcpu_endpoint) \
+            or len(req.request_id) > MAX_REQUEST_ID:
         return pb.CreateVmResponse(errno=Errno.EINVAL)
     owner = owner_of_caller(caller)
+    if req.request_id:  # a repeat of a creation whose answer was lost: the same VM
+        same = next((vm for vm in hv.state.owned_by(owner) if vm.request_id == req.request_id), None)
+        if same is not None:
+            log.info("lpid %d: CreateVm repeated with its request id: the same VM", same.lpid)
+            return pb.CreateVmResponse(errno=Errno.OK, lpid=same.lpid)
     if over_quota(hv, owner, vms=1, pages=sum(s.npages for s in req.memslots)):
         return pb.CreateVmResponse(errno=Errno.ENOMEM)
-    vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable, owner)
+    vm = hv.state.create_vm(req.name or caller.name, req.vcpu_endpoint, req.secure_capable, owner, req.request_id)
     try:
         for s in req.memslots:
             hv.state.add_slot(vm, s.slot_id, s.base_gfn, s.npages)
