@@ -57,6 +57,8 @@ MUTANTS = {
     "uv-terminate-bad-rc": "UV_SVM_TERMINATE answers U_P2, not a result it can give (invariant 6)",
     "uv-hcalls-one-at-a-time": "the UV makes one hcall at a time for all its SVMs (a UV-wide lock around the "
                                "HV port): an HV silent for one SVM stalls every other SVM's ESM (held-svm-bounded)",
+    "hv-create-vm-ignores-request-id": "CreateVm makes a new VM for a repeat with the same request id: a "
+                                       "lost answer asked again leaves an orphan VM (no-orphan-vms)",
     "hv-init-done-unguarded": "H_SVM_INIT_DONE acts on the state checked before it took the VM's lock (the "
                               "check-then-act race issue 13 fixed): it can sweep a VM destroyed or made normal "
                               "meanwhile (invariant 3)",

@@ -71,8 +71,6 @@ NOT_MODELLED = [
     "KVM_PPC_SVM_OFF's VPA, DTL and SLB-shadow unpinning, mmu_ready, and the HV slot arrays it does "
     "not free.",
     "migrate_vma's fallbacks (a page that cannot migrate, migrate_vma_setup failing).",
-    "The guest's os-term after a failed UV_ESM (prom_init's prom_rtas_os_term): pefsim's guest "
-    "carries on as a normal VM and checks its memory (issue 16, item 1).",
     "The firmware's flows after INIT_DONE (find_boot_vcpu, svm_fdt_finalize failing; "
     "svm_initiate_kill for an SVM already secure).",
 ]

@@ -17,9 +17,10 @@ class LocalBackend:
     supports_failpoints = True
 
     def __init__(self, run_dir: Path, *, proxies: bool, mutants: tuple[str, ...], abort_return: str,
-                 pool_pages: int, insecure: bool = False):
+                 pool_pages: int, insecure: bool = False, on_esm_failure: str = "os-term"):
         self.stack = LocalStack(StackConfig(run_dir=run_dir, proxies=proxies, mutants=mutants,
-                                            abort_return=abort_return, pool_pages=pool_pages, insecure=insecure))
+                                            abort_return=abort_return, pool_pages=pool_pages, insecure=insecure,
+                                            on_esm_failure=on_esm_failure))
 
     # -- life cycle -----------------------------------------------------------------------------
 

@@ -79,6 +79,7 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
     store = Store(cfg.results, cfg.fault, cfg.during, cfg.seed)
     violations: list[checker.Violation] = []
     recoveries: list[float] = []
+    policies: set[str] = set()  # what the guests did after a failed UV_ESM (their reports say)
     injected = 0
     npages = cfg.mem_bytes // PAGE_SIZE
     metrics = ChaosMetrics()
@@ -97,6 +98,7 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
             found = checker.check(record, history)
             violations += found
             injected += record["fault"]["injected"]
+            policies.update(g["report"].get("onEsmFailure", "") for g in record["guests"].values() if "report" in g)
             metrics.runs.inc()
             for v in found:
                 metrics.violations.labels(v.invariant).inc()
@@ -110,7 +112,7 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
                     f"{len(found)} violations; recovery {'-' if rec_s is None else f'{rec_s:.2f} s'}")
     finally:
         backend.stop()
-    summary = {"runs": cfg.runs, "faults_injected": injected,
+    summary = {"runs": cfg.runs, "faults_injected": injected, "guest_policy": ", ".join(sorted(policies)),
                "violations": [v.as_json() for v in violations],
                "recovery_s": quantiles(recoveries), "results": str(store.root)}
     store.write_summary(summary)

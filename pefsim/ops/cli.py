@@ -32,6 +32,14 @@ def _stack_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--abort-return", choices=["guest", "uv"], default="guest",
                     help="H_SVM_INIT_ABORT resumes the guest from the HV (merged kernel, "
                          "default) or returns to the UV (the v10 proposal)")
+    _guest_policy_arg(ap)
+
+
+def _guest_policy_arg(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--on-esm-failure", choices=["os-term", "continue"], default="os-term",
+                    help="what a guest does after a UV_ESM that did not switch it to secure mode: os-term "
+                         "(Linux's prom_init, default: its VMM stops it, its memory stays with the HV) or "
+                         "continue as a normal VM")
 
 
 def _port(text: str) -> int:
@@ -76,7 +84,7 @@ def _stack_config(a, **kw):
 
     run_dir = _temp_run_dir(a)
     return StackConfig(run_dir=run_dir, pool_pages=a.pool_pages, esm_copy=a.esm_copy,
-                       abort_return=a.abort_return, **kw)
+                       abort_return=a.abort_return, on_esm_failure=a.on_esm_failure, **kw)
 
 
 def _counts(text: str) -> str:
@@ -328,7 +336,8 @@ def cmd_chaos(a) -> int:
         backend = DockerBackend(a.compose_file, project=a.compose_project)
     else:
         backend = LocalBackend(run_dir, proxies=a.fault.startswith("net-"), mutants=tuple(a.mutant),
-                               abort_return=a.abort_return, pool_pages=a.pool_pages)
+                               abort_return=a.abort_return, pool_pages=a.pool_pages,
+                               on_esm_failure=a.on_esm_failure)
     try:
         summary = run_chaos(cfg, backend, log=lambda s: print(s, flush=True))
     except BaseException:
@@ -338,6 +347,7 @@ def cmd_chaos(a) -> int:
     if a.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
     else:
+        print(f"guests ran with --on-esm-failure {summary['guest_policy'] or a.on_esm_failure}")
         print(f"{summary['runs']} runs, {summary['faults_injected']} faults injected, "
               f"{len(summary['violations'])} violations; recovery p50 {summary['recovery_s']['p50']} s, "
               f"p99 {summary['recovery_s']['p99']} s, max {summary['recovery_s']['max']} s")
@@ -491,6 +501,7 @@ def main(argv=None) -> int:
     p.add_argument("--run-dir", type=Path, help="the local stack's directory (default: temporary)")
     p.add_argument("--pool-pages", type=int, default=8192, help="UV secure memory in 64 KiB pages")
     p.add_argument("--abort-return", choices=["guest", "uv"], default="guest")
+    _guest_policy_arg(p)
     p.add_argument("--metrics-listen", help="serve the harness's metrics (faults, runs) on host:port")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_chaos)

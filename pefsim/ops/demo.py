@@ -2,7 +2,10 @@
 
   secure     goes secure; exercises secure stores, share/unshare, a host touch of a secure page
              (the host sees only ciphertext) and reads everything back through the UV
-  aborted    its ESM blob does not match its kernel: abort -> H_PARAMETER, memory intact
+  aborted    its ESM blob does not match its kernel: abort -> H_PARAMETER, memory intact; then, as
+             Linux's prom_init does, ibm,os-term: its VMM stops it and its memory, read through
+             the host, stays with the HV until it is destroyed (--on-esm-failure continue: it
+             carries on as a normal VM)
   terminated goes secure, checks its memory, is destroyed (UV_SVM_TERMINATE)
   reset      goes secure, checks its memory, is reset (KVM_PPC_SVM_OFF)
 
@@ -79,6 +82,7 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None
     op = Operator.of(stack)
     events: list[tuple[int, str, str]] = []
     results = {name: GuestResult(name=f"g-{name}", expected=name) for name in SCENARIOS}
+    policy = ""
     try:
         pool_before = (await op.uv.stub.UvStatus(upb.UvStatusRequest())).pool_pages_in_use
         for name, res in results.items():
@@ -102,6 +106,11 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None
             res.check(rep.outcome == want, f"boot outcome {rep.outcome} (want {want}), "
                       f"UV_ESM -> {esm_rc_name(rep.esm_rc, rep.outcome)}")
             res.check(rep.memory_intact, f"memory intact after boot ({rep.pages_checked} pages)")
+            if res.expected == "aborted":
+                policy = rep.on_esm_failure
+                if policy == "os-term":
+                    res.check(rep.os_term, "ibm,os-term after the failed UV_ESM: the VMM stopped the VM, "
+                                           "its memory read through the host")
 
         def note(name: str, what: str) -> None:
             events.append((time.time_ns(), results[name].name, what))
@@ -158,6 +167,7 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None
         await op.close()
     events.sort()
     return {"guests": [r.as_json() for r in results.values()], "uv_secure_pages_in_use": in_use,
+            "guest_policy": policy,
             "_results": results, "_events": events}
 
 
@@ -184,6 +194,8 @@ def render(summary: dict) -> str:
                      f"{'intact' if g['memory_intact'] else 'DAMAGED':<8} "
                      f"{fmt(g['abort_latency_s']):>10} {fmt(g['terminate_latency_s']):>10}")
     lines.append(f"\nUV secure pages in use at the end: {summary['uv_secure_pages_in_use']}")
+    lines.append(f"after a failed UV_ESM the guests ran --on-esm-failure {summary['guest_policy']}"
+                 + (" (Linux's prom_init: ibm,os-term)" if summary["guest_policy"] == "os-term" else ""))
     return "\n".join(lines)
 
 

@@ -148,6 +148,7 @@ class StackConfig:
     pool_pages: int = 4096
     esm_copy: str = "all"
     abort_return: str = "guest"
+    on_esm_failure: str = "os-term"  # what guests do after a failed UV_ESM (GuestConfig.on_esm_failure)
     metrics: bool = True
     transfer: str = "stream"  # page data between HV and UV: "stream" (bulk) or "unary" (a call a page)
     shared_memory: bool = True  # the HV offers the UV its RAM files (pages travel by address)
@@ -318,7 +319,7 @@ class LocalStack:
             args.append("--boot")
         if self.cfg.esm_copy == "measured":
             args.append("--measured-only")
-        args += list(extra)
+        args += ["--on-esm-failure", self.cfg.on_esm_failure, *extra]
         proc = self._proc(f"guest-{name}", "services.guest", args)
         proc.start()
         ready = proc.wait_ready()

@@ -14,6 +14,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 
+from services.guest.core.program import GuestConfig
 from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, HANG_CALLS, LOSABLE, PAGES,
                                  VM_JSON_WRITES, Plan, plan_of, run_one)
 
@@ -135,7 +136,7 @@ def run_campaign(cfg: SimConfig, only: int | None = None) -> dict:
             "seconds": round(seconds, 3), "runs_per_minute": round(len(plans) / seconds * 60, 1) if seconds else 0.0,
             "virtual_seconds": round(virtual_s, 3), "history_sha256": digest.hexdigest(),
             "mode": "exhaustive" if cfg.exhaustive else "sampled", "mutants": list(cfg.mutants),
-            "schedule": cfg.schedule, "jobs": cfg.jobs}
+            "schedule": cfg.schedule, "jobs": cfg.jobs, "guest_policy": GuestConfig.on_esm_failure}
 
 
 def chaos_rate(runs: int, seed: int = 1) -> dict:

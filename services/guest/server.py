@@ -63,6 +63,9 @@ def parse_args(argv=None):
                     "(default: the listen address, or this host's name when listening on 0.0.0.0)")
     ap.add_argument("--resume-timeout", type=float, default=120.0,
                     help="seconds the vCPU waits for a resume after UV_ESM")
+    ap.add_argument("--on-esm-failure", choices=("os-term", "continue"), default="os-term",
+                    help="after a UV_ESM that did not switch to secure mode: os-term (Linux: the VMM stops "
+                         "the VM, its memory stays with the HV) or continue as a normal VM")
     ap.add_argument("--hv-wait", type=float, default=60.0,
                     help="seconds the guest waits for an unreachable HV to come back")
     ap.add_argument("--boot", action="store_true", help="run the boot program at start")
@@ -96,6 +99,7 @@ def parse_args(argv=None):
     return a, GuestConfig(name=a.name, mem_bytes=mem_bytes, hv=a.hv, uv=a.uv, blob=blob,
                           svm=not a.no_svm, secure_capable=not a.no_secure_capable,
                           measured_only=a.measured_only, resume_timeout_s=a.resume_timeout,
+                          on_esm_failure=a.on_esm_failure,
                           hv_wait_s=a.hv_wait, tls=tls.from_args(ap, a, a.identity or f"guest:{a.name}"))
 
 

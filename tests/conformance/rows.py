@@ -626,6 +626,13 @@ ROWS = UV_ROWS + HV_ROWS
 # -- the choices, where the sources leave one (rendered at the top of docs/conformance.md) -----
 
 CHOICES = [
+    ("The guest after a failed UV_ESM",
+     "As Linux: any result other than U_SUCCESS (an abort's H_PARAMETER, a refused check) makes the "
+     "guest call ibm,os-term (prom_init's setup_secure_guest: prom_rtas_os_term(\"Switch to secure mode "
+     "failed.\")); its VMM stops the VM (StopVm), and the VM and its memory stay with the HV, read "
+     "through the host (HostReadPage), until it is destroyed. `--on-esm-failure continue` keeps the "
+     "older pefsim behaviour, a guest that carries on as a normal VM. The demo, `pefsim chaos` and "
+     "`pefsim sim` print which one their guests ran.", "prom_init.c (setup_secure_guest)"),
     ("Ultracall return codes",
      "Linux's values where Linux defines the name (U_BUSY = +1, not the firmware's -2 that equals "
      "U_FUNCTION); the firmware's for the names only it has (U_RETRY -5, U_STATE -75, U_BAD_MODE "

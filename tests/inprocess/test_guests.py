@@ -43,6 +43,22 @@ async def test_guests_go_secure_abort_or_stay_normal(stage):
         assert [s.lpid for s in status.values()] == [reports["secure"].lpid]  # the UV forgot the aborted SVM
 
 
+@pytest.mark.parametrize("policy", ["os-term", "continue"])
+async def test_after_a_failed_esm_the_guest_os_terms_or_carries_on(stage, policy):
+    """Linux's prom_init calls ibm,os-term after any UV_ESM that did not switch to secure mode: the
+    VMM stops the VM, which stays with the HV (its memory read through the host, intact) until it
+    is destroyed. With ``continue`` the guest carries on as a normal VM, its vCPU still running."""
+    async with stage() as m:
+        g = m.add_guest("aborted", MEM, blob(m, "aborted", bad=True), on_esm_failure=policy)
+        report = await asyncio.wait_for(g.boot(), BOUND_S)
+        assert (report.outcome, report.esm_rc, report.memory_intact) == ("aborted", H.H_PARAMETER, True)
+        assert report.on_esm_failure == policy and report.os_term == (policy == "os-term")
+        vm = m.hv.state.vms[report.lpid]  # destroyed by no one yet: its memory stays with the HV
+        assert vm.running == (policy == "continue")
+        checks = [e.what for e in report.timeline if e.what.startswith("memory check")]
+        assert checks and ("through the host" in checks[-1]) == (policy == "os-term")
+
+
 @pytest.mark.parametrize("point", ["hv.abort.page_out:20", "hv.abort.before_terminate", "hv.abort.before_resume"])
 async def test_an_hv_crash_mid_abort_under_a_real_guest(stage, point):
     async with stage() as m:

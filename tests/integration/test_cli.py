@@ -110,11 +110,14 @@ def _running(pid: int) -> bool:
 def test_a_relative_run_dir_works(tmp_path):
     """`pefsim demo --run-dir rd` from another directory: the services (which start in the package
     root) find rd's certificates and keys, because every path is resolved before they start."""
-    out = subprocess.run([sys.executable, "-m", "pefsim", "demo", "--json", "--mem-mib", "1", "--run-dir", "rd"],
+    out = subprocess.run([sys.executable, "-m", "pefsim", "demo", "--json", "--mem-mib", "1", "--run-dir", "rd",
+                          "--on-esm-failure", "continue"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=180,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(g["memory_intact"] for g in json.loads(out.stdout)["guests"])
+    summary = json.loads(out.stdout)
+    assert all(g["memory_intact"] for g in summary["guests"])
+    assert summary["guest_policy"] == "continue"  # the aborted guest carried on as a normal VM
     assert (tmp_path / "rd" / "stack.json").exists()
 
 
@@ -232,3 +235,4 @@ def test_a_temporary_run_dir_is_removed_when_done(tmp_path):
     out = pefsim("demo", "--json", "--mem-mib", "1", env={**os.environ, "TMPDIR": str(tmp)}, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert list(tmp.iterdir()) == []
+    assert json.loads(out.stdout)["guest_policy"] == "os-term"  # the default: Linux's

@@ -86,9 +86,11 @@ CAUGHT_BY = {
     "uv-frees-on-page-out": "memory-intact",
     "hv-init-done-unguarded": "legal-return-codes",
     "uv-hcalls-one-at-a-time": "held-svm-bounded",
+    "hv-create-vm-ignores-request-id": "no-orphan-vms",
 }
 # the fault a mutant needs (default: any)
-NEEDS = {"hv-init-done-unguarded": ("kill-guest",), "uv-hcalls-one-at-a-time": ("hang",)}
+NEEDS = {"hv-init-done-unguarded": ("kill-guest",), "uv-hcalls-one-at-a-time": ("hang",),
+         "hv-create-vm-ignores-request-id": ("lose",)}
 
 
 def test_every_mutant_has_its_invariant():

@@ -58,6 +58,10 @@ class GuestConfig:
     measured_only: bool = False  # the UV pages in only the measured regions (ESM_COPY_MEASURED):
     # once secure, every other page reads as zeros (the INIT_DONE sweep does not copy)
     resume_timeout_s: float = 120.0
+    # after a UV_ESM that did not switch to secure mode: "os-term" (Linux's setup_secure_guest calls
+    # prom_rtas_os_term: the VMM stops the VM, its memory stays with the HV until it is destroyed)
+    # or "continue" (carry on as a normal VM)
+    on_esm_failure: str = "os-term"
     hv_wait_s: float = 60.0  # how long the guest waits for an unreachable HV to come back
     tls: object = None  # pefsim.tls.Tls for guest:<name> (mTLS) or None (insecure)
 
@@ -77,7 +81,8 @@ class GuestProgram:
         self.lpid = 0
         self._resume: asyncio.Future | None = None
         self.written: dict[int, bytes] = {}  # pages changed after boot: gfn -> content
-        self.report = pb.GuestReport(name=cfg.name, outcome="created", abort_latency_s=-1.0)
+        self.report = pb.GuestReport(name=cfg.name, outcome="created", abort_latency_s=-1.0,
+                                     on_esm_failure=cfg.on_esm_failure)
         self.booting: asyncio.Task | None = None
         self.session: asyncio.Task | None = None
         self.taken_token = 0
@@ -208,7 +213,18 @@ class GuestProgram:
             if res.nip != self.sc2_nip:
                 self.report.detail = f"resumed at 0x{res.nip:x}, expected 0x{self.sc2_nip:x}"
         self.metrics.esm_seconds.labels(self.report.outcome).observe((res.at_ns - t_sc2) / 1e9)
+        if self.report.outcome != "secure" and self.cfg.on_esm_failure == "os-term":
+            await self.os_term("Switch to secure mode failed.")
         await self.verify()
+
+    async def os_term(self, message: str) -> None:
+        """prom_init's prom_rtas_os_term: the guest calls RTAS ibm,os-term and its VMM (this
+        program's other half) stops the VM; the VM and its memory stay with the HV until someone
+        destroys it, and from now on its memory is read as the host reads it."""
+        self.event(f"ibm,os-term: {message!r}: the VMM stops the VM (its memory stays with the HV)")
+        self.vcpu_state = VcpuState.VCPU_STOPPED
+        self.report.os_term = True
+        await self._hv("StopVm", hpb.StopVmRequest(lpid=self.lpid))
 
     def _forget_unmeasured(self) -> None:
         """With ESM_COPY_MEASURED only the FDT, blob, kernel and initrd pages were copied."""
@@ -299,6 +315,10 @@ class GuestProgram:
             if resp.rc != U.U_SUCCESS:
                 raise GuestFailure(f"SvmLoad(gfn {first}): {rc_name(resp.rc, U)}")
             return resp.data
+        if self.report.os_term:  # the VM is stopped: what the host (the HV) holds of it
+            pages = [(await self._hv("HostReadPage", hpb.HostReadPageRequest(lpid=self.lpid, gpa=gpa_of(gfn)))).data
+                     for gfn in range(first, first + count)]
+            return b"".join(pages)
         resp = await self._hv("VcpuLoad", hpb.VcpuLoadRequest(lpid=self.lpid, gpa=gpa_of(first),
                                                               npages=count))
         return resp.data
@@ -329,7 +349,8 @@ class GuestProgram:
             self.event(f"memory check failed: {exc}")
             return self.report
         self.report.memory_intact, self.report.pages_checked = not bad, npages
-        mode = "through the UV" if self.vcpu_state == VcpuState.VCPU_SECURE else "through the HV"
+        mode = "through the UV" if self.vcpu_state == VcpuState.VCPU_SECURE else \
+            "through the host (the VM is stopped)" if self.report.os_term else "through the HV"
         if bad:
             self.report.detail = f"{len(bad)} pages differ, first gfn {bad[0]}"
         self.event(f"memory check {mode}: {npages - len(bad)}/{npages} pages intact")

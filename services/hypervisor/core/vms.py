@@ -6,6 +6,7 @@ import asyncio
 import logging
 import re
 
+from pefsim import faults
 from pefsim.abi import PAGE_SHIFT, Errno, Role, SecureGuest, U, VmState
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb
 from services.hypervisor.core import uv
@@ -63,7 +64,7 @@ async def create_vm(hv, req: pb.CreateVmRequest, caller) -> pb.CreateVmResponse:
             or len(req.request_id) > MAX_REQUEST_ID:
         return pb.CreateVmResponse(errno=Errno.EINVAL)
     owner = owner_of_caller(caller)
-    if req.request_id:  # a repeat of a creation whose answer was lost: the same VM
+    if req.request_id and not faults.mutant("hv-create-vm-ignores-request-id"):  # a repeat: the same VM
         same = next((vm for vm in hv.state.owned_by(owner) if vm.request_id == req.request_id), None)
         if same is not None:
             log.info("lpid %d: CreateVm repeated with its request id: the same VM", same.lpid)
