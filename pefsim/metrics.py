@@ -11,9 +11,10 @@ import threading
 import time
 from typing import Any, Callable, Generic, TypeVar
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector,
-                               start_http_server)
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector,
+                               ProcessCollector, start_http_server)
 
+import pefsim
 from pefsim.abi import PAGE_SIZE
 from pefsim.calltable import CallObserver
 
@@ -97,6 +98,9 @@ class ServiceMetrics(CallObserver):
         self.snapshots: list[LoopSnapshot] = []  # bound to the loop serve() runs on
         ProcessCollector(registry=self.registry)  # process_start_time_seconds, RSS, CPU
         PlatformCollector(registry=self.registry)
+        Info("pefsim_build", "What this process runs: pefsim's version and its gRPC and protobuf libraries'.",
+             registry=self.registry).info({"version": pefsim.version(), "grpcio": pefsim.version("grpcio"),
+                                           "protobuf": pefsim.version("protobuf")})
         self.calls = Counter("pefsim_calls_total", "Calls served, by call and PEF result.",
                              ["call", "result"], registry=self.registry)
         self.call_seconds = Histogram("pefsim_call_duration_seconds",

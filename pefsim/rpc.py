@@ -522,6 +522,25 @@ def run(main: Callable[[], Awaitable[Any]]) -> Any:
     return uvloop.run(main())
 
 
+LIFELINE_ENV = "PEFSIM_LIFELINE"  # the read end of a pipe whose write end only the launcher holds
+
+
+def watch_lifeline(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+    """Stop when the process that launched this one dies, however it dies (kill -9 included):
+    the launcher (pefsim.ops.stack) holds the only write end of a pipe whose read end it passed
+    here; the kernel closes it with the launcher, and the read end then reads EOF."""
+    fd = os.environ.pop(LIFELINE_ENV, "")
+    if not fd.isdecimal():
+        return
+
+    def readable() -> None:
+        if not os.read(int(fd), 1):
+            loop.remove_reader(int(fd))
+            log.warning("the process that launched this one is gone: stopping")
+            stop()
+    loop.add_reader(int(fd), readable)
+
+
 async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], Awaitable[None]] | None = None,
                                 before_stop: Callable[[], None] | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then stop accepting, finish in-flight calls briefly, clean up."""
@@ -531,6 +550,7 @@ async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], A
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watch_lifeline(loop, stop.set)
     waiter = asyncio.ensure_future(server.wait_for_termination())
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)

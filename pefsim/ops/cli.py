@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pefsim
 from pefsim.abi import PAGE_SIZE
 
 
@@ -205,15 +206,6 @@ def _ours(pid: int) -> bool:
     except OSError:
         return False
     return any(part.startswith((b"services.", b"pefsim")) or part.endswith(b"/pefsim") for part in cmdline)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("pefsim")
-    except PackageNotFoundError:  # run from a checkout that was never installed
-        return "(not installed)"
 
 
 def cmd_down(a) -> int:
@@ -445,7 +437,7 @@ def cmd_blob(a) -> int:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pefsim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--version", action="version", version=f"pefsim {_version()}")
+    ap.add_argument("--version", action="version", version=f"pefsim {pefsim.version()}")
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("demo", help="run the life-cycle demo")

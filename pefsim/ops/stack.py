@@ -18,9 +18,22 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pefsim import rpc
 from pefsim.blob import load_private_key, new_signing_key, save_keypair
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (pefsim/ops/ is two levels down)
+
+
+_LIFELINE: tuple[int, int] | None = None  # (read, write) ends of this launcher's lifeline pipe
+
+
+def _lifeline() -> int:
+    """The read end every service this process starts gets (rpc.watch_lifeline): the write end
+    stays here, unwritten, so the services stop when this process dies, even by kill -9."""
+    global _LIFELINE
+    if _LIFELINE is None:
+        _LIFELINE = os.pipe()
+    return _LIFELINE[0]
 
 
 class StackError(RuntimeError):
@@ -77,8 +90,10 @@ class Proc:
         self.ready_path.unlink(missing_ok=True)
         env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
                "PYTHONUNBUFFERED": "1", **self.env}  # self.env may override any
+        lifeline = _lifeline()
+        env[rpc.LIFELINE_ENV] = str(lifeline)
         with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
+            self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, pass_fds=(lifeline,),
                                           cwd=ROOT, env=env, start_new_session=True)
 
     def wait_ready(self, timeout: float = 30.0) -> dict:
