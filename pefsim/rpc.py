@@ -447,10 +447,12 @@ def channel(target: str, role: int, identity: str = "", tls=None, server_role: s
 
 async def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], service_name: str = "",
                      tls=None) -> tuple[grpc.aio.Server, int]:
-    """A server with the services' handlers and the standard gRPC health service (SERVING for
-    the overall server and ``service_name``), bound to ``host:port`` (port 0 picks one); with
-    ``tls`` only clients with a certificate from the project CA get through the handshake."""
+    """A server with the services' handlers, the standard gRPC health service (SERVING for the
+    overall server and ``service_name``) and server reflection (grpcurl lists and describes the
+    service), bound to ``host:port`` (port 0 picks one); with ``tls`` only clients with a
+    certificate from the project CA get through the handshake."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection
 
     server = grpc.aio.server(options=with_overrides(SERVER_OPTIONS), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
     server.add_generic_rpc_handlers(handlers)
@@ -458,6 +460,8 @@ async def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], servic
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
     for name in ("", service_name):
         await checker.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection([n for n in (service_name, health.SERVICE_NAME, reflection.SERVICE_NAME) if n],
+                                        server)
     port = server.add_secure_port(listen, tls.server_credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot bind {listen}")

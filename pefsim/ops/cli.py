@@ -170,6 +170,10 @@ def cmd_up(a) -> int:
         for name, addr in info["guests"].items():
             print(f"  {name:<11} {addr}")
         print(f"  stack file  {stack.run_dir / 'stack.json'}   (pefsim demo --stack / status --stack)")
+        if stack.tls("operator") is not None:  # every service serves gRPC reflection
+            t = stack.tls_dir
+            print(f"  grpcurl     grpcurl -cacert {t}/ca.pem -cert {t}/operator.pem -key {t}/operator.key "
+                  f"{stack.uv_addr} list")
         if prom is not None:
             print(f"  prometheus  {prom.url}   (config {stack.run_dir / 'prometheus.yml'}; rules and "
                   f"dashboards in deploy/)")
