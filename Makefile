@@ -1,17 +1,22 @@
 # pefsim: `make demo` runs the life-cycle demo on a local stack, `make test` runs the tests.
 VENV ?= .venv
 PY := $(VENV)/bin/python
+RUNTIME := $(VENV)/.runtime
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test check protos check-protos lint-protos conformance-doc dashboards clean
 
-$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+$(RUNTIME): requirements.txt pyproject.toml  ## what the services and the CLI need, nothing more
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt setuptools==84.2.1  # the editable install's build
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-demo: $(STAMP)
+$(STAMP): $(RUNTIME) requirements-dev.txt  ## and what the tests, the linters and the generators need
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+demo: $(RUNTIME)
 	$(VENV)/bin/pefsim demo
 
 test: $(STAMP)
