@@ -84,6 +84,9 @@ class Call:
     # more fields of an answer the checks give (not the handler), from the request: UV_ESM's
     # refusal is the vCPU's return from `sc 2` and says so
     refusal: Callable[[Any], dict] | None = None
+    # the call's exit path, run on its answer (the checks' or the handler's) before it goes back:
+    # exit(service, request, response, caller) may route it elsewhere (the HV's hcall exit path)
+    exit: Callable[[Any, Any, Any, Caller], None] | None = None
     request_codec: Callable[[bytes], Any] | None = None  # raw frames instead of protobuf
     response_codec: Callable[[Any], bytes] | None = None
 
@@ -282,6 +285,8 @@ class CallTable:
         except Exception as exc:
             self.failed(call, caller, request, exc)
             raise
+        if call.exit is not None:
+            call.exit(self.service, request, response, caller)
         result = 0 if call.result is None else int(getattr(response, call.result))
         name = "OK" if call.result is None else result_name(call, result)
         elapsed = clock.monotonic() - t0

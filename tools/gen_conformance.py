@@ -55,9 +55,11 @@ def call_section(title: str, table, svc: str) -> list[str]:
 
 
 NOT_MODELLED = [
-    "UV_RETURN: the hcall exit path's split on secure_guest (HRFID to the guest, or UV_RETURN to the UV) "
-    "is modelled only as 'the HV resumes the guest' against 'the HV answers the UV'; no R0/R2/R3 "
-    "convention, no cookie check in the UV.",
+    "UV_RETURN's register convention (R0 = the result, R2 = SRR1, R3 = UV_RETURN) and the UV's cookie "
+    "check. The exit path's split on secure_guest is modelled for H_SVM_INIT_ABORT (HRFID to the guest "
+    "when secure_guest == 0, the answer to the UV otherwise: returned_to). The other hcalls the UV "
+    "makes (H_SVM_INIT_START, which sets INIT_START before it can fail; H_SVM_PAGE_IN/OUT and "
+    "H_SVM_INIT_DONE, which pefsim's UV makes only for a VM past INIT_START) always answer the UV.",
     "UV_WRITE_PATE, and the partition-table side of KVM_PPC_SVM_OFF (kvmppc_setup_partition_table).",
     "The firmware-only ucalls: UV_RESTRICTED_SPR_WRITE/READ, UV_READ_SCOM/UV_WRITE_SCOM, UV_READ_MEM/"
     "UV_WRITE_MEM, UV_ESMB_GET_FILE, UV_SEND_SBE_COMMAND.",

@@ -46,12 +46,14 @@ class HSvmPageOutResponse(_message.Message):
     def __init__(self, rc: _Optional[int] = ...) -> None: ...
 
 class HSvmInitStartRequest(_message.Message):
-    __slots__ = ("lpid", "vcpu_owner")
+    __slots__ = ("lpid", "vcpu_owner", "token")
     LPID_FIELD_NUMBER: _ClassVar[int]
     VCPU_OWNER_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
     lpid: int
     vcpu_owner: str
-    def __init__(self, lpid: _Optional[int] = ..., vcpu_owner: _Optional[str] = ...) -> None: ...
+    token: int
+    def __init__(self, lpid: _Optional[int] = ..., vcpu_owner: _Optional[str] = ..., token: _Optional[int] = ...) -> None: ...
 
 class HSvmInitStartResponse(_message.Message):
     __slots__ = ("rc",)

@@ -42,7 +42,7 @@ CALLS = [
     Call("H_SVM_INIT_DONE", svm.h_svm_init_done, UV, H.H_UNSUPPORTED,
          opcode=Hcall.H_SVM_INIT_DONE, family=H, owned=True),
     Call("H_SVM_INIT_ABORT", svm.h_svm_init_abort, UV_OR_GUEST, H.H_UNSUPPORTED,
-         opcode=Hcall.H_SVM_INIT_ABORT, family=H, owned=True),
+         opcode=Hcall.H_SVM_INIT_ABORT, family=H, owned=True, exit=svm.h_svm_init_abort_exit),
     Call("HSvmPageInBulk", page.h_svm_page_in_bulk, UV, H.H_UNSUPPORTED, family=H, owned=True),
     Call("CreateVm", vm.create_vm, VMM, None, checks=(), result="errno", family=Errno),
     Call("RunVm", vm.run_vm, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),

@@ -114,7 +114,8 @@ CALLS = [
 # call -> what its handler itself may answer, beyond the checks above (the chaos checker holds
 # every observed result to these, with calltable.legal_results).
 RESULTS = {
-    "UV_ESM": (U.U_SUCCESS, H.H_PARAMETER, U.U_STATE),
+    # H_UNSUPPORTED: the context ended when the HV took its abort's refusal to the guest (esm.abort)
+    "UV_ESM": (U.U_SUCCESS, H.H_PARAMETER, U.U_STATE, H.H_UNSUPPORTED),
     "UV_REGISTER_MEM_SLOT": (U.U_SUCCESS, U.U_PARAMETER),
     "UV_UNREGISTER_MEM_SLOT": (U.U_SUCCESS, U.U_P2),
     "UV_PAGE_IN": (U.U_SUCCESS, U.U_P2, U.U_P3),

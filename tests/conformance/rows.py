@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, SECURE_RA_BASE, PageInFlag
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, SECURE_RA_BASE, AbortReturn, H, PageInFlag
 from pefsim.v1 import common_pb2 as cpb, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 
 
@@ -509,9 +509,15 @@ HV_ROWS = [
     Row("HV", "H_SVM_INIT_DONE", SEC, "again", "H_SUCCESS", "kernel",
         lambda c: hpb.HSvmInitDoneRequest(lpid=c.lpid)),
     # H_SVM_INIT_ABORT ---------------------------------------------------------------------------
-    Row("HV", "H_SVM_INIT_ABORT", N, "a normal VM", "H_UNSUPPORTED", "kernel and doc", _abort),
+    Row("HV", "H_SVM_INIT_ABORT", N, "a normal VM", "H_UNSUPPORTED",
+        "kernel and doc; where it goes: book3s_64_entry.S (HRFI_TO_GUEST when secure_guest == 0)", _abort,
+        then=("the result goes to the guest, not the UV: the vCPU resumed once with H_UNSUPPORTED at srr0; "
+              "the UV's context never resumes (returned_to GUEST)",
+              lambda c, r: r.returned_to == AbortReturn.ABORT_RETURN_GUEST and c.resumed_once(0x11004, H.H_UNSUPPORTED))),
     Row("HV", "H_SVM_INIT_ABORT", NONE, "no VM with the lpid", "H_PARAMETER", "pefsim", _abort),
-    Row("HV", "H_SVM_INIT_ABORT", SEC, "after INIT_DONE", "H_STATE", "kernel (respin) and doc", _abort),
+    Row("HV", "H_SVM_INIT_ABORT", SEC, "after INIT_DONE", "H_STATE", "kernel (respin) and doc", _abort,
+        then=("back to the UV (UV_RETURN: secure_guest != 0), no resume of the vCPU",
+              lambda c, r: r.returned_to == AbortReturn.ABORT_RETURN_UNSPECIFIED and not c.resumes())),
     Row("HV", "H_SVM_INIT_ABORT", T, "during ESM", "H_PARAMETER", "kernel (merged v5.6)", _abort,
         setup="paged-in",
         then=("every page back with its content, secure_guest 0, UV_SVM_TERMINATE, the vCPU "
@@ -720,9 +726,16 @@ CHOICES = [
      "is reported as ENOSPC and the slot is removed again (the kernel ignores the error: a TODO "
      "there).", "kernel, pefsim"),
     ("When the HV does not take the abort",
-     "If the HV answers H_SVM_INIT_ABORT with an error (e.g. the VM was never started), the UV "
+     "Where the answer goes is the kernel's exit path: secure_guest decides (book3s_64_entry.S). "
+     "H_UNSUPPORTED for a VM already normal (its abort finished and the UV asks again after a lost "
+     "answer, or its ESM never reached the HV) is HRFID'd to the guest at srr0 under the abort's "
+     "token; the UV's context never resumes. The vCPU takes it only if it still waits in that "
+     "`sc 2` (a repeat of a resume it took is acknowledged by its token; a VM reset since gets "
+     "none: pefsim tracks the `sc 2` token H_SVM_INIT_START carried). The UV then forgets the SVM "
+     "itself (pefsim: no UV_SVM_TERMINATE will come for a VM the HV holds as normal; the firmware "
+     "would keep it). H_STATE (after INIT_DONE) comes back to the UV through UV_RETURN: the UV "
      "terminates the SVM itself and resumes the guest with H_PARAMETER. If the HV cannot be "
      "reached, the SVM stays in SVM_ABORT with all its pages (reported in UvStatus as "
      "abort_pending_s) until an HV terminates it: the cost of an absent HV is that one SVM.",
-     "pefsim"),
+     "book3s_64_entry.S; pefsim"),
 ]

@@ -88,9 +88,9 @@ class HvCtx:
     def resumes(self) -> list:
         return [r for r in self.vcpu.resumes if r.lpid == self.lpid]
 
-    def resumed_once(self, nip: int) -> bool:
+    def resumed_once(self, nip: int, r3: int = H.H_PARAMETER) -> bool:
         got = self.resumes()
-        return len(got) == 1 and got[0].r3 == H.H_PARAMETER and got[0].nip == nip and not got[0].msr_s
+        return len(got) == 1 and got[0].r3 == r3 and got[0].nip == nip and not got[0].msr_s
 
 
 async def run_row(side, row: Row) -> None:

@@ -9,9 +9,11 @@ import asyncio
 
 import pytest
 
-from pefsim.abi import PAGE_SIZE, H, Role, U
+from pefsim.abi import PAGE_SIZE, AbortReturn, H, Role, U
+from pefsim.calltable import Caller
 from pefsim.blob import make_blob
 from pefsim.image import GuestImage
+from pefsim.v1 import hypervisor_pb2 as hpb
 
 MEM = 48 * PAGE_SIZE
 BOUND_S = 30
@@ -57,6 +59,31 @@ async def test_after_a_failed_esm_the_guest_os_terms_or_carries_on(stage, policy
         assert vm.running == (policy == "continue")
         checks = [e.what for e in report.timeline if e.what.startswith("memory check")]
         assert checks and ("through the host" in checks[-1]) == (policy == "os-term")
+
+
+async def test_an_abort_asked_again_after_it_finished_goes_to_the_guest_once(stage):
+    """The UV asks H_SVM_INIT_ABORT again (its answer was lost) after the HV finished the abort:
+    the VM is normal, secure_guest 0, so the kernel's exit path HRFIDs the H_UNSUPPORTED to the
+    guest, not the UV. Under the abort's token the vCPU recognises a repeat of the resume it took:
+    one resume, one acknowledged duplicate; a VM reset since gets nothing."""
+    async with stage() as m:
+        g = m.add_guest("victim", MEM, blob(m, "victim", bad=True))
+        report = await asyncio.wait_for(g.boot(), BOUND_S)
+        assert (report.outcome, report.esm_rc) == ("aborted", H.H_PARAMETER)
+        again = hpb.HSvmInitAbortRequest(lpid=g.lpid, srr0=g.sc2_nip, token=g.taken_token)
+        uv = Caller(Role.ROLE_UV, "uv", "victim")
+        resp = await m.hv_call("H_SVM_INIT_ABORT", again, uv)
+        assert (resp.rc, resp.returned_to) == (H.H_UNSUPPORTED, AbortReturn.ABORT_RETURN_GUEST)
+        await asyncio.wait_for(_until(lambda: g.report.duplicate_resumes == 1), BOUND_S)
+        assert g.report.resumes == 1 and g.report.esm_rc == H.H_PARAMETER
+        await m.hv_call("ResetVm", hpb.ResetVmRequest(lpid=g.lpid), Caller(Role.ROLE_GUEST, "victim"))
+        resp = await m.hv_call("H_SVM_INIT_ABORT", again, uv)
+        assert (resp.rc, resp.returned_to) == (H.H_UNSUPPORTED, AbortReturn.ABORT_RETURN_UNSPECIFIED)
+
+
+async def _until(cond, every: float = 0.01) -> None:
+    while not cond():
+        await asyncio.sleep(every)
 
 
 @pytest.mark.parametrize("point", ["hv.abort.page_out:20", "hv.abort.before_terminate", "hv.abort.before_resume"])

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from pefsim import faults
+from pefsim.abi import H
 from pefsim.sim.campaign import SimConfig, every_plan, run_campaign
 from pefsim.sim.scenario import Plan, plan_of, run_one
 
@@ -165,6 +166,19 @@ def test_regression_a_lost_create_vm_answer_makes_one_vm():
     plan = Plan(seed=7, fault="lose", during="esm", link="guest->hv", lose=("CreateVm", 1))
     outcome = run_one(plan)
     assert outcome.violations == [] and outcome.record["hv_after"] == []
+
+
+def test_an_abort_the_hv_never_started_goes_to_the_guest():
+    """The link is cut as H_SVM_INIT_START goes: the HV never sees the ESM, and the UV's
+    H_SVM_INIT_ABORT, once the link heals, finds a normal VM. As in the kernel, the HV's exit path
+    takes that H_UNSUPPORTED to the guest (secure_guest 0), not to the UV: the guest sees it as
+    UV_ESM's result (and os-terms), the UV forgets the SVM, every invariant holds."""
+    plan = next(p for p in every_plan(("esm",)) if p.fault == "partition" and p.cut_at[0] == "H_SVM_INIT_START")
+    outcome = run_one(plan)
+    assert outcome.violations == []
+    report = outcome.record["guests"]["victim"]["report"]
+    assert (report["outcome"], report["esmRc"], report["resumedBy"]) == ("failed", H.H_UNSUPPORTED, "ROLE_HV")
+    assert report["osTerm"] and report["resumes"] == 1
 
 
 def test_regression_a_uv_reset_before_init_start_reaches_the_hv():

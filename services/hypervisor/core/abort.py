@@ -119,6 +119,15 @@ class _Handed:
             self.lock.release()
 
 
+def refused_to_guest(hv, vm, req: pb.HSvmInitAbortRequest) -> None:
+    """An H_SVM_INIT_ABORT refused with H_UNSUPPORTED for a VM already normal goes to the guest
+    (svm.h_svm_init_abort_exit): journalled at the resume phase with that result, so it is
+    delivered once, by this HV or a restarted one, under the request's token."""
+    hv.state.set_abort(vm, {"token": req.token, "srr0": req.srr0, "trace_ns": req.trace.abort_issued_unix_ns,
+                            "phase": RESUME, "r3": H.H_UNSUPPORTED})
+    start(hv, vm)
+
+
 def _answer(vm, response: pb.HSvmInitAbortResponse) -> pb.HSvmInitAbortResponse:
     if vm.abort_answer is not None and not vm.abort_answer.done():
         vm.abort_answer.set_result(response)
@@ -158,7 +167,8 @@ async def run(hv, vm, lock: _Handed) -> pb.HSvmInitAbortResponse:
                 await persist(hv, vm, lambda: uv.terminate(hv, vm, "abort", unreachable_raises=True),
                               "UV_SVM_TERMINATE")
             hv.state.set_abort(vm, dict(vm.abort, phase=RESUME))
-        answer = _answer(vm, pb.HSvmInitAbortResponse(rc=H.H_PARAMETER, returned_to=AbortReturn.ABORT_RETURN_GUEST,
+        answer = _answer(vm, pb.HSvmInitAbortResponse(rc=vm.abort.get("r3", H.H_PARAMETER),
+                                                      returned_to=AbortReturn.ABORT_RETURN_GUEST,
                                                       pages_recovered=recovered))
         faults.reach("hv.abort.before_resume", vm.name)
         journal = vm.abort
@@ -231,11 +241,12 @@ async def page_out_all(hv, vm) -> int:
 
 
 async def resume_vcpu(hv, vm, journal: dict) -> str:
-    """HRFID into the guest: deliver H_PARAMETER to the vCPU waiting after its `sc 2`, asking
-    again while the guest cannot be reached (for up to resume_retry_s)."""
+    """HRFID into the guest: deliver the journal's result (H_PARAMETER, or the H_UNSUPPORTED of
+    an abort refused for a VM already normal) to the vCPU waiting after its `sc 2`, asking again
+    while the guest cannot be reached (for up to resume_retry_s)."""
     backoff = Backoff(within=hv.cfg.resume_retry_s)
     request = guest_pb2.VcpuResumeRequest(
-        lpid=vm.lpid, r3=H.H_PARAMETER, msr_s=False, nip=journal["srr0"], resumed_by=Role.ROLE_HV,
+        lpid=vm.lpid, r3=journal.get("r3", H.H_PARAMETER), msr_s=False, nip=journal["srr0"], resumed_by=Role.ROLE_HV,
         trace=common_pb2.Trace(abort_issued_unix_ns=journal["trace_ns"]), token=journal["token"])
     while True:
         if vm.destroyed or vm.dying:

@@ -111,6 +111,9 @@ def _zeros(n: int):
     return _ZEROS[:n * PAGE_SIZE] if n <= _ZERO_RUN else bytes(n * PAGE_SIZE)
 
 
+ESM_RESET = -1  # Vm.esm_token after a ResetVm
+
+
 def vm_state_of(secure_guest: int) -> VmState:
     if secure_guest == 0:
         return VmState.VM_NORMAL
@@ -304,6 +307,7 @@ def _checked_meta(meta, lpid: int) -> dict:
            "secure_guest": _field(meta, "secure_guest", int),
            "had_session": _field(meta, "had_session", bool, False), "failed": _field(meta, "failed", str, ""),
            "owner": _field(meta, "owner", str, ""), "request_id": _field(meta, "request_id", str, ""),
+           "esm_token": _field(meta, "esm_token", int, 0),
            "pageouts_pending": _field(meta, "pageouts_pending", list, []),
            "abort": _checked_abort(meta.get("abort")), "slots": _checked_slots(_field(meta, "slots", list))}
     if out["lpid"] != lpid:
@@ -325,6 +329,7 @@ def _checked_abort(abort) -> dict | None:
         raise Damaged("bad-vm-json", f"the abort journal is {abort!r}, not an object")
     for key in ("token", "srr0", "trace_ns"):
         _field(abort, key, int, where="the abort journal")
+    _field(abort, "r3", int, 0, where="the abort journal")  # the result the resume delivers (abort.py)
     if abort.get("phase") not in (PAGE_OUT, TERMINATE, RESUME):
         raise Damaged("bad-vm-json", f"the abort journal's phase is {abort.get('phase')!r}")
     return abort
@@ -386,6 +391,9 @@ class Vm:
     failed: str = ""  # why the HV failed the VM (e.g. "uv-reset")
     owner: str = ""  # identity of the guest whose VMM created it ("" when an operator did)
     request_id: str = ""  # the CreateVm's idempotency key (CreateVmRequest.request_id)
+    # the token of the `sc 2` whose H_SVM_INIT_START this HV took (0: none yet; ESM_RESET: the VM
+    # was reset since, its vCPU is in no `sc 2` of before): svm.h_svm_init_abort_exit reads it
+    esm_token: int = 0
     # GFNs whose UV_PAGE_OUT (H_SVM_PAGE_OUT, host touch) was asked and whose answer is not yet
     # recorded: written before the ucall, so a restarted HV asks again (pages.py)
     pageouts_pending: set[int] = field(default_factory=set)
@@ -527,7 +535,7 @@ class HvState:
         vm = Vm(lpid=lpid, name=meta["name"], directory=directory, vcpu_endpoint=meta["vcpu_endpoint"],
                 secure_capable=meta["secure_capable"], secure_guest=meta["secure_guest"], abort=meta["abort"],
                 had_session=meta["had_session"], failed=meta["failed"], owner=meta["owner"],
-                request_id=meta["request_id"],
+                request_id=meta["request_id"], esm_token=meta["esm_token"],
                 pageouts_pending=set(meta["pageouts_pending"]))
         try:
             for s in meta["slots"]:
@@ -661,7 +669,7 @@ class HvState:
         meta = {"lpid": vm.lpid, "name": vm.name, "vcpu_endpoint": vm.vcpu_endpoint,
                 "secure_capable": vm.secure_capable, "secure_guest": vm.secure_guest,
                 "abort": vm.abort, "had_session": vm.had_session, "failed": vm.failed, "owner": vm.owner,
-                "request_id": vm.request_id,
+                "request_id": vm.request_id, "esm_token": vm.esm_token,
                 "pageouts_pending": sorted(vm.pageouts_pending),
                 "slots": [{"slot_id": s.slot_id, "base_gfn": s.base_gfn, "npages": s.npages,
                            "ra_base": s.ra_base, "shared": s.shared} for s in vm.slots.values()]}

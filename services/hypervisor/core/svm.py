@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from pefsim import faults
-from pefsim.abi import GfnState, H, SecureGuest, U
+from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest, U
 from pefsim.v1 import hypervisor_pb2 as pb
 from pefsim.calltable import StateChanged
 from services.hypervisor.core import abort, uv
@@ -27,6 +27,7 @@ async def h_svm_init_start(hv, req: pb.HSvmInitStartRequest, caller) -> pb.HSvmI
         log.error("lpid %d: INIT_START for %s's VM on behalf of %s: refused", vm.lpid, vm.owner, req.vcpu_owner)
         return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
     async with hv.table.guard("H_SVM_INIT_START", req, vm.lock):
+        vm.esm_token = req.token  # written with secure_guest
         hv.state.set_secure_guest(vm, SecureGuest.KVMPPC_SECURE_INIT_START)
         if not vm.secure_capable:
             return pb.HSvmInitStartResponse(rc=H.H_AUTHORITY)
@@ -59,6 +60,34 @@ async def h_svm_init_done(hv, req: pb.HSvmInitDoneRequest, caller) -> pb.HSvmIni
     log.info("LPID %d went secure", vm.lpid)
     faults.reach("hv.esm.init_done", vm.name)
     return pb.HSvmInitDoneResponse(rc=H.H_SUCCESS)
+
+
+def h_svm_init_abort_exit(hv, req: pb.HSvmInitAbortRequest, resp: pb.HSvmInitAbortResponse, caller) -> None:
+    """H_SVM_INIT_ABORT's exit path. Where an hcall's result goes is decided by secure_guest as
+    the vCPU leaves the HV, not by the hcall (book3s_64_entry.S kvmppc_p9_enter_guest:
+    ``lbz r4,KVM_SECURE_GUEST(r4); cmpdi r4,0; bne .Lret_to_ultra``, else HRFI_TO_GUEST):
+
+    * secure_guest != 0: UV_RETURN, the UV's context resumes with the result (the RPC's answer,
+      returned_to unset): H_STATE after INIT_DONE.
+    * secure_guest == 0: HRFID to the guest at SRR0 with R3 = the result, and the UV's context
+      never resumes (returned_to = ABORT_RETURN_GUEST). The merged abort's own H_PARAMETER goes
+      this way by design (its journal's resume phase). So does H_UNSUPPORTED for a VM already
+      normal: its abort finished (the UV asking again after a lost answer; the vCPU recognises
+      the repeat by the token and takes one resume) or its ESM never reached this HV (the guest
+      sees H_UNSUPPORTED as UV_ESM's result). That resume is journalled like the abort's
+      (abort.refused_to_guest) and delivered by a restarted HV.
+
+    Only for the UV's calls: a guest's own hcall returns to it whatever secure_guest says."""
+    if caller.role != Role.ROLE_UV or resp.rc != H.H_UNSUPPORTED:
+        return
+    vm = hv.state.vms.get(req.lpid)
+    if vm is None or vm.destroyed or vm.secure_guest != SecureGuest.SECURE_GUEST_NONE:
+        return
+    if vm.esm_token not in (0, req.token):  # its vCPU is not in that `sc 2` any more (a reset, a new ESM)
+        return
+    resp.returned_to = AbortReturn.ABORT_RETURN_GUEST
+    if abort.running(vm) is None:  # else the abort under way already owes the vCPU its resume
+        abort.refused_to_guest(hv, vm, req)
 
 
 async def h_svm_init_abort(hv, req: pb.HSvmInitAbortRequest, caller) -> pb.HSvmInitAbortResponse:

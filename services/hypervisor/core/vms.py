@@ -10,7 +10,7 @@ from pefsim import faults
 from pefsim.abi import PAGE_SHIFT, Errno, Role, SecureGuest, U, VmState
 from pefsim.v1 import common_pb2, hypervisor_pb2 as pb
 from services.hypervisor.core import uv
-from services.hypervisor.core.state import NoSpace
+from services.hypervisor.core.state import ESM_RESET, NoSpace
 from services.hypervisor.core.state import MAX_SLOT_ID
 
 log = logging.getLogger("pefsim.hv")
@@ -95,6 +95,12 @@ async def stop_vm(hv, req: pb.StopVmRequest, caller) -> pb.StopVmResponse:
     return pb.StopVmResponse(errno=Errno.OK)
 
 
+def _forget_esm(hv, vm) -> None:
+    """A reset VM's vCPU is in no `sc 2` of before: no result of one goes to it (svm.h_svm_init_abort_exit)."""
+    vm.esm_token = ESM_RESET
+    hv.state.save(vm)
+
+
 async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
     """KVM_PPC_SVM_OFF: 0 at once if INIT_START is clear; EBUSY with a vCPU running; otherwise
     drop every secure page without page-out, unregister every memslot, UV_SVM_TERMINATE
@@ -102,6 +108,7 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
     vm = hv.state.vms[req.lpid]
     async with hv.table.guard("ResetVm", req, vm.lock):  # an abort may be paging out
         if not vm.secure_guest & SecureGuest.KVMPPC_SECURE_INIT_START:
+            _forget_esm(hv, vm)
             return pb.ResetVmResponse(errno=Errno.OK)
         if vm.running:
             return pb.ResetVmResponse(errno=Errno.EBUSY)
@@ -111,6 +118,7 @@ async def reset_vm(hv, req: pb.ResetVmRequest, caller) -> pb.ResetVmResponse:
         rc, _ = await uv.terminate(hv, vm, "reset")
         if rc != U.U_SUCCESS:
             return pb.ResetVmResponse(errno=Errno.EINVAL)
+        _forget_esm(hv, vm)
         hv.state.set_secure_guest(vm, SecureGuest.SECURE_GUEST_NONE)
     log.info("lpid %d reset to a normal VM (secure contents dropped)", vm.lpid)
     return pb.ResetVmResponse(errno=Errno.OK)

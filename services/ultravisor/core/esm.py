@@ -65,7 +65,8 @@ async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:
 
 async def _secure(uv, svm, req) -> pb.UvEsmResponse:
     lpid = svm.lpid
-    rc = (await hcall(uv, "H_SVM_INIT_START", hpb.HSvmInitStartRequest(lpid=lpid, vcpu_owner=svm.owner))).rc
+    rc = (await hcall(uv, "H_SVM_INIT_START", hpb.HSvmInitStartRequest(lpid=lpid, vcpu_owner=svm.owner,
+                                                                       token=svm.token))).rc
     if rc != H.H_SUCCESS:
         raise EsmFailed("init-start", rc_name(rc, H))
     measured_only = uv.cfg.esm_copy == EsmCopy.ESM_COPY_MEASURED
@@ -225,7 +226,7 @@ async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmRe
             for gfn in svm.gfns_in(GpfState.GPF_SECURE):
                 uv.state.forget_page(svm.gpf(gfn))
     faults.reach("uv.esm.before_abort")
-    token = svm.abort_issued_ns
+    token = svm.token
     trace = common_pb2.Trace(abort_issued_unix_ns=svm.abort_issued_ns)
     request = hpb.HSvmInitAbortRequest(lpid=lpid, srr0=resume_at, srr1_msr_s=False, trace=trace, token=token)
     t0 = clock.monotonic()
@@ -237,9 +238,20 @@ async def abort(uv, svm, req: pb.UvEsmRequest, failure: EsmFailed) -> pb.UvEsmRe
     if resp.rc == H.H_PARAMETER and resp.returned_to == AbortReturn.ABORT_RETURN_GUEST:
         uv.metrics.abort_seconds.labels("resumed-by-hv").observe(clock.monotonic() - t0)
         return pb.UvEsmResponse(rc=H.H_PARAMETER, resumed=False)
-    # v10 (the HV returned H_SUCCESS to us), or the HV refused the abort (H_UNSUPPORTED: its VM
-    # is already normal, i.e. it gave every page back; or it never started ESM): the UV finishes
-    # the cleanup itself and resumes the guest with H_PARAMETER, under the abort's token.
+    if resp.rc == H.H_UNSUPPORTED and resp.returned_to == AbortReturn.ABORT_RETURN_GUEST:
+        # the HV's exit path took its refusal to the guest (H_UNSUPPORTED: its VM is normal, so
+        # secure_guest was 0: the abort finished already, or the ESM never reached it). This
+        # context never resumes, and no UV_SVM_TERMINATE will come for a VM the HV holds as
+        # normal: the UV forgets the SVM itself (docs/conformance.md, "When the HV does not take
+        # the abort").
+        log.error("lpid %d: HV answered H_SVM_INIT_ABORT with %s, to the guest", lpid, rc_name(resp.rc, H))
+        async with svm.lock:
+            uv.state.destroy_svm(lpid)
+        uv.metrics.abort_seconds.labels("refused").observe(clock.monotonic() - t0)
+        return pb.UvEsmResponse(rc=resp.rc, resumed=False)
+    # v10 (the HV returned H_SUCCESS to us), or the HV refused the abort back to us (H_STATE: its
+    # VM went secure, secure_guest != 0, so the result came back through UV_RETURN): the UV
+    # finishes the cleanup itself and resumes the guest with H_PARAMETER, under the abort's token.
     outcome = "returned-to-uv" if resp.rc == H.H_SUCCESS else "refused"
     if outcome == "refused":
         log.error("lpid %d: HV answered H_SVM_INIT_ABORT with %s", lpid, rc_name(resp.rc, H))

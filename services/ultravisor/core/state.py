@@ -302,6 +302,9 @@ class Svm:
     nonce_counter: int = 0
     reserved: int = 0
     abort_issued_ns: int = 0
+    # the ESM context's token (the vCPU's `sc 2`): its H_SVM_INIT_START and H_SVM_INIT_ABORT carry
+    # it, and every resume it causes, so the vCPU takes exactly one
+    token: int = field(default_factory=lambda: int.from_bytes(entropy.token_bytes(8), "big") or 1)
     created_ns: int = field(default_factory=clock.wall_ns)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     destroyed: bool = False
