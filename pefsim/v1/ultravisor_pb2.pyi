@@ -222,6 +222,24 @@ class SvmStoreResponse(_message.Message):
     rc: int
     def __init__(self, rc: _Optional[int] = ...) -> None: ...
 
+class SvmHcallRequest(_message.Message):
+    __slots__ = ("vcpu", "opcode", "args")
+    VCPU_FIELD_NUMBER: _ClassVar[int]
+    OPCODE_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    vcpu: _common_pb2.VcpuContext
+    opcode: int
+    args: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, vcpu: _Optional[_Union[_common_pb2.VcpuContext, _Mapping]] = ..., opcode: _Optional[int] = ..., args: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class SvmHcallResponse(_message.Message):
+    __slots__ = ("rc", "reflected")
+    RC_FIELD_NUMBER: _ClassVar[int]
+    REFLECTED_FIELD_NUMBER: _ClassVar[int]
+    rc: int
+    reflected: bool
+    def __init__(self, rc: _Optional[int] = ..., reflected: _Optional[bool] = ...) -> None: ...
+
 class UvEvictPageRequest(_message.Message):
     __slots__ = ("lpid", "gpa")
     LPID_FIELD_NUMBER: _ClassVar[int]

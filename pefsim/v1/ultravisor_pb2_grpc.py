@@ -100,6 +100,11 @@ class UltravisorServiceStub:
                 request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvEvictPageRequest.SerializeToString,
                 response_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvEvictPageResponse.FromString,
                 _registered_method=True)
+        self.SvmHcall = channel.unary_unary(
+                '/pefsim.v1.UltravisorService/SvmHcall',
+                request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.SvmHcallRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.SvmHcallResponse.FromString,
+                _registered_method=True)
         self.UvStatus = channel.unary_unary(
                 '/pefsim.v1.UltravisorService/UvStatus',
                 request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusRequest.SerializeToString,
@@ -222,6 +227,15 @@ class UltravisorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SvmHcall(self, request, context):
+        """Not a ucall: a secure guest's `sc 1` (an hcall made with MSR[S] = 1) traps to the UV, which
+        reflects it to the HV (the HV sees MSR[S] set in SRR1) or answers it itself (--svm-hcalls).
+        rc is the hcall's HReturn value, as the SVM finds it in R3.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UvStatus(self, request, context):
         """Introspection: secure memory and SVMs for the operator and the HV; a guest sees only its own SVMs.
         """
@@ -325,6 +339,11 @@ def add_UltravisorServiceServicer_to_server(servicer, server):
                     servicer.UvEvictPage,
                     request_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvEvictPageRequest.FromString,
                     response_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvEvictPageResponse.SerializeToString,
+            ),
+            'SvmHcall': grpc.unary_unary_rpc_method_handler(
+                    servicer.SvmHcall,
+                    request_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.SvmHcallRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_ultravisor__pb2.SvmHcallResponse.SerializeToString,
             ),
             'UvStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.UvStatus,
@@ -698,6 +717,33 @@ class UltravisorService:
             '/pefsim.v1.UltravisorService/UvEvictPage',
             pefsim_dot_v1_dot_ultravisor__pb2.UvEvictPageRequest.SerializeToString,
             pefsim_dot_v1_dot_ultravisor__pb2.UvEvictPageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SvmHcall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pefsim.v1.UltravisorService/SvmHcall',
+            pefsim_dot_v1_dot_ultravisor__pb2.SvmHcallRequest.SerializeToString,
+            pefsim_dot_v1_dot_ultravisor__pb2.SvmHcallResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -18,7 +18,7 @@ from pefsim.abi import PAGE_SHIFT, H, Role, SvmState, U, Ucall, is_secure_ra, pa
 from pefsim.calltable import ALLOW, STATE, Call, Check
 from pefsim.dataplane import MAX_FRAME_PAGES, MAX_REQUEST_PAGES, decoder, limited
 from pefsim.v1 import ultravisor_pb2 as upb
-from services.ultravisor.core import access, bulk, memslot, page, share, svm
+from services.ultravisor.core import access, bulk, memslot, page, reflect, share, svm
 from services.ultravisor.core.state import SVM_MEM_SLOTS_NUM
 
 HV = frozenset({Role.ROLE_HV})
@@ -97,6 +97,14 @@ CALLS = [
         Check("data", lambda r: 0 < len(r.data) <= access.MAX_STORE_PAGES << PAGE_SHIFT
               and page_aligned(len(r.data)), U.U_PARAMETER, "data not a whole number of pages"),
     )),
+    # a secure guest's `sc 1`: reflected to the HV or answered here (core/reflect.py); a vCPU not in
+    # secure supervisor mode never traps to the UV with an hcall
+    Call("SvmHcall", reflect.svm_hcall, SVM, H.H_FUNCTION, family=H, owned=True, checks=(
+        Check("msr", lambda r: r.vcpu.msr_s and not r.vcpu.msr_hv and not r.vcpu.msr_pr, H.H_FUNCTION,
+              "caller is not a secure supervisor vCPU (MSR[S]=1, HV=PR=0): its hcall goes to the HV"),
+        STATE,
+        Check("args", lambda r: len(r.args) <= 8, H.H_PARAMETER, "more than 8 argument registers"),
+    )),
     Call("UvEvictPage", access.uv_evict_page, OPERATOR, None, family=H, checks=(
         STATE,
         Check("gpa", lambda r: page_aligned(r.gpa), H.H_PARAMETER, "gpa not 64 KiB aligned"),
@@ -128,6 +136,9 @@ RESULTS = {
     "SvmLoad": (U.U_SUCCESS, U.U_PARAMETER, U.U_RETRY, U.U_BUSY, U.U_P2),
     "SvmStore": (U.U_SUCCESS, U.U_PARAMETER, U.U_RETRY, U.U_BUSY, U.U_P2),
     "UvShareHvMemory": (U.U_SUCCESS, U.U_P2),
+    # the HV's answer, whatever it is (a reflected hcall), H_FUNCTION (not modelled, or filtered),
+    # H_BUSY (the HV did not answer)
+    "SvmHcall": tuple(H),
     "UvEvictPage": (H.H_SUCCESS, H.H_PARAMETER, H.H_P2, H.H_P3, H.H_UNSUPPORTED, H.H_HARDWARE),
 }
 CALLS = [replace(c, results=frozenset(RESULTS.get(c.name, ()))) for c in CALLS]
@@ -154,6 +165,8 @@ STATE_TABLE = {
     "SvmLoad": {ABSENT: U.U_PERMISSION, ACTIVE: U.U_PERMISSION, SECURE: A, ABORT: U.U_PERMISSION},
     "SvmStore": {ABSENT: U.U_PERMISSION, ACTIVE: U.U_PERMISSION, SECURE: A, ABORT: U.U_PERMISSION},
     "UvEvictPage": {ABSENT: H.H_PARAMETER, ACTIVE: H.H_STATE, SECURE: A, ABORT: H.H_STATE},
+    # only a secure vCPU makes hcalls through the UV; in ESM (ACTIVE) it waits in `sc 2`
+    "SvmHcall": {ABSENT: H.H_FUNCTION, ACTIVE: H.H_FUNCTION, SECURE: A, ABORT: H.H_FUNCTION},
     "UvShareHvMemory": {ABSENT: U.U_PARAMETER, ACTIVE: A, SECURE: A, ABORT: U.U_STATE},
 }
 

@@ -63,6 +63,9 @@ def parse_args(argv=None) -> UvConfig:
     ap.add_argument("--hv-memory-dir",
                     help="the HV's data directory as this UV sees it: the only place the UV opens the "
                          "guest RAM files the HV offers (shared memory); without it pages travel in the stream")
+    ap.add_argument("--svm-hcalls", choices=["firmware", "filter"], default="firmware",
+                    help="an SVM's H_SVM_* hcalls: reflected to the HV as the open Ultravisor does (default) "
+                         "or refused with H_FUNCTION by the UV, as the kernel's MSR[S] check assumes")
     faults.add_argument(ap)
     tls.add_args(ap)
     ap.add_argument("--history", help="append a JSON line per served call to this file")
@@ -78,7 +81,8 @@ def parse_args(argv=None) -> UvConfig:
                     max_inflight_per_peer=a.max_inflight_per_peer, listen=a.listen, hv=a.hv, pool_pages=a.pool_pages,
                     lazy_pool=a.lazy_pool,
                     esm_copy=EsmCopy[f"ESM_COPY_{a.esm_copy.upper()}"], trusted_key=a.trusted_key,
-                    history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file)
+                    history=a.history, metrics_listen=a.metrics_listen, ready_file=a.ready_file,
+                    svm_hcalls=a.svm_hcalls)
 
 
 async def serve(cfg: UvConfig) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, SECURE_RA_BASE, AbortReturn, H, PageInFlag
+from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, HV_RA_BASE, SECURE_RA_BASE, AbortReturn, H, Hcall, PageInFlag
 from pefsim.v1 import common_pb2 as cpb, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 
 
@@ -357,6 +357,24 @@ UV_ROWS = [
         lambda c: c.share_request("other lpid")),
     Row("UV", "UvShareHvMemory", S, "a file not the slot's size", "U_P2", "pefsim (npages x 64 KiB exactly)",
         lambda c: c.share_request("wrong size")),
+    # a secure guest's hcalls (core/reflect.py) ------------------------------------------------------
+    Row("UV", "SvmHcall", S, "H_SVM_INIT_DONE again, from the SVM", "H_SUCCESS",
+        "open Ultravisor (reflects every hcall but H_RANDOM); the HV's answer",
+        lambda c: upb.SvmHcallRequest(vcpu=_vcpu(c), opcode=Hcall.H_SVM_INIT_DONE),
+        then=("reflected to the HV", lambda c, r: r.reflected)),
+    Row("UV", "SvmHcall", S, "H_RANDOM (0x300)", "H_FUNCTION", "open Ultravisor (H_RANDOM is not reflected)",
+        lambda c: upb.SvmHcallRequest(vcpu=_vcpu(c), opcode=0x300),
+        then=("answered by the UV", lambda c, r: not r.reflected)),
+    Row("UV", "SvmHcall", S, "caller MSR[S] clear", "H_FUNCTION", "pefsim (its hcall goes to the HV)",
+        lambda c: upb.SvmHcallRequest(vcpu=_vcpu(c, msr_s=False), opcode=Hcall.H_SVM_INIT_DONE), check="msr"),
+    Row("UV", "SvmHcall", S, "9 argument registers", "H_PARAMETER", "pefsim",
+        lambda c: upb.SvmHcallRequest(vcpu=_vcpu(c), opcode=Hcall.H_SVM_INIT_DONE, args=[0] * 9), check="args"),
+    Row("UV", "SvmHcall", X, "no SVM", "H_FUNCTION", "pefsim",
+        lambda c: upb.SvmHcallRequest(vcpu=_vcpu(c), opcode=Hcall.H_SVM_INIT_DONE)),
+    Row("UV", "SvmHcall", A, "during ESM (the vCPU waits in `sc 2`)", "H_FUNCTION", "pefsim",
+        lambda c: upb.SvmHcallRequest(vcpu=_vcpu(c), opcode=Hcall.H_SVM_INIT_DONE)),
+    Row("UV", "SvmHcall", B, "while aborting", "H_FUNCTION", "pefsim",
+        lambda c: upb.SvmHcallRequest(vcpu=_vcpu(c), opcode=Hcall.H_SVM_INIT_DONE)),
     Row("UV", "UvEvictPage", S, "a secure page", "H_SUCCESS", "kernel (H_SVM_PAGE_OUT)",
         lambda c: upb.UvEvictPageRequest(lpid=c.lpid, gpa=c.gpa(c.secure_gfn))),
     Row("UV", "UvEvictPage", S, "gpa not aligned", "H_PARAMETER", "pefsim",
@@ -710,9 +728,20 @@ CHOICES = [
      "unregistering every slot registered before it (the kernel's loop appears to delete the failing "
      "slot repeatedly; not copied). Re-entry is unguarded, as in the kernel. The doc's H_STATE is "
      "never produced.", "kernel"),
+    ("An SVM's own hcalls",
+     "A secure guest's `sc 1` traps to the UV (SvmHcall), which reflects it to the HV as the UV's call, "
+     "the HV seeing MSR[S] set, or answers it itself. The kernel's MSR[S] check (8c47b6ff29e3) assumes "
+     "the UV keeps H_SVM_* from an SVM; the open Ultravisor does not (it reflects every hcall but "
+     "H_RANDOM). pefsim's default is the firmware's (`--svm-hcalls firmware`): an SVM can page its own "
+     "pages out (to the HV, encrypted; they fault back in), repeat INIT_DONE (H_SUCCESS) or ask for an "
+     "abort (H_STATE: it is secure), and hurts no one, itself included "
+     "(tests/inprocess/test_svm_hcalls.py). `--svm-hcalls filter` answers them H_FUNCTION in the UV. "
+     "Hcalls pefsim's HV does not model, H_RANDOM included, are answered H_FUNCTION by the UV.",
+     "8c47b6ff29e3; open Ultravisor; pefsim"),
     ("Caller checks",
      "The kernel's MSR[S]-in-SRR1 test (8c47b6ff29e3) is modelled by the caller's role: only the UV "
-     "may make H_SVM_*; others get H_UNSUPPORTED. H_SVM_INIT_ABORT is exempt (e3326ae3d59e) and the "
+     "may make H_SVM_* (a secure vCPU's hcalls reach the HV through it: \"An SVM's own hcalls\"); "
+     "others get H_UNSUPPORTED. H_SVM_INIT_ABORT is exempt (e3326ae3d59e) and the "
      "VM state decides. HV-only ucalls from anyone else -> U_PERMISSION; SVM-only ucalls need a "
      "secure supervisor vCPU (MSR[S]=1, HV=PR=0). In insecure mode the role is asserted in request "
      "metadata; with mTLS it comes from the certificate.", "kernel, UV code"),

@@ -48,6 +48,7 @@ class UvConfig:
     max_inflight_per_peer: int = 128  # concurrent calls from one identity
     max_svms_per_owner: int = 32  # SVMs one guest identity may hold at once (UV_ESM beyond: U_RETRY)
     hv_memory_dir: str | None = None  # the HV's data directory as the UV sees it; None: no shared memory
+    svm_hcalls: str = "firmware"  # an SVM's H_SVM_* hcalls: reflected to the HV ("firmware") or "filter"ed
 
 
 class Ultravisor:
