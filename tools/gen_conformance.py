@@ -13,7 +13,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conformance.rows import CHOICES, ROWS  # noqa: E402
+from tests.conformance.rows import CHOICES, DISAGREE, ROWS  # noqa: E402
 from pefsim.calltable import ALLOW, STATE, result_name  # noqa: E402
 from services.hypervisor import calltable as hv_table  # noqa: E402
 from services.ultravisor import calltable as uv_table  # noqa: E402
@@ -45,6 +45,14 @@ def call_section(title: str, table, svc: str) -> list[str]:
     for name, row in table.STATE_TABLE.items():
         cells = ["allowed" if row[s] is ALLOW else result_name(calls[name], row[s]) for s in states]
         out.append(f"| {name} | " + " | ".join(cells) + " |")
+    disagree = [(r, DISAGREE[(r.call, r.state, r.case)]) for r in ROWS
+                if r.service == svc and (r.call, r.state, r.case) in DISAGREE]
+    if disagree:
+        out += ["", "### Where the kernel documentation, the kernel code and the firmware disagree", "",
+                "| call | state | input | pefsim | doc (ultravisor.rst) | kernel code | firmware (open Ultravisor) |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r.call} | {r.state} | {cell(r.case)} | {r.expect} | {cell(doc)} | {cell(kernel)} | {cell(fw)} |"
+                for r, (doc, kernel, fw) in disagree]
     out += ["", "### Conformance rows (each one a test against the running service)", "",
             "| call | state | input | caller | result | source | and then |", "|---|---|---|---|---|---|---|"]
     for r in (r for r in ROWS if r.service == svc):

@@ -768,3 +768,68 @@ CHOICES = [
      "abort_pending_s) until an HV terminates it: the cost of an absent HV is that one SVM.",
      "book3s_64_entry.S; pefsim"),
 ]
+
+
+# Rows where the kernel documentation (ultravisor.rst), the kernel code and the firmware (the open
+# Ultravisor) disagree: (call, state, input) of a row above -> what each says. docs/conformance.md
+# shows the three side by side (the audit: ../shared/reference/kernel-crosscheck.md, section 3).
+NA = "n/a (not its call to check)"
+DISAGREE = {
+    ("UV_ESM", "SVM_ABSENT", "kbase 0"): (
+        "U_PARAMETER for a bad first argument (esm_blob_addr)", "n/a (prom_init never passes kbase 0)",
+        "U_P2 (uvcall.c: `if (!kbase) return U_P2`)"),
+    ("UV_ESM", "SVM_ABSENT", "fdt 0"): ("U_P2 (`fdt is invalid`)", NA, "U_P3 (uvcall.c: the numbering is shifted)"),
+    ("UV_ESM", "SVM_SECURE", "UV_ESM when already secure"): (
+        "U_SUCCESS (including if the VM is already secure)", NA, "U_RETRY (an SVM exists for the lpid)"),
+    ("UV_REGISTER_MEM_SLOT", "SVM_SECURE", "start_gpa not 64 KiB aligned"): (
+        "U_P2 (`start_gpa is invalid`)", "n/a (always passes base_gfn << PAGE_SHIFT)",
+        "U_PARAMETER (create_memslot)"),
+    ("UV_REGISTER_MEM_SLOT", "SVM_SECURE", "size 0"): (
+        "U_P3 (`size is invalid`)", NA, "takes update_memslots' delete path (pefsim: U_PARAMETER)"),
+    ("UV_REGISTER_MEM_SLOT", "SVM_SECURE", "start_gpa + size wraps"): ("U_P3", NA, "U_PARAMETER"),
+    ("UV_REGISTER_MEM_SLOT", "SVM_SECURE", "slotid >= SVM_MEM_SLOTS_NUM"): (
+        "U_P5 (`the slotid parameter is unsupported`)", NA, "U_PARAMETER"),
+    ("UV_PAGE_OUT", "SVM_SECURE", "a shared page"): (
+        "U_SUCCESS (`already a shared page`)", NA, "U_PARAMETER"),
+    ("UV_PAGE_INVAL", "SVM_SECURE", "gpa outside every slot"): ("U_P2 (`guest_pa is invalid`)", NA, "U_P3"),
+    ("UV_SVM_TERMINATE", "SVM_ABSENT", "no SVM for the lpid"): (
+        "U_PARAMETER (`lpid is invalid`)", "ignores the result (but kvmhv_svm_off: != U_SUCCESS -> -EINVAL)",
+        "U_SUCCESS (uv_svm_terminate returns 0)"),
+    ("UV_SVM_TERMINATE", "SVM_ACTIVE", "during ESM"): (
+        "U_INVALID (`VM is not secure`; no value anywhere)", "the merged abort terminates a never-secure SVM",
+        "U_SUCCESS"),
+    ("UV_SVM_TERMINATE", "SVM_ABORT", "an aborting SVM (the merged abort's last ucall)"): (
+        "U_INVALID (`VM is not secure`)", "kvmppc_h_svm_init_abort: uv_svm_terminate(lpid)", "U_SUCCESS"),
+    ("UV_SHARE_PAGE", "SVM_SECURE", "caller MSR[S] clear"): (
+        "U_INVALID (`the VM is not secure`; no value)", "ignores the result (set_memory_decrypted)",
+        "U_PERMISSION (uvcall.c dispatcher)"),
+    ("UV_SHARE_PAGE", "SVM_ABSENT", "no SVM for the lpid"): ("U_INVALID (no value)", NA, "U_PERMISSION"),
+    ("UV_SHARE_PAGE", "SVM_ACTIVE", "during ESM"): ("U_INVALID (no value)", NA, "U_PERMISSION (not secure)"),
+    ("UV_SHARE_PAGE", "SVM_ABORT", "while aborting"): ("U_INVALID (no value)", NA, "U_PERMISSION (never secure)"),
+    ("UV_SHARE_PAGE", "SVM_SECURE", "range outside every slot"): (
+        "U_PARAMETER (`gfn is invalid`)", NA, "U_P2 (svm_host.c)"),
+    ("UV_UNSHARE_PAGE", "SVM_SECURE", "caller MSR[S] clear"): (
+        "U_INVALID (no value)", "ignores the result (set_memory_encrypted)", "U_PERMISSION"),
+    ("UV_UNSHARE_PAGE", "SVM_ABSENT", "no SVM for the lpid"): ("U_INVALID (no value)", NA, "U_PERMISSION"),
+    ("UV_UNSHARE_PAGE", "SVM_ACTIVE", "during ESM"): ("U_INVALID (no value)", NA, "U_PERMISSION"),
+    ("UV_UNSHARE_PAGE", "SVM_ABORT", "while aborting"): ("U_INVALID (no value)", NA, "U_PERMISSION"),
+    ("UV_UNSHARE_PAGE", "SVM_SECURE", "range outside every slot"): (
+        "U_PARAMETER (`gfn is invalid`)", NA, "U_P2 (svm_host.c)"),
+    ("UV_UNSHARE_ALL_PAGES", "SVM_SECURE", "caller MSR[S] clear"): (
+        "U_INVAL (`VM is not secure`)", "ignores the result (the kexec path)", "U_PERMISSION"),
+    ("UV_UNSHARE_ALL_PAGES", "SVM_ABSENT", "no SVM for the lpid"): ("U_INVAL", NA, "U_PERMISSION"),
+    ("UV_UNSHARE_ALL_PAGES", "SVM_ACTIVE", "during ESM"): ("U_INVAL", NA, "U_PERMISSION"),
+    ("UV_UNSHARE_ALL_PAGES", "SVM_ABORT", "while aborting"): ("U_INVAL", NA, "U_PERMISSION"),
+    ("H_SVM_PAGE_OUT", "VM_SECURE", "made by the guest"): (
+        "silent", "H_UNSUPPORTED unless MSR[S] in SRR1 (8c47b6ff29e3, assuming the UV filters)",
+        "reflects every hcall but H_RANDOM: an SVM's H_SVM_PAGE_OUT passes the MSR[S] check (SvmHcall)"),
+    ("H_SVM_INIT_START", "VM_NORMAL", "without KVM_CAP_PPC_SECURE_GUEST"): (
+        "lists only H_SUCCESS / H_STATE", "H_AUTHORITY, secure_guest set first (377f02d487b5)", NA),
+    ("H_SVM_INIT_START", "VM_NORMAL", "the UV refuses a memslot"): (
+        "H_STATE", "H_PARAMETER (the failing slot deleted)", NA),
+    ("H_SVM_INIT_START", "VM_TRANSIENT", "again during ESM"): (
+        "H_STATE", "H_SUCCESS (unguarded re-entry; its comment table says Error)", "accepts the re-registration"),
+    ("H_SVM_INIT_START", "VM_SECURE", "after INIT_DONE"): (
+        "H_STATE", "H_SUCCESS (unguarded: the assignment clears INIT_DONE; its comment table says Error)",
+        "accepts the re-registration"),
+}

@@ -80,3 +80,13 @@ def test_every_row_result_is_a_legal_result(svc, table):
         if r.expect not in legal:
             bad.append(f"{r.call} in {r.state} ({r.case}): {r.expect} not in {sorted(legal)}")
     assert not bad, "\n".join(bad)
+
+
+def test_every_disagreement_names_one_row():
+    """Each entry of the three-source table (rows.DISAGREE) is one row's (call, state, input): a
+    row renamed or dropped cannot leave its sources behind unshown."""
+    from tests.conformance.rows import DISAGREE, ROWS
+
+    keys = [(r.call, r.state, r.case) for r in ROWS]
+    assert [k for k in DISAGREE if keys.count(k) != 1] == []
+    assert all(len(v) == 3 and all(v) for v in DISAGREE.values())
