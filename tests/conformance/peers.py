@@ -363,8 +363,11 @@ async def make_call(stub_for: Callable, call, row, ctx):
     (None when the answer was a gRPC status)."""
     from pefsim.calltable import result_name
 
+    who = row.caller or default_caller(call)
+    # the UV's hcalls name the guest whose vCPU made them, as the real UV's do: here the VM's owner
+    kw = {"metadata": ((rpc.ON_BEHALF_HEADER, IDENTITIES[Role.ROLE_GUEST].split(":", 1)[1]),)} if who == "uv" else {}
     try:
-        pending = getattr(stub_for(row.caller or default_caller(call)), row.call)(row.request(ctx))
+        pending = getattr(stub_for(who), row.call)(row.request(ctx), **kw)
         if hasattr(pending, "read"):  # server streaming: the first message carries the result
             resp = await pending.read()
             pending.cancel()

@@ -81,6 +81,21 @@ async def test_an_abort_asked_again_after_it_finished_goes_to_the_guest_once(sta
         assert (resp.rc, resp.returned_to) == (H.H_UNSUPPORTED, AbortReturn.ABORT_RETURN_UNSPECIFIED)
 
 
+async def test_an_abort_for_another_guests_vm_goes_to_no_vcpu(stage):
+    """An H_SVM_INIT_ABORT the UV makes for guest B (a UV_ESM that named A's VM) finds A's VM
+    normal: its H_UNSUPPORTED is not HRFID'd into A's vCPU (the `sc 2` is not A's), it comes back
+    to the UV."""
+    async with stage() as m:
+        a = m.add_guest("a", MEM, svm=False)
+        await asyncio.wait_for(a.boot(), BOUND_S)
+        req = hpb.HSvmInitAbortRequest(lpid=a.lpid, srr0=0x11004, token=7)
+        resp = await m.hv_call("H_SVM_INIT_ABORT", req, Caller(Role.ROLE_UV, "uv", "a"))
+        assert (resp.rc, resp.returned_to) == (H.H_UNSUPPORTED, AbortReturn.ABORT_RETURN_GUEST)  # A's own
+        resp = await m.hv_call("H_SVM_INIT_ABORT", hpb.HSvmInitAbortRequest(lpid=a.lpid, srr0=0x11004, token=8),
+                               Caller(Role.ROLE_UV, "uv", "mallory"))
+        assert (resp.rc, resp.returned_to) == (H.H_UNSUPPORTED, AbortReturn.ABORT_RETURN_UNSPECIFIED)
+
+
 async def _until(cond, every: float = 0.01) -> None:
     while not cond():
         await asyncio.sleep(every)

@@ -85,6 +85,8 @@ def h_svm_init_abort_exit(hv, req: pb.HSvmInitAbortRequest, resp: pb.HSvmInitAbo
         return
     if vm.esm_token not in (0, req.token):  # its vCPU is not in that `sc 2` any more (a reset, a new ESM)
         return
+    if caller.on_behalf != vm.owner:  # not its guest's `sc 2` (a UV_ESM naming another's VM): its vCPU owes nothing
+        return
     resp.returned_to = AbortReturn.ABORT_RETURN_GUEST
     if abort.running(vm) is None:  # else the abort under way already owes the vCPU its resume
         abort.refused_to_guest(hv, vm, req)
