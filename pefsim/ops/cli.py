@@ -353,6 +353,13 @@ def cmd_chaos(a) -> int:
     return 1 if summary["violations"] else 0
 
 
+def _sim_results() -> Path:
+    """Failing simulated runs go beside the chaos records (the user's state directory)."""
+    from pefsim.chaos.generator import default_results
+
+    return default_results().parent / "sim-failures"
+
+
 def cmd_sim(a) -> int:
     """The deterministic simulator (pefsim/sim/): the real cores in one process on virtual time."""
     import logging
@@ -375,7 +382,7 @@ def cmd_sim(a) -> int:
             print(f"  {done}/{total} runs", file=sys.stderr, flush=True)
     cfg = SimConfig(runs=a.runs, seed=a.seed, faults=tuple(a.fault) or FAULTS, durings=tuple(a.during) or DURINGS,
                     mutants=tuple(a.mutant), exhaustive=a.exhaustive, stop_at_first=a.stop_at_first,
-                    progress=progress, schedule=a.schedule, jobs=a.jobs)
+                    progress=progress, schedule=a.schedule, jobs=a.jobs, results=a.results)
     summary = run_campaign(cfg, only=a.only)
     if a.compare_chaos:
         summary["chaos"] = chaos = chaos_rate(a.compare_chaos, a.seed)
@@ -388,7 +395,8 @@ def cmd_sim(a) -> int:
               f"({summary['runs_per_minute']} runs a minute; {summary['virtual_seconds']} s simulated); "
               f"history sha256 {summary['history_sha256'][:16]}")
         for v in summary["violations"][:20]:
-            print(f"  seed {v['seed']} ({v['plan']}): {v['invariant']}: {v['detail']}\n    replay: {v['replay']}")
+            print(f"  seed {v['seed']} ({v['plan']}): {v['invariant']}: {v['detail']}\n    replay: {v['replay']}"
+                  + (f"\n    record and histories: {v['history']}" if v.get("history") else ""))
         if a.compare_chaos:
             print(f"real processes ({chaos['command']}): {chaos['runs']} runs in {chaos['seconds']} s, "
                   f"{chaos['runs_per_minute']} runs a minute, {chaos['violations']} violations; "
@@ -520,6 +528,8 @@ def main(argv=None) -> int:
     p.add_argument("--schedule", choices=("seeded", "fifo"), default="seeded",
                    help="the order of work ready at once: drawn from each run's seed (default) or first come first served")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (the summary is the same for any number)")
+    p.add_argument("--results", type=Path, default=_sim_results(),
+                   help="where a failing run's record and call histories are written (default: %(default)s)")
     p.add_argument("--compare-chaos", type=int, default=0, metavar="N",
                    help="also run N real-process chaos runs of the same kind and print both rates")
     p.add_argument("--json", action="store_true", help="print one JSON object")

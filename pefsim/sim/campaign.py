@@ -11,8 +11,10 @@ calls, once each.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from services.guest.core.program import GuestConfig
 from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, HANG_CALLS, LOSABLE, PAGES,
@@ -31,6 +33,7 @@ class SimConfig:
     progress: object = None  # called with (done, total) now and then
     extra_args: list[str] = field(default_factory=list)
     schedule: str = "seeded"  # the order of ready work: drawn from each run's seed, or fifo
+    results: Path | None = None  # where a failing run's record and histories are written (None: nowhere)
     jobs: int = 1  # worker processes (each run is independent: the summary is the same for any count)
 
 
@@ -80,11 +83,24 @@ def replay_command(cfg: SimConfig, plan: Plan) -> str:
     return " ".join(args)
 
 
-def _run(job: tuple[Plan, tuple[str, ...], str]) -> tuple[str, list, float]:
-    """One run, as a worker process returns it (the outcome's digest, violations, virtual time)."""
+def _run(job: tuple[Plan, tuple[str, ...], str]) -> tuple[str, list, float, dict | None]:
+    """One run, as a worker process returns it: the outcome's digest, violations, virtual time,
+    and for a failing run its record and histories."""
     plan, mutants, schedule = job
     out = run_one(plan, mutants, schedule=schedule)
-    return out.digest, [(v.invariant, v.detail) for v in out.violations], out.virtual_s
+    kept = {"record": out.record, "history": out.history} if out.violations else None
+    return out.digest, [(v.invariant, v.detail) for v in out.violations], out.virtual_s, kept
+
+
+def _keep(cfg: SimConfig, plan: Plan, found: list, kept: dict) -> str:
+    """Write a failing run's plan, verdicts, record and histories (what the timeline draws);
+    returns the file's path."""
+    cfg.results.mkdir(parents=True, exist_ok=True)
+    path = cfg.results / f"seed-{plan.seed}{'-' + '-'.join(cfg.mutants) if cfg.mutants else ''}.json"
+    path.write_text(json.dumps({"plan": asdict(plan), "replay": replay_command(cfg, plan),
+                                "violations": [{"invariant": i, "detail": d} for i, d in found], **kept},
+                               sort_keys=True, default=str))
+    return str(path)
 
 
 def _worker_start() -> None:
@@ -118,14 +134,15 @@ def run_campaign(cfg: SimConfig, only: int | None = None) -> dict:
     t0 = time.perf_counter()
     digest = hashlib.sha256()
     violations, injected, virtual_s = [], 0, 0.0
-    for i, (plan, (run_digest, found, run_virtual_s)) in enumerate(zip(plans, _outcomes(cfg, plans))):
+    for i, (plan, (run_digest, found, run_virtual_s, kept)) in enumerate(zip(plans, _outcomes(cfg, plans))):
         digest.update(run_digest.encode())
         injected += plan.fault != "none"
         virtual_s += run_virtual_s
+        history = _keep(cfg, plan, found, kept) if kept is not None and cfg.results is not None else None
         for invariant, detail in found:
             violations.append({"seed": plan.seed, "invariant": invariant, "detail": detail,
                                "plan": plan.fault + ("" if not plan.fault else f" during {plan.during}"),
-                               "replay": replay_command(cfg, plan)})
+                               "replay": replay_command(cfg, plan), **({"history": history} if history else {})})
         if cfg.progress is not None:
             cfg.progress(i + 1, len(plans))
         if violations and cfg.stop_at_first:

@@ -342,6 +342,7 @@ class Outcome:
     digest: str  # sha256 of the record and the histories: a seed replays to the same digest
     virtual_s: float
     record: dict  # what the run recorded (plan, fault, guests' outcomes), as the checkers read it
+    history: dict  # the UV's and the HV's call histories of the run, as the checkers read them
 
 
 def scratch_dir() -> Path | None:
@@ -372,6 +373,6 @@ def run_one(plan: Plan, mutants: tuple[str, ...] = (), scratch: Path | None = No
             record, history = vloop.run(main(), order)
         found = checker.check(record, history)
         text = json.dumps({"record": record, "history": history}, sort_keys=True, default=str)
-        return Outcome(plan, found, hashlib.sha256(text.encode()).hexdigest(), loop_time[0], record)
+        return Outcome(plan, found, hashlib.sha256(text.encode()).hexdigest(), loop_time[0], record, history)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -202,15 +203,19 @@ def test_regression_a_guest_killed_while_its_abort_terminates():
     assert outcome.violations == []
 
 
-def test_a_failing_seed_prints_the_command_that_replays_it():
-    """The CLI prints the replay command of a violation; running it finds the same violation."""
+def test_a_failing_seed_prints_the_command_that_replays_it(tmp_path):
+    """The CLI prints the replay command of a violation and writes the run's record and call
+    histories (what a timeline draws); running the command finds the same violation."""
     first = subprocess.run([sys.executable, "-m", "pefsim", "sim", "--runs", "20", "--seed", "1", "--mutant",
-                            "uv-frees-on-page-out", "--stop-at-first", "--json"], capture_output=True, text=True,
-                           timeout=300)
+                            "uv-frees-on-page-out", "--stop-at-first", "--json", "--results", str(tmp_path / "a")],
+                           capture_output=True, text=True, timeout=300)
     assert first.returncode == 1, first.stderr[-2000:]
     found = json.loads(first.stdout)["violations"][0]
+    kept = json.loads(Path(found["history"]).read_text())
+    assert kept["replay"] == found["replay"] and kept["violations"][0]["detail"] == found["detail"]
+    assert kept["history"]["hv"] and kept["history"]["uv"] and kept["record"]["guests"]["victim"]
     replay = found["replay"].split()[1:]
-    again = subprocess.run([sys.executable, "-m", "pefsim", *replay, "--json"], capture_output=True, text=True,
-                           timeout=300)
+    again = subprocess.run([sys.executable, "-m", "pefsim", *replay, "--json", "--results", str(tmp_path / "b")],
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 1
     assert json.loads(again.stdout)["violations"][0]["detail"] == found["detail"]
