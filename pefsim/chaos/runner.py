@@ -90,6 +90,7 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
         backend.publish_metrics(f"{cfg.metrics_listen.rsplit(':', 1)[0]}:{port}")
     if before_runs is not None:
         before_runs()
+    t0 = time.monotonic()
     try:
         for run in range(1, cfg.runs + 1):
             plan = plan_run(cfg, random.Random(rng.getrandbits(64)), npages, backend, victim_name(run))
@@ -108,8 +109,10 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
             store.write_run(run, record, found, history)
             if cfg.progress:
                 rec_s = record.get("recovery_s")
+                left = (time.monotonic() - t0) / run * (cfg.runs - run)
                 log(f"run {run}/{cfg.runs}: {record['fault']['detail'] or 'no fault'}; "
-                    f"{len(found)} violations; recovery {'-' if rec_s is None else f'{rec_s:.2f} s'}")
+                    f"{len(found)} violations; recovery {'-' if rec_s is None else f'{rec_s:.2f} s'}; "
+                    f"about {left:.0f} s left")
     finally:
         backend.stop()
     summary = {"runs": cfg.runs, "faults_injected": injected, "guest_policy": ", ".join(sorted(policies)),

@@ -24,7 +24,7 @@ class Store:
         run_dir = self.root / f"run-{run:04d}"
         run_dir.mkdir()
         (run_dir / "record.json").write_text(json.dumps(record, indent=1, default=str))
-        (run_dir / "verdicts.json").write_text(json.dumps([v.as_json() for v in verdicts], indent=1))
+        (run_dir / "verdicts.json").write_text(json.dumps(every_verdict(verdicts), indent=1))
         for svc, events in history.items():
             (run_dir / f"{svc}.history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
         return run_dir
@@ -46,3 +46,13 @@ def read_history(path: Path, window: list[float]) -> list[dict]:
         if window[0] <= event.get("t", 0) <= window[1]:
             out.append(event)
     return out
+
+
+def every_verdict(violations: list) -> dict:
+    """Every invariant checked, held or not: {invariant: {"held": bool, "what": its statement,
+    "violations": [detail, ...]}} (an invariant that held is a verdict too, not a silence)."""
+    from pefsim.chaos.checker import INVARIANTS
+
+    return {name: {"held": not [v for v in violations if v.invariant == name], "what": what,
+                   "violations": [v.detail for v in violations if v.invariant == name]}
+            for name, what in INVARIANTS.items()}

@@ -323,7 +323,7 @@ def cmd_chaos(a) -> int:
     cfg = ChaosConfig(fault=a.fault, during=a.during, runs=a.runs, seed=a.seed,
                       mem_bytes=_mem_bytes(a.mem_mib), pause_s=a.pause, fault_s=a.fault_time,
                       final_bound_s=a.final_bound, results=a.results or default_results(), backend=a.backend,
-                      mutants=tuple(a.mutant), abort_return=a.abort_return, progress=not a.json,
+                      mutants=tuple(a.mutant), abort_return=a.abort_return, progress=True,
                       metrics_listen=a.metrics_listen)
     run_dir = _temp_run_dir(a, "pefsim-chaos-")
     if a.backend == "docker":
@@ -335,13 +335,16 @@ def cmd_chaos(a) -> int:
                                abort_return=a.abort_return, pool_pages=a.pool_pages,
                                on_esm_failure=a.on_esm_failure)
     try:
-        summary = run_chaos(cfg, backend, log=lambda s: print(s, flush=True))
+        summary = run_chaos(cfg, backend, log=lambda s: print(s, file=sys.stderr if a.json else sys.stdout, flush=True))
     except BaseException:
         _done_with(a, failed=True)
         raise
     _done_with(a, failed=bool(summary["violations"]))
     if a.json:
-        print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
+        config = {"fault": a.fault, "during": a.during, "runs": a.runs, "seed": a.seed, "mem_mib": a.mem_mib,
+                  "backend": a.backend, "abort_return": a.abort_return, "on_esm_failure": a.on_esm_failure,
+                  "mutants": list(a.mutant)}
+        print(json.dumps({**summary, "config": config}))
     else:
         print(f"guests ran with --on-esm-failure {summary['guest_policy'] or a.on_esm_failure}")
         print(f"{summary['runs']} runs, {summary['faults_injected']} faults injected, "

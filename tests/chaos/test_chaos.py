@@ -81,13 +81,16 @@ def test_cli_json(tmp_path):
                           "--results", str(tmp_path / "r"), "--run-dir", str(tmp_path / "s")],
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    doc = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(doc) == {"runs", "faults_injected", "violations", "recovery_s", "guest_policy"}
+    doc = json.loads(out.stdout)  # stdout is the one JSON object; progress went to stderr
+    assert set(doc) == {"runs", "faults_injected", "violations", "recovery_s", "guest_policy", "results", "config"}
+    assert doc["config"]["fault"] == "kill-hv" and doc["config"]["runs"] == 2
+    assert "run 2/2" in out.stderr and "left" in out.stderr
     assert doc["guest_policy"] == "os-term"  # the guests' default after a failed UV_ESM, as Linux
     assert doc["runs"] == 2 and doc["faults_injected"] == 2 and doc["violations"] == []
     assert set(doc["recovery_s"]) == {"p50", "p99", "max"}
     assert 0 < doc["recovery_s"]["p50"] <= doc["recovery_s"]["p99"] <= doc["recovery_s"]["max"]
-    assert (tmp_path / "r" / "latest" / "run-0002" / "verdicts.json").exists()
+    verdicts = json.loads((tmp_path / "r" / "latest" / "run-0002" / "verdicts.json").read_text())
+    assert set(verdicts) == set(INVARIANTS) and all(v["held"] and not v["violations"] for v in verdicts.values())
 
 
 def test_cli_refuses_a_fault_at_a_moment_it_does_not_have():
