@@ -43,6 +43,7 @@ class ChaosConfig:
     abort_return: str = "guest"
     progress: bool = False
     metrics_listen: str | None = None  # serve the harness's own /metrics here
+    only_run: int = 0  # run only this one of the runs (its plan drawn as in the whole campaign): a replay
 
 
 @dataclass

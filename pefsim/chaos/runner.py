@@ -90,10 +90,14 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
         backend.publish_metrics(f"{cfg.metrics_listen.rsplit(':', 1)[0]}:{port}")
     if before_runs is not None:
         before_runs()
-    t0 = time.monotonic()
+    t0, done, todo = time.monotonic(), 0, 1 if cfg.only_run else cfg.runs
     try:
         for run in range(1, cfg.runs + 1):
-            plan = plan_run(cfg, random.Random(rng.getrandbits(64)), npages, backend, victim_name(run))
+            run_rng = random.Random(rng.getrandbits(64))  # drawn for every run: run N's plan is the same alone
+            if cfg.only_run and run != cfg.only_run:
+                continue
+            done += 1
+            plan = plan_run(cfg, run_rng, npages, backend, victim_name(run))
             record = asyncio.run(one_run(cfg, backend, run, plan, metrics))
             history = {svc: read_history(path, record["window"]) for svc, path in backend.histories().items()}
             found = checker.check(record, history)
@@ -109,13 +113,13 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
             store.write_run(run, record, found, history)
             if cfg.progress:
                 rec_s = record.get("recovery_s")
-                left = (time.monotonic() - t0) / run * (cfg.runs - run)
+                left = (time.monotonic() - t0) / done * (todo - done)
                 log(f"run {run}/{cfg.runs}: {record['fault']['detail'] or 'no fault'}; "
                     f"{len(found)} violations; recovery {'-' if rec_s is None else f'{rec_s:.2f} s'}; "
                     f"about {left:.0f} s left")
     finally:
         backend.stop()
-    summary = {"runs": cfg.runs, "faults_injected": injected, "guest_policy": ", ".join(sorted(policies)),
+    summary = {"runs": done, "faults_injected": injected, "guest_policy": ", ".join(sorted(policies)),
                "violations": [v.as_json() for v in violations],
                "recovery_s": quantiles(recoveries), "results": str(store.root)}
     store.write_summary(summary)

@@ -320,7 +320,9 @@ def cmd_chaos(a) -> int:
         raise SystemExit(f"--fault {a.fault} runs --during {' or '.join(FAULTS[a.fault])}")
     if a.runs < 1:
         raise SystemExit("--runs must be at least 1")
-    cfg = ChaosConfig(fault=a.fault, during=a.during, runs=a.runs, seed=a.seed,
+    if not 0 <= a.only_run <= a.runs:
+        raise SystemExit(f"--only-run must be one of the {a.runs} runs")
+    cfg = ChaosConfig(fault=a.fault, during=a.during, runs=a.runs, seed=a.seed, only_run=a.only_run,
                       mem_bytes=_mem_bytes(a.mem_mib), pause_s=a.pause, fault_s=a.fault_time,
                       final_bound_s=a.final_bound, results=a.results or default_results(), backend=a.backend,
                       mutants=tuple(a.mutant), abort_return=a.abort_return, progress=True,
@@ -351,7 +353,9 @@ def cmd_chaos(a) -> int:
               f"{len(summary['violations'])} violations; recovery p50 {summary['recovery_s']['p50']} s, "
               f"p99 {summary['recovery_s']['p99']} s, max {summary['recovery_s']['max']} s")
         for v in summary["violations"]:
-            print(f"  run {v['run']}: {v['invariant']}: {v['detail']}")
+            print(f"  run {v['run']}: {v['invariant']}: {v['detail']}\n    replay: pefsim chaos --fault {a.fault} "
+                  f"--during {a.during} --seed {a.seed} --runs {a.runs} --only-run {v['run']} --mem-mib {a.mem_mib:g}"
+                  + "".join(f" --mutant {m}" for m in a.mutant))
         print(f"records: {summary['results']}")
     return 1 if summary["violations"] else 0
 
@@ -509,6 +513,8 @@ def main(argv=None) -> int:
     p.add_argument("--pool-pages", type=int, default=8192, help="UV secure memory in 64 KiB pages")
     p.add_argument("--abort-return", choices=["guest", "uv"], default="guest")
     _guest_policy_arg(p)
+    p.add_argument("--only-run", type=int, default=0, metavar="N",
+                   help="run only run N of the campaign, with the plan it has in the whole one (a replay)")
     p.add_argument("--metrics-listen", help="serve the harness's metrics (faults, runs) on host:port")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_chaos)

@@ -93,6 +93,18 @@ def test_cli_json(tmp_path):
     assert set(verdicts) == set(INVARIANTS) and all(v["held"] and not v["violations"] for v in verdicts.values())
 
 
+def test_one_run_replays_alone_with_its_plan(tmp_path):
+    """--only-run N runs run N of the campaign by itself, with the fault plan it had there (every
+    earlier run's draw is taken and skipped): a failing run's replay."""
+    def plan_of(results, run):
+        return json.loads((results / "latest" / f"run-{run:04d}" / "record.json").read_text())["plan"]
+    whole = chaos(tmp_path / "whole", "kill-hv", "abort", runs=3, seed=5)
+    assert whole["runs"] == 3
+    alone = chaos(tmp_path / "alone", "kill-hv", "abort", runs=3, seed=5, only_run=3)
+    assert alone["runs"] == 1 and alone["violations"] == []
+    assert plan_of(tmp_path / "alone" / "results", 3) == plan_of(tmp_path / "whole" / "results", 3)
+
+
 def test_cli_refuses_a_fault_at_a_moment_it_does_not_have():
     out = subprocess.run([sys.executable, "-m", "pefsim", "chaos", "--fault", "kill-guest",
                           "--during", "abort"], cwd=ROOT, capture_output=True, text=True)
