@@ -177,8 +177,12 @@ def cmd_up(a) -> int:
         if prom is not None:
             print(f"  prometheus  {prom.url}   (config {stack.run_dir / 'prometheus.yml'}; rules and "
                   f"dashboards in deploy/)")
+        if a.supervise:
+            print(f"  supervised  a UV or HV that dies is restarted (try: pefsim kill hv --stack "
+                  f"{stack.run_dir / 'stack.json'})")
         print("Ctrl-C stops everything.", flush=True)
         stop = False
+        restarts: list[float] = []  # when the supervisor restarted a service (a crash loop gives up)
 
         def _stop(*_):
             nonlocal stop
@@ -188,6 +192,8 @@ def cmd_up(a) -> int:
             signal.signal(sig, _stop)
         while not stop:
             dead = [n for n, p in stack.procs.items() if not p.alive]
+            if dead and a.supervise:
+                dead = _supervise(stack, dead, restarts)
             if dead:
                 print(f"stopped: {', '.join(dead)} exited; see {stack.run_dir / 'logs'}", file=sys.stderr)
                 return 1
@@ -210,6 +216,63 @@ def _ours(pid: int) -> bool:
     except OSError:
         return False
     return any(part.startswith((b"services.", b"pefsim")) or part.endswith(b"/pefsim") for part in cmdline)
+
+
+RESTARTS_PER_MINUTE = 5  # more is a crash loop: the supervisor gives up, as compose's restart policy backs off
+
+
+def _supervise(stack, dead: list[str], restarts: list[float]) -> list[str]:
+    """Restart a UV or HV that died, as compose's restart policy does (the HV recovers from its data
+    directory, a UV comes back as a new machine); returns what it will not restart. A guest is not
+    restarted: its process is its VM (it is reported once and forgotten)."""
+    for name in dead:
+        proc = stack.procs[name]
+        code = proc.popen.returncode
+        if name.startswith("guest-"):
+            print(f"{name} exited ({code}): its VM ends with it; not restarted", file=sys.stderr, flush=True)
+            del stack.procs[name]
+            stack.write_stack_file()
+            continue
+        now = time.monotonic()
+        restarts[:] = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > RESTARTS_PER_MINUTE:
+            print(f"{name} exited ({code}) again: more than {RESTARTS_PER_MINUTE} restarts in a minute, giving up",
+                  file=sys.stderr, flush=True)
+            return [name]
+        print(f"{name} exited ({code}); restarting it (log {proc.log_path})", file=sys.stderr, flush=True)
+        proc.start()
+        proc.wait_ready()
+        stack.write_stack_file()
+        print(f"{name} is back (pid {proc.popen.pid}); see pefsim status --stack {stack.run_dir / 'stack.json'}",
+              file=sys.stderr, flush=True)
+    return []
+
+
+SIGNALS = {"kill": signal.SIGKILL, "pause": signal.SIGSTOP, "resume": signal.SIGCONT}
+
+
+def cmd_signal(a) -> int:
+    """kill / pause / resume one service of a running stack, by the pid its stack.json records."""
+    path = Path(a.stack)
+    try:
+        pids = {str(n): int(p) for n, p in json.loads(path.read_text())["pids"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"pefsim {a.cmd}: cannot read the stack file {path}: {exc}", file=sys.stderr)
+        return 3
+    name = a.service if a.service in pids else f"guest-{a.service}"
+    if name not in pids or not _ours(pids[name]):
+        print(f"pefsim {a.cmd}: no running {a.service!r} in {path} (there are: "
+              f"{', '.join(n.removeprefix('guest-') for n in pids)})", file=sys.stderr)
+        return 3
+    os.kill(pids[name], SIGNALS[a.cmd])
+    what = {"kill": "killed (SIGKILL)", "pause": "paused (SIGSTOP)", "resume": "resumed (SIGCONT)"}[a.cmd]
+    print(f"{name} (pid {pids[name]}) {what}")
+    if a.cmd == "kill" and name in ("uv", "hv"):
+        print(f"  under `pefsim up --supervise` it comes back (the HV recovers from its data directory); "
+              f"otherwise the stack stops. Watch: pefsim status --stack {path}")
+    elif a.cmd == "pause":
+        print(f"  its peers' calls now wait or time out; `pefsim resume {a.service} --stack {path}` lets it go on")
+    return 0
 
 
 def cmd_down(a) -> int:
@@ -477,7 +540,14 @@ def main(argv=None) -> int:
     p.add_argument("--prometheus", action="store_true",
                    help="also start a local Prometheus (Debian's package) scraping the stack")
     p.add_argument("--prometheus-port", type=int, default=0, help="its port (default: a free one)")
+    p.add_argument("--supervise", action="store_true",
+                   help="restart a UV or HV that dies, as compose's restart policy does (to watch recovery by hand)")
     p.set_defaults(func=cmd_up)
+    for verb, what in (("kill", "SIGKILL"), ("pause", "SIGSTOP"), ("resume", "SIGCONT")):
+        p = sub.add_parser(verb, help=f"{what} one service of a running stack (uv, hv or a guest's name)")
+        p.add_argument("service", help="uv, hv, or a guest's name")
+        p.add_argument("--stack", required=True, help="stack.json of a running stack")
+        p.set_defaults(func=cmd_signal)
     p = sub.add_parser("down", help="stop the stack a stack.json describes (its launcher first)")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before what still runs gets SIGKILL")

@@ -162,6 +162,57 @@ def _up_with_a_guest(run_dir: Path) -> tuple[subprocess.Popen, Path, list[int]]:
     return up, stack_file, list(info["pids"].values())
 
 
+def _eventually(cond, within: float = 10.0) -> bool:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # a bounded poll: a signal's effect is asynchronous
+    return True
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+
+
+def test_a_supervised_stack_brings_a_killed_hv_back(tmp_path):
+    """`pefsim up --supervise`: `pefsim kill hv` and the HV comes back on its data directory; the
+    stack then runs the demo (an abort and a terminate) on the restarted HV. `pause` / `resume`
+    stop and continue a service; an unknown one is exit 3."""
+    run_dir = tmp_path / "run"
+    up = subprocess.Popen([sys.executable, "-m", "pefsim", "up", "--guests", "1", "--mem-mib", "1", "--supervise",
+                           "--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+    stack_file = run_dir / "stack.json"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (stack_file.exists() and json.loads(stack_file.read_text())["guests"]):
+            assert up.poll() is None, up.stdout.read()
+            time.sleep(0.05)  # a bounded poll for the stack to be up
+        old = json.loads(stack_file.read_text())["pids"]["hv"]
+        killed = pefsim("kill", "hv", "--stack", str(stack_file))
+        assert killed.returncode == 0 and "killed" in killed.stdout, killed.stderr
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and json.loads(stack_file.read_text())["pids"]["hv"] == old:
+            assert up.poll() is None, up.stdout.read()
+            time.sleep(0.1)  # a bounded poll for the supervisor's restart
+        new = json.loads(stack_file.read_text())["pids"]["hv"]
+        assert new != old and _running(new) and not _running(old)
+        assert pefsim("status", "--stack", str(stack_file)).returncode == 0
+        demo = pefsim("demo", "--json", "--mem-mib", "1", "--stack", str(stack_file), timeout=180)
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        uv = json.loads(stack_file.read_text())["pids"]["uv"]
+        assert pefsim("pause", "uv", "--stack", str(stack_file)).returncode == 0
+        assert _eventually(lambda: _state(uv) == "T")
+        assert pefsim("resume", "uv", "--stack", str(stack_file)).returncode == 0
+        assert _eventually(lambda: _state(uv) != "T")
+        assert pefsim("kill", "nobody", "--stack", str(stack_file)).returncode == 3
+    finally:
+        pefsim("down", "--stack", str(stack_file), timeout=60)
+        if up.poll() is None:
+            up.kill()
+
+
 def test_down_stops_a_running_stack(tmp_path):
     """`pefsim down --stack FILE` asks the stack's launcher to stop, as Ctrl-C would: every
     service ends, and so does `pefsim up`."""
