@@ -315,6 +315,40 @@ def _zombie(pid: int) -> bool:
         return True
 
 
+def cmd_vm(a) -> int:
+    """An operator's action on one VM of a running stack: destroy it (UV_SVM_TERMINATE if it was
+    secure), reset it (KVM_PPC_SVM_OFF; its vCPUs stopped first, as QEMU does), or touch a page
+    as the host (a secure page is paged out first: the host sees ciphertext)."""
+    from pefsim.abi import Errno, GfnState, U, rc_name
+    from pefsim.ops.demo import Operator
+    from pefsim.ops.stack import LocalStack
+    from pefsim.v1 import hypervisor_pb2 as hpb
+
+    stack = LocalStack.attach(Path(a.stack))
+
+    async def act() -> tuple[bool, str]:
+        op = Operator.of(stack)
+        try:
+            if a.action == "destroy":
+                r = await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=a.lpid))
+                term = f"; UV_SVM_TERMINATE -> {rc_name(r.terminate_rc, U)} in {r.terminate_latency_s * 1e3:.1f} ms" \
+                    if r.terminated else " (it was not secure: no UV_SVM_TERMINATE)"
+                return r.errno == Errno.OK, f"DestroyVm lpid {a.lpid}: {Errno(r.errno).name}{term if r.errno == 0 else ''}"
+            if a.action == "reset":
+                await op.hv.stub.StopVm(hpb.StopVmRequest(lpid=a.lpid))
+                r = await op.hv.stub.ResetVm(hpb.ResetVmRequest(lpid=a.lpid))
+                return r.errno == Errno.OK, f"ResetVm (KVM_PPC_SVM_OFF) lpid {a.lpid}: {Errno(r.errno).name}"
+            r = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=a.lpid, gpa=a.gpa))
+            return r.errno == Errno.OK, (f"host read lpid {a.lpid} gpa 0x{a.gpa:x}: {Errno(r.errno).name}, the page "
+                                         f"now {GfnState(r.state).name}, first bytes {r.data[:16].hex()}")
+        finally:
+            await op.close()
+    ok, said = asyncio.run(act())
+    print(said)
+    print(f"  see: pefsim status --stack {a.stack}")
+    return 0 if ok else 1
+
+
 def cmd_status(a) -> int:
 
     from pefsim.ops.demo import Operator
@@ -543,6 +577,12 @@ def main(argv=None) -> int:
     p.add_argument("--supervise", action="store_true",
                    help="restart a UV or HV that dies, as compose's restart policy does (to watch recovery by hand)")
     p.set_defaults(func=cmd_up)
+    p = sub.add_parser("vm", help="destroy, reset or touch (as the host) one VM of a running stack")
+    p.add_argument("action", choices=["destroy", "reset", "touch"])
+    p.add_argument("lpid", type=int)
+    p.add_argument("--gpa", type=lambda t: int(t, 0), default=0, help="touch: the guest physical address (default 0)")
+    p.add_argument("--stack", required=True, help="stack.json of a running stack")
+    p.set_defaults(func=cmd_vm)
     for verb, what in (("kill", "SIGKILL"), ("pause", "SIGSTOP"), ("resume", "SIGCONT")):
         p = sub.add_parser(verb, help=f"{what} one service of a running stack (uv, hv or a guest's name)")
         p.add_argument("service", help="uv, hv, or a guest's name")

@@ -207,6 +207,12 @@ def test_a_supervised_stack_brings_a_killed_hv_back(tmp_path):
         assert pefsim("resume", "uv", "--stack", str(stack_file)).returncode == 0
         assert _eventually(lambda: _state(uv) != "T")
         assert pefsim("kill", "nobody", "--stack", str(stack_file)).returncode == 3
+        lpid = next(v["lpid"] for v in json.loads(pefsim("status", "--stack", str(stack_file), "-o", "json").stdout)
+                    ["hv"]["vms"] if v["state"] == "VM_SECURE")
+        touched = pefsim("vm", "touch", str(lpid), "--gpa", "0x10000", "--stack", str(stack_file))
+        assert touched.returncode == 0 and "GFN_SECURE_OUT" in touched.stdout, touched.stdout + touched.stderr
+        destroyed = pefsim("vm", "destroy", str(lpid), "--stack", str(stack_file))
+        assert destroyed.returncode == 0 and "UV_SVM_TERMINATE -> U_SUCCESS" in destroyed.stdout, destroyed.stdout
     finally:
         pefsim("down", "--stack", str(stack_file), timeout=60)
         if up.poll() is None:
