@@ -348,6 +348,11 @@ class CallTable:
 
 
 def result_name(call: Call, result: int) -> str:
+    """The result's name in the call's family; a value the call's handler gives from another family
+    is named in that one (UV_ESM's -4 after an abort is the HV's H_PARAMETER in R3, not U_PARAMETER)."""
+    named = [r for r in call.results if int(r) == result and call.family is not None and not isinstance(r, call.family)]
+    if named and not any(int(k.rc) == result for k in call.checks if k is not STATE):
+        return named[0].name
     if call.family is not None:
         try:
             return call.family(result).name

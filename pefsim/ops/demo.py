@@ -38,6 +38,7 @@ class GuestResult:
     memory_intact: bool = False
     abort_latency_s: float | None = None
     terminate_latency_s: float | None = None
+    esm_failure: str = ""  # why the UV says the ESM failed
     checks: list[str] = field(default_factory=list)  # what the demo verified, "ok ..." / "FAIL ..."
 
     def check(self, ok: bool, what: str) -> bool:
@@ -47,7 +48,8 @@ class GuestResult:
     def as_json(self) -> dict:
         return {"name": self.name, "outcome": self.outcome, "esm_rc": self.esm_rc,
                 "memory_intact": self.memory_intact, "abort_latency_s": self.abort_latency_s,
-                "terminate_latency_s": self.terminate_latency_s}
+                "terminate_latency_s": self.terminate_latency_s, "esm_failure": self.esm_failure,
+                "checks": self.checks}
 
 
 class Operator:
@@ -100,6 +102,7 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None
             rep = boot.report
             lpids[res.expected] = rep.lpid
             res.outcome, res.esm_rc, res.memory_intact = rep.outcome, rep.esm_rc, rep.memory_intact
+            res.esm_failure = rep.esm_failure
             res.abort_latency_s = rep.abort_latency_s if rep.abort_latency_s >= 0 else None
             events += [(e.unix_ns, res.name, e.what) for e in rep.timeline]
             want = "aborted" if res.expected == "aborted" else "secure"
@@ -167,8 +170,35 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None
         await op.close()
     events.sort()
     return {"guests": [r.as_json() for r in results.values()], "uv_secure_pages_in_use": in_use,
-            "guest_policy": policy,
+            "guest_policy": policy, "run_dir": str(stack.run_dir.parent if stack.attached else stack.run_dir),
+            "aborted_calls": abort_sequence(stack, lpids.get("aborted", 0)),
             "_results": results, "_events": events}
+
+
+def abort_sequence(stack, lpid: int) -> list[dict]:
+    """The aborted guest's calls across the processes, in time order, from the UV's and the HV's
+    call histories: who served what (the HV's own ucalls to the UV too), and the result; a run of
+    the same call collapsed into one line with its count."""
+    base = stack.run_dir.parent if stack.attached else stack.run_dir
+    found = []
+    for svc in ("uv", "hv"):
+        path = base / f"{svc}.history.jsonl"
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines():
+            e = json.loads(line)
+            if e.get("lpid") != lpid or not e.get("call") or e.get("dir") == "out":
+                continue  # (the HV's own record of a ucall it made: the UV's line says the same)
+            where = f"{e.get('caller', '').removeprefix('ROLE_').lower()} -> {svc}"
+            start = e["t"] - e.get("dur_s", 0.0)  # lines are written as calls end: order by start
+            found.append((start, where, e["call"], e.get("rc_name") or e.get("error") or ""))
+    seq: list[dict] = []
+    for t, where, call, rc in sorted(found):
+        if seq and (seq[-1]["where"], seq[-1]["call"], seq[-1]["result"]) == (where, call, rc):
+            seq[-1]["count"] += 1
+            continue
+        seq.append({"t": t, "where": where, "call": call, "result": rc, "count": 1})
+    return seq
 
 
 def esm_rc_name(rc: int, outcome: str) -> str:
@@ -193,7 +223,16 @@ def render(summary: dict) -> str:
         lines.append(f"{g['name']:<14} {g['outcome']:<11} {esm_rc_name(g['esm_rc'], g['outcome']):<13} "
                      f"{'intact' if g['memory_intact'] else 'DAMAGED':<8} "
                      f"{fmt(g['abort_latency_s']):>10} {fmt(g['terminate_latency_s']):>10}")
+    for g in summary["guests"]:
+        if g["esm_failure"]:
+            lines.append(f"{g['name']}: the UV aborted its ESM: {g['esm_failure']}")
+    if summary["aborted_calls"]:
+        t0 = summary["aborted_calls"][0]["t"]
+        lines += ["", "The aborted guest's calls, across the processes (from the UV's and the HV's call histories)", ""]
+        lines += [f"{s['t'] - t0:8.3f}s  {s['where']:<14} {s['call']:<24} {s['result']}"
+                  + (f"  x{s['count']}" if s["count"] > 1 else "") for s in summary["aborted_calls"]]
     lines.append(f"\nUV secure pages in use at the end: {summary['uv_secure_pages_in_use']}")
+    lines.append(f"run directory (logs, call histories, keys): {summary['run_dir']}")
     lines.append(f"after a failed UV_ESM the guests ran --on-esm-failure {summary['guest_policy']}"
                  + (" (Linux's prom_init: ibm,os-term)" if summary["guest_policy"] == "os-term" else ""))
     return "\n".join(lines)

@@ -98,7 +98,7 @@ class TimelineEvent(_message.Message):
     def __init__(self, unix_ns: _Optional[int] = ..., what: _Optional[str] = ...) -> None: ...
 
 class GuestReport(_message.Message):
-    __slots__ = ("name", "lpid", "outcome", "esm_rc", "msr_s", "memory_intact", "pages_checked", "abort_latency_s", "resumes", "resumed_by", "timeline", "detail", "duplicate_resumes", "refused_resumes", "on_esm_failure", "os_term")
+    __slots__ = ("name", "lpid", "outcome", "esm_rc", "msr_s", "memory_intact", "pages_checked", "abort_latency_s", "resumes", "resumed_by", "timeline", "detail", "duplicate_resumes", "refused_resumes", "on_esm_failure", "os_term", "esm_failure")
     NAME_FIELD_NUMBER: _ClassVar[int]
     LPID_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,7 @@ class GuestReport(_message.Message):
     REFUSED_RESUMES_FIELD_NUMBER: _ClassVar[int]
     ON_ESM_FAILURE_FIELD_NUMBER: _ClassVar[int]
     OS_TERM_FIELD_NUMBER: _ClassVar[int]
+    ESM_FAILURE_FIELD_NUMBER: _ClassVar[int]
     name: str
     lpid: int
     outcome: str
@@ -131,4 +132,5 @@ class GuestReport(_message.Message):
     refused_resumes: int
     on_esm_failure: str
     os_term: bool
-    def __init__(self, name: _Optional[str] = ..., lpid: _Optional[int] = ..., outcome: _Optional[str] = ..., esm_rc: _Optional[int] = ..., msr_s: _Optional[bool] = ..., memory_intact: _Optional[bool] = ..., pages_checked: _Optional[int] = ..., abort_latency_s: _Optional[float] = ..., resumes: _Optional[int] = ..., resumed_by: _Optional[_Union[_abi_pb2.Role, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., detail: _Optional[str] = ..., duplicate_resumes: _Optional[int] = ..., refused_resumes: _Optional[int] = ..., on_esm_failure: _Optional[str] = ..., os_term: _Optional[bool] = ...) -> None: ...
+    esm_failure: str
+    def __init__(self, name: _Optional[str] = ..., lpid: _Optional[int] = ..., outcome: _Optional[str] = ..., esm_rc: _Optional[int] = ..., msr_s: _Optional[bool] = ..., memory_intact: _Optional[bool] = ..., pages_checked: _Optional[int] = ..., abort_latency_s: _Optional[float] = ..., resumes: _Optional[int] = ..., resumed_by: _Optional[_Union[_abi_pb2.Role, str]] = ..., timeline: _Optional[_Iterable[_Union[TimelineEvent, _Mapping]]] = ..., detail: _Optional[str] = ..., duplicate_resumes: _Optional[int] = ..., refused_resumes: _Optional[int] = ..., on_esm_failure: _Optional[str] = ..., os_term: _Optional[bool] = ..., esm_failure: _Optional[str] = ...) -> None: ...

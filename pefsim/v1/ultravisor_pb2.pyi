@@ -19,20 +19,22 @@ class UvEsmRequest(_message.Message):
     def __init__(self, vcpu: _Optional[_Union[_common_pb2.VcpuContext, _Mapping]] = ..., kbase: _Optional[int] = ..., fdt: _Optional[int] = ...) -> None: ...
 
 class UvEsmResponse(_message.Message):
-    __slots__ = ("rc", "resumed", "msr_s", "nip", "trace", "token")
+    __slots__ = ("rc", "resumed", "msr_s", "nip", "trace", "token", "failure")
     RC_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     MSR_S_FIELD_NUMBER: _ClassVar[int]
     NIP_FIELD_NUMBER: _ClassVar[int]
     TRACE_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_FIELD_NUMBER: _ClassVar[int]
     rc: int
     resumed: bool
     msr_s: bool
     nip: int
     trace: _common_pb2.Trace
     token: int
-    def __init__(self, rc: _Optional[int] = ..., resumed: _Optional[bool] = ..., msr_s: _Optional[bool] = ..., nip: _Optional[int] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ..., token: _Optional[int] = ...) -> None: ...
+    failure: str
+    def __init__(self, rc: _Optional[int] = ..., resumed: _Optional[bool] = ..., msr_s: _Optional[bool] = ..., nip: _Optional[int] = ..., trace: _Optional[_Union[_common_pb2.Trace, _Mapping]] = ..., token: _Optional[int] = ..., failure: _Optional[str] = ...) -> None: ...
 
 class UvRegisterMemSlotRequest(_message.Message):
     __slots__ = ("lpid", "start_gpa", "size", "flags", "slotid")

@@ -46,6 +46,9 @@ class GuestFailure(Exception):
     """The boot program could not continue (an errno or a transport failure), with why."""
 
 
+BY = {Role.ROLE_HV: "the HV (HRFID at the address after `sc 2`)", Role.ROLE_UV: "the UV (its return from `sc 2`)"}
+
+
 @dataclass
 class GuestConfig:
     name: str
@@ -121,10 +124,10 @@ class GuestProgram:
             return H.H_SUCCESS, False
         if res.token and res.token == self.taken_token:
             self.report.duplicate_resumes += 1
-            self.event(f"resume repeated by {Role(res.by).name} (token already taken): acknowledged")
+            self.event(f"resume repeated by {BY.get(res.by, Role(res.by).name)} (token already taken): acknowledged")
             return H.H_SUCCESS, True
         self.report.refused_resumes += 1
-        self.event(f"unexpected resume r3={rc_name(res.r3)} by {Role(res.by).name} (not waiting)")
+        self.event(f"unexpected resume r3={rc_name(res.r3)} by {BY.get(res.by, Role(res.by).name)} (not waiting)")
         return H.H_STATE, False
 
     def machine_check(self, reason: str) -> None:
@@ -208,7 +211,7 @@ class GuestProgram:
             where = "" if res.nip == self.sc2_nip else f" at WRONG address 0x{res.nip:x}"
             # a ucall's result in R3 is a U_* code; the HV's HRFID after an abort carries H_PARAMETER
             family = H if res.by == Role.ROLE_HV else U
-            self.event(f"UV_ESM failed: {rc_name(res.r3, family)}, resumed by {Role(res.by).name} "
+            self.event(f"UV_ESM failed: {rc_name(res.r3, family)}, resumed by {BY.get(res.by, Role(res.by).name)} "
                        f"as a normal VM{where}")
             if res.nip != self.sc2_nip:
                 self.report.detail = f"resumed at 0x{res.nip:x}, expected 0x{self.sc2_nip:x}"
@@ -262,11 +265,14 @@ class GuestProgram:
             self.event(f"UV_ESM: UV unreachable ({exc.code}: {exc.detail}); waiting for a resume")
             await self._watch_for_a_uv_reset()
             return
+        if resp.failure:
+            self.report.esm_failure = resp.failure
+            self.event(f"the UV says why the ESM failed: {resp.failure}")
         if resp.resumed:
             self.resume(Resume(r3=resp.rc, msr_s=resp.msr_s, nip=resp.nip, by=Role.ROLE_UV,
                                abort_issued_ns=resp.trace.abort_issued_unix_ns, token=resp.token))
         else:
-            self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, U)}): "
+            self.event(f"UV_ESM context ended without returning ({rc_name(resp.rc, H)}): "
                        "control went to the HV")
 
     async def _uv_view(self) -> tuple[str, str]:

@@ -59,6 +59,7 @@ async def run_esm(uv, svm, req: pb.UvEsmRequest) -> pb.UvEsmResponse:
         uv.metrics.esm_failures.labels(failure.reason).inc()
         log.warning("lpid %d: ESM failed (%s); aborting", svm.lpid, failure)
         resp = await abort(uv, svm, req, failure)
+        resp.failure = str(failure)  # for the guest's timeline: the ABI's R3 says only that it failed
         uv.metrics.esm_seconds.labels("aborted").observe(clock.monotonic() - t0)
         return resp
 
