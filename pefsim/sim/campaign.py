@@ -17,7 +17,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.guest.core.program import GuestConfig
-from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, HANG_CALLS, LOSABLE, PAGES,
+from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, GUEST_CUT_CALLS, HANG_CALLS,
+                                 LOSABLE, PAGES,
                                  VM_JSON_WRITES, Plan, plan_of, run_one)
 
 
@@ -66,6 +67,8 @@ def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
         for call in CUT_CALLS[during]:
             add(fault="partition", during=during, cut_at=(call, 1), for_s=5.0)
             add(fault="reset-uv", during=during, cut_at=(call, 1))
+        for call in GUEST_CUT_CALLS[during]:
+            add(fault="partition", during=during, link="hv<->guest", cut_at=(call, 1), for_s=5.0)
         for call in HANG_CALLS[during]:
             add(fault="hang", during=during, cut_at=(call, 1))
     return plans

@@ -42,6 +42,9 @@ OPERATOR = Caller(Role.ROLE_OPERATOR, "operator")
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
 DISK_POINT = "hv.disk.before_rename"  # a crash between a vm.json's fsync'd temporary and its rename
 VM_JSON_WRITES = {"abort": 7, "esm": 4}  # how many times the victim's boot replaces its vm.json
+# partition of the guest's host from the HV (both directions): at the resume of the aborted vCPU, or
+# at the VMM's loading of its image; healed within the HV's resume retry and the guest's HV wait
+GUEST_CUT_CALLS = {"abort": ("VcpuResume",), "esm": ("VcpuStore", "RunVm")}
 CUT_CALLS = {"abort": ("H_SVM_INIT_ABORT", "UvPageOutStream", "UV_SVM_TERMINATE"),
              "esm": ("H_SVM_INIT_START", "UV_REGISTER_MEM_SLOT", "HSvmPageInBulk", "H_SVM_INIT_DONE")}
 # hang: from this call of the victim's on, the HV answers nothing the UV asks for the victim (alive
@@ -67,7 +70,7 @@ class Plan:
     during: str
     failpoint: str = ""  # kill-hv: a failpoint armed =crash
     arrival: tuple[str, int] = ("", 0)  # kill-hv: crash the HV as the n-th answer of this call arrives
-    link: str = ""  # lose: "uv->hv" or "hv->uv"
+    link: str = ""  # lose: a LOSABLE link; partition: "hv<->guest" ("": HV<->UV)
     lose: tuple[str, int] = ("", 0)  # lose: the n-th answer of this call
     cut_at: tuple[str, int] = ("", 0)  # partition: the link is cut as the n-th such call goes;
     # reset-uv: the UV is reset (a machine reset) as it goes; kill-guest: the victim is killed;
@@ -106,6 +109,8 @@ def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ..
         plan.cut_at = (calls[rng.randrange(len(calls))], 1)
     elif plan.fault in ("partition", "reset-uv", "kill-guest"):
         calls = CUT_CALLS[plan.during]
+        if plan.fault == "partition" and rng.random() < 0.25:  # the guest's host cut off from the HV
+            plan.link, calls = "hv<->guest", GUEST_CUT_CALLS[plan.during]
         plan.cut_at = (calls[rng.randrange(len(calls))], 1)
         plan.for_s = round(rng.uniform(0.1, 10.0), 3)
     return plan
@@ -238,10 +243,13 @@ class _nemesis:
                 if name == call and n == nth and not self.cut.done():
                     if plan.fault == "hang":  # this call and every later one for the victim
                         m.uv_to_hv.ignore.add("victim")
+                    elif plan.link == "hv<->guest":
+                        m.hv_to_guest.cut = m.guest_to_hv.cut = True
                     elif plan.fault != "kill-guest":  # a partition; a reset: down until the new UV is up
                         m.hv_to_uv.cut = m.uv_to_hv.cut = True
                     self.cut.set_result(asyncio.get_running_loop().time())
-            m.hv_to_uv.on_call = m.uv_to_hv.on_call = maybe_cut
+            for link in _links(m).values():
+                link.on_call = maybe_cut
         if plan.failpoint:
             faults.arm(f"{plan.failpoint}=crash", on_crash=m.crash_hv)
         if plan.arrival[0]:
@@ -273,8 +281,8 @@ def _links(m) -> dict:
 
 
 def _heal_links(m) -> None:
-    m.hv_to_uv.cut = m.uv_to_hv.cut = False
-    m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+    for link in _links(m).values():
+        link.cut, link.on_call = False, None
 
 
 async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> dict:
@@ -304,7 +312,8 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
     elif plan.fault in ("partition", "kill-guest", "reset-uv"):
         await _first(nemesis.cut, victim)
         if nemesis.cut.done() and plan.fault == "partition":
-            rec.update(injected=True, t_inject=now(), detail=f"HV<->UV cut at {plan.cut_at[0]} for {plan.for_s} s")
+            rec.update(injected=True, t_inject=now(),
+                       detail=f"{'HV<->guest' if plan.link else 'HV<->UV'} cut at {plan.cut_at[0]} for {plan.for_s} s")
             await asyncio.sleep(plan.for_s)
         elif nemesis.cut.done() and plan.fault == "reset-uv":
             rec.update(injected=True, t_inject=now(), detail=f"UV reset at {plan.cut_at[0]}")
@@ -315,7 +324,8 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
             m.kill_guest("victim", victim)
     elif plan.fault == "hang":  # never healed: the HV stays silent for the victim
         await _first(nemesis.cut, victim)
-        m.hv_to_uv.on_call = m.uv_to_hv.on_call = None
+        for link in _links(m).values():
+            link.on_call = None
         if nemesis.cut.done():
             rec.update(injected=True, t_inject=now(), detail=f"the HV answers nothing for the victim from its "
                                                              f"{plan.cut_at[0]} on")
