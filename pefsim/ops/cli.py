@@ -1,10 +1,17 @@
-"""The ``pefsim`` command.
+"""The ``pefsim`` command: a model of POWER's Protected Execution Facility (UV, HV, guests).
 
-  pefsim demo [--json]             the life cycle on a fresh local stack (or --stack FILE)
-  pefsim up [--guests N]           UV, HV and N secure guests as local processes, until Ctrl-C
-  pefsim status --stack FILE       what the UV and the HV hold
-  pefsim keys --out DIR            an Ed25519 key pair for signing ESM blobs (--force to replace one)
-  pefsim blob --name G --mem-mib M --key K -o FILE   an ESM blob for a guest image
+  pefsim demo [--json]                   the secure-VM life cycle on a fresh local stack
+  pefsim up [--guests N] [--supervise]   UV, HV and N secure guests as local processes, until Ctrl-C
+  pefsim status|down --stack FILE        what a running stack holds / stop it
+  pefsim kill|pause|resume hv --stack FILE    signal one service of a running stack
+  pefsim vm destroy|reset|touch LPID --stack FILE   an operator's action on one VM
+  pefsim chaos --fault kill-hv --during abort --runs 20   fault runs through real processes
+  pefsim sim --runs 1000 [--exhaustive]  the same cores in one process on virtual time, seeded
+  pefsim bench [--json]                  page transfer against memcpy and raw TCP
+  pefsim keys|certs|blob ...             signing keys, mTLS certificates, ESM blobs
+
+Exit codes: 0 ok, 1 a check or invariant failed, 2 usage, 3 environment (port, stack file, tool),
+130 interrupted. --debug shows a traceback instead of the one-line error.
 """
 from __future__ import annotations
 
