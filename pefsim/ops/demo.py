@@ -17,6 +17,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pefsim import rpc
 from pefsim.abi import PAGE_SIZE, Errno, GfnState, H, Role, U, rc_name
@@ -170,16 +171,26 @@ async def run_demo(stack: LocalStack, mem_bytes: int = 4 << 20, before_boot=None
         await op.close()
     events.sort()
     return {"guests": [r.as_json() for r in results.values()], "uv_secure_pages_in_use": in_use,
-            "guest_policy": policy, "run_dir": str(stack.run_dir.parent if stack.attached else stack.run_dir),
+            "guest_policy": policy, "run_dir": str(_histories_dir(stack) or "(in the containers)"),
             "aborted_calls": abort_sequence(stack, lpids.get("aborted", 0)),
             "_results": results, "_events": events}
+
+
+def _histories_dir(stack) -> Path | None:
+    """Where a local stack's services write their call histories; None for a compose stack (they
+    are in its containers)."""
+    if not hasattr(stack, "attached"):
+        return None
+    return stack.run_dir.parent if stack.attached else stack.run_dir
 
 
 def abort_sequence(stack, lpid: int) -> list[dict]:
     """The aborted guest's calls across the processes, in time order, from the UV's and the HV's
     call histories: who served what (the HV's own ucalls to the UV too), and the result; a run of
     the same call collapsed into one line with its count."""
-    base = stack.run_dir.parent if stack.attached else stack.run_dir
+    base = _histories_dir(stack)
+    if base is None:
+        return []
     found = []
     for svc in ("uv", "hv"):
         path = base / f"{svc}.history.jsonl"
