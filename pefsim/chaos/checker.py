@@ -150,10 +150,10 @@ def held_svm_bounded(rec, history):
     held = rec.get("held")
     if not held:
         return
-    late = rec["guests"].get(held["late"], {})
-    if late.get("outcome") != "secure":
+    late = rec["guests"].get(held.get("late", ""), {})
+    if "late" in held and late.get("outcome") != "secure":
         yield f"{held['late']} booted while the HV ignored {held['guest']}: {late.get('outcome')}, not secure"
-    elif held["late_boot_s"] > held["late_bound_s"]:
+    elif "late" in held and held["late_boot_s"] > held["late_bound_s"]:
         yield (f"{held['late']} took {held['late_boot_s']:.1f} s to get to secure while the HV ignored "
                f"{held['guest']} (bound {held['late_bound_s']} s): the held SVM's calls stood in its way")
     samples = held["samples"]
@@ -164,6 +164,8 @@ def held_svm_bounded(rec, history):
             yield f"{s['in_flight']} calls for {held['guest']} wait on the silent HV at once at t={s['t']:.1f}"
         if s["held_by_uv"] is False and rec["guests"][held["guest"]].get("outcome") == "held":
             yield f"the UV let go of {held['guest']} while its guest still waits (t={s['t']:.1f})"
+    if held.get("bystander_intact") is False:
+        yield "the secure bystander's memory did not read back intact through the UV while no HV ran"
     if len(samples) > 1 and samples[-1]["pages"] > samples[0]["pages"]:
         yield f"{held['guest']}'s pins grew from {samples[0]['pages']} to {samples[-1]['pages']} pages"
 

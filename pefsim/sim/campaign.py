@@ -18,7 +18,7 @@ from pathlib import Path
 
 from services.guest.core.program import GuestConfig
 from pefsim.sim.scenario import (ABORT_POINTS, CUT_CALLS, DISK_POINT, DURINGS, FAULTS, GUEST_CUT_CALLS, HANG_CALLS,
-                                 LOSABLE, PAGES,
+                                 HELD_FOR_S, LOSABLE, PAGES,
                                  VM_JSON_WRITES, Plan, plan_of, run_one)
 
 
@@ -67,6 +67,10 @@ def every_plan(durings: tuple[str, ...] = DURINGS) -> list[Plan]:
         for call in CUT_CALLS[during]:
             add(fault="partition", during=during, cut_at=(call, 1), for_s=5.0)
             add(fault="reset-uv", during=during, cut_at=(call, 1))
+        gone_at = ("hv.abort.page_out:1", "hv.abort.before_terminate:1") if during == "abort" \
+            else ("hv.esm.page_in:1", "hv.esm.init_done:1")
+        for point in gone_at:  # the HV dies there and stays down a minute
+            add(fault="hv-gone", during=during, failpoint=f"{point}@victim", for_s=HELD_FOR_S)
         for call in GUEST_CUT_CALLS[during]:
             add(fault="partition", during=during, link="hv<->guest", cut_at=(call, 1), for_s=5.0)
         for call in HANG_CALLS[during]:

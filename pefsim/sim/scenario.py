@@ -36,7 +36,7 @@ from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 PAGES = 16  # a guest of 16 pages of 64 KiB (1 MiB)
 MEM = PAGES * PAGE_SIZE
 FINAL_BOUND_S = 90.0  # virtual seconds for every guest to be final after the last fault heals (as chaos)
-FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv", "kill-guest", "hang")
+FAULTS = ("none", "kill-hv", "lose", "partition", "reset-uv", "kill-guest", "hang", "hv-gone")
 DURINGS = ("abort", "esm")
 OPERATOR = Caller(Role.ROLE_OPERATOR, "operator")
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
@@ -84,8 +84,9 @@ def plan_of(seed: int, faults_: tuple[str, ...] = FAULTS, durings: tuple[str, ..
     rng = random.Random(seed)
     plan = Plan(seed, faults_[rng.randrange(len(FAULTS)) % len(faults_)],
                 durings[rng.randrange(len(DURINGS)) % len(durings)])
-    if plan.fault == "kill-hv":
-        plan.for_s = round(rng.uniform(0.0, 5.0), 3)
+    if plan.fault in ("kill-hv", "hv-gone"):
+        downtime = round(rng.uniform(0.0, 5.0), 3)  # drawn for both, so the draws after it are the same
+        plan.for_s = downtime if plan.fault == "kill-hv" else HELD_FOR_S  # hv-gone: a minute, then a new HV
         if rng.random() < 0.5:
             if plan.during == "abort":
                 point = rng.choices(ABORT_POINTS + (DISK_POINT,), weights=(6, 2, 2, 2))[0]
@@ -148,6 +149,8 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
         with _nemesis(m, plan) as nemesis:
             victim = asyncio.ensure_future(guests["victim"].boot())
             fault = await _fault(m, plan, victim, nemesis)
+        if "held" in fault:  # hv-gone: what the UV kept while no HV ran
+            record["held"] = fault.pop("held")
         record["fault"] = fault
         held = fault["injected"] and plan.fault == "hang"
         if held:  # another guest gets to secure meanwhile, and the victim's pins are watched
@@ -193,6 +196,29 @@ async def _scenario(plan: Plan, root: Path, mutants: tuple[str, ...]) -> tuple[d
     return record, history
 
 
+async def _pins(m, lpid: int) -> dict:
+    """What the UV holds for ``lpid`` now: its SVM (frames <= its reservation), the hcall it is
+    still asking, and how many calls for it wait on a silent HV."""
+    status = await m.uv_call("UvStatus", upb.UvStatusRequest(), OPERATOR)
+    svm = next((s for s in status.svms if s.lpid == lpid), None)
+    return {"t": asyncio.get_running_loop().time(), "held_by_uv": svm is not None,
+            "pages": max(svm.secure_pages, svm.reserved_pages) if svm else 0,
+            "unanswered": svm.unanswered_hcall if svm else "", "in_flight": m.uv_to_hv.ignored_in_flight}
+
+
+async def _gone(m, rec: dict) -> None:
+    """The HV is down and stays down for HELD_FOR_S: what the UV keeps of the victim meanwhile
+    (sampled at the start and the end), and whether the secure bystander, which needs no HV for
+    its own memory, still reads it intact through the UV. Then an operator starts a new HV."""
+    lpid, samples = m.guests["victim"].lpid, [await _pins(m, m.guests["victim"].lpid)]
+    intact = (await m.guests["bystander"].verify()).memory_intact
+    await asyncio.sleep(HELD_FOR_S)
+    samples.append(await _pins(m, lpid))
+    rec["held"] = {"guest": "victim", "lpid": lpid, "svm_pages": PAGES, "samples": samples,
+                   "bystander_intact": intact}
+    await m.restart_hv()
+
+
 async def _held(m, plan: Plan, key, record: dict, guests: dict) -> None:
     """The HV went silent for the victim: boot a late guest to secure past it, and sample what
     the victim pins in the UV (its secure and reserved pages, the calls for it waiting) now and
@@ -207,12 +233,7 @@ async def _held(m, plan: Plan, key, record: dict, guests: dict) -> None:
     lpid, samples = guests["victim"].lpid, []
     for wait in (0.0, HELD_FOR_S):
         await asyncio.sleep(wait)
-        status = await m.uv_call("UvStatus", upb.UvStatusRequest(), OPERATOR)
-        svm = next((s for s in status.svms if s.lpid == lpid), None)
-        samples.append({"t": asyncio.get_running_loop().time(), "held_by_uv": svm is not None,
-                        "pages": max(svm.secure_pages, svm.reserved_pages) if svm else 0,  # frames <= reservation
-                        "unanswered": svm.unanswered_hcall if svm else "",
-                        "in_flight": m.uv_to_hv.ignored_in_flight})
+        samples.append(await _pins(m, lpid))
     record["held"] = {"guest": "victim", "lpid": lpid, "svm_pages": PAGES, "late": "late", "late_boot_s": late_s,
                       "late_bound_s": LATE_BOUND_S, "samples": samples}
 
@@ -322,6 +343,12 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
         if plan.fault == "kill-guest" and nemesis.cut.done() and not victim.done():
             rec.update(injected=True, t_inject=now(), detail=f"kill -9 the victim guest at {plan.cut_at[0]}")
             m.kill_guest("victim", victim)
+    elif plan.fault == "hv-gone":  # the HV crashes and stays down a minute; then an operator starts one
+        await _first(m.crashed.wait(), victim)
+        m.hv_to_uv.crash = None
+        if m.crashed.is_set():
+            rec.update(injected=True, t_inject=now(), detail=f"HV crashed at {m.crashes[-1]}, down {HELD_FOR_S} s")
+            await _gone(m, rec)
     elif plan.fault == "hang":  # never healed: the HV stays silent for the victim
         await _first(nemesis.cut, victim)
         for link in _links(m).values():

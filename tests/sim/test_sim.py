@@ -18,9 +18,9 @@ from pefsim.sim.scenario import Plan, plan_of, run_one
 
 
 def test_a_seed_replays_to_the_same_history():
-    a, b = run_one(plan_of(1)), run_one(plan_of(1))
+    a, b = run_one(plan_of(1, ("kill-hv",))), run_one(plan_of(1, ("kill-hv",)))
     assert a.plan.fault == "kill-hv" and a.digest == b.digest
-    assert run_one(plan_of(2)).digest != a.digest
+    assert run_one(plan_of(2, ("kill-hv",))).digest != a.digest
 
 
 def test_a_sampled_campaign_holds_every_invariant():
@@ -68,7 +68,7 @@ def test_every_single_fault_of_the_small_configuration():
     plans = every_plan()
     kinds = {(p.fault, p.during) for p in plans}
     assert {("kill-hv", "abort"), ("kill-hv", "esm"), ("lose", "abort"), ("partition", "esm"),
-            ("reset-uv", "esm"), ("hang", "abort"), ("hang", "esm")} <= kinds
+            ("reset-uv", "esm"), ("hang", "abort"), ("hang", "esm"), ("hv-gone", "abort"), ("hv-gone", "esm")} <= kinds
     assert len([p for p in plans if p.again]) == 9  # a second crash while recovering the abort
     summary = run_campaign(SimConfig(exhaustive=True))
     assert summary["runs"] == len(plans) >= 60
@@ -182,6 +182,21 @@ def test_an_abort_the_hv_never_started_goes_to_the_guest():
     assert report["osTerm"] and report["resumes"] == 1
 
 
+@pytest.mark.parametrize("point", ["hv.abort.page_out:1", "hv.abort.before_terminate:1", "hv.esm.page_in:1",
+                                   "hv.esm.init_done:1"])
+def test_while_no_hv_runs_the_uv_keeps_the_svm_and_serves_the_others(point):
+    """The seed's question, whole: the HV dies there and no HV runs for a minute. The UV keeps the
+    victim (its reservation, no more, not growing) and keeps asking; the secure bystander, which
+    needs no HV for its own memory, reads it back intact through the UV; once an operator starts a
+    new HV, the victim reaches its final state and every invariant holds."""
+    plan = next(p for p in every_plan() if p.fault == "hv-gone" and p.failpoint == f"{point}@victim")
+    outcome = run_one(plan)
+    assert outcome.violations == []
+    held = outcome.record["held"]
+    assert held["bystander_intact"] and [s["pages"] for s in held["samples"]] == [16, 16]
+    assert outcome.record["guests"]["victim"]["outcome"] in ("aborted", "secure")
+
+
 def test_regression_a_uv_reset_before_init_start_reaches_the_hv():
     """Found by the simulator (seed 92 of --fault reset-uv): the UV reset while the victim's
     H_SVM_INIT_START was on its way. The HV had never seen the VM enter secure mode, so its UV
@@ -207,7 +222,8 @@ def test_a_failing_seed_prints_the_command_that_replays_it(tmp_path):
     """The CLI prints the replay command of a violation and writes the run's record and call
     histories (what a timeline draws); running the command finds the same violation."""
     first = subprocess.run([sys.executable, "-m", "pefsim", "sim", "--runs", "20", "--seed", "1", "--mutant",
-                            "uv-frees-on-page-out", "--stop-at-first", "--json", "--results", str(tmp_path / "a")],
+                            "uv-frees-on-page-out", "--fault", "kill-hv", "--during", "abort", "--stop-at-first",
+                            "--json", "--results", str(tmp_path / "a")],
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 1, first.stderr[-2000:]
     found = json.loads(first.stdout)["violations"][0]
