@@ -16,7 +16,9 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (pefsim/ops/ is two levels down)
-RULES = ROOT / "deploy" / "prometheus" / "rules"
+# the package's copy: in a checkout a symlink to deploy/prometheus/rules, in a wheel the files themselves
+# (a pip-installed `pefsim up --prometheus` loads the same rules)
+RULES = Path(__file__).resolve().parents[1] / "data" / "prometheus-rules"
 JOBS = ("uv", "hv", "guest", "chaos")
 INSTALL_HINT = ("Prometheus is not installed. On Debian or Ubuntu: `apt-get install prometheus` "
                 "(2.42 works); elsewhere: https://prometheus.io/download/ (put `prometheus` on PATH).")
