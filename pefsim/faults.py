@@ -98,11 +98,17 @@ def configure(failpoints: list[str] | None = None) -> None:
         log.warning("MUTANT ON: %s: %s", name, MUTANTS[name])
 
 
-def _arm(spec: str, in_process: bool = False) -> str:
-    """Arm one failpoint spec NAME[:N][@VM][=ACTION]; returns its name. SystemExit on a bad one."""
+def _parse(spec: str) -> tuple[str, str, str, str]:
+    """A failpoint spec NAME[:N][@VM][=ACTION] as (name, N, VM, ACTION), each "" when absent."""
     spec, _, action = spec.partition("=")
     spec, _, who = spec.partition("@")
     name, _, nth = spec.partition(":")
+    return name, nth, who, action
+
+
+def _arm(spec: str, in_process: bool = False) -> str:
+    """Arm one failpoint spec NAME[:N][@VM][=ACTION]; returns its name. SystemExit on a bad one."""
+    name, nth, who, action = _parse(spec)
     if name not in POINTS:
         raise SystemExit(f"unknown failpoint {name!r}; known: {', '.join(POINTS)}")
     if (action or "kill") not in ACTIONS:
@@ -132,7 +138,7 @@ def arm(spec: str, on_crash: Callable[[str], None] | None = None) -> None:
 
 def disarm(spec: str) -> None:
     """Disarm a failpoint, named or by the spec it was armed with (NAME[:N][@VM][=ACTION])."""
-    name = spec.partition("=")[0].partition("@")[0].partition(":")[0]
+    name = _parse(spec)[0]
     _armed.pop(name, None)
     _counts.pop(name, None)
     _crash_hooks.pop(name, None)

@@ -150,12 +150,13 @@ def held_svm_bounded(rec, history):
     held = rec.get("held")
     if not held:
         return
-    late = rec["guests"].get(held.get("late", ""), {})
-    if "late" in held and late.get("outcome") != "secure":
-        yield f"{held['late']} booted while the HV ignored {held['guest']}: {late.get('outcome')}, not secure"
-    elif "late" in held and held["late_boot_s"] > held["late_bound_s"]:
-        yield (f"{held['late']} took {held['late_boot_s']:.1f} s to get to secure while the HV ignored "
-               f"{held['guest']} (bound {held['late_bound_s']} s): the held SVM's calls stood in its way")
+    if "late" in held:  # a guest booted while the HV ignored the held one (hang; hv-gone has none)
+        late = rec["guests"].get(held["late"], {})
+        if late.get("outcome") != "secure":
+            yield f"{held['late']} booted while the HV ignored {held['guest']}: {late.get('outcome')}, not secure"
+        elif held["late_boot_s"] > held["late_bound_s"]:
+            yield (f"{held['late']} took {held['late_boot_s']:.1f} s to get to secure while the HV ignored "
+                   f"{held['guest']} (bound {held['late_bound_s']} s): the held SVM's calls stood in its way")
     samples = held["samples"]
     for s in samples:
         if s["pages"] > held["svm_pages"]:

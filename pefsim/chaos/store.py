@@ -53,6 +53,8 @@ def every_verdict(violations: list) -> dict:
     "violations": [detail, ...]}} (an invariant that held is a verdict too, not a silence)."""
     from pefsim.chaos.checker import INVARIANTS
 
-    return {name: {"held": not [v for v in violations if v.invariant == name], "what": what,
-                   "violations": [v.detail for v in violations if v.invariant == name]}
+    found: dict[str, list[str]] = {name: [] for name in INVARIANTS}
+    for v in violations:
+        found[v.invariant].append(v.detail)
+    return {name: {"held": not found[name], "what": what, "violations": found[name]}
             for name, what in INVARIANTS.items()}

@@ -258,14 +258,23 @@ def _supervise(stack, dead: list[str], restarts: list[float]) -> list[str]:
 SIGNALS = {"kill": signal.SIGKILL, "pause": signal.SIGSTOP, "resume": signal.SIGCONT}
 
 
+def _stack_pids(a) -> tuple[dict[str, int], int] | None:
+    """The service pids and the launcher's pid (0: none recorded) in ``a.stack``; None, said in one
+    line, for a stack file that cannot be read."""
+    try:
+        info = json.loads(Path(a.stack).read_text())
+        return {str(name): int(pid) for name, pid in info["pids"].items()}, int(info.get("launcher") or 0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"pefsim {a.cmd}: cannot read the stack file {a.stack}: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_signal(a) -> int:
     """kill / pause / resume one service of a running stack, by the pid its stack.json records."""
-    path = Path(a.stack)
-    try:
-        pids = {str(n): int(p) for n, p in json.loads(path.read_text())["pids"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        print(f"pefsim {a.cmd}: cannot read the stack file {path}: {exc}", file=sys.stderr)
+    path, read = Path(a.stack), _stack_pids(a)
+    if read is None:
         return 3
+    pids = read[0]
     name = a.service if a.service in pids else f"guest-{a.service}"
     if name not in pids or not _ours(pids[name]):
         print(f"pefsim {a.cmd}: no running {a.service!r} in {path} (there are: "
@@ -288,14 +297,10 @@ def cmd_down(a) -> int:
     (it was killed) get SIGTERM themselves; whatever still runs after --timeout gets SIGKILL.
     Exit 0 when nothing of the stack is left, 1 when something is, 3 for a stack file that cannot
     be read."""
-    path = Path(a.stack)
-    try:
-        info = json.loads(path.read_text())
-        pids = {str(name): int(pid) for name, pid in info["pids"].items()}
-        launcher = int(info.get("launcher") or 0)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        print(f"pefsim down: cannot read the stack file {path}: {exc}", file=sys.stderr)
+    path, read = Path(a.stack), _stack_pids(a)
+    if read is None:
         return 3
+    pids, launcher = read
     running = {name: pid for name, pid in pids.items() if _ours(pid)}
     if launcher and _ours(launcher):
         running["launcher"] = launcher

@@ -181,7 +181,7 @@ def _histories_dir(stack) -> Path | None:
     are in its containers)."""
     if not hasattr(stack, "attached"):
         return None
-    return stack.run_dir.parent if stack.attached else stack.run_dir
+    return stack.home
 
 
 def abort_sequence(stack, lpid: int) -> list[dict]:

@@ -210,8 +210,14 @@ class LocalStack:
     # -- keys and certificates ------------------------------------------------------------------
 
     @property
+    def home(self) -> Path:
+        """The stack's own directory: where its services keep keys, targets and call histories
+        (for an attached stack, the directory of the stack it attached to)."""
+        return self.run_dir.parent if self.attached else self.run_dir
+
+    @property
     def tls_dir(self) -> Path:
-        return (self.run_dir.parent if self.attached else self.run_dir) / "tls"
+        return self.home / "tls"
 
     def tls(self, identity: str):
         """Credentials for ``identity`` (minted by the stack's CA on first use), or None when the
@@ -365,7 +371,7 @@ class LocalStack:
 
     @property
     def target_dir(self) -> Path:
-        return (self.run_dir.parent if self.attached else self.run_dir) / "targets"
+        return self.home / "targets"
 
     def write_targets(self, extra: dict[str, list[str]] | None = None) -> None:
         """Prometheus file_sd targets for this stack (pefsim/ops/observability.py); ``extra`` targets

@@ -210,7 +210,8 @@ async def _gone(m, rec: dict) -> None:
     """The HV is down and stays down for HELD_FOR_S: what the UV keeps of the victim meanwhile
     (sampled at the start and the end), and whether the secure bystander, which needs no HV for
     its own memory, still reads it intact through the UV. Then an operator starts a new HV."""
-    lpid, samples = m.guests["victim"].lpid, [await _pins(m, m.guests["victim"].lpid)]
+    lpid = m.guests["victim"].lpid
+    samples = [await _pins(m, lpid)]
     intact = (await m.guests["bystander"].verify()).memory_intact
     await asyncio.sleep(HELD_FOR_S)
     samples.append(await _pins(m, lpid))
@@ -310,10 +311,13 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
     """Wait for the fault to happen (or the victim to finish first), heal it; what happened."""
     rec = {"injected": False, "t_inject": 0.0, "t_heal": 0.0, "detail": ""}
     now = asyncio.get_running_loop().time
-    if plan.fault == "kill-hv":
+    if plan.fault in ("kill-hv", "hv-gone"):
         await _first(m.crashed.wait(), victim)
         m.hv_to_uv.crash = None
-        if m.crashed.is_set():
+        if m.crashed.is_set() and plan.fault == "hv-gone":  # down a minute; then an operator starts a new HV
+            rec.update(injected=True, t_inject=now(), detail=f"HV crashed at {m.crashes[-1]}, down {HELD_FOR_S} s")
+            await _gone(m, rec)
+        elif m.crashed.is_set():
             rec.update(injected=True, t_inject=now(), detail=f"HV crashed at {m.crashes[-1]}")
             await asyncio.sleep(plan.for_s)
             if plan.again:  # and once more while the restarted HV recovers
@@ -343,12 +347,6 @@ async def _fault(m, plan: Plan, victim: asyncio.Future, nemesis: "_nemesis") -> 
         if plan.fault == "kill-guest" and nemesis.cut.done() and not victim.done():
             rec.update(injected=True, t_inject=now(), detail=f"kill -9 the victim guest at {plan.cut_at[0]}")
             m.kill_guest("victim", victim)
-    elif plan.fault == "hv-gone":  # the HV crashes and stays down a minute; then an operator starts one
-        await _first(m.crashed.wait(), victim)
-        m.hv_to_uv.crash = None
-        if m.crashed.is_set():
-            rec.update(injected=True, t_inject=now(), detail=f"HV crashed at {m.crashes[-1]}, down {HELD_FOR_S} s")
-            await _gone(m, rec)
     elif plan.fault == "hang":  # never healed: the HV stays silent for the victim
         await _first(nemesis.cut, victim)
         for link in _links(m).values():
