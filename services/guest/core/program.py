@@ -49,6 +49,11 @@ class GuestFailure(Exception):
 BY = {Role.ROLE_HV: "the HV (HRFID at the address after `sc 2`)", Role.ROLE_UV: "the UV (its return from `sc 2`)"}
 
 
+def resumer(by: int) -> str:
+    """Who resumed a vCPU, in words for its timeline."""
+    return BY.get(by, Role(by).name)
+
+
 @dataclass
 class GuestConfig:
     name: str
@@ -124,10 +129,10 @@ class GuestProgram:
             return H.H_SUCCESS, False
         if res.token and res.token == self.taken_token:
             self.report.duplicate_resumes += 1
-            self.event(f"resume repeated by {BY.get(res.by, Role(res.by).name)} (token already taken): acknowledged")
+            self.event(f"resume repeated by {resumer(res.by)} (token already taken): acknowledged")
             return H.H_SUCCESS, True
         self.report.refused_resumes += 1
-        self.event(f"unexpected resume r3={rc_name(res.r3)} by {BY.get(res.by, Role(res.by).name)} (not waiting)")
+        self.event(f"unexpected resume r3={rc_name(res.r3)} by {resumer(res.by)} (not waiting)")
         return H.H_STATE, False
 
     def machine_check(self, reason: str) -> None:
@@ -211,7 +216,7 @@ class GuestProgram:
             where = "" if res.nip == self.sc2_nip else f" at WRONG address 0x{res.nip:x}"
             # a ucall's result in R3 is a U_* code; the HV's HRFID after an abort carries H_PARAMETER
             family = H if res.by == Role.ROLE_HV else U
-            self.event(f"UV_ESM failed: {rc_name(res.r3, family)}, resumed by {BY.get(res.by, Role(res.by).name)} "
+            self.event(f"UV_ESM failed: {rc_name(res.r3, family)}, resumed by {resumer(res.by)} "
                        f"as a normal VM{where}")
             if res.nip != self.sc2_nip:
                 self.report.detail = f"resumed at 0x{res.nip:x}, expected 0x{self.sc2_nip:x}"
