@@ -108,6 +108,14 @@ class Caller:
 ROLE_NAMES = {"uv": Role.ROLE_UV, "hv": Role.ROLE_HV, "guest": Role.ROLE_GUEST, "operator": Role.ROLE_OPERATOR}
 
 
+def message_classes(method) -> tuple[Any, Any]:
+    """The request and response classes of an RPC's method descriptor (of any .proto file: a
+    service's own messages, or common.proto's)."""
+    from google.protobuf import message_factory
+
+    return message_factory.GetMessageClass(method.input_type), message_factory.GetMessageClass(method.output_type)
+
+
 def request_lpid(request: Any) -> int | None:
     """The lpid a request is about (its own field, or the calling vCPU's LPIDR)."""
     lpid = getattr(request, "lpid", None)

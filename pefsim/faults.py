@@ -171,6 +171,46 @@ def reach(name: str, who: str = "") -> bool:
     return False
 
 
+def operate(spec: str, clear: bool, service: str) -> str:
+    """An operator's SetFailpoint on a running ``service`` ("uv", "hv"): arm ``spec`` (or, with
+    ``clear``, disarm it), counting hits from now. Returns "" or why the spec is refused: an
+    unknown point, one of another service, a bad hit number or action, or ``=crash`` (one process
+    only)."""
+    name = _parse(spec)[0]
+    if not name.startswith(f"{service}."):
+        mine = ", ".join(p for p in POINTS if p.startswith(f"{service}."))
+        return f"{name!r} is not a failpoint of the {service.upper()}; its failpoints: {mine}"
+    if clear:
+        if name not in _armed:
+            return f"{name} is not armed"
+        disarm(spec)
+        log.warning("failpoint disarmed by the operator: %s", name)
+        return ""
+    try:
+        _arm(spec)
+    except SystemExit as exc:  # _arm's one-line refusal, as a command line would print it
+        return str(exc)
+    _counts.pop(name, None)
+    return ""
+
+
+def armed_specs() -> list[str]:
+    """Every armed failpoint as NAME:N[@VM]=ACTION (SetFailpoint's answer)."""
+    return [f"{name}:{nth}{f'@{who}' if who else ''}={action}" for name, (nth, who, action) in sorted(_armed.items())]
+
+
+def set_failpoint_call(service: str):
+    """The SetFailpoint handler of a service's call table ("uv" or "hv")."""
+    from pefsim.abi import Errno
+    from pefsim.v1 import common_pb2
+
+    async def set_failpoint(_svc, req, _caller):
+        error = operate(req.spec, req.clear, service)
+        return common_pb2.SetFailpointResponse(errno=Errno.EINVAL if error else Errno.OK, error=error,
+                                               armed=armed_specs())
+    return set_failpoint
+
+
 def armed(name: str) -> bool:
     """Whether a failpoint is armed: code that moves pages in runs then takes them one by one,
     so the failpoint's hit count is still a page count."""

@@ -25,7 +25,8 @@ import grpc
 from grpc._cython import cygrpc
 
 from pefsim.abi import PAGE_SIZE, Role
-from pefsim.calltable import Call, CallTable, Caller, Denied, NoResult, ROLE_NAMES, check_call_table, result_name
+from pefsim.calltable import (Call, CallTable, Caller, Denied, NoResult, ROLE_NAMES, check_call_table, message_classes,
+                              result_name)
 from pefsim.dataplane import MAX_DATA_PAGES
 from pefsim.transport import Unreachable
 
@@ -293,8 +294,7 @@ class Dispatcher:
         handlers = {}
         for method in self.descriptor.methods:
             call = self.calls[method.name]
-            req_cls = getattr(self.pb2, method.input_type.name)
-            resp_cls = getattr(self.pb2, method.output_type.name)
+            req_cls, resp_cls = message_classes(method)
             if method.client_streaming:
                 make, bind = grpc.stream_stream_rpc_method_handler, self._bind_bidi
             elif method.server_streaming:

@@ -42,7 +42,7 @@ from pefsim.abi import H, Role
 from pefsim.calltable import Caller
 from pefsim.dataplane import decoder
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb, ultravisor_pb2 as upb
-from pefsim.calltable import CallTable, Denied, NoResult
+from pefsim.calltable import CallTable, Denied, NoResult, message_classes
 from pefsim.history import History
 from pefsim.transport import Unreachable
 from services.guest import calltable as guest_calltable
@@ -53,13 +53,14 @@ from services.hypervisor.ports import UvUnreachable, VcpuUnreachable
 from services.ultravisor.core.ultravisor import Ultravisor, UvConfig
 from services.ultravisor.ports import HvUnreachable
 
+
 log = logging.getLogger("pefsim.local")
 
 
 def _methods(pb2, service: str) -> dict[str, tuple[Any, Any]]:
     """RPC name -> (request class, response class) of a service."""
     desc = pb2.DESCRIPTOR.services_by_name[service]
-    return {m.name: (getattr(pb2, m.input_type.name), getattr(pb2, m.output_type.name)) for m in desc.methods}
+    return {m.name: message_classes(m) for m in desc.methods}
 
 
 UV_METHODS = _methods(upb, "UltravisorService")

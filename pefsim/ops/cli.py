@@ -3,7 +3,9 @@
   pefsim demo [--json]                   the secure-VM life cycle on a fresh local stack
   pefsim up [--guests N] [--supervise]   UV, HV and N secure guests as local processes, until Ctrl-C
   pefsim status|down --stack FILE        what a running stack holds / stop it
-  pefsim kill|pause|resume hv --stack FILE    signal one service of a running stack
+  pefsim kill|pause|resume|restart hv --stack FILE    one service of a running stack
+  pefsim failpoint set hv.abort.page_out:3 --stack FILE    arm a failpoint in the running HV or UV
+  pefsim guest add g-bad --tamper kernel --stack FILE      add a guest whose ESM the UV aborts
   pefsim vm destroy|reset|touch LPID --stack FILE   an operator's action on one VM
   pefsim chaos --fault kill-hv --during abort --runs 20   fault runs through real processes
   pefsim sim --runs 1000 [--exhaustive]  the same cores in one process on virtual time, seeded
@@ -152,7 +154,7 @@ def cmd_up(a) -> int:
     if a.prometheus and observability.prometheus_binary() is None:
         print(f"pefsim up --prometheus: {observability.INSTALL_HINT}", file=sys.stderr)
         return 2
-    stack = LocalStack(_stack_config(a, uv_port=a.uv_port, hv_port=a.hv_port))
+    stack = LocalStack(_stack_config(a, uv_port=a.uv_port, hv_port=a.hv_port, supervised=a.supervise))
     prom, failed = None, True
     try:
         stack.start()
@@ -291,6 +293,127 @@ def cmd_signal(a) -> int:
     return 0
 
 
+def cmd_restart(a) -> int:
+    """Restart the UV or the HV of a supervised stack: SIGTERM (it stops cleanly) and its launcher
+    starts it again, as `docker compose restart` does; waits until the new process serves."""
+    path, read = Path(a.stack), _stack_pids(a)
+    if read is None:
+        return 3
+    pids, _ = read
+    if a.service not in ("uv", "hv"):
+        print(f"pefsim restart: {a.service!r}: only uv and hv restart (a guest's process is its VM: "
+              f"`pefsim kill {a.service}` ends it, `pefsim guest add` starts another)", file=sys.stderr)
+        return 2
+    if not json.loads(path.read_text()).get("supervised"):
+        print(f"pefsim restart: the stack of {path} is not supervised: nothing would start {a.service} again "
+              f"(start it with `pefsim up --supervise`; `pefsim kill {a.service}` stops it)", file=sys.stderr)
+        return 3
+    old = pids.get(a.service, 0)
+    if not old or not _ours(old):
+        print(f"pefsim restart: no running {a.service} in {path}", file=sys.stderr)
+        return 3
+    os.kill(old, signal.SIGTERM)
+    deadline = time.monotonic() + a.timeout
+    while time.monotonic() < deadline:  # the launcher rewrites stack.json once the new one serves
+        read = _stack_pids(a)
+        new = read[0].get(a.service, 0) if read else 0
+        if new and new != old and _ours(new):
+            print(f"{a.service} restarted: pid {old} stopped (SIGTERM), pid {new} serves"
+                  + (" (it recovered its VMs from its data directory)" if a.service == "hv" else
+                     " (a new machine: the HV fails the secure VMs it had)"))
+            print(f"  see: pefsim status --stack {path}")
+            return 0
+        time.sleep(0.1)  # a bounded wait for the launcher
+    print(f"pefsim restart: {a.service} did not come back within {a.timeout:g} s; see {path.parent / 'logs'}",
+          file=sys.stderr)
+    return 1
+
+
+def _attach(a):
+    from pefsim.ops.stack import LocalStack
+
+    return LocalStack.attach(Path(a.stack))
+
+
+async def _with_operator(stack, call):
+    """``call(operator)`` (a coroutine function) against ``stack``; the operator's channels are
+    closed after it."""
+    from pefsim.ops.demo import Operator
+
+    op = Operator.of(stack)
+    try:
+        return await call(op)
+    finally:
+        await op.close()
+
+
+FAILPOINT_ACTIONS = {"kill": "the process SIGKILLs itself there: under `pefsim up --supervise` it comes back "
+                             "(the HV recovers from its data directory), else the stack stops",
+                     "stop": "the process SIGSTOPs itself there: `pefsim resume {svc} --stack {stack}` lets it go on",
+                     "lose": "the answer that just arrived is dropped there, as if the network lost it"}
+
+
+def cmd_failpoint(a) -> int:
+    """Arm or disarm one failpoint in the running UV or HV of a stack (the point's prefix names the
+    service) through its SetFailpoint RPC, as the operator."""
+    from pefsim.abi import Errno
+    from pefsim.faults import POINTS
+    from pefsim.v1 import common_pb2
+
+    svc = a.spec.split(".", 1)[0]
+    if svc not in ("uv", "hv"):
+        print(f"pefsim failpoint: {a.spec!r} is not a failpoint of a running UV or HV; theirs: "
+              f"{', '.join(p for p in POINTS if p.startswith(('uv.', 'hv.')))}", file=sys.stderr)
+        return 2
+    req = common_pb2.SetFailpointRequest(spec=a.spec, clear=a.action == "clear")
+    r = asyncio.run(_with_operator(_attach(a), lambda op: (op.uv if svc == "uv" else op.hv).stub.SetFailpoint(req)))
+    if r.errno != Errno.OK:
+        print(f"pefsim failpoint: the {svc.upper()} refused {a.spec!r}: {r.error}", file=sys.stderr)
+        return 2
+    print(f"{svc}: {'disarmed' if a.action == 'clear' else 'armed'} {a.spec}; armed now: {', '.join(r.armed) or 'none'}")
+    if a.action == "set":
+        action = a.spec.rpartition("=")[2] if "=" in a.spec else "kill"
+        print("  " + FAILPOINT_ACTIONS[action].format(svc=svc, stack=a.stack))
+        print(f"  its hits are counted from now; `pefsim failpoint clear {a.spec.split('=')[0]} --stack {a.stack}` disarms it")
+    return 0
+
+
+def cmd_guest(a) -> int:
+    """Add a guest to a running stack (a deliberately bad blob with --tamper/--omit): boot it,
+    print its outcome and, for an aborted ESM, the calls across the processes; then keep it
+    until Ctrl-C (its process is its VM) or, with --report-only, remove it."""
+    from pefsim.ops import demo
+    from pefsim.v1 import guest_pb2
+
+    mem, stack = _mem_bytes(a.mem_mib), _attach(a)
+    blob = _blob(a.name, mem, stack.signing_key(), a.omit, a.tamper)
+
+    async def boot(op):
+        addr = await asyncio.to_thread(stack.add_guest, a.name, mem, blob)
+        return (await op.guest(a.name, addr).Boot(guest_pb2.BootRequest())).report
+
+    try:
+        rep = asyncio.run(_with_operator(stack, boot))
+        print(f"guest {a.name}: lpid {rep.lpid}, {rep.outcome}; UV_ESM -> {demo.esm_rc_name(rep.esm_rc, rep.outcome)}; "
+              f"memory {'intact' if rep.memory_intact else 'DAMAGED'} ({rep.pages_checked} pages checked)")
+        if rep.esm_failure:
+            print(f"  the UV aborted its ESM: {rep.esm_failure}")
+        if rep.outcome != "secure":
+            print("  then " + ("ibm,os-term: its VMM stopped the VM; its memory stays with the HV" if rep.os_term
+                               else "it runs on as a normal VM"))
+            print("\n".join("  " + line for line in demo.sequence_lines(demo.abort_sequence(stack, rep.lpid))))
+        log = stack.procs[f"guest-{a.name}"].log_path
+        print(f"  log {log}; see pefsim status --stack {a.stack}")
+        if not a.report_only:
+            print(f"guest {a.name} stays until Ctrl-C (its process is its VM: then the HV destroys it)", flush=True)
+            while stack.procs[f"guest-{a.name}"].alive:
+                time.sleep(0.2)
+            print(f"guest {a.name} exited; see {log}", file=sys.stderr)
+        return 0 if rep.memory_intact else 1
+    finally:
+        stack.stop()
+
+
 def cmd_down(a) -> int:
     """Stop the stack a stack.json describes: its launcher (`pefsim up`, `pefsim demo`) is asked to
     stop as Ctrl-C would (it stops every service it started); services left without a launcher
@@ -332,53 +455,34 @@ def cmd_vm(a) -> int:
     secure), reset it (KVM_PPC_SVM_OFF; its vCPUs stopped first, as QEMU does), or touch a page
     as the host (a secure page is paged out first: the host sees ciphertext)."""
     from pefsim.abi import Errno, GfnState, U, rc_name
-    from pefsim.ops.demo import Operator
-    from pefsim.ops.stack import LocalStack
     from pefsim.v1 import hypervisor_pb2 as hpb
 
-    stack = LocalStack.attach(Path(a.stack))
-
-    async def act() -> tuple[bool, str]:
-        op = Operator.of(stack)
-        try:
-            if a.action == "destroy":
-                r = await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=a.lpid))
-                term = f"; UV_SVM_TERMINATE -> {rc_name(r.terminate_rc, U)} in {r.terminate_latency_s * 1e3:.1f} ms" \
-                    if r.terminated else " (it was not secure: no UV_SVM_TERMINATE)"
-                return r.errno == Errno.OK, f"DestroyVm lpid {a.lpid}: {Errno(r.errno).name}{term if r.errno == 0 else ''}"
-            if a.action == "reset":
-                await op.hv.stub.StopVm(hpb.StopVmRequest(lpid=a.lpid))
-                r = await op.hv.stub.ResetVm(hpb.ResetVmRequest(lpid=a.lpid))
-                return r.errno == Errno.OK, f"ResetVm (KVM_PPC_SVM_OFF) lpid {a.lpid}: {Errno(r.errno).name}"
-            r = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=a.lpid, gpa=a.gpa))
-            return r.errno == Errno.OK, (f"host read lpid {a.lpid} gpa 0x{a.gpa:x}: {Errno(r.errno).name}, the page "
-                                         f"now {GfnState(r.state).name}, first bytes {r.data[:16].hex()}")
-        finally:
-            await op.close()
-    ok, said = asyncio.run(act())
+    async def act(op) -> tuple[bool, str]:
+        if a.action == "destroy":
+            r = await op.hv.stub.DestroyVm(hpb.DestroyVmRequest(lpid=a.lpid))
+            term = f"; UV_SVM_TERMINATE -> {rc_name(r.terminate_rc, U)} in {r.terminate_latency_s * 1e3:.1f} ms" \
+                if r.terminated else " (it was not secure: no UV_SVM_TERMINATE)"
+            return r.errno == Errno.OK, f"DestroyVm lpid {a.lpid}: {Errno(r.errno).name}{term if r.errno == 0 else ''}"
+        if a.action == "reset":
+            await op.hv.stub.StopVm(hpb.StopVmRequest(lpid=a.lpid))
+            r = await op.hv.stub.ResetVm(hpb.ResetVmRequest(lpid=a.lpid))
+            return r.errno == Errno.OK, f"ResetVm (KVM_PPC_SVM_OFF) lpid {a.lpid}: {Errno(r.errno).name}"
+        r = await op.hv.stub.HostReadPage(hpb.HostReadPageRequest(lpid=a.lpid, gpa=a.gpa))
+        return r.errno == Errno.OK, (f"host read lpid {a.lpid} gpa 0x{a.gpa:x}: {Errno(r.errno).name}, the page "
+                                     f"now {GfnState(r.state).name}, first bytes {r.data[:16].hex()}")
+    ok, said = asyncio.run(_with_operator(_attach(a), act))
     print(said)
     print(f"  see: pefsim status --stack {a.stack}")
     return 0 if ok else 1
 
 
 def cmd_status(a) -> int:
-
-    from pefsim.ops.demo import Operator
     from pefsim.v1 import hypervisor_pb2 as hpb, ultravisor_pb2 as upb
 
-    from pefsim.ops.stack import LocalStack
+    async def fetch(op):
+        return (await op.uv.stub.UvStatus(upb.UvStatusRequest()), await op.hv.stub.HvStatus(hpb.HvStatusRequest()))
 
-    stack = LocalStack.attach(Path(a.stack))
-
-    async def fetch():
-        op = Operator.of(stack)
-        try:
-            return (await op.uv.stub.UvStatus(upb.UvStatusRequest()),
-                    await op.hv.stub.HvStatus(hpb.HvStatusRequest()))
-        finally:
-            await op.close()
-
-    uv, hv = asyncio.run(fetch())
+    uv, hv = asyncio.run(_with_operator(_attach(a), fetch))
     if a.output == "json":
         print(json.dumps({"uv": plain(uv), "hv": plain(hv)}, indent=2))
         return 0
@@ -548,18 +652,26 @@ def cmd_keys(a) -> int:
 
 
 def cmd_blob(a) -> int:
-    from pefsim.blob import ITEMS, load_private_key, make_blob
+    from pefsim.blob import load_private_key
+
+    mem = _mem_bytes(a.mem_mib)
+    blob = _blob(a.name, mem, load_private_key(a.key), a.omit, a.tamper)
+    Path(a.output).write_bytes(blob)
+    print(f"{a.output}: {len(blob)} bytes for guest {a.name} ({mem // PAGE_SIZE} pages)")
+    return 0
+
+
+def _blob(name: str, mem: int, key, omit: list[str], tamper: list[str]) -> bytes:
+    """The ESM blob of guest ``name``'s image, signed with ``key``; items in ``omit`` left out,
+    those in ``tamper`` with a wrong digest (a deliberately bad blob: the UV aborts its ESM)."""
+    from pefsim.blob import ITEMS, make_blob
     from pefsim.image import GuestImage
 
-    for item in a.omit + a.tamper:
+    for item in omit + tamper:
         if item not in ITEMS:
             raise SystemExit(f"unknown blob item {item!r}; items: {', '.join(ITEMS)}")
-    image = GuestImage.of_size(a.name, _mem_bytes(a.mem_mib))
-    blob = make_blob(image, load_private_key(a.key), omit=tuple(a.omit),
-                     override={item: "0" * 128 for item in a.tamper})
-    Path(a.output).write_bytes(blob)
-    print(f"{a.output}: {len(blob)} bytes for guest {a.name} ({image.npages} pages)")
-    return 0
+    return make_blob(GuestImage.of_size(name, mem), key, omit=tuple(omit),
+                     override={item: "0" * 128 for item in tamper})
 
 
 def main(argv=None) -> int:
@@ -600,6 +712,38 @@ def main(argv=None) -> int:
         p.add_argument("service", help="uv, hv, or a guest's name")
         p.add_argument("--stack", required=True, help="stack.json of a running stack")
         p.set_defaults(func=cmd_signal)
+    p = sub.add_parser("restart", help="restart the UV or the HV of a supervised stack (`pefsim up --supervise`)")
+    p.add_argument("service", help="uv or hv")
+    p.add_argument("--stack", required=True, help="stack.json of a running stack")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for it to serve again (default 30)")
+    p.set_defaults(func=cmd_restart)
+    from pefsim.faults import POINTS
+
+    p = sub.add_parser("failpoint", help="arm or disarm a failpoint in the running UV or HV of a stack",
+                       description="Arm (set) or disarm (clear) a failpoint in a running UV or HV, through its "
+                                   "SetFailpoint RPC as the operator. Points: " + "; ".join(
+                                       f"{n}: {w}" for n, w in POINTS.items() if n.startswith(("uv.", "hv."))),
+                       epilog="example: pefsim failpoint set hv.abort.page_out:3@g-bad --stack RUN/stack.json "
+                              "(the HV kills itself at the 3rd page it gets back while aborting g-bad)")
+    p.add_argument("action", choices=["set", "clear"])
+    p.add_argument("spec", metavar="NAME[:N][@VM][=kill|stop|lose]",
+                   help="the point (its prefix names the service), the hit that fires it (default 1), only for "
+                        "the VM named VM, and what it does (default kill)")
+    p.add_argument("--stack", required=True, help="stack.json of a running stack")
+    p.set_defaults(func=cmd_failpoint)
+    p = sub.add_parser("guest", help="add a guest to a running stack (a bad blob with --tamper: watch its abort)",
+                       epilog="example: pefsim guest add g-bad --tamper kernel --stack RUN/stack.json")
+    p.add_argument("action", choices=["add"])
+    p.add_argument("name", help="the guest's name (its VM's name in the HV, the @VM of a failpoint)")
+    p.add_argument("--stack", required=True, help="stack.json of a running stack")
+    p.add_argument("--mem-mib", type=float, default=4.0, help="its memory (default 4 MiB)")
+    p.add_argument("--tamper", action="append", default=[], metavar="ITEM",
+                   help="give ITEM (kernel, initrd, ...: see pefsim blob) a wrong digest in its ESM blob: the UV "
+                        "aborts its ESM (repeatable)")
+    p.add_argument("--omit", action="append", default=[], metavar="ITEM", help="leave ITEM out of its blob")
+    p.add_argument("--report-only", action="store_true",
+                   help="print its boot report and remove it (default: keep it until Ctrl-C)")
+    p.set_defaults(func=cmd_guest)
     p = sub.add_parser("down", help="stop the stack a stack.json describes (its launcher first)")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
     p.add_argument("--timeout", type=float, default=15.0, help="seconds before what still runs gets SIGKILL")

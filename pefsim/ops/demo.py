@@ -212,6 +212,14 @@ def abort_sequence(stack, lpid: int) -> list[dict]:
     return seq
 
 
+def sequence_lines(seq: list[dict]) -> list[str]:
+    """abort_sequence's calls, one line each: seconds from the first, who served it, the call,
+    its result and how many in a row."""
+    t0 = seq[0]["t"] if seq else 0.0
+    return [f"{s['t'] - t0:8.3f}s  {s['where']:<14} {s['call']:<24} {s['result']}"
+            + (f"  x{s['count']}" if s["count"] > 1 else "") for s in seq]
+
+
 def esm_rc_name(rc: int, outcome: str) -> str:
     """UV_ESM's result: a U_* code, or the H_PARAMETER an abort delivers."""
     return rc_name(rc, H if outcome == "aborted" else U)
@@ -238,10 +246,8 @@ def render(summary: dict) -> str:
         if g["esm_failure"]:
             lines.append(f"{g['name']}: the UV aborted its ESM: {g['esm_failure']}")
     if summary["aborted_calls"]:
-        t0 = summary["aborted_calls"][0]["t"]
         lines += ["", "The aborted guest's calls, across the processes (from the UV's and the HV's call histories)", ""]
-        lines += [f"{s['t'] - t0:8.3f}s  {s['where']:<14} {s['call']:<24} {s['result']}"
-                  + (f"  x{s['count']}" if s["count"] > 1 else "") for s in summary["aborted_calls"]]
+        lines += sequence_lines(summary["aborted_calls"])
     lines.append(f"\nUV secure pages in use at the end: {summary['uv_secure_pages_in_use']}")
     lines.append(f"run directory (logs, call histories, keys): {summary['run_dir']}")
     lines.append(f"after a failed UV_ESM the guests ran --on-esm-failure {summary['guest_policy']}"

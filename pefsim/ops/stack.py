@@ -173,6 +173,7 @@ class StackConfig:
     uv_args: tuple[str, ...] = ()  # more options for the UV (limits, ...)
     hv_args: tuple[str, ...] = ()  # more options for the HV (quotas, ...)
     env: dict = field(default_factory=dict)  # more environment for every service (e.g. PEFSIM_GRPC_OPTIONS)
+    supervised: bool = False  # its launcher restarts a UV or HV that dies (`pefsim up --supervise`)
 
 
 class LocalStack:
@@ -363,7 +364,8 @@ class LocalStack:
                           for n, p in self.procs.items() if n.startswith("guest-")},
                "metrics": self.metrics_targets(),
                "pids": {n: p.popen.pid for n, p in self.procs.items() if p.popen},
-               "launcher": os.getpid()}  # the command that started them (pefsim down asks it first)
+               "launcher": os.getpid(),  # the command that started them (pefsim down asks it first)
+               "supervised": self.cfg.supervised}
         tmp = self.run_dir / "stack.json.tmp"
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
         os.replace(tmp, self.run_dir / "stack.json")

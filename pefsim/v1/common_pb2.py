@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pefsim/v1/common.proto\x12\tpefsim.v1\"W\n\x0bVcpuContext\x12\x0c\n\x04lpid\x18\x01 \x01(\r\x12\x0e\n\x06msr_hv\x18\x02 \x01(\x08\x12\x0e\n\x06msr_pr\x18\x03 \x01(\x08\x12\r\n\x05msr_s\x18\x04 \x01(\x08\x12\x0b\n\x03nip\x18\x05 \x01(\x04\"%\n\x05Trace\x12\x1c\n\x14\x61\x62ort_issued_unix_ns\x18\x01 \x01(\x03\"<\n\x07Memslot\x12\x0f\n\x07slot_id\x18\x01 \x01(\r\x12\x10\n\x08\x62\x61se_gfn\x18\x02 \x01(\x04\x12\x0e\n\x06npages\x18\x03 \x01(\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16pefsim/v1/common.proto\x12\tpefsim.v1\"W\n\x0bVcpuContext\x12\x0c\n\x04lpid\x18\x01 \x01(\r\x12\x0e\n\x06msr_hv\x18\x02 \x01(\x08\x12\x0e\n\x06msr_pr\x18\x03 \x01(\x08\x12\r\n\x05msr_s\x18\x04 \x01(\x08\x12\x0b\n\x03nip\x18\x05 \x01(\x04\"%\n\x05Trace\x12\x1c\n\x14\x61\x62ort_issued_unix_ns\x18\x01 \x01(\x03\"<\n\x07Memslot\x12\x0f\n\x07slot_id\x18\x01 \x01(\r\x12\x10\n\x08\x62\x61se_gfn\x18\x02 \x01(\x04\x12\x0e\n\x06npages\x18\x03 \x01(\x04\"2\n\x13SetFailpointRequest\x12\x0c\n\x04spec\x18\x01 \x01(\t\x12\r\n\x05\x63lear\x18\x02 \x01(\x08\"C\n\x14SetFailpointResponse\x12\r\n\x05\x65rrno\x18\x01 \x01(\x05\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\r\n\x05\x61rmed\x18\x03 \x03(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,4 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRACE']._serialized_end=163
   _globals['_MEMSLOT']._serialized_start=165
   _globals['_MEMSLOT']._serialized_end=225
+  _globals['_SETFAILPOINTREQUEST']._serialized_start=227
+  _globals['_SETFAILPOINTREQUEST']._serialized_end=277
+  _globals['_SETFAILPOINTRESPONSE']._serialized_start=279
+  _globals['_SETFAILPOINTRESPONSE']._serialized_end=346
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from pefsim.v1 import common_pb2 as pefsim_dot_v1_dot_common__pb2
 from pefsim.v1 import hypervisor_pb2 as pefsim_dot_v1_dot_hypervisor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -119,6 +120,11 @@ class HypervisorServiceStub:
                 '/pefsim.v1.HypervisorService/HvStatus',
                 request_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusRequest.SerializeToString,
                 response_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusResponse.FromString,
+                _registered_method=True)
+        self.SetFailpoint = channel.unary_unary(
+                '/pefsim.v1.HypervisorService/SetFailpoint',
+                request_serializer=pefsim_dot_v1_dot_common__pb2.SetFailpointRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_common__pb2.SetFailpointResponse.FromString,
                 _registered_method=True)
         self.VmSession = channel.unary_stream(
                 '/pefsim.v1.HypervisorService/VmSession',
@@ -251,6 +257,13 @@ class HypervisorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetFailpoint(self, request, context):
+        """Not a call of the ABI: the operator arms or disarms a failpoint in this process (pefsim failpoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def VmSession(self, request, context):
         """The VMM's hold on its VM (QEMU's open KVM VM fd): the HV streams one event when the session
         starts and ends the stream when the VM is destroyed. When the VMM goes away the HV destroys
@@ -348,6 +361,11 @@ def add_HypervisorServiceServicer_to_server(servicer, server):
                     servicer.HvStatus,
                     request_deserializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusRequest.FromString,
                     response_serializer=pefsim_dot_v1_dot_hypervisor__pb2.HvStatusResponse.SerializeToString,
+            ),
+            'SetFailpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFailpoint,
+                    request_deserializer=pefsim_dot_v1_dot_common__pb2.SetFailpointRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_common__pb2.SetFailpointResponse.SerializeToString,
             ),
             'VmSession': grpc.unary_stream_rpc_method_handler(
                     servicer.VmSession,
@@ -814,6 +832,33 @@ class HypervisorService:
             '/pefsim.v1.HypervisorService/HvStatus',
             pefsim_dot_v1_dot_hypervisor__pb2.HvStatusRequest.SerializeToString,
             pefsim_dot_v1_dot_hypervisor__pb2.HvStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFailpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pefsim.v1.HypervisorService/SetFailpoint',
+            pefsim_dot_v1_dot_common__pb2.SetFailpointRequest.SerializeToString,
+            pefsim_dot_v1_dot_common__pb2.SetFailpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

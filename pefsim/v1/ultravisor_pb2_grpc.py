@@ -4,6 +4,7 @@
 import grpc
 import warnings
 
+from pefsim.v1 import common_pb2 as pefsim_dot_v1_dot_common__pb2
 from pefsim.v1 import ultravisor_pb2 as pefsim_dot_v1_dot_ultravisor__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -109,6 +110,11 @@ class UltravisorServiceStub:
                 '/pefsim.v1.UltravisorService/UvStatus',
                 request_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusRequest.SerializeToString,
                 response_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusResponse.FromString,
+                _registered_method=True)
+        self.SetFailpoint = channel.unary_unary(
+                '/pefsim.v1.UltravisorService/SetFailpoint',
+                request_serializer=pefsim_dot_v1_dot_common__pb2.SetFailpointRequest.SerializeToString,
+                response_deserializer=pefsim_dot_v1_dot_common__pb2.SetFailpointResponse.FromString,
                 _registered_method=True)
         self.UvPageInStream = channel.stream_stream(
                 '/pefsim.v1.UltravisorService/UvPageInStream',
@@ -243,6 +249,13 @@ class UltravisorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetFailpoint(self, request, context):
+        """Not a call of the ABI: the operator arms or disarms a failpoint in this process (pefsim failpoint).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UvPageInStream(self, request_iterator, context):
         """Not ucalls: pefsim's bulk data plane. Each page of a batch gets exactly the transition and
         the result its UV_PAGE_IN / UV_PAGE_OUT would give (same checks, same state table), so the
@@ -349,6 +362,11 @@ def add_UltravisorServiceServicer_to_server(servicer, server):
                     servicer.UvStatus,
                     request_deserializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusRequest.FromString,
                     response_serializer=pefsim_dot_v1_dot_ultravisor__pb2.UvStatusResponse.SerializeToString,
+            ),
+            'SetFailpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetFailpoint,
+                    request_deserializer=pefsim_dot_v1_dot_common__pb2.SetFailpointRequest.FromString,
+                    response_serializer=pefsim_dot_v1_dot_common__pb2.SetFailpointResponse.SerializeToString,
             ),
             'UvPageInStream': grpc.stream_stream_rpc_method_handler(
                     servicer.UvPageInStream,
@@ -771,6 +789,33 @@ class UltravisorService:
             '/pefsim.v1.UltravisorService/UvStatus',
             pefsim_dot_v1_dot_ultravisor__pb2.UvStatusRequest.SerializeToString,
             pefsim_dot_v1_dot_ultravisor__pb2.UvStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetFailpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pefsim.v1.UltravisorService/SetFailpoint',
+            pefsim_dot_v1_dot_common__pb2.SetFailpointRequest.SerializeToString,
+            pefsim_dot_v1_dot_common__pb2.SetFailpointResponse.FromString,
             options,
             channel_credentials,
             insecure,

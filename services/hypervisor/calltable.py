@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from pefsim import faults
 from pefsim.abi import PAGE_SHIFT, Errno, H, Hcall, PageInFlag, Role, VmState, page_aligned
 from pefsim.calltable import ALLOW, STATE, Call, Check, request_lpid
 from services.hypervisor.core import memory, vms as vm
@@ -66,6 +67,8 @@ CALLS = [
     Call("HostUnmapPage", memory.host_unmap_page, VMM, None, checks=(STATE, ALIGNED),
          result="errno", family=Errno, owned=True),
     Call("HvStatus", vm.hv_status, ANYONE, None, checks=(), result=None),
+    Call("SetFailpoint", faults.set_failpoint_call("hv"), frozenset({Role.ROLE_OPERATOR}), None, checks=(),
+         result="errno", family=Errno),
     Call("VmSession", vm.vm_session, VMM, None, checks=(STATE,), result="errno", family=Errno, owned=True),
 ]
 
@@ -90,6 +93,7 @@ RESULTS = {
     "HostReadPage": (Errno.OK, Errno.EFAULT),
     "HostUnmapPage": (Errno.OK, Errno.EFAULT, Errno.EIO),
     "VmSession": (Errno.OK,),
+    "SetFailpoint": (Errno.OK, Errno.EINVAL),  # EINVAL: a spec this service does not take (pefsim/faults.py)
 }
 CALLS = [replace(c, results=frozenset(RESULTS.get(c.name, ()))) for c in CALLS]
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from pefsim.abi import PAGE_SHIFT, H, Role, SvmState, U, Ucall, is_secure_ra, page_aligned
+from pefsim import faults
+from pefsim.abi import PAGE_SHIFT, Errno, H, Role, SvmState, U, Ucall, is_secure_ra, page_aligned
 from pefsim.calltable import ALLOW, STATE, Call, Check
 from pefsim.dataplane import MAX_FRAME_PAGES, MAX_REQUEST_PAGES, decoder, limited
 from pefsim.v1 import ultravisor_pb2 as upb
@@ -110,6 +111,7 @@ CALLS = [
         Check("gpa", lambda r: page_aligned(r.gpa), H.H_PARAMETER, "gpa not 64 KiB aligned"),
     )),
     Call("UvStatus", access.uv_status, ANYONE, None, checks=(), result=None),
+    Call("SetFailpoint", faults.set_failpoint_call("uv"), OPERATOR, None, checks=(), result="errno", family=Errno),
     # the bulk data plane: each page is checked as its UV_PAGE_IN / UV_PAGE_OUT (core/bulk.py)
     Call("UvPageInStream", bulk.uv_page_in_stream, HV, None, checks=(), result=None,
          request_codec=decoder(upb.PageInBatch, MAX_FRAME_PAGES)),
@@ -125,6 +127,7 @@ RESULTS = {
     # H_UNSUPPORTED: the context ended when the HV took its abort's refusal to the guest (esm.abort)
     "UV_ESM": (U.U_SUCCESS, H.H_PARAMETER, U.U_STATE, H.H_UNSUPPORTED),
     "UV_REGISTER_MEM_SLOT": (U.U_SUCCESS, U.U_PARAMETER),
+    "SetFailpoint": (Errno.OK, Errno.EINVAL),  # EINVAL: a spec this service does not take (pefsim/faults.py)
     "UV_UNREGISTER_MEM_SLOT": (U.U_SUCCESS, U.U_P2),
     "UV_PAGE_IN": (U.U_SUCCESS, U.U_P2, U.U_P3),
     "UV_PAGE_OUT": (U.U_SUCCESS, U.U_P3, U.U_PARAMETER, U.U_RETRY),

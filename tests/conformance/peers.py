@@ -17,6 +17,7 @@ import grpc
 
 from pefsim import rpc
 from pefsim.abi import PAGE_SHIFT, PAGE_SIZE, AbortReturn, Errno, H, HV_RA_BASE, PageInFlag, Role, U, gfn_of, gpa_of
+from pefsim.calltable import message_classes
 from pefsim.dataplane import pages_of
 from pefsim.image import GuestImage
 from pefsim.v1 import guest_pb2, hypervisor_pb2 as hpb
@@ -27,14 +28,13 @@ def _handlers(service_cls, impl, codecs: dict | None = None) -> grpc.GenericRpcH
     """Generic handlers for every RPC ``impl`` defines (others: UNIMPLEMENTED); ``codecs`` gives
     (request deserializer, response serializer) for the raw-frame RPCs."""
     desc = service_cls
-    pb2 = impl.pb2
     methods = {}
     for m in desc.methods:
         fn = getattr(impl, m.name, None)
         if fn is None:
             continue
-        req, resp = (codecs or {}).get(m.name, (getattr(pb2, m.input_type.name).FromString,
-                                                getattr(pb2, m.output_type.name).SerializeToString))
+        req_cls, resp_cls = message_classes(m)
+        req, resp = (codecs or {}).get(m.name, (req_cls.FromString, resp_cls.SerializeToString))
         make = (grpc.stream_stream_rpc_method_handler if m.client_streaming and m.server_streaming
                 else grpc.unary_stream_rpc_method_handler if m.server_streaming
                 else grpc.unary_unary_rpc_method_handler)

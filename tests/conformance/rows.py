@@ -387,6 +387,15 @@ UV_ROWS = [
         lambda c: upb.UvEvictPageRequest(lpid=c.lpid, gpa=0)),
     Row("UV", "UvEvictPage", S, "made by the HV", "PERMISSION_DENIED", "pefsim (operator only)",
         lambda c: upb.UvEvictPageRequest(lpid=c.lpid, gpa=0), caller="hv"),
+    # `pefsim failpoint`: only refusals here (an armed point would stay armed in the process under test)
+    Row("UV", "SetFailpoint", S, "made by the HV", "PERMISSION_DENIED", "pefsim (operator only)",
+        lambda c: cpb.SetFailpointRequest(spec="uv.esm.before_abort"), caller="hv"),
+    Row("UV", "SetFailpoint", S, "a failpoint of the HV", "EINVAL", "pefsim",
+        lambda c: cpb.SetFailpointRequest(spec="hv.abort.page_out"), caller="operator"),
+    Row("UV", "SetFailpoint", S, "hit number 0", "EINVAL", "pefsim",
+        lambda c: cpb.SetFailpointRequest(spec="uv.esm.before_abort:0"), caller="operator"),
+    Row("UV", "SetFailpoint", S, "=crash (one process only)", "EINVAL", "pefsim",
+        lambda c: cpb.SetFailpointRequest(spec="uv.esm.before_abort=crash"), caller="operator"),
 ]
 
 
@@ -607,6 +616,14 @@ HV_ROWS = [
     Row("HV", "HostUnmapPage", SEC, "a shared page", "OK", "kernel (kvm_unmap_radix: UV_PAGE_INVAL)",
         lambda c: hpb.HostUnmapPageRequest(lpid=c.lpid, gpa=c.gpa(2)), caller="operator",
         setup="shared", then=("UV_PAGE_INVAL issued", lambda c, r: c.invalidated() == 1)),
+    Row("HV", "SetFailpoint", SEC, "made by the UV", "PERMISSION_DENIED", "pefsim (operator only)",
+        lambda c: cpb.SetFailpointRequest(spec="hv.abort.page_out"), caller="uv"),
+    Row("HV", "SetFailpoint", SEC, "an unknown failpoint", "EINVAL", "pefsim",
+        lambda c: cpb.SetFailpointRequest(spec="hv.nowhere"), caller="operator"),
+    Row("HV", "SetFailpoint", SEC, "=lose where no answer arrives", "EINVAL", "pefsim",
+        lambda c: cpb.SetFailpointRequest(spec="hv.abort.before_resume=lose"), caller="operator"),
+    Row("HV", "SetFailpoint", SEC, "clear one not armed", "EINVAL", "pefsim",
+        lambda c: cpb.SetFailpointRequest(spec="hv.esm.init_done", clear=True), caller="operator"),
 ]
 
 

@@ -149,9 +149,9 @@ def test_ports_are_checked():
         assert out.returncode == 2 and "port" in out.stderr, out.stderr
 
 
-def _up_with_a_guest(run_dir: Path) -> tuple[subprocess.Popen, Path, list[int]]:
+def _up_with_a_guest(run_dir: Path, *more: str) -> tuple[subprocess.Popen, Path, list[int]]:
     up = subprocess.Popen([sys.executable, "-m", "pefsim", "up", "--guests", "1", "--mem-mib", "1",
-                           "--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                           "--run-dir", str(run_dir), *more], cwd=ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     stack_file, deadline = run_dir / "stack.json", time.monotonic() + 60
     while time.monotonic() < deadline and not (stack_file.exists() and json.loads(stack_file.read_text())["guests"]):
@@ -179,16 +179,8 @@ def test_a_supervised_stack_brings_a_killed_hv_back(tmp_path):
     """`pefsim up --supervise`: `pefsim kill hv` and the HV comes back on its data directory; the
     stack then runs the demo (an abort and a terminate) on the restarted HV. `pause` / `resume`
     stop and continue a service; an unknown one is exit 3."""
-    run_dir = tmp_path / "run"
-    up = subprocess.Popen([sys.executable, "-m", "pefsim", "up", "--guests", "1", "--mem-mib", "1", "--supervise",
-                           "--run-dir", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
-    stack_file = run_dir / "stack.json"
+    up, stack_file, _ = _up_with_a_guest(tmp_path / "run", "--supervise")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (stack_file.exists() and json.loads(stack_file.read_text())["guests"]):
-            assert up.poll() is None, up.stdout.read()
-            time.sleep(0.05)  # a bounded poll for the stack to be up
         old = json.loads(stack_file.read_text())["pids"]["hv"]
         killed = pefsim("kill", "hv", "--stack", str(stack_file))
         assert killed.returncode == 0 and "killed" in killed.stdout, killed.stderr
@@ -219,11 +211,56 @@ def test_a_supervised_stack_brings_a_killed_hv_back(tmp_path):
             up.kill()
 
 
+def test_a_failpoint_armed_on_a_running_hv_kills_it_mid_abort(tmp_path):
+    """The README's recovery story by hand: `pefsim failpoint set` arms the running HV to kill
+    itself at the 3rd page it gets back while aborting g-bad; `pefsim guest add g-bad --tamper
+    kernel` boots a guest whose ESM the UV aborts; the HV dies there, the supervisor restarts it,
+    and the abort finishes: the guest is resumed with H_PARAMETER and every page intact. Refused
+    specs are exit 2; `restart hv` gives a new HV; a guest does not restart."""
+    up, stack_file, _ = _up_with_a_guest(tmp_path / "run", "--supervise")
+    stack = ("--stack", str(stack_file))
+    try:
+        hv = json.loads(stack_file.read_text())["pids"]["hv"]
+        armed = pefsim("failpoint", "set", "hv.abort.page_out:3@g-bad", *stack)
+        assert armed.returncode == 0 and "hv.abort.page_out:3@g-bad=kill" in armed.stdout, armed.stdout + armed.stderr
+        for bad in ("hv.nowhere", "hv.abort.page_out:0", "guest.before_esm", "uv.esm.before_abort=crash"):
+            refused = pefsim("failpoint", "set", bad, *stack)
+            assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, (bad, refused.stderr)
+        added = pefsim("guest", "add", "g-bad", "--tamper", "kernel", "--mem-mib", "1", "--report-only", *stack,
+                       timeout=180)
+        out = added.stdout
+        assert added.returncode == 0, out + added.stderr
+        assert "aborted; UV_ESM -> H_PARAMETER; memory intact" in out and "blob-mismatch-kernel" in out, out
+        assert "UV_SVM_TERMINATE         U_SUCCESS" in out, out
+        new = json.loads(stack_file.read_text())["pids"]["hv"]
+        assert new != hv and _running(new) and not _running(hv), "the failpoint did not kill the HV"
+        assert "hv exited (-9); restarting it" in _read_so_far(up)
+        cleared = pefsim("failpoint", "clear", "hv.abort.page_out", *stack)
+        assert cleared.returncode == 2 and "not armed" in cleared.stderr  # it fired in the HV that died
+        restarted = pefsim("restart", "hv", *stack, timeout=60)
+        assert restarted.returncode == 0 and "recovered" in restarted.stdout, restarted.stdout + restarted.stderr
+        assert json.loads(stack_file.read_text())["pids"]["hv"] not in (hv, new)
+        assert pefsim("restart", "guest0", *stack).returncode == 2
+        assert pefsim("status", *stack).returncode == 0
+    finally:
+        pefsim("down", *stack, timeout=60)
+        if up.poll() is None:
+            up.kill()
+
+
+def _read_so_far(proc: subprocess.Popen) -> str:
+    """What a running process wrote to its stdout pipe until now (without waiting for more)."""
+    os.set_blocking(proc.stdout.fileno(), False)
+    return proc.stdout.read() or ""
+
+
 def test_down_stops_a_running_stack(tmp_path):
     """`pefsim down --stack FILE` asks the stack's launcher to stop, as Ctrl-C would: every
-    service ends, and so does `pefsim up`."""
+    service ends, and so does `pefsim up`. (`restart` needs a supervised stack: exit 3.)"""
     up, stack_file, pids = _up_with_a_guest(tmp_path / "run")
     try:
+        unsupervised = pefsim("restart", "hv", "--stack", str(stack_file))
+        assert unsupervised.returncode == 3 and "--supervise" in unsupervised.stderr  # nothing would start it again
         down = pefsim("down", "--stack", str(stack_file), timeout=60)
         assert down.returncode == 0, down.stdout + down.stderr
         assert up.wait(30) == 0
