@@ -17,6 +17,16 @@ FAULTS = {
     "net-latency": ("abort", "esm"),
     "net-bandwidth": ("abort", "esm"),
 }
+WHAT = {  # one line per fault kind, for `pefsim chaos --help`
+    "kill-hv": "SIGKILL the HV at a failpoint between two steps (a page-out, terminate, resume)",
+    "pause-hv": "SIGSTOP the HV for --pause seconds, then SIGCONT",
+    "kill-guest": "SIGKILL the victim guest (its VMM) during its ESM",
+    "kill-uv": "SIGKILL the UV (a machine reset: it comes back empty)",
+    "net-reset": "the HV <-> UV proxy resets every connection",
+    "net-blackhole": "the HV <-> UV proxy drops every byte for --fault-time seconds",
+    "net-latency": "the HV <-> UV proxy adds latency for --fault-time seconds",
+    "net-bandwidth": "the HV <-> UV proxy throttles bandwidth for --fault-time seconds",
+}
 ABORT_POINTS = ("hv.abort.page_out", "hv.abort.before_terminate", "hv.abort.before_resume")
 
 

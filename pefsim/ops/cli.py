@@ -674,6 +674,48 @@ def _blob(name: str, mem: int, key, omit: list[str], tamper: list[str]) -> bytes
                      override={item: "0" * 128 for item in tamper})
 
 
+EXAMPLES = {  # each command's `--help` ends with one (what a newcomer types first)
+    "demo": "pefsim demo            # four guests: secure, aborted (bad blob), terminated, reset",
+    "up": "pefsim up --supervise --run-dir rd     # then: pefsim status --stack rd/stack.json",
+    "vm": "pefsim vm touch 1 --gpa 0x10000 --stack rd/stack.json   # the host sees ciphertext",
+    "kill": "pefsim kill hv --stack rd/stack.json    # under --supervise it comes back",
+    "pause": "pefsim pause uv --stack rd/stack.json   # the HV's ucalls wait; pefsim resume uv lets it go",
+    "resume": "pefsim resume uv --stack rd/stack.json",
+    "restart": "pefsim restart hv --stack rd/stack.json",
+    "guest": "pefsim guest add g-bad --tamper kernel --report-only --stack rd/stack.json",
+    "down": "pefsim down --stack rd/stack.json",
+    "status": "pefsim status --stack rd/stack.json -o json",
+    "chaos": "pefsim chaos --fault kill-hv --during abort --runs 20 --seed 1",
+    "sim": "pefsim sim --runs 2000 --jobs 2      # or: pefsim sim --exhaustive",
+    "bench": "pefsim bench --guest-mib 256 --scaling 1,4,16 --json",
+    "certs": "pefsim certs --out tls --identity uv --identity hv --identity guest:g1",
+    "keys": "pefsim keys --out keys --if-missing",
+    "timeline": "pefsim timeline ~/.local/state/pefsim/chaos-results/RUN -o run.html   # then open it",
+    "blob": "pefsim blob --name g1 --mem-mib 4 --key keys/esm-signing.key -o g1.blob --tamper kernel",
+}
+
+
+class _HelpWithDefaults(argparse.RawDescriptionHelpFormatter):
+    """Help that shows every option's default (unless its text already says it)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _explain(sub) -> None:
+    """Every command's --help: a description (its one-line help when it has no longer one), the
+    defaults, and an example."""
+    helps = {action.dest: action.help for action in sub._choices_actions}
+    for name, p in sub.choices.items():
+        p.formatter_class = _HelpWithDefaults
+        p.description = p.description or helps.get(name)
+        if name in EXAMPLES and not p.epilog:
+            p.epilog = f"example:\n  {EXAMPLES[name]}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pefsim", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -723,16 +765,15 @@ def main(argv=None) -> int:
                        description="Arm (set) or disarm (clear) a failpoint in a running UV or HV, through its "
                                    "SetFailpoint RPC as the operator. Points: " + "; ".join(
                                        f"{n}: {w}" for n, w in POINTS.items() if n.startswith(("uv.", "hv."))),
-                       epilog="example: pefsim failpoint set hv.abort.page_out:3@g-bad --stack RUN/stack.json "
-                              "(the HV kills itself at the 3rd page it gets back while aborting g-bad)")
+                       epilog="example:\n  pefsim failpoint set hv.abort.page_out:3@g-bad --stack rd/stack.json\n"
+                              "  (the HV kills itself at the 3rd page it gets back while aborting g-bad)")
     p.add_argument("action", choices=["set", "clear"])
     p.add_argument("spec", metavar="NAME[:N][@VM][=kill|stop|lose]",
                    help="the point (its prefix names the service), the hit that fires it (default 1), only for "
                         "the VM named VM, and what it does (default kill)")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
     p.set_defaults(func=cmd_failpoint)
-    p = sub.add_parser("guest", help="add a guest to a running stack (a bad blob with --tamper: watch its abort)",
-                       epilog="example: pefsim guest add g-bad --tamper kernel --stack RUN/stack.json")
+    p = sub.add_parser("guest", help="add a guest to a running stack (a bad blob with --tamper: watch its abort)")
     p.add_argument("action", choices=["add"])
     p.add_argument("name", help="the guest's name (its VM's name in the HV, the @VM of a failpoint)")
     p.add_argument("--stack", required=True, help="stack.json of a running stack")
@@ -757,11 +798,17 @@ def main(argv=None) -> int:
     from pefsim.chaos.generator import FAULTS
     from pefsim.faults import MUTANTS
 
-    p.add_argument("--fault", required=True, choices=sorted(FAULTS))
+    from pefsim.chaos.generator import WHAT
+
+    p.description = "seeded fault scenarios through real processes, with checked invariants\n\nfault kinds " \
+        "(and the --during moments each allows):\n" + "\n".join(
+            f"  {k:<14} {WHAT[k]} ({'|'.join(FAULTS[k])})" for k in sorted(FAULTS))
+    p.add_argument("--fault", required=True, choices=sorted(FAULTS), metavar="KIND",
+                   help="the fault kind (above): " + ", ".join(sorted(FAULTS)))
     p.add_argument("--during", default=None, choices=["abort", "esm", "secure"],
                    help="when the fault hits the victim guest (default: the first the fault allows: abort, or esm for kill-guest)")
-    p.add_argument("--runs", type=int, default=1)
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--runs", type=int, default=1, help="runs in the campaign")
+    p.add_argument("--seed", type=int, default=1, help="the campaign's seed (run i draws its plan from it)")
     p.add_argument("--mem-mib", type=float, default=64.0, help="victim guest memory (default 64 MiB)")
     p.add_argument("--pause", type=float, default=2.0, help="pause-hv: seconds the HV stays stopped")
     p.add_argument("--fault-time", type=float, default=2.0, help="net-*: seconds the fault lasts")
@@ -770,9 +817,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", type=Path, default=None,
                    help="where each run's record, verdicts and history go (default "
                         "$XDG_STATE_HOME/pefsim/chaos-results, else ~/.local/state/pefsim/chaos-results)")
-    p.add_argument("--backend", choices=["local", "docker"], default="local")
-    p.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"))
-    p.add_argument("--compose-project", default="pefsim")
+    p.add_argument("--backend", choices=["local", "docker"], default="local",
+                   help="services as local processes, or the docker-compose stack's containers")
+    p.add_argument("--compose-file", type=Path, default=Path("docker-compose.yml"), help="with --backend docker")
+    p.add_argument("--compose-project", default="pefsim", help="with --backend docker")
     p.add_argument("--mutant", action="append", default=[], choices=sorted(MUTANTS),
                    help="run a deliberately broken build (to see a checker catch it)")
     p.add_argument("--run-dir", type=Path, help="the local stack's directory (default: temporary)")
@@ -842,6 +890,7 @@ def main(argv=None) -> int:
     p.add_argument("--omit", action="append", default=[], help="leave an item out (tests)")
     p.add_argument("--tamper", action="append", default=[], help="wrong digest for an item (tests)")
     p.set_defaults(func=cmd_blob)
+    _explain(sub)
     a = ap.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(a, "uv_port", 0) and a.uv_port == getattr(a, "hv_port", 0):
