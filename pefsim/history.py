@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pefsim import clock
+from pefsim import clock, tracing
 
 
 class History:
@@ -18,6 +18,9 @@ class History:
     def record(self, **event: Any) -> None:
         if self._fh is not None:
             event = {"t": clock.wall_ns() / 1e9, "svc": self.service, **event}
+            span = tracing.CURRENT.get()
+            if span is not None:  # the call's span (pefsim/tracing.py): the timeline's causal arrows
+                event.update(span.fields())
             self._fh.write(json.dumps(event, sort_keys=True) + "\n")
 
     def close(self) -> None:

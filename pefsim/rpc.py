@@ -24,6 +24,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 from grpc._cython import cygrpc
 
+from pefsim import tracing
 from pefsim.abi import PAGE_SIZE, Role
 from pefsim.calltable import (Call, CallTable, Caller, Denied, NoResult, ROLE_NAMES, check_call_table, message_classes,
                               result_name)
@@ -359,9 +360,10 @@ class Dispatcher:
     def _bind(self, call: Call, resp_cls: Any) -> Callable[..., Awaitable[Any]]:
         async def rpc(_requests: Any, context: grpc.aio.ServicerContext) -> Any:
             caller = caller_of(context)
-            async with self._admitted(call, caller, context) as ticket:
-                request = await self._read(call, ticket, context, first=True)
-                return await self.table.run(call, resp_cls, request, caller)
+            with self._span(call, context):
+                async with self._admitted(call, caller, context) as ticket:
+                    request = await self._read(call, ticket, context, first=True)
+                    return await self.table.run(call, resp_cls, request, caller)
 
         rpc.__name__ = call.name
         return rpc
@@ -369,10 +371,11 @@ class Dispatcher:
     def _bind_stream(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
         async def rpc(_requests: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
-            async with self._admitted(call, caller, context) as ticket:
-                request = await self._read(call, ticket, context, first=True)
-                async for item in self.table.stream(call, resp_cls, request, caller):
-                    yield item
+            with self._span(call, context):
+                async with self._admitted(call, caller, context) as ticket:
+                    request = await self._read(call, ticket, context, first=True)
+                    async for item in self.table.stream(call, resp_cls, request, caller):
+                        yield item
 
         rpc.__name__ = call.name
         return rpc
@@ -380,16 +383,23 @@ class Dispatcher:
     def _bind_bidi(self, call: Call, resp_cls: Any) -> Callable[..., Any]:
         async def rpc(_requests: Any, context: grpc.aio.ServicerContext):
             caller = caller_of(context)
-            async with self._admitted(call, caller, context) as ticket:
-                async def requests():  # a stream's messages come when its sender has them: no arrival deadline
-                    while (request := await self._read(call, ticket, context, first=False)) is not grpc.aio.EOF:
-                        yield request
+            with self._span(call, context):
+                async with self._admitted(call, caller, context) as ticket:
+                    async def requests():  # a stream's messages come when its sender has them: no arrival deadline
+                        while (request := await self._read(call, ticket, context, first=False)) is not grpc.aio.EOF:
+                            yield request
 
-                async for item in self.table.bidi(call, requests(), caller):
-                    yield item
+                    async for item in self.table.bidi(call, requests(), caller):
+                        yield item
 
         rpc.__name__ = call.name
         return rpc
+
+    def _span(self, call: Call, context):
+        """The served call's span, under the caller's traceparent (pefsim/tracing.py)."""
+        md = dict(context.invocation_metadata() or ())
+        return tracing.serving(call.name, md.get(tracing.HEADER), {"rpc.service": self.descriptor.full_name,
+                                                                   "rpc.method": call.name})
 
     def _boot_trailer(self, context) -> None:
         if context is not None and self.boot_id:
@@ -401,14 +411,16 @@ class Dispatcher:
 
 
 class _RoleMetadata:
-    """Adds the caller's asserted role and identity to every call (insecure mode only). grpc.aio
-    files an interceptor under one call kind, so there is a subclass per kind."""
+    """Adds the current span's traceparent (pefsim/tracing.py) to every call, and in insecure mode
+    the caller's asserted role and identity. grpc.aio files an interceptor under one call kind, so
+    there is a subclass per kind."""
 
     def __init__(self, metadata: tuple[tuple[str, str], ...]):
         self.metadata = metadata
 
     def _details(self, client_call_details):
-        return client_call_details._replace(metadata=tuple(client_call_details.metadata or ()) + self.metadata)
+        md = tuple(client_call_details.metadata or ()) + self.metadata
+        return client_call_details._replace(metadata=tracing.outgoing_metadata(md))
 
 
 class _UnaryUnaryRole(_RoleMetadata, grpc.aio.UnaryUnaryClientInterceptor):
@@ -430,15 +442,17 @@ def channel(target: str, role: int, identity: str = "", tls=None, server_role: s
     """An aio channel to ``target``. With ``tls`` (pefsim.tls.Tls) it is mTLS, presenting that
     identity's certificate and accepting only a server certificate for ``server_role``; without,
     every call asserts the caller's role (and identity) in its metadata."""
+    md: tuple[tuple[str, str], ...] = ()
     if tls is None:
         md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
         if identity:
             md += ((IDENTITY_HEADER, identity),)
-        return grpc.aio.insecure_channel(target, options=with_overrides(CLIENT_OPTIONS), interceptors=[
-            _UnaryUnaryRole(md), _UnaryStreamRole(md), _StreamStreamRole(md)])
+    interceptors = [_UnaryUnaryRole(md), _UnaryStreamRole(md), _StreamStreamRole(md)]
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=with_overrides(CLIENT_OPTIONS), interceptors=interceptors)
     options = with_overrides(CLIENT_OPTIONS) + ([("grpc.ssl_target_name_override", server_role)]
                                                 if server_role else [])
-    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options)
+    return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options, interceptors=interceptors)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,8 +464,12 @@ async def new_server(listen: str, handlers: list[grpc.GenericRpcHandler], servic
     """A server with the services' handlers, the standard gRPC health service (SERVING for the
     overall server and ``service_name``) and server reflection (grpcurl lists and describes the
     service), bound to ``host:port`` (port 0 picks one); with ``tls`` only clients with a
-    certificate from the project CA get through the handshake."""
+    certificate from the project CA get through the handshake. The process's served calls' spans
+    go over OTLP when the standard OTEL_EXPORTER_OTLP_ENDPOINT is set (pefsim/tracing.py)."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    tracing.configure(os.environ.get("OTEL_SERVICE_NAME")
+                      or "pefsim-" + service_name.rsplit(".", 1)[-1].removesuffix("Service").lower())
     from grpc_reflection.v1alpha import reflection
 
     server = grpc.aio.server(options=with_overrides(SERVER_OPTIONS), maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS)
@@ -567,6 +585,7 @@ async def serve_until_signalled(server: grpc.aio.Server, on_stop: Callable[[], A
             await task
     if on_stop is not None:
         await on_stop()
+    await asyncio.to_thread(tracing.shutdown)  # the last spans go out (a bounded flush)
 
 
 @dataclass

@@ -29,10 +29,10 @@ A kill at any point leaves a journal; ``recover`` restarts the task from its pha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
-from pefsim import clock
-from pefsim import faults
+from pefsim import clock, faults, tracing
 from pefsim.backoff import Backoff
 from pefsim.abi import AbortReturn, GfnState, H, Role, SecureGuest, U, rc_name
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as pb
@@ -81,10 +81,13 @@ def start(hv, vm, req: pb.HSvmInitAbortRequest | None = None, lock_held: bool = 
             vm.lock.release()
         return joined
     if vm.abort is None:
-        hv.state.set_abort(vm, {"token": req.token, "srr0": req.srr0,
-                                "trace_ns": req.trace.abort_issued_unix_ns, "phase": PAGE_OUT})
+        hv.state.set_abort(vm, {"token": req.token, "srr0": req.srr0, "trace_ns": req.trace.abort_issued_unix_ns,
+                                "phase": PAGE_OUT, "traceparent": tracing.current_traceparent() or ""})
     vm.abort_answer = answer = asyncio.get_running_loop().create_future()
-    vm.abort_task = asyncio.ensure_future(run(hv, vm, _Handed(vm.lock, lock_held)))
+    # the task's calls (page-outs, UV_SVM_TERMINATE, the resume) join the trace of the
+    # H_SVM_INIT_ABORT that journalled it, also when a restarted HV recovers it
+    with tracing.resumed(vm.abort.get("traceparent")) if tracing.CURRENT.get() is None else contextlib.nullcontext():
+        vm.abort_task = asyncio.ensure_future(run(hv, vm, _Handed(vm.lock, lock_held)))
 
     def unanswered(task: asyncio.Future) -> None:
         failure = None if task.cancelled() else task.exception()
@@ -124,7 +127,7 @@ def refused_to_guest(hv, vm, req: pb.HSvmInitAbortRequest) -> None:
     (svm.h_svm_init_abort_exit): journalled at the resume phase with that result, so it is
     delivered once, by this HV or a restarted one, under the request's token."""
     hv.state.set_abort(vm, {"token": req.token, "srr0": req.srr0, "trace_ns": req.trace.abort_issued_unix_ns,
-                            "phase": RESUME, "r3": H.H_UNSUPPORTED})
+                            "phase": RESUME, "r3": H.H_UNSUPPORTED, "traceparent": tracing.current_traceparent() or ""})
     start(hv, vm)
 
 

@@ -330,6 +330,7 @@ def _checked_abort(abort) -> dict | None:
     for key in ("token", "srr0", "trace_ns"):
         _field(abort, key, int, where="the abort journal")
     _field(abort, "r3", int, 0, where="the abort journal")  # the result the resume delivers (abort.py)
+    _field(abort, "traceparent", str, "", where="the abort journal")  # its trace, continued after a restart
     if abort.get("phase") not in (PAGE_OUT, TERMINATE, RESUME):
         raise Damaged("bad-vm-json", f"the abort journal's phase is {abort.get('phase')!r}")
     return abort
