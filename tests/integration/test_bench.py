@@ -7,7 +7,7 @@ import sys
 
 from pefsim.ops.stack import ROOT
 
-KEYS = {"guest_bytes", "memcpy_MBps", "memcpy_fresh_MBps", "tcp_MBps", "pagein_stream_MBps", "pageout_stream_MBps",
+KEYS = {"guest_bytes", "memcpy_MBps", "memcpy_fresh_MBps", "tcp_MBps", "tcp_fresh_MBps", "pagein_stream_MBps", "pageout_stream_MBps",
         "pagein_shm_MBps", "pageout_shm_MBps", "pagein_unary_MBps", "abort_latency_s", "hcall_p50_us",
         "hcall_p99_us", "hv_rss_bytes", "uv_rss_bytes"}
 
