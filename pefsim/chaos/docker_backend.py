@@ -13,6 +13,17 @@ name). Faults:
   service sits on the HV <-> UV link; the fault is set and healed through its control socket
   (``docker exec``), so it takes effect inside the compose network.
 * Failpoints need the local backend (they are refused here, clearly).
+
+Credentials. No service container holds another's key or the CA key (docker-compose.yml: one
+volume per identity, written by the one-shot keys job). This backend reads only the harness's own:
+the operator's (volume ``tls-operator``) and the ESM signing key (``keys``), each through a
+throwaway container that mounts that one volume read-only and never starts; its guests mount
+``tls-guest-harness`` (guest:harness). What it copies to the host is removed by stop().
+
+Metrics. The compose Prometheus scrapes the harness at ``host.docker.internal:9109`` (job
+``chaos``), which in a container is the Docker bridge's address on the host (``docker0``, usually
+172.17.0.1): run ``pefsim chaos --backend docker --metrics-listen 172.17.0.1:9109`` for the chaos
+dashboard. Not 0.0.0.0, which would serve the harness's metrics on every interface of the host.
 """
 from __future__ import annotations
 
@@ -21,6 +32,7 @@ import json
 import os
 import signal
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -42,6 +54,9 @@ CRASH = ("import os, signal\n"
 PORTS = {"uv": 7101, "hv": 7102}
 NETPROXY_CONTROL = "/tmp/netproxy.sock"  # as docker-compose.yml runs it
 GUEST_LABEL = "pefsim.chaos-guest"
+# docker-compose.yml's volumes the harness reads or lends (the project's name before each)
+OPERATOR_TLS, GUEST_TLS, SIGNING_KEYS = "tls-operator", "tls-guest-harness", "keys"
+METRICS_PORT = 9109  # deploy/prometheus/prometheus.yml: job chaos, host.docker.internal:9109
 
 
 def _in_container(pid: int, container_id: str) -> bool:
@@ -87,23 +102,55 @@ class DockerBackend:
             raise RuntimeError(f"{svc}: port {PORTS[svc]} is not published")
         return f"127.0.0.1:{binding[0]['HostPort']}"
 
+    def _read_volume(self, volume: str, names: set[str], into: Path | None = None) -> dict[str, bytes]:
+        """The files ``names`` of the stack's volume ``volume`` (compose's ``<project>_<volume>``),
+        read through a container that mounts only that volume, read-only, and is never started
+        (removed at once). With ``into``, they are also written there (a key stays 0600)."""
+        import docker
+
+        name = f"{self.project}_{volume}"
+        try:
+            self.client.volumes.get(name)
+        except docker.errors.NotFound:
+            raise RuntimeError(f"no volume {name}: run `docker compose -p {self.project} up -d` first "
+                               f"(with this checkout's docker-compose.yml)") from None
+        reader = self.client.containers.create(
+            self.container("uv").image, ["true"], network_disabled=True,
+            volumes={name: {"bind": "/v", "mode": "ro"}},
+            labels={"com.docker.compose.project": f"{self.project}-chaos"})
+        try:
+            stream, _ = reader.get_archive("/v/.")
+            raw = b"".join(stream)
+        finally:
+            reader.remove(force=True)
+        out = {}
+        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and Path(m.name).name in names]
+            for m in members:
+                out[Path(m.name).name] = tar.extractfile(m).read()
+                m.name = Path(m.name).name
+            if into is not None:
+                tar.extractall(into, members=members, filter="data")
+        missing = names - out.keys()
+        if missing:
+            raise RuntimeError(f"volume {name} has no {', '.join(sorted(missing))}")
+        return out
+
     def tls(self, identity: str):
-        """The stack's credentials (copied out of its tls volume): operator, or guest:harness for
-        any guest this backend starts. Only the CA certificate and those two identities' files are
-        copied (never the CA key or another service's key), into a directory stop() removes."""
+        """The harness's credentials: the operator's (from the stack's ``tls-operator`` volume:
+        its certificate and key and the CA certificate, nothing else), or guest:harness's for a
+        guest this backend starts (``tls-guest-harness``). Copied into a directory stop() removes."""
         from pefsim.tls import Tls, file_name
 
+        who, volume = ("guest:harness", GUEST_TLS) if identity.startswith("guest:") else (identity, OPERATOR_TLS)
+        if who != "operator" and who != "guest:harness":
+            raise ValueError(f"the Docker backend acts as operator or guest:harness, not {identity}")
         if self._tls_dir is None:
             self._tls_dir = Path(tempfile.mkdtemp(prefix="pefsim-docker-tls-"))
-            wanted = {"ca.pem"} | {f"{file_name(who)}.{ext}" for who in ("operator", "guest:harness")
-                                   for ext in ("pem", "key")}
-            stream, _ = self.container("uv").get_archive("/tls/.")
-            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-                members = [m for m in tar.getmembers() if Path(m.name).name in wanted and m.isfile()]
-                for m in members:
-                    m.name = Path(m.name).name
-                tar.extractall(self._tls_dir, members=members, filter="data")
-        return Tls(self._tls_dir, "guest:harness" if identity.startswith("guest:") else identity)
+        if not (self._tls_dir / f"{file_name(who)}.key").exists():
+            self._read_volume(volume, {"ca.pem", f"{file_name(who)}.pem", f"{file_name(who)}.key"},
+                              into=self._tls_dir)
+        return Tls(self._tls_dir, who)
 
     def wait_healthy(self, svc: str, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -132,10 +179,9 @@ class DockerBackend:
         return {}
 
     def signing_key(self):
-        stream, _ = self.container("uv").get_archive("/keys/esm-signing.key")
-        raw = b"".join(stream)
-        with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
-            pem = tar.extractfile(tar.getmembers()[0]).read()
+        """The stack's ESM signing key (the ``keys`` volume; the UV holds only the public key),
+        read into memory, never written to the host."""
+        pem = self._read_volume(SIGNING_KEYS, {"esm-signing.key"})["esm-signing.key"]
         return serialization.load_pem_private_key(pem, password=None)
 
     def histories(self) -> dict[str, Path]:
@@ -155,8 +201,30 @@ class DockerBackend:
         return out
 
     def publish_metrics(self, addr: str) -> None:
-        """The compose Prometheus scrapes the harness at host.docker.internal:9109 (job "chaos"):
-        run it with --metrics-listen 0.0.0.0:9109."""
+        """The compose Prometheus scrapes the harness at host.docker.internal:9109 (job "chaos"),
+        the Docker bridge's address on the host: says so when ``addr`` (--metrics-listen) is not
+        where that scrape lands, or is every interface."""
+        host, _, port = addr.rpartition(":")
+        bridge = self.bridge_address()
+        want = f"{bridge or '<docker0 address>'}:{METRICS_PORT}"
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            print(f"pefsim chaos: the harness's metrics are served on every interface ({addr}); "
+                  f"--metrics-listen {want} serves them to the compose Prometheus only", file=sys.stderr)
+        elif port != str(METRICS_PORT) or (bridge and host != bridge):
+            print(f"pefsim chaos: the compose Prometheus scrapes the harness at {want} "
+                  f"(host.docker.internal:{METRICS_PORT}), not {addr}: the chaos dashboard stays empty",
+                  file=sys.stderr)
+
+    def bridge_address(self) -> str | None:
+        """The host's address on Docker's default bridge (docker0): what ``host-gateway``
+        (host.docker.internal in the compose file) resolves to in a container."""
+        try:
+            for config in self.client.networks.get("bridge").attrs["IPAM"]["Config"] or []:
+                if config.get("Gateway"):
+                    return config["Gateway"]
+        except Exception:  # a hint only
+            return None
+        return None
 
     # -- faults ------------------------------------------------------------------------------------
 
@@ -225,7 +293,7 @@ class DockerBackend:
                    "--metrics-listen", "0.0.0.0:9103", "--identity", "guest:harness", "--tls-dir", "/tls", *extra]
         container = self.client.containers.run(
             self.image, command, name=cname, detach=True, init=True, network=self.network,
-            volumes={f"{self.project}_tls": {"bind": "/tls", "mode": "ro"}},
+            volumes={f"{self.project}_{GUEST_TLS}": {"bind": "/tls", "mode": "ro"}},  # guest:harness's only
             labels={GUEST_LABEL: "1", "com.docker.compose.project": f"{self.project}-chaos"},
             ports={"7103/tcp": ("127.0.0.1", None)})
         self.guests[name] = container

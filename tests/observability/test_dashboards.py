@@ -131,3 +131,21 @@ def test_latency_buckets_resolve_small_and_large_guests():
 
     assert LATENCY_BUCKETS[0] <= 0.001 and LATENCY_BUCKETS[-1] >= 600
     assert all(b / a <= 2.0 + 1e-9 for a, b in zip(LATENCY_BUCKETS, LATENCY_BUCKETS[1:]))
+
+
+RECORD = re.compile(r"pefsim:[a-z0-9_]+:(?:[a-z0-9]+_)*?(?P<op>[a-z]+)(?P<range>[0-9]+[smhd])")
+
+
+def recording_rules() -> list[tuple[str, str]]:
+    return [(name, expr) for name, expr in rule_exprs() if ":" in name]
+
+
+def test_recording_rules_name_their_window():
+    """Every recording rule is level:metric:operations with its range in the name, the one its
+    expression uses (pefsim:uv_abort_duration_seconds:p99_rate5m is over rate(...[5m]))."""
+    assert recording_rules()
+    for name, expr in recording_rules():
+        m = RECORD.fullmatch(name)
+        assert m, f"{name}: not pefsim:<metric>:<operations>_<op><range> (e.g. ...:p99_rate5m)"
+        used = set(re.findall(rf"\b{m['op']}\s*\([^\[]*\[([0-9]+[smhd])\]", expr))
+        assert used == {m["range"]}, f"{name}: named {m['op']}{m['range']}, its expression uses {used or 'none'}"

@@ -65,7 +65,7 @@ def observed(tmp_path_factory):
             wait_for(prom, f'count_over_time(up{{job="{job}"}}[1m]) >= 2')
         # the last events of the demo are scraped, and the rules evaluated on them
         wait_for(prom, 'pefsim_hv_terminate_duration_seconds_count{trigger="destroy"} >= 2')
-        wait_for(prom, "pefsim:guest_abort_e2e_seconds:p50")
+        wait_for(prom, "pefsim:guest_abort_e2e_seconds:p50_rate5m")
         yield prom, stack, summary, chaos
     finally:
         prom.stop()
