@@ -54,6 +54,7 @@ class ChaosConfig:
     progress: bool = False
     metrics_listen: str | None = None  # serve the harness's own /metrics here
     only_run: int = 0  # run only this one of the runs (its plan drawn as in the whole campaign): a replay
+    timeline: str = "failed"  # which runs get a timeline.html: failed, all or none (pefsim/timeline/auto.py)
 
 
 @dataclass

@@ -33,6 +33,7 @@ from pefsim.chaos.generator import ChaosConfig, Plan, plan_run
 from pefsim.chaos.metrics import ChaosMetrics
 from pefsim.chaos.nemesis import nemesis
 from pefsim.chaos.store import Store, read_history
+from pefsim.timeline import auto as timeline
 from pefsim.ops.demo import Operator
 from pefsim.v1 import ultravisor_pb2 as upb
 
@@ -110,19 +111,20 @@ def run_chaos(cfg: ChaosConfig, backend, log=print, before_runs=None) -> dict:
             if record.get("recovery_s") is not None:
                 recoveries.append(record["recovery_s"])
                 metrics.recovery_seconds.observe(record["recovery_s"])
-            store.write_run(run, record, found, history)
+            drawn = timeline.chaos_run(cfg, store.write_run(run, record, found, history), failed=bool(found))
             if cfg.progress:
                 rec_s = record.get("recovery_s")
                 left = (time.monotonic() - t0) / done * (todo - done)
                 log(f"run {run}/{cfg.runs}: {record['fault']['detail'] or 'no fault'}; "
                     f"{len(found)} violations; recovery {'-' if rec_s is None else f'{rec_s:.2f} s'}; "
-                    f"about {left:.0f} s left")
+                    f"about {left:.0f} s left" + (f"; timeline {drawn}" if drawn else ""))
     finally:
         backend.stop()
     summary = {"runs": done, "faults_injected": injected, "guest_policy": ", ".join(sorted(policies)),
                "violations": [v.as_json() for v in violations],
                "recovery_s": quantiles(recoveries), "results": str(store.root)}
     store.write_summary(summary)
+    timeline.chaos_campaign(cfg, store.root)  # index.html: every run, its verdicts, its timeline
     return summary
 
 

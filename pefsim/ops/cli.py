@@ -539,7 +539,7 @@ def cmd_chaos(a) -> int:
                       mem_bytes=_mem_bytes(a.mem_mib), pause_s=a.pause, fault_s=a.fault_time,
                       final_bound_s=a.final_bound, results=a.results or default_results(), backend=a.backend,
                       mutants=tuple(a.mutant), abort_return=a.abort_return, progress=True,
-                      metrics_listen=a.metrics_listen)
+                      metrics_listen=a.metrics_listen, timeline=a.timeline)
     run_dir = _temp_run_dir(a, "pefsim-chaos-")
     if a.backend == "docker":
         from pefsim.chaos.docker_backend import DockerBackend
@@ -830,6 +830,9 @@ def main(argv=None) -> int:
     p.add_argument("--only-run", type=int, default=0, metavar="N",
                    help="run only run N of the campaign, with the plan it has in the whole one (a replay)")
     p.add_argument("--metrics-listen", help="serve the harness's metrics (faults, runs) on host:port")
+    from pefsim.timeline import cli as timeline_cli
+    p.add_argument("--timeline", choices=timeline_cli.MODES, default="failed",
+                   help="which runs get a timeline.html beside their record (default: failed; all: every run)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_chaos)
     p = sub.add_parser("sim", help="the real cores in one process on virtual time: thousands of seeded "
@@ -857,6 +860,7 @@ def main(argv=None) -> int:
                    help="also run N real-process chaos runs of the same kind and print both rates")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_sim)
+    timeline_cli.register(sub)
     p = sub.add_parser("bench", help="page transfer against memcpy and raw TCP, in one run")
     p.add_argument("--guest-mib", type=float, default=1024, help="guest size (default 1 GiB)")
     p.add_argument("--unary-mib", type=float, default=64,

@@ -107,6 +107,9 @@ def _keep(cfg: SimConfig, plan: Plan, found: list, kept: dict) -> str:
     path.write_text(json.dumps({"plan": asdict(plan), "replay": replay_command(cfg, plan),
                                 "violations": [{"invariant": i, "detail": d} for i, d in found], **kept},
                                sort_keys=True, default=str))
+    from pefsim.timeline import auto as timeline
+
+    timeline.sim_failure(path)  # seed-N….timeline.html beside it
     return str(path)
 
 
