@@ -66,6 +66,7 @@ class Call:
     args: dict = field(default_factory=dict)  # what else the line says (pages, results, gpa, ...)
     source: str = ""  # "<svc>.history.jsonl:<line>"
     start_known: bool = True  # False: the line gives only the end (a bidi stream's batch)
+    cause: int | None = None  # the call whose span is this one's parent (the traceparent it came with)
 
 
 @dataclass
@@ -658,6 +659,7 @@ def build(kind: str, record: dict, history: dict[str, list[dict]], verdicts: dic
                           name=c["name"], cls=c["cls"], result=c["result"], kind=c["kind"], lpid=c["lpid"],
                           caller=c["caller"], caller_inc=caller_inc, who=c["who"], state=c["state"],
                           args=c["args"], source=c["source"], start_known=c["start_known"]))
+    _link_causes(calls)
     lpid_names = {lpid: name for name, lpid in guest_lpids.items()}
     for lane in lanes.values():  # a row per lpid, the calls made over and over apart from the others
         mine = [c for c in calls if c.lane == lane.id]
@@ -703,6 +705,21 @@ def build(kind: str, record: dict, history: dict[str, list[dict]], verdicts: dic
     stats["calls"] = len(calls)
     return Model(kind=kind, title=title, source=source, t0=t_begin, duration=rel(t_end), lanes=list(lanes.values()),
                  calls=calls, faults=faults, verdicts=out_verdicts, info=info, stats=stats)
+
+
+def _link_causes(calls: list[Call]) -> None:
+    """Each call's cause: the call served under the span its traceparent names as parent
+    (pefsim/tracing.py; the histories' ``span`` / ``parent``), so an abort's page-outs,
+    UV_SVM_TERMINATE and resume point at the H_SVM_INIT_ABORT the HV was serving, even across a
+    restart. A span's first served line stands for it (a stream's later batch lines share it)."""
+    by_span: dict[str, int] = {}
+    for c in calls:
+        if c.args.get("span") and c.kind != "caller-only":
+            by_span.setdefault(c.args["span"], c.id)
+    for c in calls:
+        cause = by_span.get(c.args.get("parent") or "")
+        if cause is not None and cause != c.id:
+            c.cause = cause
 
 
 def _iso(t: float, kind: str) -> str:

@@ -273,7 +273,9 @@ function main() {
     for (var i = 0; i < l.rows.length; i++) if (l.rows[i].lpid === c.lpid && c.lpid !== null) return l.rowY[i] + ROW / 2;
     return l.marksY !== undefined ? l.marksY + 8 : l.y0 + HDR / 2;
   }
-  calls.forEach(function (c) { c.cy = callerY(c); c.by = laneById[c.lane].rowY[c.row] + ROW / 2; });
+  calls.forEach(function (c) { c.by = laneById[c.lane].rowY[c.row] + ROW / 2; });
+  // an arrow starts at the call that caused this one (its traceparent's span), else at the caller's lane
+  calls.forEach(function (c) { c.cy = (c.cause !== null && c.cause !== undefined) ? calls[c.cause].by : callerY(c); });
 
   // -- horizontal: everything time-dependent --
   function X(t) { return G + (t - v0) / (v1 - v0) * W; }
@@ -402,6 +404,7 @@ function main() {
     lines.push(c.name + (c.kind !== "unary" ? "  (" + c.kind + ")" : ""));
     lines.push("result " + c.result + "  [" + {ok: "success", error: "documented error", transport: "transport error"}[c.cls] + "]");
     lines.push("served by " + laneName(c.lane, c.inc) + (c.caller ? " · called by " + laneName(c.caller, c.caller_inc) : "") + (c.who && !c.caller ? " · " + c.who : ""));
+    if (c.cause !== null && c.cause !== undefined) lines.push("caused by " + calls[c.cause].name + " (served by " + laneName(calls[c.cause].lane, calls[c.cause].inc) + ")");
     if (c.lpid !== null && c.lpid !== undefined) lines.push("lpid " + c.lpid + (c.state ? " · state " + c.state : ""));
     else if (c.state) lines.push("state " + c.state);
     lines.push((c.start_known ? "start " + fmtT(c.start) + " · " : "start not recorded · ") + "end " + fmtT(c.end) + (c.start_known ? " · duration " + fmtDur(c.end - c.start) : ""));

@@ -1,7 +1,7 @@
 """The same run as Chrome trace-event JSON (``{"traceEvents": [...]}``), which Perfetto
 (ui.perfetto.dev, "Open trace file") and chrome://tracing open: one process per service
 incarnation (the HV after a restart is a new process), one thread (track) per lpid, every call an
-``X`` (complete) event, the VM / SVM states as slices on their guest's process, the guests' own
+``X`` (complete) event with a flow arrow from the call that caused it (trace context), the VM / SVM states as slices on their guest's process, the guests' own
 events and the faults as instant events. Times are microseconds from the timeline's time 0.
 
 Format: https://docs.google.com/document/d/1CvAClvFfyA5R-PhYUmn5OOQtYMH4h6I0nSsKchNAySU"""
@@ -62,6 +62,13 @@ def render_trace(model: Model) -> dict:
                 "state": c.state, "kind": c.kind, "source": c.source, "call_id": c.id, **c.args}
         events.append({"name": c.name, "cat": c.cls, "ph": "X", "ts": _us(c.start), "dur": _us(max(0.0, c.end - c.start)),
                        "pid": pid, "tid": tid, "args": {k: v for k, v in args.items() if v is not None}})
+        if c.cause is not None:  # a flow arrow from the call that caused it (its traceparent's parent span)
+            cause = model.calls[c.cause]
+            cpid = pids.get((cause.lane, cause.inc)) or pids[(cause.lane, 1)]
+            flow = {"name": "caused", "cat": "trace", "id": c.id}
+            events.append({**flow, "ph": "s", "ts": _us(max(cause.start, min(c.start, cause.end))), "pid": cpid,
+                           "tid": 0 if cause.lpid is None else int(cause.lpid)})
+            events.append({**flow, "ph": "f", "bp": "e", "ts": _us(c.start), "pid": pid, "tid": tid})
     for lane in model.lanes:
         pid = pids[(lane.id, lane.segments[0].inc)]
         for i, band in enumerate(lane.bands):

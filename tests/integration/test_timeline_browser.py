@@ -19,7 +19,7 @@ import pytest
 
 from pefsim.ops.stack import ROOT
 from pefsim.timeline import from_sim, render_html
-from pefsim.timeline.model import read_jsonl
+from pefsim.timeline.model import load, read_jsonl
 from tests.unit.test_timeline import history_calls, sim_run
 
 CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser")) if p), None)
@@ -183,6 +183,10 @@ def test_a_chaos_campaign_with_timeline_all_draws_every_run(tmp_path):
     dom, problems = open_page(run_dir / "timeline.html", tmp_path)
     assert problems == []
     check_kill_hv_page(dom, history_calls(history))
+    calls = load(run_dir).calls  # causal arrows from the trace context (pefsim/tracing.py)
+    caused = [(calls[c.cause].name, c.name) for c in calls if c.cause is not None]
+    assert ("UV_ESM", "H_SVM_INIT_START") in caused, caused[:20]  # the UV's hcall, made for the guest's `sc 2`
+    assert all(calls[c.cause].args["trace"] == c.args["trace"] for c in calls if c.cause is not None)
     index = chromium(campaign / "index.html", tmp_path, "--dump-dom")
     assert [line for line in index.stderr.splitlines() if ":CONSOLE" in line] == []
     assert 'href="run-0001/timeline.html"' in index.stdout and "all 8 held" in index.stdout
