@@ -116,6 +116,10 @@ def cmd_demo(a) -> int:
     from pefsim.ops.stack import LocalStack, StackError
 
     mem = _mem_bytes(a.mem_mib)
+    if a.timeline and a.compose:
+        print("pefsim demo: --timeline draws a local stack's histories; a compose stack keeps them in its "
+              "containers", file=sys.stderr)
+        return 2
     if a.compose:
         from pefsim.chaos.docker_backend import DockerBackend
 
@@ -143,6 +147,8 @@ def cmd_demo(a) -> int:
             _done_with(a, failed=True)
             raise
     print(demo.public(summary) if a.json else demo.render(summary))
+    if a.timeline and not a.compose:
+        print(f"timeline: {demo.write_timeline(stack, summary, a.timeline)} (open it in a browser)", file=sys.stderr)
     _done_with(a, failed=not demo.succeeded(summary))
     return 0 if demo.succeeded(summary) else 1
 
@@ -730,6 +736,8 @@ def main(argv=None) -> int:
     p.add_argument("--compose", action="store_true",
                    help="run against the running docker-compose stack (guests as containers)")
     p.add_argument("--compose-project", default="pefsim", help="its compose project name")
+    p.add_argument("--timeline", type=Path, metavar="FILE.html",
+                   help="also draw the four guests' calls across the processes as a timeline page (a local stack)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("up", help="start a local stack until Ctrl-C")
     _stack_args(p)

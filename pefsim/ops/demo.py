@@ -225,6 +225,20 @@ def esm_rc_name(rc: int, outcome: str) -> str:
     return rc_name(rc, H if outcome == "aborted" else U)
 
 
+def write_timeline(stack, summary: dict, out: Path) -> Path:
+    """The demo's four guests as a timeline page (pefsim/timeline): every call of the UV, the HV
+    and the guests from their histories, with each guest's own events."""
+    from pefsim.timeline import from_stack, render_html
+
+    guests = {r.name: {"name": r.name, "report": {"outcome": r.outcome, "timeline": [
+        {"unixNs": ns, "what": what} for ns, who, what in summary["_events"] if who == r.name]}}
+        for r in summary["_results"].values()}
+    model = from_stack(sorted({stack.home, stack.run_dir}), guests, title="pefsim demo: secure, aborted, terminated, reset")
+    out = Path(out)
+    out.write_text(render_html(model))
+    return out
+
+
 def render(summary: dict) -> str:
     """The timeline and the summary table, for people."""
     lines = ["Timeline", "--------"]

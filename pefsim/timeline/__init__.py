@@ -9,7 +9,7 @@
 from pefsim.timeline.cli import register
 from pefsim.timeline.html import render_html
 from pefsim.timeline.index import render_index
-from pefsim.timeline.model import Model, build, from_sim, load
+from pefsim.timeline.model import Model, build, from_sim, from_stack, load
 from pefsim.timeline.trace import render_trace
 
-__all__ = ["Model", "build", "from_sim", "load", "register", "render_html", "render_index", "render_trace"]
+__all__ = ["Model", "build", "from_sim", "from_stack", "load", "register", "render_html", "render_index", "render_trace"]

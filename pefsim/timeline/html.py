@@ -48,7 +48,8 @@ def _meta(model: Model) -> str:
     line = f"plan: <b>{e(plan_text or '-')}</b> · fault: <b>{e(fault or '-')}</b>"
     if rec is not None:
         line += f" · recovery <b>{rec:.3f} s</b> after the heal"
-    bits.append(f'<div class="meta">{line}</div>')
+    if model.kind != "stack":  # a stack's calls (the demo): no plan, no fault
+        bits.append(f'<div class="meta">{line}</div>')
     outcomes = info.get("outcomes") or {}
     if outcomes:
         bits.append('<div class="meta">guests: ' + ", ".join(f"{e(str(k))} <b>{e(str(v))}</b>"
@@ -64,7 +65,8 @@ def render_html(model: Model) -> str:
     """The run's timeline as one HTML document (scripts, styles and data inline)."""
     failed = [v.name for v in model.verdicts if not v.held]
     verdict_line = (f"{len(failed)} of {len(model.verdicts)} invariants violated: click one to see the calls it names"
-                    if failed else f"all {len(model.verdicts)} invariants held")
+                    if failed else f"all {len(model.verdicts)} invariants held" if model.verdicts
+                    else "none: no checker judged this run")
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -195,6 +195,21 @@ def from_chaos_run(run_dir: Path) -> Model:
     return build("chaos", record, history, verdicts=verdicts, source=str(run_dir), info=info)
 
 
+def from_stack(dirs: list[Path], guests: dict[str, dict] | None = None, title: str = "") -> Model:
+    """A local stack's calls (``pefsim demo --timeline``): every ``*.history.jsonl`` its services
+    wrote in ``dirs`` (the stack's, and an attached command's for its own guests), no fault and
+    no verdicts; ``guests`` as a chaos record has them ({name: {"name", "report": {"outcome",
+    "timeline": [{"unixNs", "what"}]}}})."""
+    history = {}
+    for p in sorted(p for d in dirs for p in Path(d).glob("*.history.jsonl")):
+        lines = read_jsonl(p)
+        if lines:
+            history[str(lines[0].get("svc") or p.name.removesuffix(".history.jsonl"))] = lines
+    if not history:
+        raise NotARun(f"{', '.join(map(str, dirs))}: no call histories")
+    return build("stack", {"guests": guests or {}}, history, verdicts={}, source=str(dirs[0]), info={"title": title})
+
+
 def from_sim_failure(path: Path) -> Model:
     path = Path(path)
     try:
@@ -700,6 +715,8 @@ def build(kind: str, record: dict, history: dict[str, list[dict]], verdicts: dic
     what = f"{plan.get('fault', '?')} during {plan.get('during', '?')}"
     if kind == "chaos":
         title = f"chaos run {record.get('run', '?')} · {what}"
+    elif kind == "stack":
+        title = info.get("title") or "a local stack's calls"
     else:
         title = f"sim seed {info.get('seed', '?')} · {what}"
     stats["calls"] = len(calls)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pefsim.ops.stack import ROOT
-from pefsim.timeline import from_sim, render_html
+from pefsim.timeline import from_sim, from_stack, render_html
 from pefsim.timeline.model import load, read_jsonl
 from tests.unit.test_timeline import history_calls, sim_run
 
@@ -247,3 +247,22 @@ def test_zoom_pan_details_and_a_failing_verdict_work_in_the_browser(tmp_path):
     assert len(named) == verdict["linked"]
     assert verdict["view"][0] <= min(float(r["data-start"]) for r in named)
     assert max(float(r["data-end"]) for r in named) <= verdict["view"][1]
+
+
+def test_the_demo_draws_its_four_guests(tmp_path):
+    """`pefsim demo --timeline FILE`: the four guests' calls across the UV, the HV and the guests,
+    from their histories, open in Chromium with no error; the aborted guest's H_SVM_INIT_ABORT
+    causes its UV_SVM_TERMINATE (trace context)."""
+    page, run_dir = tmp_path / "demo.html", tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "pefsim", "demo", "--mem-mib", "1", "--run-dir", str(run_dir),
+                           "--timeline", str(page)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"timeline: {page}" in done.stderr
+    dom, problems = open_page(page, tmp_path)
+    assert problems == []
+    model = from_stack([run_dir])
+    assert int(re.search(r'data-calls-drawn="(\d+)"', dom).group(1)) == len(model.calls) > 0
+    for name in ("g-secure", "g-aborted", "g-terminated", "g-reset"):
+        assert f"guest:{name}" in {lane.id for lane in model.lanes}, name
+    causes = {(model.calls[c.cause].name, c.name) for c in model.calls if c.cause is not None}
+    assert ("H_SVM_INIT_ABORT", "UV_SVM_TERMINATE") in causes, sorted(causes)
