@@ -293,7 +293,7 @@ def cmd_signal(a) -> int:
     print(f"{name} (pid {pids[name]}) {what}")
     if a.cmd == "kill" and name in ("uv", "hv"):
         print(f"  under `pefsim up --supervise` it comes back (the HV recovers from its data directory); "
-              f"otherwise the stack stops. Watch: pefsim status --stack {path}")
+              f"otherwise the stack stops. Watch: pefsim status --stack {path}; draw it: pefsim timeline {path.parent}")
     elif a.cmd == "pause":
         print(f"  its peers' calls now wait or time out; `pefsim resume {a.service} --stack {path}` lets it go on")
     return 0
@@ -409,7 +409,7 @@ def cmd_guest(a) -> int:
                                else "it runs on as a normal VM"))
             print("\n".join("  " + line for line in demo.sequence_lines(demo.abort_sequence(stack, rep.lpid))))
         log = stack.procs[f"guest-{a.name}"].log_path
-        print(f"  log {log}; see pefsim status --stack {a.stack}")
+        print(f"  log {log}; see pefsim status --stack {a.stack}; draw it: pefsim timeline {Path(a.stack).parent}")
         if not a.report_only:
             print(f"guest {a.name} stays until Ctrl-C (its process is its VM: then the HV destroys it)", flush=True)
             while stack.procs[f"guest-{a.name}"].alive:
@@ -478,7 +478,7 @@ def cmd_vm(a) -> int:
                                      f"now {GfnState(r.state).name}, first bytes {r.data[:16].hex()}")
     ok, said = asyncio.run(_with_operator(_attach(a), act))
     print(said)
-    print(f"  see: pefsim status --stack {a.stack}")
+    print(f"  see: pefsim status --stack {a.stack}; draw it: pefsim timeline {Path(a.stack).parent}")
     return 0 if ok else 1
 
 

@@ -16,6 +16,7 @@ call a bar, state bands, fault windows, verdicts; zoom with the wheel, pan by dr
 Chrome trace-event JSON for Perfetto / chrome://tracing (--format trace).
 
   RUN_DIR            a chaos run (record.json, verdicts.json, *.history.jsonl): RUN_DIR/timeline.html
+  STACK_RUN_DIR      a `pefsim up` stack's run directory (stack.json): every call so far
   SIM_FAILURE.json   a failing simulated seed (pefsim sim --results): seed-N.timeline.html beside it
   CAMPAIGN_DIR       a chaos campaign (run-NNNN/), its results directory (latest), or a directory of
                      simulator failures: every run's timeline and an index.html"""

@@ -66,12 +66,12 @@ def resolve(path: Path) -> tuple[str, Path]:
         raise FileNotFoundError(2, "no such file or directory", str(path))
     if path.is_file():
         return "sim", path
-    if (path / "record.json").is_file():
+    if (path / "record.json").is_file() or (path / "stack.json").is_file():  # a chaos run, a local stack
         return "run", path
     if is_campaign(path) or is_sim_dir(path):
         return "campaign", path
     latest = path / "latest"
     if latest.is_dir() and is_campaign(latest):
         return "campaign", latest.resolve()
-    raise NotARun(f"{path}: not a chaos run (record.json), a campaign (run-NNNN/), a results directory "
+    raise NotARun(f"{path}: not a chaos run (record.json), a stack's run directory (stack.json), a campaign (run-NNNN/), a results directory "
                   f"(latest) or a directory of simulator failures (seed-*.json)")

@@ -157,8 +157,12 @@ class Model:
 
 
 def load(path: Path | str) -> Model:
-    """The model of a chaos run directory or of a simulator failure's JSON file."""
+    """The model of a chaos run directory, a local stack's run directory (its stack.json: every
+    call so far, the guests commands like `pefsim guest add` attached too) or a simulator
+    failure's JSON file."""
     path = Path(path)
+    if path.is_dir() and (path / "stack.json").is_file():  # a local stack's run directory (pefsim up)
+        return from_stack([path, *sorted(path.glob("attached-*"))], title=f"the stack in {path}")
     if path.is_dir():
         return from_chaos_run(path)
     if path.is_file():

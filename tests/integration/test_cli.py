@@ -12,6 +12,7 @@ from pathlib import Path
 from pefsim.blob import load_public_key, measure, verify_blob
 from pefsim.image import GuestImage
 from pefsim.ops.stack import ROOT
+from pefsim.timeline import load
 
 
 def pefsim(*args, **kw):
@@ -235,6 +236,10 @@ def test_a_failpoint_armed_on_a_running_hv_kills_it_mid_abort(tmp_path):
         new = json.loads(stack_file.read_text())["pids"]["hv"]
         assert new != hv and _running(new) and not _running(hv), "the failpoint did not kill the HV"
         assert "hv exited (-9); restarting it" in _read_so_far(up)
+        drawn = pefsim("timeline", str(stack_file.parent))  # the stack so far, g-bad's attached guest too
+        assert drawn.returncode == 0 and (stack_file.parent / "timeline.html").is_file(), drawn.stdout + drawn.stderr
+        names = {c.name for c in load(stack_file.parent).calls}
+        assert {"H_SVM_INIT_ABORT", "UV_SVM_TERMINATE", "VcpuResume"} <= names, names
         cleared = pefsim("failpoint", "clear", "hv.abort.page_out", *stack)
         assert cleared.returncode == 2 and "not armed" in cleared.stderr  # it fired in the HV that died
         restarted = pefsim("restart", "hv", *stack, timeout=60)
