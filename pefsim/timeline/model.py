@@ -253,20 +253,17 @@ def _wall(t: float | None) -> float | None:
 
 
 def _name_rc(svc: str, call: str, rc: int) -> str:
+    """A result's name as the serving service's call table gives it ("rc N" for a call it does
+    not have: a history from another version)."""
     if rc == 0:
         return "OK"
-    try:
-        from pefsim.calltable import result_name
-        if svc == "uv":
-            from services.ultravisor import calltable as table
-        elif svc == "hv":
-            from services.hypervisor import calltable as table
-        else:
-            return f"rc {rc}"
-        row = next(c for c in table.CALLS if c.name == call)
-        return result_name(row, rc)
-    except Exception:  # noqa: BLE001 - a name is a nicety: the number says it too
-        return f"rc {rc}"
+    from pefsim.calltable import result_name
+    from services.hypervisor import calltable as hv_table
+    from services.ultravisor import calltable as uv_table
+
+    table = {"uv": uv_table, "hv": hv_table}.get(svc)
+    row = None if table is None else next((c for c in table.CALLS if c.name == call), None)
+    return f"rc {rc}" if row is None else result_name(row, rc)
 
 
 def _lane_of_svc(svc: str) -> str:
