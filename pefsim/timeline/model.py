@@ -735,9 +735,12 @@ def _link_causes(calls: list[Call]) -> None:
         if c.args.get("span") and c.kind != "caller-only":
             by_span.setdefault(c.args["span"], c.id)
     for c in calls:
-        cause = by_span.get(c.args.get("parent") or "")
+        parent = c.args.get("parent") or ""
+        cause = by_span.get(parent)
         if cause is not None and cause != c.id:
             c.cause = cause
+        elif parent:  # e.g. the H_SVM_INIT_ABORT of an HV killed before it answered: its recovery goes on in it
+            c.args["caused by"] = f"span {parent}, a call that left no line (its server died before answering)"
 
 
 def _iso(t: float, kind: str) -> str:
