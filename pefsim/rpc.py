@@ -442,14 +442,15 @@ def channel(target: str, role: int, identity: str = "", tls=None, server_role: s
     """An aio channel to ``target``. With ``tls`` (pefsim.tls.Tls) it is mTLS, presenting that
     identity's certificate and accepting only a server certificate for ``server_role``; without,
     every call asserts the caller's role (and identity) in its metadata."""
-    md: tuple[tuple[str, str], ...] = ()
     if tls is None:
         md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
         if identity:
             md += ((IDENTITY_HEADER, identity),)
-    interceptors = [_UnaryUnaryRole(md), _UnaryStreamRole(md), _StreamStreamRole(md)]
-    if tls is None:
-        return grpc.aio.insecure_channel(target, options=with_overrides(CLIENT_OPTIONS), interceptors=interceptors)
+        return grpc.aio.insecure_channel(target, options=with_overrides(CLIENT_OPTIONS), interceptors=[
+            _UnaryUnaryRole(md), _UnaryStreamRole(md), _StreamStreamRole(md)])
+    # mTLS: the traceparent only, on unary calls; a streaming call's interceptor would cost each of
+    # its messages (the page streams carry their traceparent themselves: hypervisor/adapters/grpc.py)
+    interceptors = [_UnaryUnaryRole(())]
     options = with_overrides(CLIENT_OPTIONS) + ([("grpc.ssl_target_name_override", server_role)]
                                                 if server_role else [])
     return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options, interceptors=interceptors)

@@ -85,10 +85,11 @@ def current_traceparent() -> str | None:
 
 
 def outgoing_metadata(metadata: Any) -> tuple:
-    """A call's metadata with the current span's traceparent added (as its parent)."""
+    """A call's metadata with the current span's traceparent added (as its parent), unless it
+    has one already."""
     md = tuple(metadata or ())
     tp = current_traceparent()
-    return md if tp is None else md + ((HEADER, tp),)
+    return md if tp is None or any(k == HEADER for k, _ in md) else md + ((HEADER, tp),)
 
 
 @contextlib.contextmanager

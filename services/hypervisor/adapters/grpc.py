@@ -12,7 +12,7 @@ import logging
 
 import grpc
 
-from pefsim import rpc, tls as tlsmod
+from pefsim import rpc, tracing, tls as tlsmod
 from pefsim.abi import Role
 from pefsim.dataplane import decoder
 from pefsim.v1 import guest_pb2_grpc, ultravisor_pb2 as upb, ultravisor_pb2_grpc
@@ -23,7 +23,9 @@ SERVICE = "/pefsim.v1.UltravisorService"
 
 
 def _on_behalf(owner: str) -> tuple[tuple[str, str], ...]:
-    return ((rpc.ON_BEHALF_HEADER, owner),)
+    """The guest a ucall serves, and the trace it is part of (a stream carries its traceparent
+    here: an mTLS channel has no stream interceptor, which would cost every message)."""
+    return tracing.outgoing_metadata(((rpc.ON_BEHALF_HEADER, owner),))
 
 
 async def _boot_id(call) -> str:
