@@ -13,10 +13,14 @@
   (c) control-plane latency of a simple hcall (H_SVM_PAGE_OUT of a page that is not secure: the
       checks, the lock and H_SUCCESS), p50 / p99;
   (d) the HV's and UV's peak RSS;
-  and, with --scaling, N guests aborting at once; with --channel-options, the stream page-in and
+  and, with --sizes, (b) and (d) again at each of several guest sizes (how cost grows with the
+  guest: the ``sizes`` array); with --scaling, N guests aborting at once (how it grows with the
+  number of guests: the ``scaling`` array); with --channel-options, the stream page-in and
   page-out under each of a set of gRPC channel arguments (CHANNEL_VARIANTS, handed to every
   service through $PEFSIM_GRPC_OPTIONS), in paired rounds, so which of them matter is measured
-  here rather than assumed.
+  here rather than assumed. --plot DIR draws the result (matplotlib, the optional extra
+  ``pefsim[plots]``: imported by plot() alone, never by the services); --from RESULT.json draws
+  a result saved with --json again without measuring anything.
 
 Speeds are ratios to (a), printed with the targets they are held to; they are measurements, not
 tests (tests only check that the bench runs and its JSON is well formed).
@@ -47,6 +51,8 @@ from pefsim.ops.stack import LocalStack, StackConfig
 from pefsim.v1 import common_pb2, guest_pb2, hypervisor_pb2 as hpb
 
 MiB = 1 << 20
+GiB = 1 << 30
+RSS_HEADROOM = 64 * MiB  # each service's RSS bound: its guest memory (HV) or secure pool (UV) + this
 
 
 class Progress:
@@ -287,9 +293,10 @@ def scaling(root: Path, counts: list[int], guest_bytes: int, progress: Progress)
             lat = sorted(r["abort_s"] for r in reports)
             pagein_s = sum(v for k, v in uv.items() if k.startswith("pefsim_uv_esm_page_in_duration_seconds_sum"))
             rows.append({"guests": n, "guest_bytes": guest_bytes, "wall_s": round(wall, 3),
-                         "abort_MBps": n * guest_bytes / 1e6 / max(lat[-1], 1e-9),
+                         "abort_MBps": round(n * guest_bytes / 1e6 / max(lat[-1], 1e-9), 1),
                          "pagein_busy_s": round(pagein_s, 3),
-                         "abort_p50_s": statistics.median(lat), "abort_p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))]})
+                         "abort_p50_s": round(statistics.median(lat), 4),
+                         "abort_p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 4)})
         progress.step(f"{n} guests aborting at once")
     return rows
 
@@ -331,8 +338,8 @@ TARGETS = [
     ("shared memory >= 50 x unary", lambda r: r["pagein_shm_MBps"] / r["pagein_unary_MBps"], 50, ">="),
     ("abort (stream) <= 3.5 x raw TCP time", lambda r: r["abort_latency_s"]["stream"] / (r["guest_bytes"] / (r["tcp_MBps"] * 1e6)), 3.5, "<="),
     ("abort (shm) <= 3 x memcpy time", lambda r: r["abort_latency_s"]["shm"] / (r["guest_bytes"] / (r["memcpy_MBps"] * 1e6)), 3.0, "<="),
-    ("HV RSS <= guest + 64 MiB", lambda r: r["hv_rss_bytes"] / (r["guest_bytes"] + 64 * MiB), 1.0, "<="),
-    ("UV RSS <= secure pool + 64 MiB", lambda r: r["uv_rss_bytes"] / (r["guest_bytes"] + 64 * MiB), 1.0, "<="),
+    ("HV RSS <= guest + 64 MiB", lambda r: r["hv_rss_bytes"] / (r["guest_bytes"] + RSS_HEADROOM), 1.0, "<="),
+    ("UV RSS <= secure pool + 64 MiB", lambda r: r["uv_rss_bytes"] / (r["guest_bytes"] + RSS_HEADROOM), 1.0, "<="),
 ]
 
 
@@ -348,10 +355,44 @@ def best_of(runs: list[dict]) -> dict:
             "hv_rss": max(r["hv_rss"] for r in runs), "uv_rss": max(r["uv_rss"] for r in runs)}
 
 
+def size_row(size: int, stream: dict, shm_runs: list[dict], unary: dict | None = None,
+             unary_bytes: int = 0) -> dict:
+    """One row of the ``sizes`` array: a guest of ``size`` bytes over the stream (one run) and
+    shared memory (the best of its runs), and with ``unary`` (the smallest size only) one call a
+    page. RSS: the highest peak of any run at this size; the bound is the guest (the HV's RAM
+    file) or the pool (the UV's, as large as the guest) + 64 MiB."""
+    shm = best_of(shm_runs)
+    runs = [stream, *shm_runs, *([unary] if unary else [])]
+    latency = {"stream": round(stream["abort_s"], 4), "shm": round(shm["abort_s"], 4)}
+    row = {"guest_bytes": size,
+           "pagein_stream_MBps": round(stream["pagein_Bps"] / 1e6, 1),
+           "pageout_stream_MBps": round(stream["pageout_Bps"] / 1e6, 1),
+           "pagein_shm_MBps": round(shm["pagein_Bps"] / 1e6, 1),
+           "pageout_shm_MBps": round(shm["pageout_Bps"] / 1e6, 1),
+           "abort_latency_s": latency,
+           "abort_s_per_GiB": {path: round(s * GiB / size, 4) for path, s in latency.items()},
+           "hv_rss_bytes": max(r["hv_rss"] for r in runs), "uv_rss_bytes": max(r["uv_rss"] for r in runs),
+           "rss_bound_bytes": size + RSS_HEADROOM,
+           "shm_runs": [{"pagein_MBps": round(r["pagein_Bps"] / 1e6, 1),
+                         "pageout_MBps": round(r["pageout_Bps"] / 1e6, 1),
+                         "abort_s": round(r["abort_s"], 4)} for r in shm_runs]}
+    if unary:
+        row.update(unary_bytes=unary_bytes, pagein_unary_MBps=round(unary["pagein_Bps"] / 1e6, 2),
+                   pageout_unary_MBps=round(unary["pageout_Bps"] / 1e6, 2))
+        latency["unary"] = round(unary["abort_s"], 4)
+    return row
+
+
 def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2000,
         scale_counts: list[int] | None = None, scale_guest_bytes: int = 16 * MiB, show_progress: bool = True,
-        option_rounds: int = 0, option_guest_bytes: int = 256 * MiB) -> dict:
-    progress = Progress(7 + SHM_RUNS + len(scale_counts or []) + option_rounds, show_progress)
+        option_rounds: int = 0, option_guest_bytes: int = 256 * MiB, sizes: list[int] | None = None) -> dict:
+    """``sizes``: guest sizes (bytes) measured again one by one, each over the stream once and
+    over shared memory SHM_RUNS times, and the smallest also one call a page (unary, at that very
+    size); a size equal to ``guest_bytes`` reuses the runs already made for it."""
+    sizes = sorted(set(sizes or []))
+    extra = [n for n in sizes if n != guest_bytes]
+    progress = Progress(7 + SHM_RUNS + len(scale_counts or []) + option_rounds + len(extra) * (1 + SHM_RUNS)
+                        + bool(sizes), show_progress)
     with tempfile.TemporaryDirectory(prefix="pefsim-bench-") as tmp:
         root = Path(tmp)
         memcpy = memcpy_Bps(guest_bytes)
@@ -367,8 +408,25 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
             shm_runs.append(transfer(root / f"shm-{i}", "shm", guest_bytes))
             progress.step(f"ESM page-in and abort page-out, shared memory, {i + 1}/{SHM_RUNS}")
         shm = best_of(shm_runs)
-        unary = transfer(root, "unary", min(unary_bytes, guest_bytes))
+        unary_size = min(unary_bytes, guest_bytes)
+        unary = transfer(root, "unary", unary_size)
         progress.step("ESM page-in and abort page-out, unary")
+        size_rows = []
+        for size in sizes:
+            if size == guest_bytes:
+                size_stream, size_shm = stream, shm_runs
+            else:
+                size_stream = transfer(root / f"size-{size}", "stream", size)
+                progress.step(f"{size / MiB:g} MiB guest, gRPC stream")
+                size_shm = []
+                for i in range(SHM_RUNS):
+                    size_shm.append(transfer(root / f"size-{size}-shm-{i}", "shm", size))
+                    progress.step(f"{size / MiB:g} MiB guest, shared memory, {i + 1}/{SHM_RUNS}")
+            size_unary = None
+            if size == sizes[0]:  # one call a page is slow: the smallest size only
+                size_unary = unary if size == unary_size else transfer(root / f"size-{size}", "unary", size)
+                progress.step(f"{size / MiB:g} MiB guest, unary")
+            size_rows.append(size_row(size, size_stream, size_shm, size_unary, size))
         with bench_stack(root, "hcall", 16 * PAGE_SIZE) as stack:
             samples = sorted(asyncio.run(hcall_latency(stack, hcalls)))
         progress.step("hcall latency")
@@ -393,6 +451,8 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         "shm_runs": [{"pagein_MBps": round(r["pagein_Bps"] / 1e6, 1), "pageout_MBps": round(r["pageout_Bps"] / 1e6, 1),
                       "abort_s": round(r["abort_s"], 4)} for r in shm_runs],
     }
+    if size_rows:
+        result["sizes"] = size_rows
     if rows:
         result["scaling"] = rows
     if options:
@@ -400,12 +460,38 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
     return result
 
 
+# Guest counts held to >= 0.8 x one guest's aggregate, each when it and 1 were measured.
+SCALING_TARGETS = (16, 64)
+# The largest guest's abort time per GiB against 1 GiB's (no bookkeeping that grows faster than the
+# guest), when 1 GiB and a larger size were measured.
+PER_GIB_BOUND = 1.2
+
+
+def size_targets(result: dict) -> list:
+    """The --sizes targets: per-GiB abort time of the largest size against 1 GiB's, each path;
+    the RSS bounds at every size."""
+    rows = {row["guest_bytes"]: row for row in result.get("sizes", [])}
+    out = []
+    if GiB in rows and max(rows) > GiB:
+        big = rows[max(rows)]
+        for path in ("stream", "shm"):
+            out.append((f"abort per GiB at {big['guest_bytes'] / MiB:.0f} MiB <= {PER_GIB_BOUND} x 1 GiB's ({path})",
+                        lambda r, big=big, path=path: big["abort_s_per_GiB"][path] / rows[GiB]["abort_s_per_GiB"][path],
+                        PER_GIB_BOUND, "<="))
+    for size, row in rows.items():
+        for who, what in (("hv", "guest"), ("uv", "pool")):
+            out.append((f"{who.upper()} RSS <= {what} + 64 MiB at {size / MiB:g} MiB",
+                        lambda r, row=row, who=who: row[f"{who}_rss_bytes"] / row["rss_bound_bytes"], 1.0, "<="))
+    return out
+
+
 def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
     out = []
     rows = {row["guests"]: row for row in result.get("scaling", [])}
-    extra = [("16 guests aborting at once >= 0.8 x one guest", lambda r: rows[16]["abort_MBps"] / rows[1]["abort_MBps"],
-              0.8, ">=")] if 1 in rows and 16 in rows else []
-    for name, ratio, bound, op in TARGETS + extra:
+    extra = [(f"{n} guests aborting at once >= 0.8 x one guest",
+              lambda r, n=n: rows[n]["abort_MBps"] / rows[1]["abort_MBps"], 0.8, ">=")
+             for n in SCALING_TARGETS if 1 in rows and n in rows]
+    for name, ratio, bound, op in TARGETS + size_targets(result) + extra:
         value = ratio(result)
         out.append((name, value, bound, op, value >= bound if op == ">=" else value <= bound))
     return out
@@ -432,9 +518,30 @@ def render(result: dict) -> str:
     lines.append(f"{'shared memory, each run, in / out':<44}"
                  + ", ".join(f"{r['pagein_MBps']:.0f} / {r['pageout_MBps']:.0f}" for r in result["shm_runs"]) + " MB/s")
     lines.append(f"{'peak RSS, HV / UV':<44}{result['hv_rss_bytes'] / MiB:>8.0f} / {result['uv_rss_bytes'] / MiB:.0f} MiB")
-    lines += ["", "targets (ratios measured in this run)", "-" * 58]
-    for name, value, bound, op, ok in targets(result):
-        lines.append(f"{'ok  ' if ok else 'MISS'} {name:<44} {value:6.2f} ({op} {bound})")
+    verdicts = targets(result)
+    width = max(44, *(len(name) for name, *_ in verdicts))
+    lines += ["", "targets (ratios measured in this run)", "-" * (width + 20)]
+    for name, value, bound, op, ok in verdicts:
+        shown = f"{value:6.4f}" if abs(value - bound) < 0.005 * bound else f"{value:6.2f}"  # 1.0004 is not 1.00
+        lines.append(f"{'ok  ' if ok else 'MISS'} {name:<{width}} {shown:>6} ({op} {bound})")
+    if result.get("sizes"):
+        lines += ["", "by guest size (MB/s; abort s, and s per GiB; peak RSS against guest or pool + 64 MiB)",
+                  "-" * 100,
+                  f"{'MiB':>6} {'stream in / out':>15} {'shm in / out':>15} {'abort stream (/GiB)':>20}"
+                  f" {'abort shm (/GiB)':>18} {'RSS HV / UV / bound MiB':>24}"]
+        for row in result["sizes"]:
+            lat, per = row["abort_latency_s"], row["abort_s_per_GiB"]
+            rss = " / ".join(f"{row[k] / MiB:.0f}" for k in ("hv_rss_bytes", "uv_rss_bytes", "rss_bound_bytes"))
+            stream = f"{row['pagein_stream_MBps']:.0f} / {row['pageout_stream_MBps']:.0f}"
+            shm = f"{row['pagein_shm_MBps']:.0f} / {row['pageout_shm_MBps']:.0f}"
+            lines.append(f"{row['guest_bytes'] / MiB:>6g} {stream:>15} {shm:>15} "
+                         f"{lat['stream']:>9.3f} ({per['stream']:>7.3f}) {lat['shm']:>8.3f} ({per['shm']:>6.3f})"
+                         f" {rss:>24}")
+        for row in result["sizes"]:
+            if "pagein_unary_MBps" in row:
+                lines.append(f"one call a page (unary), {row['unary_bytes'] / MiB:g} MiB: "
+                             f"{row['pagein_unary_MBps']} / {row['pageout_unary_MBps']} MB/s in / out, "
+                             f"abort {row['abort_latency_s']['unary']:.3f} s")
     if result.get("scaling"):
         lines += ["", "guests aborting at once (shared memory)", "-" * 58,
                   f"{'N':>4} {'aggregate MB/s':>15} {'abort p50 s':>12} {'abort p99 s':>12}"]
@@ -449,7 +556,147 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+# -- plots -----------------------------------------------------------------------------------------
+
+PLOTS = ("throughput_vs_size", "scaling", "rss_vs_size")
+
+
+def plotting_missing() -> str | None:
+    """Why --plot cannot draw (one line), or None; asked before measuring, without importing."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        return ("--plot needs matplotlib, which is not installed: pip install 'pefsim[plots]' "
+                "(or -r requirements-dev.txt in a checkout)")
+    return None
+
+
+def rows_by_size(result: dict) -> list[dict]:
+    """The ``sizes`` rows, or, from a run without --sizes, the one size it measured."""
+    if result.get("sizes"):
+        return result["sizes"]
+    keys = ("guest_bytes", "pagein_stream_MBps", "pageout_stream_MBps", "pagein_shm_MBps", "pageout_shm_MBps",
+            "hv_rss_bytes", "uv_rss_bytes")
+    return [{**{k: result[k] for k in keys}, "rss_bound_bytes": result["guest_bytes"] + RSS_HEADROOM}]
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    """Draw ``result`` (run()'s, or a saved --json) into ``out_dir`` as SVG and PNG: throughput
+    against guest size per path with the memcpy and TCP references as lines; aggregate throughput
+    and abort p50 / p99 against guest count (with --scaling); peak RSS against guest size with
+    the bound. Returns the files written. matplotlib is imported here and nowhere else."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    plt.rcParams.update({"svg.hashsalt": "pefsim-bench", "figure.dpi": 100, "font.size": 9})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    count = FuncFormatter(lambda x, _: f"{x:g}")
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        for ext, meta in (("svg", {"Date": None}), ("png", {"Software": None})):
+            path = out_dir / f"{name}.{ext}"
+            fig.savefig(path, format=ext, metadata=meta, dpi=120 if ext == "png" else None)
+            written.append(path)
+        plt.close(fig)
+
+    rows = rows_by_size(result)
+    mib = [row["guest_bytes"] / MiB for row in rows]
+
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    for key, label, style in (("pagein_shm_MBps", "ESM page-in, shared memory", "o-"),
+                              ("pageout_shm_MBps", "abort page-out, shared memory", "s--"),
+                              ("pagein_stream_MBps", "ESM page-in, gRPC stream", "o-"),
+                              ("pageout_stream_MBps", "abort page-out, gRPC stream", "s--")):
+        ax.plot(mib, [row[key] for row in rows], style, label=label)
+    unary = [row for row in rows if "pagein_unary_MBps" in row]
+    if unary:
+        ax.plot([row["unary_bytes"] / MiB for row in unary], [row["pagein_unary_MBps"] for row in unary], "v",
+                color="grey", label="ESM page-in, one call a page")
+    for key, label, style in (("memcpy_MBps", "memcpy (resident, best of 3)", ":"),
+                              ("tcp_MBps", "raw TCP loopback (resident, best of 3)", "-.")):
+        if key in result:
+            ax.axhline(result[key], color="black", linestyle=style, linewidth=1,
+                       label=f"{label}: {result[key]:.0f} MB/s at {result['guest_bytes'] / MiB:g} MiB")
+    ax.set(xscale="log", yscale="log", xlabel="guest size (MiB)", ylabel="MB/s",
+           title="Page transfer against guest size")
+    ax.set_xticks(mib)
+    ax.xaxis.set_major_formatter(count)
+    ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+    ax.yaxis.set_major_formatter(count)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    save(fig, "throughput_vs_size")
+
+    scaling_rows = result.get("scaling") or []
+    if scaling_rows:
+        guests = [row["guests"] for row in scaling_rows]
+        fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+        left.plot(guests, [row["abort_MBps"] for row in scaling_rows], "o-", label="aggregate abort MB/s")
+        one = next((row["abort_MBps"] for row in scaling_rows if row["guests"] == 1), None)
+        if one is not None:
+            left.axhline(0.8 * one, color="black", linestyle=":", linewidth=1, label="target: 0.8 x one guest")
+        left.set(xscale="log", xlabel="guests aborting at once", ylabel="MB/s",
+                 title=f"Aggregate, {scaling_rows[0]['guest_bytes'] / MiB:g} MiB guests, shared memory")
+        right.plot(guests, [row["abort_p50_s"] for row in scaling_rows], "o-", label="abort p50")
+        right.plot(guests, [row["abort_p99_s"] for row in scaling_rows], "s--", label="abort p99")
+        right.set(xscale="log", xlabel="guests aborting at once", ylabel="seconds", title="Abort latency")
+        for ax in (left, right):
+            ax.set_xticks(guests)
+            ax.xaxis.set_major_formatter(count)
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+            ax.set_ylim(bottom=0)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "scaling")
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    for key, label, style in (("hv_rss_bytes", "HV peak RSS", "o-"), ("uv_rss_bytes", "UV peak RSS", "s--")):
+        left.plot(mib, [row[key] / MiB for row in rows], style, label=label)
+        right.plot(mib, [(row[key] - row["guest_bytes"]) / MiB for row in rows], style, label=label)
+    left.plot(mib, [row["rss_bound_bytes"] / MiB for row in rows], ":", color="black",
+              label="bound: guest (pool) + 64 MiB")
+    right.axhline(RSS_HEADROOM / MiB, color="black", linestyle=":", linewidth=1, label="bound: + 64 MiB")
+    left.set(xscale="log", xlabel="guest size (MiB)", ylabel="MiB", title="Peak RSS")
+    right.set(xscale="log", xlabel="guest size (MiB)", ylabel="MiB over the guest (pool)",
+              title="Peak RSS less the guest (pool)")
+    over = [(row[k] - row["guest_bytes"]) / MiB for row in rows for k in ("hv_rss_bytes", "uv_rss_bytes")]
+    right.set_ylim(bottom=0, top=max(RSS_HEADROOM / MiB * 1.25, max(over) * 1.1))
+    for row in rows:  # below 0: the HV's RAM file did not all stay resident (memory pressure): said, not drawn
+        for k, who in (("hv_rss_bytes", "HV"), ("uv_rss_bytes", "UV")):
+            if row[k] < row["guest_bytes"]:
+                x = row["guest_bytes"] / MiB
+                right.annotate(f"{who}: {(row[k] - row['guest_bytes']) / MiB:.0f} MiB\n(not all resident)", (x, 0),
+                               xytext=(x, RSS_HEADROOM / MiB * 0.4), ha="center", fontsize=7,
+                               arrowprops={"arrowstyle": "->", "color": "grey"})
+    for ax in (left, right):
+        ax.set_xticks(mib)
+        ax.xaxis.set_major_formatter(count)
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda x, _: ""))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    save(fig, "rss_vs_size")
+    return written
+
+
 def main(a) -> int:
+    plot_dir = Path(a.plot) if a.plot else None
+    if a.from_json and not plot_dir:
+        raise ValueError("--from re-plots a saved result: give --plot DIR too")
+    if plot_dir and (why := plotting_missing()):
+        print(f"pefsim bench: {why}", file=sys.stderr)
+        return 3
+    if a.from_json:
+        result = json.loads(Path(a.from_json).read_text())
+        if not isinstance(result, dict) or "guest_bytes" not in result:
+            raise ValueError(f"{a.from_json} is not a result of pefsim bench --json")
+        for path in plot(result, plot_dir):
+            print(path)
+        return 0
     for option in ("guest_mib", "unary_mib", "scale_guest_mib", "options_guest_mib"):
         size = int(getattr(a, option) * MiB)
         if size <= 0 or size % (64 << 10):
@@ -458,10 +705,14 @@ def main(a) -> int:
     result = run(guest_bytes=int(a.guest_mib * MiB), unary_bytes=int(a.unary_mib * MiB), hcalls=a.hcalls,
                  scale_counts=[int(n) for n in a.scaling.split(",")] if a.scaling else None,
                  scale_guest_bytes=int(a.scale_guest_mib * MiB), show_progress=not a.json,
-                 option_rounds=a.channel_options, option_guest_bytes=int(a.options_guest_mib * MiB))
+                 option_rounds=a.channel_options, option_guest_bytes=int(a.options_guest_mib * MiB),
+                 sizes=[int(n) * MiB for n in a.sizes.split(",")] if a.sizes else None)
     verdicts = targets(result)
     if a.json:
         result["targets"] = [{"target": name, "value": round(value, 4), "bound": bound, "op": op, "ok": ok}
                              for name, value, bound, op, ok in verdicts]
     print(json.dumps(result) if a.json else render(result))
+    if plot_dir:
+        for path in plot(result, plot_dir):
+            print(f"pefsim bench: wrote {path}", file=sys.stderr)
     return 0 if all(ok for *_, ok in verdicts) else 1  # a missed target is a failed check

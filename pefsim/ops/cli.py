@@ -880,6 +880,14 @@ def main(argv=None) -> int:
     p.add_argument("--channel-options", type=int, default=0, metavar="ROUNDS",
                    help="also the stream under each gRPC channel-option variant, ROUNDS paired rounds")
     p.add_argument("--options-guest-mib", type=float, default=256, help="guest size in the channel-option runs")
+    p.add_argument("--sizes", default="", metavar="MIB,MIB,...", type=_counts,
+                   help="also each of these guest sizes in MiB, e.g. 256,1024,4096,8192 "
+                        "(the JSON's sizes array; default: none)")
+    p.add_argument("--plot", metavar="DIR", default="",
+                   help="draw the result as SVG and PNG into DIR "
+                        "(default: none; needs matplotlib: pip install 'pefsim[plots]')")
+    p.add_argument("--from", dest="from_json", metavar="RESULT.json", default="",
+                   help="with --plot: draw a result saved with --json again, measuring nothing (default: measure)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=lambda a: __import__("pefsim.ops.bench", fromlist=["main"]).main(a))
     p = sub.add_parser("certs", help="a project CA and mTLS certificates (kept if already there)")
