@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import signal
 import shutil
@@ -51,6 +52,7 @@ CRASH = ("import os, signal\n"
          "            continue\n"
          "        if b'services.' in cmd:\n"
          "            os.kill(int(p), signal.SIGKILL)\n")
+log = logging.getLogger("pefsim.chaos.docker")
 PORTS = {"uv": 7101, "hv": 7102}
 NETPROXY_CONTROL = "/tmp/netproxy.sock"  # as docker-compose.yml runs it
 GUEST_LABEL = "pefsim.chaos-guest"
@@ -239,7 +241,10 @@ class DockerBackend:
         local = [pid for pid in pids if _in_container(pid, container.id)]
         if local and local == pids:
             for pid in local:
-                os.kill(pid, signal.SIGKILL)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:  # it ended since `docker top` (its own failpoint, say): dead either way
+                    log.info("%s: pid %d had already ended", svc, pid)
         else:  # a remote engine (its PIDs are not ours) or a permission problem: from inside
             container.exec_run(["python", "-c", CRASH], user="root")
 
