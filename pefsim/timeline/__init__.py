@@ -6,10 +6,19 @@
   index.py   a campaign's index page
   files.py   where they are written; auto.py: written after failing runs; cli.py: `pefsim timeline`
 """
-from pefsim.timeline.cli import register
-from pefsim.timeline.html import render_html
-from pefsim.timeline.index import render_index
-from pefsim.timeline.model import Model, build, from_sim, from_stack, load
-from pefsim.timeline.trace import render_trace
+from __future__ import annotations
 
-__all__ = ["Model", "build", "from_sim", "from_stack", "load", "register", "render_html", "render_index", "render_trace"]
+import importlib
+
+# what each name comes from: imported on first use, so the CLI (which registers `pefsim timeline`
+# for every command it runs) and the chaos runner pay for the drawing code only when they draw
+_FROM = {"register": "cli", "render_html": "html", "render_index": "index", "render_trace": "trace",
+         "Model": "model", "build": "model", "from_sim": "model", "from_stack": "model", "load": "model"}
+
+__all__ = sorted(_FROM)
+
+
+def __getattr__(name: str):
+    if name not in _FROM:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_FROM[name]}"), name)

@@ -10,6 +10,7 @@ from pathlib import Path
 log = logging.getLogger("pefsim.timeline")
 
 MODES = ("failed", "all", "none")  # which runs get a timeline.html
+FORMATS = ("html", "trace")  # what `pefsim timeline` writes (files.render)
 
 
 def mode(cfg=None) -> str:

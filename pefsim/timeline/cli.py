@@ -5,9 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pefsim.timeline.auto import MODES  # noqa: F401 - for pefsim/ops/cli.py's chaos parser
-from pefsim.timeline.files import FORMATS, resolve, write_campaign, write_timeline
-from pefsim.timeline.model import NotARun
+from pefsim.timeline.auto import FORMATS, MODES  # noqa: F401 - MODES for pefsim/ops/cli.py's chaos parser
 
 EXIT_ENVIRONMENT = 3
 
@@ -34,6 +32,9 @@ def register(sub) -> None:
 
 
 def cmd_timeline(a) -> int:
+    from pefsim.timeline.files import resolve, write_campaign, write_timeline
+    from pefsim.timeline.model import NotARun
+
     try:
         kind, path = resolve(Path(a.path))
     except FileNotFoundError:

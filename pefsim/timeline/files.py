@@ -11,8 +11,6 @@ from pefsim.timeline.index import SIM_TIMELINE_SUFFIX, is_campaign, is_sim_dir, 
 from pefsim.timeline.model import Model, NotARun, load
 from pefsim.timeline.trace import render_trace
 
-FORMATS = ("html", "trace")
-
 
 def default_output(source: Path, fmt: str = "html") -> Path:
     source = Path(source)
