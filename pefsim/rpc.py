@@ -398,8 +398,7 @@ class Dispatcher:
     def _span(self, call: Call, context):
         """The served call's span, under the caller's traceparent (pefsim/tracing.py)."""
         md = dict(context.invocation_metadata() or ())
-        return tracing.serving(call.name, md.get(tracing.HEADER), {"rpc.service": self.descriptor.full_name,
-                                                                   "rpc.method": call.name})
+        return tracing.serving(self.descriptor.full_name, call.name, md.get(tracing.HEADER))
 
     def _boot_trailer(self, context) -> None:
         if context is not None and self.boot_id:

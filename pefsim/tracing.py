@@ -93,9 +93,9 @@ def outgoing_metadata(metadata: Any) -> tuple:
 
 
 @contextlib.contextmanager
-def serving(name: str, traceparent: str | None, attributes: dict | None = None) -> Iterator[Span]:
-    """The span of one served call ``name``: current for the block (and the tasks it starts),
-    exported when the block ends if an exporter is on."""
+def serving(service: str, name: str, traceparent: str | None) -> Iterator[Span]:
+    """The span of one call ``name`` a gRPC ``service`` serves: current for the block (and the
+    tasks it starts), exported when the block ends if an exporter is on."""
     span = child_of(traceparent)
     token = CURRENT.set(span)
     start = time.time_ns()
@@ -104,7 +104,7 @@ def serving(name: str, traceparent: str | None, attributes: dict | None = None) 
     finally:
         CURRENT.reset(token)
         if _exporter is not None:
-            _exporter.export(name, span, start, time.time_ns(), attributes or {})
+            _exporter.export(name, span, start, time.time_ns(), {"rpc.service": service, "rpc.method": name})
 
 
 @contextlib.contextmanager

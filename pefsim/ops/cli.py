@@ -147,7 +147,7 @@ def cmd_demo(a) -> int:
             _done_with(a, failed=True)
             raise
     print(demo.public(summary) if a.json else demo.render(summary))
-    if a.timeline and not a.compose:
+    if a.timeline:  # (a local stack: refused above for --compose)
         print(f"timeline: {demo.write_timeline(stack, summary, a.timeline)} (open it in a browser)", file=sys.stderr)
     _done_with(a, failed=not demo.succeeded(summary))
     return 0 if demo.succeeded(summary) else 1

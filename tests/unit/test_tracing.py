@@ -36,7 +36,7 @@ def test_calls_made_while_serving_carry_the_span_and_history_names_it(tmp_path):
     history = History(str(path), "hv")
     history.record(call="outside")
     assert tracing.outgoing_metadata((("a", "b"),)) == (("a", "b"),)  # no span: nothing added
-    with tracing.serving("H_SVM_INIT_ABORT", GOOD) as span:
+    with tracing.serving("pefsim.v1.HypervisorService", "H_SVM_INIT_ABORT", GOOD) as span:
         history.record(call="H_SVM_INIT_ABORT")
         md = dict(tracing.outgoing_metadata(()))
         assert tracing.parse(md[tracing.HEADER]) == (span.trace, span.span)  # the callee's parent
