@@ -355,6 +355,18 @@ def best_of(runs: list[dict]) -> dict:
             "hv_rss": max(r["hv_rss"] for r in runs), "uv_rss": max(r["uv_rss"] for r in runs)}
 
 
+def stream_and_shm(root: Path, size: int, progress: Progress, what: str) -> tuple[dict, list[dict]]:
+    """A guest of ``size`` bytes over the gRPC stream once and over shared memory SHM_RUNS times
+    (each a fresh stack under ``root``), a progress step each."""
+    stream = transfer(root, "stream", size)
+    progress.step(f"{what}, gRPC stream")
+    shm_runs = []
+    for i in range(SHM_RUNS):
+        shm_runs.append(transfer(root / f"shm-{i}", "shm", size))
+        progress.step(f"{what}, shared memory, {i + 1}/{SHM_RUNS}")
+    return stream, shm_runs
+
+
 def size_row(size: int, stream: dict, shm_runs: list[dict], unary: dict | None = None,
              unary_bytes: int = 0) -> dict:
     """One row of the ``sizes`` array: a guest of ``size`` bytes over the stream (one run) and
@@ -401,13 +413,7 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         tcp = tcp_Bps(guest_bytes)
         tcp_fresh = tcp_Bps(guest_bytes, resident=False)
         progress.step("raw TCP over loopback")
-        stream = transfer(root, "stream", guest_bytes)
-        progress.step("ESM page-in and abort page-out, gRPC stream")
-        shm_runs = []
-        for i in range(SHM_RUNS):
-            shm_runs.append(transfer(root / f"shm-{i}", "shm", guest_bytes))
-            progress.step(f"ESM page-in and abort page-out, shared memory, {i + 1}/{SHM_RUNS}")
-        shm = best_of(shm_runs)
+        stream, shm_runs = stream_and_shm(root, guest_bytes, progress, "ESM page-in and abort page-out")
         unary_size = min(unary_bytes, guest_bytes)
         unary = transfer(root, "unary", unary_size)
         progress.step("ESM page-in and abort page-out, unary")
@@ -416,12 +422,7 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
             if size == guest_bytes:
                 size_stream, size_shm = stream, shm_runs
             else:
-                size_stream = transfer(root / f"size-{size}", "stream", size)
-                progress.step(f"{size / MiB:g} MiB guest, gRPC stream")
-                size_shm = []
-                for i in range(SHM_RUNS):
-                    size_shm.append(transfer(root / f"size-{size}-shm-{i}", "shm", size))
-                    progress.step(f"{size / MiB:g} MiB guest, shared memory, {i + 1}/{SHM_RUNS}")
+                size_stream, size_shm = stream_and_shm(root / f"size-{size}", size, progress, f"{size / MiB:g} MiB guest")
             size_unary = None
             if size == sizes[0]:  # one call a page is slow: the smallest size only
                 size_unary = unary if size == unary_size else transfer(root / f"size-{size}", "unary", size)
@@ -434,22 +435,17 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         options = channel_options(root, option_guest_bytes, option_rounds, progress) if option_rounds else []
         progress.step("done")
         progress.end()
+    main = size_row(guest_bytes, stream, shm_runs)  # the guest size's figures, as each --sizes row has them
     result = {
         "guest_bytes": guest_bytes,
         "memcpy_MBps": round(memcpy / 1e6, 1), "memcpy_fresh_MBps": round(memcpy_fresh / 1e6, 1),
         "tcp_MBps": round(tcp / 1e6, 1), "tcp_fresh_MBps": round(tcp_fresh / 1e6, 1),
-        "pagein_stream_MBps": round(stream["pagein_Bps"] / 1e6, 1),
-        "pageout_stream_MBps": round(stream["pageout_Bps"] / 1e6, 1),
-        "pagein_shm_MBps": round(shm["pagein_Bps"] / 1e6, 1),
-        "pageout_shm_MBps": round(shm["pageout_Bps"] / 1e6, 1),
+        **{key: main[key] for key in ("pagein_stream_MBps", "pageout_stream_MBps", "pagein_shm_MBps",
+                                      "pageout_shm_MBps", "abort_latency_s", "hv_rss_bytes", "uv_rss_bytes",
+                                      "shm_runs")},
         "pagein_unary_MBps": round(unary["pagein_Bps"] / 1e6, 2),
-        "abort_latency_s": {"stream": round(stream["abort_s"], 4), "shm": round(shm["abort_s"], 4)},
         "hcall_p50_us": round(statistics.median(samples) * 1e6, 1),
         "hcall_p99_us": round(samples[min(len(samples) - 1, int(0.99 * len(samples)))] * 1e6, 1),
-        "hv_rss_bytes": max(stream["hv_rss"], shm["hv_rss"]),
-        "uv_rss_bytes": max(stream["uv_rss"], shm["uv_rss"]),
-        "shm_runs": [{"pagein_MBps": round(r["pagein_Bps"] / 1e6, 1), "pageout_MBps": round(r["pageout_Bps"] / 1e6, 1),
-                      "abort_s": round(r["abort_s"], 4)} for r in shm_runs],
     }
     if size_rows:
         result["sizes"] = size_rows
