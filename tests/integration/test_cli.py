@@ -213,9 +213,10 @@ def test_a_supervised_stack_brings_a_killed_hv_back(tmp_path):
 
 
 def test_a_failpoint_armed_on_a_running_hv_kills_it_mid_abort(tmp_path):
-    """The README's recovery story by hand: `pefsim failpoint set` arms the running HV to kill
-    itself at the 3rd page it gets back while aborting g-bad; `pefsim guest add g-bad --tamper
-    kernel` boots a guest whose ESM the UV aborts; the HV dies there, the supervisor restarts it,
+    """The README's recovery story by hand: `pefsim guest add g-plain --tamper kernel` boots a guest
+    whose ESM the UV aborts and prints the UV's reason; `pefsim failpoint set` arms the running HV
+    to kill itself at the 3rd page it gets back while aborting g-bad; `pefsim guest add g-bad
+    --tamper kernel` boots another such guest; the HV dies there, the supervisor restarts it,
     and the abort finishes: the guest is resumed with H_PARAMETER and every page intact. Refused
     specs are exit 2; `restart hv` gives a new HV; a guest does not restart."""
     up, stack_file, _ = _up_with_a_guest(tmp_path / "run", "--supervise")
@@ -227,11 +228,17 @@ def test_a_failpoint_armed_on_a_running_hv_kills_it_mid_abort(tmp_path):
         for bad in ("hv.nowhere", "hv.abort.page_out:0", "guest.before_esm", "uv.esm.before_abort=crash"):
             refused = pefsim("failpoint", "set", bad, *stack)
             assert refused.returncode == 2 and len(refused.stderr.splitlines()) == 1, (bad, refused.stderr)
+        plain = pefsim("guest", "add", "g-plain", "--tamper", "kernel", "--mem-mib", "1", "--report-only", *stack,
+                       timeout=180)  # no failpoint for g-plain: the UV's answer, with its reason, is in before the report
+        assert plain.returncode == 0 and "aborted; UV_ESM -> H_PARAMETER" in plain.stdout, plain.stdout + plain.stderr
+        assert "blob-mismatch-kernel" in plain.stdout and "UV_SVM_TERMINATE         U_SUCCESS" in plain.stdout
         added = pefsim("guest", "add", "g-bad", "--tamper", "kernel", "--mem-mib", "1", "--report-only", *stack,
                        timeout=180)
         out = added.stdout
         assert added.returncode == 0, out + added.stderr
-        assert "aborted; UV_ESM -> H_PARAMETER; memory intact" in out and "blob-mismatch-kernel" in out, out
+        # (the UV's reason may come after the report here: its H_SVM_INIT_ABORT waits out a backoff
+        # to reach the restarted HV, and the HV resumed the guest already)
+        assert "aborted; UV_ESM -> H_PARAMETER; memory intact" in out, out
         assert "UV_SVM_TERMINATE         U_SUCCESS" in out, out
         new = json.loads(stack_file.read_text())["pids"]["hv"]
         assert new != hv and _running(new) and not _running(hv), "the failpoint did not kill the HV"
