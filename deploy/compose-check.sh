@@ -286,7 +286,8 @@ left_behind "the harness check"
 # the host's address on the Docker bridge (docker0): served there, not on 0.0.0.0.
 BRIDGE_IP=$(docker network inspect bridge -f '{{range .IPAM.Config}}{{.Gateway}}{{end}}')
 say "chaos through the Docker SDK: every fault kind (net-* through the netproxy), invariants checked, metrics on $BRIDGE_IP:9109"
-# (abort runs use 64 MiB guests: through shared memory a smaller abort is over before a fault lands)
+# Each fault lands at an HV failpoint armed through SetFailpoint (a page-out, a page-in), so every
+# run injects its fault (a fault timed by polling once missed a 64 MiB abort over shared memory)
 for spec in "kill-hv abort ${PEFSIM_COMPOSE_CHAOS_RUNS:-3} 64" "pause-hv abort 1 64" "kill-guest esm 1 16" \
             "kill-uv secure 1 16" "net-reset abort 1 64" "net-blackhole esm 1 16" "net-latency abort 1 64" \
             "net-bandwidth esm 1 16"; do

@@ -12,7 +12,10 @@ name). Faults:
 * network (net-reset, net-blackhole, net-latency, net-bandwidth): the stack's ``netproxy``
   service sits on the HV <-> UV link; the fault is set and healed through its control socket
   (``docker exec``), so it takes effect inside the compose network.
-* Failpoints need the local backend (they are refused here, clearly).
+* failpoints (kill-hv at an exact page, and the breakpoints other faults wait at): armed in
+  the running service through its SetFailpoint RPC as the operator (no restart), and
+  disarmed by the next restart(); a service stopped at a breakpoint is sent SIGCONT. The
+  faults then land at a step, not at a moment a short abort may have finished before.
 
 Credentials. No service container holds another's key or the CA key (docker-compose.yml: one
 volume per identity, written by the one-shot keys job). This backend reads only the harness's own:
@@ -43,15 +46,21 @@ from cryptography.hazmat.primitives import serialization
 
 from pefsim.ops.health import check
 
-CRASH = ("import os, signal\n"
-         "for p in os.listdir('/proc'):\n"
-         "    if p.isdigit() and int(p) not in (1, os.getpid()):\n"
-         "        try:\n"
-         "            cmd = open(f'/proc/{p}/cmdline', 'rb').read()\n"
-         "        except OSError:\n"
-         "            continue\n"
-         "        if b'services.' in cmd:\n"
-         "            os.kill(int(p), signal.SIGKILL)\n")
+# run inside a container (a remote engine, whose PIDs are not ours): signal the service's process
+# (SIGNAL), or print "T" if it is stopped
+IN_CONTAINER = ("import os, signal, sys\n"
+                "for p in os.listdir('/proc'):\n"
+                "    if p.isdigit() and int(p) not in (1, os.getpid()):\n"
+                "        try:\n"
+                "            cmd = open(f'/proc/{p}/cmdline', 'rb').read()\n"
+                "            state = open(f'/proc/{p}/stat').read().rpartition(')')[2].split()[0]\n"
+                "        except OSError:\n"
+                "            continue\n"
+                "        if b'services.' in cmd:\n"
+                "            if sys.argv[1] == 'state':\n"
+                "                print(state)\n"
+                "            else:\n"
+                "                os.kill(int(p), getattr(signal, sys.argv[1]))\n")
 log = logging.getLogger("pefsim.chaos.docker")
 PORTS = {"uv": 7101, "hv": 7102}
 NETPROXY_CONTROL = "/tmp/netproxy.sock"  # as docker-compose.yml runs it
@@ -72,7 +81,7 @@ def _in_container(pid: int, container_id: str) -> bool:
 
 class DockerBackend:
     name = "docker"
-    supports_failpoints = False
+    supports_failpoints = True  # through SetFailpoint: see arm()
 
     def __init__(self, compose_file: Path | None = None, project: str = "pefsim"):
         import docker
@@ -85,6 +94,7 @@ class DockerBackend:
         self.guests: dict[str, object] = {}
         self._histories = Path(tempfile.mkdtemp(prefix="pefsim-docker-histories-"))
         self._tls_dir: Path | None = None
+        self._armed: dict[str, tuple[str, ...]] = {}  # what arm() armed, per service
 
     # -- the compose stack -------------------------------------------------------------------------
 
@@ -174,6 +184,11 @@ class DockerBackend:
     def stop(self) -> dict:
         for name in list(self.guests):
             self.stop_guest(name)
+        for svc, armed in list(self._armed.items()):  # the user's stack keeps running: with none of ours
+            try:
+                self.arm(svc, ())
+            except Exception as exc:  # a service that is down has none armed; say what may be left
+                log.warning("%s: could not disarm %s: %s", svc, ", ".join(armed), exc)
         for path in (self._tls_dir, self._histories):  # nothing of the run (no key) is left behind
             if path is not None:
                 shutil.rmtree(path, ignore_errors=True)
@@ -230,29 +245,63 @@ class DockerBackend:
 
     # -- faults ------------------------------------------------------------------------------------
 
-    def kill(self, svc: str) -> None:
-        """SIGKILL the service's process: from this host straight away when the engine is local
-        (its PID from ``docker top``), else from inside the container (a docker exec, some 100 ms
-        later: too late for a short abort)."""
+    def _host_pids(self, svc: str) -> list[int] | None:
+        """The service's process IDs on this host (from ``docker top``), or None when they are not
+        ours to signal (a remote engine, or a permission problem): then it is done from inside."""
         container = self.container(svc)
         top = container.top()
         col, cmd = top["Titles"].index("PID"), top["Titles"].index("CMD")
         pids = [int(p[col]) for p in top["Processes"] if "services." in p[cmd]]
         local = [pid for pid in pids if _in_container(pid, container.id)]
-        if local and local == pids:
-            for pid in local:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:  # it ended since `docker top` (its own failpoint, say): dead either way
-                    log.info("%s: pid %d had already ended", svc, pid)
-        else:  # a remote engine (its PIDs are not ours) or a permission problem: from inside
-            container.exec_run(["python", "-c", CRASH], user="root")
+        return local if local and local == pids else None
+
+    def _signal(self, svc: str, sig: signal.Signals) -> None:
+        pids = self._host_pids(svc)
+        if pids is None:  # from inside: a docker exec, some 100 ms later (too late for a short abort)
+            self.container(svc).exec_run(["python", "-c", IN_CONTAINER, sig.name], user="root")
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:  # it ended since `docker top` (its own failpoint, say)
+                log.info("%s: pid %d had already ended", svc, pid)
+
+    def kill(self, svc: str) -> None:
+        """SIGKILL the service's process: from this host straight away when the engine is local,
+        else from inside the container. Dead either way, as the kill wanted."""
+        self._signal(svc, signal.SIGKILL)
 
     def pause(self, svc: str) -> None:
         self.container(svc).pause()
 
     def cont(self, svc: str) -> None:
-        self.container(svc).unpause()
+        """Undo a pause (the cgroup freezer) and a breakpoint (the service's own SIGSTOP)."""
+        c = self.container(svc)
+        c.reload()
+        if c.status == "paused":
+            c.unpause()
+        if c.status in ("running", "paused"):
+            self._signal(svc, signal.SIGCONT)
+
+    def stopped(self, svc: str) -> bool:
+        """The service's process is stopped by SIGSTOP (state T): a failpoint's breakpoint."""
+        c = self.container(svc)
+        c.reload()
+        if c.status != "running":
+            return False
+        pids = self._host_pids(svc)
+        if pids is None:
+            _, out = c.exec_run(["python", "-c", IN_CONTAINER, "state"], user="root")
+            states = out.decode().split()
+        else:
+            states = []
+            for pid in pids:
+                try:
+                    with open(f"/proc/{pid}/stat") as fh:
+                        states.append(fh.read().rpartition(")")[2].split()[0])
+                except OSError:  # exited in between
+                    pass
+        return any(st in ("T", "t") for st in states)
 
     def alive(self, svc: str) -> bool:
         c = self.container(svc)
@@ -261,8 +310,8 @@ class DockerBackend:
                                                server_role=svc)
 
     def restart(self, svc: str, failpoints: tuple[str, ...] = ()) -> None:
-        if failpoints:
-            raise ValueError("failpoints need the local backend")
+        """Wait for the service to serve again (the restart policy brings a crashed one back; one
+        that does not come back is started), then leave exactly ``failpoints`` armed in it."""
         deadline = time.monotonic() + 10
         c = self.container(svc)
         while time.monotonic() < deadline:  # the restart policy brings a crashed service back
@@ -273,6 +322,31 @@ class DockerBackend:
         else:
             c.start()
         self.wait_healthy(svc)
+        self.arm(svc, failpoints)
+
+    def arm(self, svc: str, failpoints: tuple[str, ...]) -> None:
+        """Disarm what this backend armed in the service (a process killed since has none) and arm
+        ``failpoints`` through its SetFailpoint RPC, as the operator: the compose stack's service
+        keeps running (the local backend starts its process again with them instead)."""
+        import grpc
+
+        from pefsim.abi import Errno
+        from pefsim.v1 import common_pb2, hypervisor_pb2_grpc, ultravisor_pb2_grpc
+
+        before = self._armed.pop(svc, ())
+        if not before and not failpoints:
+            return
+        stub_cls = ultravisor_pb2_grpc.UltravisorServiceStub if svc == "uv" else hypervisor_pb2_grpc.HypervisorServiceStub
+        with grpc.secure_channel(self._published(svc), self.tls("operator").channel_credentials(),
+                                 options=[("grpc.ssl_target_name_override", svc)]) as channel:
+            stub = stub_cls(channel)
+            for spec in before:  # "not armed" when it fired (a kill) or the process restarted: fine
+                stub.SetFailpoint(common_pb2.SetFailpointRequest(spec=spec, clear=True), timeout=10)
+            for spec in failpoints:
+                r = stub.SetFailpoint(common_pb2.SetFailpointRequest(spec=spec), timeout=10)
+                if r.errno != Errno.OK:
+                    raise ValueError(f"the {svc.upper()} refused failpoint {spec!r}: {r.error}")
+        self._armed[svc] = tuple(failpoints)
 
     def _netproxy(self, *args: str) -> dict:
         cmd = ["python", "-m", "pefsim.chaos.proxy", "--control", NETPROXY_CONTROL, *args]
