@@ -186,10 +186,11 @@ class GuestProgram:
         self.session = asyncio.ensure_future(self.hold_session())
         await self._hv("RunVm", hpb.RunVmRequest(lpid=self.lpid))
         self.vcpu_state = VcpuState.VCPU_RUNNING
-        pages = list(self.image.pages(self.cfg.blob))
-        for first in range(0, npages, MAX_DATA_PAGES):  # the most a request may carry
-            await self._hv("VcpuStore", hpb.VcpuStoreRequest(
-                lpid=self.lpid, gpa=gpa_of(first), data=b"".join(pages[first:first + MAX_DATA_PAGES])))
+        # made a request at a time (the most one may carry), never all at once: the guest keeps
+        # no copy of its memory (verify() makes each page again), which at 8 GiB would not fit
+        for first in range(0, npages, MAX_DATA_PAGES):
+            await self._hv("VcpuStore", hpb.VcpuStoreRequest(lpid=self.lpid, gpa=gpa_of(first), data=b"".join(
+                self.image.page(gfn, self.cfg.blob) for gfn in range(first, min(first + MAX_DATA_PAGES, npages)))))
         self.event("image loaded: kernel, initrd, FDT, ESM blob, data")
         if not self.cfg.svm:
             self.report.outcome = "normal"
