@@ -14,6 +14,8 @@ The signature covers everything before it.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import struct
@@ -21,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from pefsim.image import GuestImage
@@ -125,6 +126,8 @@ def save_keypair(key: Ed25519PrivateKey, directory: Path, force: bool = False) -
     """esm-signing.key (0600 from its creation: pefsim/keyfile.py) and esm-signing.pub in
     ``directory``. A signing key already there is FileExistsError unless ``force``: every blob
     signed with it stops verifying once it is replaced."""
+    from cryptography.hazmat.primitives import serialization
+
     directory.mkdir(parents=True, exist_ok=True)
     priv = directory / "esm-signing.key"
     pub = directory / "esm-signing.pub"
@@ -136,6 +139,8 @@ def save_keypair(key: Ed25519PrivateKey, directory: Path, force: bool = False) -
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from cryptography.hazmat.primitives import serialization
+
     try:
         key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
     except (ValueError, TypeError) as exc:  # a public key, a certificate, a key with a password
@@ -145,8 +150,23 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
+# An Ed25519 SubjectPublicKeyInfo is one DER encoding (RFC 8410: the algorithm has no parameters):
+# this prefix, then the 32-byte key.
+ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+
+
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(Path(path).read_bytes())
-    if not isinstance(key, Ed25519PublicKey):
+    """The PEM Ed25519 public key at ``path`` (what save_keypair writes; the UV's --trusted-key).
+    Read without cryptography's serialization package, which cost the UV ~1 MiB of RSS for one
+    key (docs/performance.md, the memory budget); anything else is ValueError."""
+    text = Path(path).read_bytes().strip()
+    head, tail = b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----"
+    if not (text.startswith(head) and text.endswith(tail)):
+        raise ValueError(f"{path}: not a PEM public key")
+    try:
+        der = base64.b64decode(b"".join(text[len(head):-len(tail)].split()), validate=True)
+    except binascii.Error:
+        raise ValueError(f"{path}: not a PEM public key (bad base64)") from None
+    if len(der) != len(ED25519_SPKI_PREFIX) + 32 or not der.startswith(ED25519_SPKI_PREFIX):
         raise ValueError(f"{path}: not an Ed25519 public key")
-    return key
+    return Ed25519PublicKey.from_public_bytes(der[len(ED25519_SPKI_PREFIX):])

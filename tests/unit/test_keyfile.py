@@ -98,3 +98,24 @@ def test_pefsim_keys_does_not_overwrite_a_signing_key_without_force(tmp_path):
     assert forced.returncode == 0, forced.stderr
     assert (out / "esm-signing.key").read_bytes() != key
     assert stat.S_IMODE(os.stat(out / "esm-signing.key").st_mode) == 0o600
+
+
+def test_public_key_is_read_without_the_serialization_package(tmp_path):
+    """The UV's --trusted-key: save_keypair's Ed25519 key is read back as the same key; any other
+    key type, a private key, bad base64 or no PEM at all is a ValueError naming the file."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448
+
+    from pefsim.blob import load_public_key
+
+    key = new_signing_key()
+    priv, pub = save_keypair(key, tmp_path)
+    assert load_public_key(pub).public_bytes_raw() == key.public_key().public_bytes_raw()
+    others = [k.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+              for k in (ec.generate_private_key(ec.SECP256R1()), ed448.Ed448PrivateKey.generate())]
+    bad = tmp_path / "bad.pub"
+    for content in [*others, priv.read_bytes(), b"", b"-----BEGIN PUBLIC KEY-----\n!!\n-----END PUBLIC KEY-----\n",
+                    pub.read_bytes().replace(b"MCow", b"MCox")]:
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match="bad.pub"):
+            load_public_key(bad)
