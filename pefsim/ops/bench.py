@@ -167,6 +167,24 @@ def scrape(addr: str) -> dict[str, float]:
     return out
 
 
+def file_system(path: Path) -> str:
+    """The type of the file system ``path`` is on (ext4, tmpfs, ...), from /proc/self/mounts:
+    what the HV's guest RAM files live on decides how shared memory grows with guest size
+    (docs/performance.md)."""
+    best, fs = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return fs
+    for line in mounts:
+        fields = line.split()
+        point = fields[1].replace("\\040", " ")
+        if (real == point or real.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fs = point, fields[2]
+    return fs
+
+
 def peak_rss(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -400,16 +418,20 @@ def size_row(size: int, stream: dict, shm_runs: list[dict], unary: dict | None =
 
 def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2000,
         scale_counts: list[int] | None = None, scale_guest_bytes: int = 16 * MiB, show_progress: bool = True,
-        option_rounds: int = 0, option_guest_bytes: int = 256 * MiB, sizes: list[int] | None = None) -> dict:
+        option_rounds: int = 0, option_guest_bytes: int = 256 * MiB, sizes: list[int] | None = None,
+        data_dir: Path | None = None) -> dict:
     """``sizes``: guest sizes (bytes) measured again one by one, each over the stream once and
     over shared memory SHM_RUNS times, and the smallest also one call a page (unary, at that very
-    size); a size equal to ``guest_bytes`` reuses the runs already made for it."""
+    size); a size equal to ``guest_bytes`` reuses the runs already made for it. ``data_dir``: where
+    the stacks keep their data, the HV's guest RAM files included (default: the temp directory);
+    its file system is in the result (``data_fs``)."""
     sizes = sorted(set(sizes or []))
     extra = [n for n in sizes if n != guest_bytes]
     progress = Progress(7 + SHM_RUNS + len(scale_counts or []) + option_rounds + len(extra) * (1 + SHM_RUNS)
                         + bool(sizes), show_progress)
-    with tempfile.TemporaryDirectory(prefix="pefsim-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="pefsim-bench-", dir=data_dir) as tmp:
         root = Path(tmp)
+        data_fs = file_system(root)
         memcpy = memcpy_Bps(guest_bytes)
         memcpy_fresh = memcpy_Bps(guest_bytes, fresh=True)
         progress.step("memcpy of 64 KiB slices")
@@ -440,7 +462,7 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         progress.end()
     main = size_row(guest_bytes, stream, shm_runs)  # the guest size's figures, as each --sizes row has them
     result = {
-        "guest_bytes": guest_bytes,
+        "guest_bytes": guest_bytes, "data_fs": data_fs,
         "memcpy_MBps": round(memcpy / 1e6, 1), "memcpy_fresh_MBps": round(memcpy_fresh / 1e6, 1),
         "tcp_MBps": round(tcp / 1e6, 1), "tcp_fresh_MBps": round(tcp_fresh / 1e6, 1),
         **{key: main[key] for key in ("pagein_stream_MBps", "pageout_stream_MBps", "pagein_shm_MBps",
@@ -498,7 +520,8 @@ def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
 
 def render(result: dict) -> str:
     mb = result["guest_bytes"] / MiB
-    lines = [f"pefsim bench: guest {mb:.0f} MiB, {os.cpu_count()} CPUs", "",
+    lines = [f"pefsim bench: guest {mb:.0f} MiB, {os.cpu_count()} CPUs, guest RAM files on "
+             f"{result.get('data_fs', '?')}", "",
              f"{'what':<44}{'value':>14}", "-" * 58]
     for key, label, unit in [
         ("memcpy_MBps", "memcpy, 64 KiB slices", "MB/s"),
@@ -701,11 +724,16 @@ def main(a) -> int:
         if size <= 0 or size % (64 << 10):
             raise ValueError(f"--{option.replace('_', '-')} must be a positive multiple of 64 KiB (0.0625 MiB), "
                              f"not {getattr(a, option)}")
+    data_dir = Path(a.data_dir) if a.data_dir else None
+    if data_dir is not None and not (data_dir.is_dir() and os.access(data_dir, os.W_OK | os.X_OK)):
+        print(f"pefsim bench: --data-dir {data_dir} is not a directory this user can write in", file=sys.stderr)
+        return 3
     result = run(guest_bytes=int(a.guest_mib * MiB), unary_bytes=int(a.unary_mib * MiB), hcalls=a.hcalls,
                  scale_counts=[int(n) for n in a.scaling.split(",")] if a.scaling else None,
                  scale_guest_bytes=int(a.scale_guest_mib * MiB), show_progress=not a.json,
                  option_rounds=a.channel_options, option_guest_bytes=int(a.options_guest_mib * MiB),
-                 sizes=[int(n) * MiB for n in a.sizes.split(",")] if a.sizes else None)
+                 sizes=[int(n) * MiB for n in a.sizes.split(",")] if a.sizes else None,
+                 data_dir=data_dir)
     verdicts = targets(result)
     if a.json:
         result["targets"] = [{"target": name, "value": round(value, 4), "bound": bound, "op": op, "ok": ok}

@@ -883,6 +883,9 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", default="", metavar="MIB,MIB,...", type=_counts,
                    help="also each of these guest sizes in MiB, e.g. 256,1024,4096,8192 "
                         "(the JSON's sizes array; default: none)")
+    p.add_argument("--data-dir", metavar="DIR", default="",
+                   help="where the bench's stacks keep their data, the HV's guest RAM files included "
+                        "(default: the temp directory, $TMPDIR; /dev/shm puts guest RAM on tmpfs)")
     p.add_argument("--plot", metavar="DIR", default="",
                    help="draw the result as SVG and PNG into DIR "
                         "(default: none; needs matplotlib: pip install 'pefsim[plots]')")

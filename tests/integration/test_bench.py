@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 
@@ -178,6 +179,24 @@ def test_bench_plot_usage_errors(tmp_path):
     assert out.returncode == 3, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1 and "matplotlib" in out.stderr and "pefsim[plots]" in out.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_bench_data_dir(bench, tmp_path):
+    """The result names the file system the guest RAM files were on (the temp directory's by
+    default); a --data-dir that is not a writable directory is one line and exit 3, before
+    anything is measured."""
+    import tempfile
+
+    from pefsim.ops.bench import file_system
+
+    _, doc, _ = bench
+    assert doc["data_fs"] == file_system(Path(tempfile.gettempdir())) != "unknown"
+    assert file_system(Path("/dev/shm")) == "tmpfs" and file_system(Path("/proc/self")) == "proc"
+    for bad in (tmp_path / "missing", tmp_path / "file"):
+        if bad.name == "file":
+            bad.write_text("")
+        out = pefsim("bench", "--data-dir", str(bad), "--guest-mib", "1", timeout=60)
+        assert out.returncode == 3 and len(out.stderr.strip().splitlines()) == 1 and "--data-dir" in out.stderr
 
 
 def test_services_never_import_matplotlib():
