@@ -248,12 +248,19 @@ class DockerBackend:
     def _host_pids(self, svc: str) -> list[int] | None:
         """The service's process IDs on this host (from ``docker top``), or None when they are not
         ours to signal (a remote engine, or a permission problem): then it is done from inside."""
+        import docker
+
         container = self.container(svc)
-        top = container.top()
+        try:
+            top = container.top()
+        except docker.errors.APIError:  # not running (it died, and its restart has not begun): none
+            return []
         col, cmd = top["Titles"].index("PID"), top["Titles"].index("CMD")
         pids = [int(p[col]) for p in top["Processes"] if "services." in p[cmd]]
+        if not pids:
+            return []
         local = [pid for pid in pids if _in_container(pid, container.id)]
-        return local if local and local == pids else None
+        return local if local == pids else None
 
     def _signal(self, svc: str, sig: signal.Signals) -> None:
         pids = self._host_pids(svc)
@@ -304,10 +311,17 @@ class DockerBackend:
         return any(st in ("T", "t") for st in states)
 
     def alive(self, svc: str) -> bool:
+        """Running and serving. Polled while the service kills itself at a failpoint: a container
+        caught between its process's death and its restart has no published port, and is not."""
         c = self.container(svc)
         c.reload()
-        return c.status == "running" and check(self._published(svc), timeout=1, tls=self.tls("operator"),
-                                               server_role=svc)
+        if c.status != "running":
+            return False
+        try:
+            addr = self._published(svc)
+        except RuntimeError:
+            return False
+        return check(addr, timeout=1, tls=self.tls("operator"), server_role=svc)
 
     def restart(self, svc: str, failpoints: tuple[str, ...] = ()) -> None:
         """Wait for the service to serve again (the restart policy brings a crashed one back; one
