@@ -45,6 +45,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from pefsim.ops.health import check
+from pefsim.ops.stack import pid_stopped
 
 # run inside a container (a remote engine, whose PIDs are not ours): signal the service's process
 # (SIGNAL), or print "T" if it is stopped
@@ -297,18 +298,10 @@ class DockerBackend:
         if c.status != "running":
             return False
         pids = self._host_pids(svc)
-        if pids is None:
-            _, out = c.exec_run(["python", "-c", IN_CONTAINER, "state"], user="root")
-            states = out.decode().split()
-        else:
-            states = []
-            for pid in pids:
-                try:
-                    with open(f"/proc/{pid}/stat") as fh:
-                        states.append(fh.read().rpartition(")")[2].split()[0])
-                except OSError:  # exited in between
-                    pass
-        return any(st in ("T", "t") for st in states)
+        if pids is not None:
+            return any(pid_stopped(pid) for pid in pids)
+        _, out = c.exec_run(["python", "-c", IN_CONTAINER, "state"], user="root")
+        return any(st in ("T", "t") for st in out.decode().split())
 
     def alive(self, svc: str) -> bool:
         """Running and serving. Polled while the service kills itself at a failpoint: a container

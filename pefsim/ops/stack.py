@@ -74,6 +74,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def pid_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped by SIGSTOP (state T or t in /proc/PID/stat): a
+    failpoint's breakpoint, or pause-hv. False for a process that is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] in ("T", "t")
+    except OSError:  # exited in between
+        return False
+
+
 @dataclass
 class Proc:
     name: str
@@ -120,13 +130,7 @@ class Proc:
     @property
     def stopped(self) -> bool:
         """Stopped by SIGSTOP (state T in /proc): a failpoint's breakpoint, or pause-hv."""
-        if not self.alive:
-            return False
-        try:
-            with open(f"/proc/{self.popen.pid}/stat") as fh:
-                return fh.read().rpartition(")")[2].split()[0] in ("T", "t")
-        except OSError:  # exited in between
-            return False
+        return self.alive and pid_stopped(self.popen.pid)
 
     def signal(self, sig: int) -> None:
         if self.alive:
