@@ -31,7 +31,7 @@ def build(data_dir: Path) -> None:
         vm = st.create_vm(name, "127.0.0.1:1", True)
         st.add_slot(vm, 0, 0, 8)
         st.add_slot(vm, 1, 100, 4)
-        vm.slots[0].page(2)[:len(DATA)] = DATA
+        vm.slots[0].write(2, DATA.ljust(PAGE_SIZE, b"\0"))
         st.mark_secure_in(vm.slots[1], 1)
         st.set_secure_guest(vm, 3)
     for vm in st.vms.values():

@@ -45,7 +45,7 @@ async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreRespon
         return pb.VcpuStoreResponse(errno=Errno.EFAULT)
     data = memoryview(req.data)
     for n, (slot, idx) in enumerate(pages):
-        slot.page(idx)[:] = data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE]
+        slot.write(idx, data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
     return pb.VcpuStoreResponse(errno=Errno.OK)
 
 
