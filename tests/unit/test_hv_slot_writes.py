@@ -112,3 +112,18 @@ def test_closing_a_slot_twice_closes_its_file_once(slot):
         os.fstat(other)
     finally:
         os.close(other)
+
+
+def test_a_scrub_zeroes_exactly_its_pages_in_chunks(slot, monkeypatch):
+    """Slot.zero writes ZERO_PAGE buffers, at most _ZERO_RUN (IOV_MAX) per pwritev."""
+    from services.hypervisor.core import state
+
+    _, s = slot
+    s.write_run(0, [page(i + 1) for i in range(8)])
+    monkeypatch.setattr(state, "_ZERO_RUN", 3)
+    s.zero(1, 6)
+    assert [bytes(s.page(i)) for i in range(8)] == [page(1)] + [bytes(PAGE_SIZE)] * 6 + [page(8)]
+    s.write(4, page(5))
+    with pytest.raises(ValueError):
+        s.zero(4, 5)  # its first chunk would fit: still nothing is written
+    assert bytes(s.page(4)) == page(5)

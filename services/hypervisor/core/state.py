@@ -85,8 +85,9 @@ log = logging.getLogger("pefsim.hv")
 ZERO_PAGE = bytes(PAGE_SIZE)
 MAX_SLOT_ID = 0xFFFF
 IN_PLACE = object()  # page data the UV already wrote into the HV's page (shared memory)
-_ZERO_RUN = MAX_FRAME_PAGES  # the most pages one batch scrubs at once
-_ZEROS = memoryview(bytes(_ZERO_RUN * PAGE_SIZE))  # never written: it reads as the zero page, no memory
+# the most pages one pwritev scrubs (IOV_MAX buffers): each is ZERO_PAGE, whose 64 KiB stay in
+# the CPU's cache (10.5 GB/s here, against 8 for one buffer of zeros as long as the run)
+_ZERO_RUN = min(MAX_FRAME_PAGES, os.sysconf("SC_IOV_MAX"))
 SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # left free by every slot reservation: the space the HV's metadata writes need (each vm.json save
 # makes a new file before the old one goes, the nonce files of shared memory), so guests filling
@@ -105,10 +106,6 @@ _GFN_BYTES = bytes(GfnState)
 class NoSpace(OSError):
     """The data directory cannot hold what a VM asked for (a memslot's RAM and GFN-state files,
     with the headroom its metadata needs): answered ENOSPC, and nothing of it is left behind."""
-
-
-def _zeros(n: int):
-    return _ZEROS[:n * PAGE_SIZE] if n <= _ZERO_RUN else bytes(n * PAGE_SIZE)
 
 
 ESM_RESET = -1  # Vm.esm_token after a ResetVm
@@ -231,6 +228,13 @@ class Slot:
                 if n == 0:
                     raise OSError(errno.EIO, f"{self.ram_path}: a write made no progress")
                 rest, done = rest[n:], done + n
+
+    def zero(self, idx: int, n: int) -> None:
+        """Scrub ``n`` pages from ``idx`` (write zeros over them)."""
+        if idx < 0 or n < 0 or idx + n > self.npages:
+            raise ValueError(f"slot {self.slot_id}: {n} pages at page {idx} run past its {self.npages} pages")
+        for first in range(idx, idx + n, _ZERO_RUN):
+            self.write_run(first, [ZERO_PAGE] * min(_ZERO_RUN, idx + n - first))
 
     def all_in(self, idx: int, n: int, state: int) -> bool:
         """Whether the ``n`` GFNs from ``idx`` are all in ``state``."""
@@ -742,7 +746,7 @@ class HvState:
     def mark_secure_in_run(self, slot: Slot, idx: int, n: int) -> None:
         """mark_secure_in for ``n`` GFNs from ``idx`` (the states first, then the scrub)."""
         slot.states[idx:idx + n] = bytes([GfnState.GFN_SECURE_IN]) * n
-        slot.write(idx, _zeros(n))
+        slot.zero(idx, n)
 
     def mark_secure_out(self, slot: Slot, idx: int, ciphertext) -> None:
         """-> GFN_SECURE_OUT: the HV page holds the ciphertext the UV handed out (or wrote in
@@ -753,7 +757,7 @@ class HvState:
 
     def mark_shared(self, slot: Slot, idx: int) -> None:
         """-> GFN_SHARED on a fresh, zeroed page."""
-        slot.write(idx, ZERO_PAGE)
+        slot.zero(idx, 1)
         self._set(slot, idx, GfnState.GFN_SHARED)
 
     def mark_normal(self, slot: Slot, idx: int, data: bytes | None = None, scrub: bool = False) -> None:
@@ -764,7 +768,7 @@ class HvState:
         elif data is not None:
             slot.write(idx, data)
         elif scrub:
-            slot.write(idx, ZERO_PAGE)
+            slot.zero(idx, 1)
         self._set(slot, idx, GfnState.GFN_NORMAL)
 
     def mark_normal_run(self, slot: Slot, idx: int, pages: list) -> None:
