@@ -244,12 +244,14 @@ class VcpuStoreResponse(_message.Message):
     def __init__(self, errno: _Optional[_Union[_abi_pb2.Errno, str]] = ...) -> None: ...
 
 class HostReadPageRequest(_message.Message):
-    __slots__ = ("lpid", "gpa")
+    __slots__ = ("lpid", "gpa", "npages")
     LPID_FIELD_NUMBER: _ClassVar[int]
     GPA_FIELD_NUMBER: _ClassVar[int]
+    NPAGES_FIELD_NUMBER: _ClassVar[int]
     lpid: int
     gpa: int
-    def __init__(self, lpid: _Optional[int] = ..., gpa: _Optional[int] = ...) -> None: ...
+    npages: int
+    def __init__(self, lpid: _Optional[int] = ..., gpa: _Optional[int] = ..., npages: _Optional[int] = ...) -> None: ...
 
 class HostReadPageResponse(_message.Message):
     __slots__ = ("errno", "data", "state")

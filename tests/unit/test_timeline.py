@@ -44,7 +44,7 @@ def model_of(out):
 def test_every_call_in_the_histories_is_drawn_once():
     out = sim_run()
     model = model_of(out)
-    assert len(model.calls) == history_calls(out.history) > 50
+    assert len(model.calls) == history_calls(out.history) > 30  # a run of many calls (the memory checks read 16 pages a call)
     assert len({c.source for c in model.calls}) == len(model.calls)  # no line drawn twice
     served = {f"{svc}.history.jsonl:{i + 1}" for svc, lines in out.history.items()
               for i, e in enumerate(lines) if e.get("dir") != "out"}

@@ -358,9 +358,8 @@ class GuestProgram:
                 raise GuestFailure(f"SvmLoad(gfn {first}): {rc_name(resp.rc, U)}")
             return resp.data
         if self.report.os_term:  # the VM is stopped: what the host (the HV) holds of it
-            pages = [(await self._hv("HostReadPage", hpb.HostReadPageRequest(lpid=self.lpid, gpa=gpa_of(gfn)))).data
-                     for gfn in range(first, first + count)]
-            return b"".join(pages)
+            return (await self._hv("HostReadPage", hpb.HostReadPageRequest(
+                lpid=self.lpid, gpa=gpa_of(first), npages=count))).data
         resp = await self._hv("VcpuLoad", hpb.VcpuLoadRequest(lpid=self.lpid, gpa=gpa_of(first),
                                                               npages=count))
         return resp.data

@@ -50,17 +50,20 @@ async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreRespon
 
 
 async def host_read_page(hv, req: pb.HostReadPageRequest, caller) -> pb.HostReadPageResponse:
+    """The host touches ``npages`` pages from ``gpa`` (one if 0), in turn: EFAULT at the first
+    outside memory or whose page-out fails (the ones before it stay paged out, as after single
+    touches)."""
     vm = hv.state.vms[req.lpid]
     async with hv.table.guard("HostReadPage", req, vm.lock):
-        where = vm.locate(req.gpa)
-        if where is None:
+        pages = [vm.locate(req.gpa + n * PAGE_SIZE) for n in range(req.npages or 1)]
+        if None in pages:
             return pb.HostReadPageResponse(errno=Errno.EFAULT)
-        slot, idx = where
-        if slot.state(idx) == GfnState.GFN_SECURE_IN:  # migrate_to_ram: UV_PAGE_OUT first
-            if not await secure_page_out(hv, vm, slot, idx):
-                return pb.HostReadPageResponse(errno=Errno.EFAULT)  # SIGBUS to the host
-        return pb.HostReadPageResponse(errno=Errno.OK, data=bytes(slot.page(idx)),
-                                       state=slot.state(idx))
+        for slot, idx in pages:
+            if slot.state(idx) == GfnState.GFN_SECURE_IN:  # migrate_to_ram: UV_PAGE_OUT first
+                if not await secure_page_out(hv, vm, slot, idx):
+                    return pb.HostReadPageResponse(errno=Errno.EFAULT)  # SIGBUS to the host
+        return pb.HostReadPageResponse(errno=Errno.OK, data=b"".join(slot.page(idx) for slot, idx in pages),
+                                       state=pages[0][0].state(pages[0][1]))
 
 
 async def host_unmap_page(hv, req: pb.HostUnmapPageRequest, caller) -> pb.HostUnmapPageResponse:
