@@ -4,7 +4,9 @@
       passes (the UV's pool and the HV's RAM file are resident too), and raw TCP over loopback
       between two Python processes (sendall / recv_into of 64 KiB buffers into a resident buffer,
       the best of three passes); for information, memcpy and TCP into fresh memory, whose first
-      touch (a fault and a zeroing per 4 KiB) costs far more than the copy on these VMs;
+      touch (a fault and a zeroing per 4 KiB) costs far more than the copy on these VMs; and the
+      bare gRPC stream the page streams run on (grpc_Bps: their frames, window, mTLS and
+      options, between two processes, nothing done with the frames), the ceiling of the stream;
   (b) pefsim's ESM page-in and abort page-out of a guest (default 1 GiB) over the gRPC stream,
       over shared memory (the best of SHM_RUNS runs, as memcpy is the best of its passes; every
       run in the JSON's shm_runs), and with one unary call a page (on a smaller guest), each
@@ -153,6 +155,83 @@ def tcp_Bps(size: int, resident: bool = True, passes: int = 3) -> float:
     view.release()
     src.close()
     return size / seconds
+
+
+GRPC_RECEIVER = r"""
+import asyncio, sys
+from pathlib import Path
+import grpc
+from pefsim import rpc
+from pefsim.tls import Tls
+
+async def main(tls_dir, port_file):
+    async def frames(requests, context):
+        async for _ in requests:  # the frame is dropped: the transport alone is measured
+            yield b"k"
+    handler = grpc.stream_stream_rpc_method_handler(frames, request_deserializer=None, response_serializer=None)
+    server, port = await rpc.start_server("127.0.0.1:0", [grpc.method_handlers_generic_handler(
+        "pefsim.bench.Frames", {"Send": handler})], tls=Tls(Path(tls_dir), "uv"))
+    Path(port_file).write_text(str(port))
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)  # until the bench ends or dies
+
+rpc.run(lambda: main(*sys.argv[1:3]))
+"""
+
+
+def grpc_Bps(size: int, root: Path, passes: int = 3) -> float:
+    """The bare gRPC stream the page streams run on, between two processes: ``size`` bytes in
+    frames as large as a page stream's (MAX_DATA_PAGES pages), WINDOW of them in flight (as the
+    HV's page-in stream keeps), over mTLS with the services' channel and server options, to a
+    handler that drops them; the best of ``passes``. What gRPC and TLS allow here with none of
+    pefsim's work (the frames are made once, the receiver neither parses nor copies them): the
+    ceiling the stream is measured against, for information."""
+    from pefsim import rpc, tls
+    from pefsim.dataplane import MAX_DATA_PAGES
+    from services.hypervisor.core.bulk import WINDOW
+
+    certs = root / "grpc-reference-tls"
+    certs.mkdir()
+    tls.make_ca(certs)
+    for identity in ("uv", "hv"):
+        tls.make_cert(certs, identity)
+    port_file = root / "grpc-reference.port"
+    child = subprocess.Popen([sys.executable, "-c", GRPC_RECEIVER, str(certs), str(port_file)], stdin=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text():
+            if child.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the gRPC reference's receiver did not start")
+            time.sleep(0.05)
+        frame = bytes(touched_mmap(MAX_DATA_PAGES * PAGE_SIZE))
+        count = max(1, size // len(frame))
+
+        async def send() -> float:
+            channel = rpc.channel(f"127.0.0.1:{port_file.read_text()}", Role.ROLE_HV, "hv",
+                                  tls.Tls(certs, "hv"), "uv")
+            stream = channel.stream_stream("/pefsim.bench.Frames/Send")
+            best = float("inf")
+            try:
+                for _ in range(passes):
+                    window = asyncio.Semaphore(WINDOW)
+
+                    async def frames():
+                        for _ in range(count):
+                            await window.acquire()
+                            yield frame
+
+                    t0 = time.perf_counter()
+                    async for _ in stream(frames()):
+                        window.release()
+                    best = min(best, time.perf_counter() - t0)
+            finally:
+                await channel.close()
+            return best
+
+        seconds = asyncio.run(send())
+    finally:
+        child.kill()
+        child.wait()
+    return count * len(frame) / seconds
 
 
 # -- (b) pefsim ---------------------------------------------------------------------------------------
@@ -361,6 +440,10 @@ TARGETS = [
     ("UV RSS <= secure pool + 64 MiB", lambda r: r["uv_rss_bytes"] / (r["guest_bytes"] + RSS_HEADROOM), 1.0, "<="),
 ]
 
+# What pefsim's own work costs the stream: the page streams against the bare gRPC stream they run
+# on (grpc_Bps: same frames, window, TLS and options, nothing done with the frames).
+GRPC_TARGET = ("stream page-in and page-out >= 0.7 x bare gRPC stream",
+               lambda r: min(r["pagein_stream_MBps"], r["pageout_stream_MBps"]) / r["grpc_MBps"], 0.7, ">=")
 
 # The shared-memory path is compared with memcpy, which is the best of 3 passes; it gets the same
 # rule (one run of it swings 7.8-11.6 GB/s on these VMs), and the JSON keeps every run.
@@ -427,7 +510,7 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
     its file system is in the result (``data_fs``)."""
     sizes = sorted(set(sizes or []))
     extra = [n for n in sizes if n != guest_bytes]
-    progress = Progress(7 + SHM_RUNS + len(scale_counts or []) + option_rounds + len(extra) * (1 + SHM_RUNS)
+    progress = Progress(8 + SHM_RUNS + len(scale_counts or []) + option_rounds + len(extra) * (1 + SHM_RUNS)
                         + bool(sizes), show_progress)
     with tempfile.TemporaryDirectory(prefix="pefsim-bench-", dir=data_dir) as tmp:
         root = Path(tmp)
@@ -438,6 +521,8 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         tcp = tcp_Bps(guest_bytes)
         tcp_fresh = tcp_Bps(guest_bytes, resident=False)
         progress.step("raw TCP over loopback")
+        grpc_ref = grpc_Bps(guest_bytes, root)
+        progress.step("bare gRPC stream (mTLS)")
         stream, shm_runs = stream_and_shm(root, guest_bytes, progress, "ESM page-in and abort page-out")
         unary_size = min(unary_bytes, guest_bytes)
         unary = transfer(root, "unary", unary_size)
@@ -465,6 +550,7 @@ def run(guest_bytes: int = 1 << 30, unary_bytes: int = 64 * MiB, hcalls: int = 2
         "guest_bytes": guest_bytes, "data_fs": data_fs,
         "memcpy_MBps": round(memcpy / 1e6, 1), "memcpy_fresh_MBps": round(memcpy_fresh / 1e6, 1),
         "tcp_MBps": round(tcp / 1e6, 1), "tcp_fresh_MBps": round(tcp_fresh / 1e6, 1),
+        "grpc_MBps": round(grpc_ref / 1e6, 1),
         **{key: main[key] for key in ("pagein_stream_MBps", "pageout_stream_MBps", "pagein_shm_MBps",
                                       "pageout_shm_MBps", "abort_latency_s", "hv_rss_bytes", "uv_rss_bytes",
                                       "shm_runs")},
@@ -512,6 +598,8 @@ def targets(result: dict) -> list[tuple[str, float, float, str, bool]]:
     extra = [(f"{n} guests aborting at once >= 0.8 x one guest",
               lambda r, n=n: rows[n]["abort_MBps"] / rows[1]["abort_MBps"], 0.8, ">=")
              for n in SCALING_TARGETS if 1 in rows and n in rows]
+    if "grpc_MBps" in result:  # results saved before the bare-gRPC reference have none
+        extra.insert(0, GRPC_TARGET)
     for name, ratio, bound, op in TARGETS + size_targets(result) + extra:
         value = ratio(result)
         out.append((name, value, bound, op, value >= bound if op == ">=" else value <= bound))
@@ -528,13 +616,15 @@ def render(result: dict) -> str:
         ("memcpy_fresh_MBps", "memcpy into fresh memory (first touch)", "MB/s"),
         ("tcp_MBps", "raw TCP loopback, 64 KiB, resident (best of 3)", "MB/s"),
         ("tcp_fresh_MBps", "raw TCP into fresh memory (first touch)", "MB/s"),
+        ("grpc_MBps", "bare gRPC stream, mTLS, 512 KiB frames", "MB/s"),
         ("pagein_stream_MBps", "ESM page-in, gRPC stream", "MB/s"),
         ("pageout_stream_MBps", "abort page-out, gRPC stream", "MB/s"),
         ("pagein_shm_MBps", f"ESM page-in, shared memory (best of {SHM_RUNS})", "MB/s"),
         ("pageout_shm_MBps", f"abort page-out, shared memory (best of {SHM_RUNS})", "MB/s"),
         ("pagein_unary_MBps", "ESM page-in, one H_SVM_PAGE_IN a page", "MB/s"),
         ("hcall_p50_us", "hcall latency p50", "us"), ("hcall_p99_us", "hcall latency p99", "us")]:
-        lines.append(f"{label:<44}{result[key]:>10} {unit}")
+        if key in result:  # a result saved before the reference existed
+            lines.append(f"{label:<44}{result[key]:>10} {unit}")
     lines.append(f"{'abort latency, stream / shared memory':<44}{result['abort_latency_s']['stream']:>8.3f} s / "
                  f"{result['abort_latency_s']['shm']:.3f} s")
     lines.append(f"{'shared memory, each run, in / out':<44}"
@@ -640,7 +730,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         ax.plot([row["unary_bytes"] / MiB for row in unary], [row["pagein_unary_MBps"] for row in unary], "v",
                 color="grey", label="ESM page-in, one call a page")
     for key, label, style in (("memcpy_MBps", "memcpy (resident, best of 3)", ":"),
-                              ("tcp_MBps", "raw TCP loopback (resident, best of 3)", "-.")):
+                              ("tcp_MBps", "raw TCP loopback (resident, best of 3)", "-."),
+                              ("grpc_MBps", "bare gRPC stream, mTLS (best of 3)", "--")):
         if key in result:
             ax.axhline(result[key], color="black", linestyle=style, linewidth=1,
                        label=f"{label}: {result[key]:.0f} MB/s at {result['guest_bytes'] / MiB:g} MiB")

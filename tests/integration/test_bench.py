@@ -13,7 +13,7 @@ import pytest
 from pefsim.ops.stack import ROOT
 
 MiB = 1 << 20
-KEYS = {"guest_bytes", "memcpy_MBps", "memcpy_fresh_MBps", "tcp_MBps", "tcp_fresh_MBps", "pagein_stream_MBps", "pageout_stream_MBps",
+KEYS = {"guest_bytes", "memcpy_MBps", "memcpy_fresh_MBps", "tcp_MBps", "tcp_fresh_MBps", "grpc_MBps", "pagein_stream_MBps", "pageout_stream_MBps",
         "pagein_shm_MBps", "pageout_shm_MBps", "pagein_unary_MBps", "abort_latency_s", "hcall_p50_us",
         "hcall_p99_us", "hv_rss_bytes", "uv_rss_bytes"}
 SIZE_KEYS = {"guest_bytes", "pagein_stream_MBps", "pageout_stream_MBps", "pagein_shm_MBps", "pageout_shm_MBps",
@@ -129,6 +129,10 @@ def test_targets_for_sizes_and_guest_counts():
     assert got["UV RSS <= pool + 64 MiB at 8192 MiB"][3]
     assert got["16 guests aborting at once >= 0.8 x one guest"] == (0.9, 0.8, ">=", True)
     assert got["64 guests aborting at once >= 0.8 x one guest"] == (0.7, 0.8, ">=", False)
+    assert not any("bare gRPC" in name for name in got)  # a result saved before that reference
+    result["grpc_MBps"] = 600
+    got = {name: (round(value, 3), bound, op, ok) for name, value, bound, op, ok in targets(result)}
+    assert got["stream page-in and page-out >= 0.7 x bare gRPC stream"] == (0.833, 0.7, ">=", True)
     result["sizes"] = [size(256 * MiB, 0.3, 0), size(GiB, 1.0, 0)]  # the largest is 1 GiB: nothing to compare
     result["scaling"] = result["scaling"][1:]  # no single guest: no count target
     names = [name for name, *_ in targets(result)]
