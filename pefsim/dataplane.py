@@ -6,8 +6,8 @@ would copy every page into and out of a message; a frame is instead
     u32 big-endian header length | header (a protobuf message, no page data) | payload
 
 and the receiver reads the payload through a memoryview of the buffer gRPC hands it, so a page is
-copied once on the way in (into the mmap it lands in). The sender builds the frame with a single
-join over memoryviews of its mmap.
+copied once on the way in (into the pool frame or the file it lands in). The sender builds the
+frame with a single join of its pages (the HV reads them from its RAM file).
 
 Shared memory. When UV and HV run on one host (or share a volume), the HV offers the UV the file
 behind each memslot's RAM (``UvShareHvMemory``). The UV then reads a page at its real address

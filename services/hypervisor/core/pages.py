@@ -37,7 +37,7 @@ async def h_svm_page_in(hv, req: pb.HSvmPageInRequest, caller) -> pb.HSvmPageInR
         elif slot.shared:
             data = b""  # the UV reads the page at src_ra itself
         else:
-            data = bytes(slot.page(idx))  # plaintext (normal/shared) or ciphertext (paged out)
+            data = slot.page(idx)  # plaintext (normal/shared) or ciphertext (paged out)
         try:
             # the kernel passes the caller's gpa unchanged (no alignment check of its own)
             rc = (await hv.ucall("UV_PAGE_IN", upb.UvPageInRequest(

@@ -39,8 +39,9 @@ GFN states (GfnState; KVMPPC_GFN_* since 5.9), one byte per page in ``slot-<id>.
   INIT_ABORT (drop_pages)       -            UV_PAGE_OUT->NORMAL ->NORMAL         ->NORMAL
   SVM_OFF / memslot delete      -            ->NORMAL (dropped)  ->NORMAL         ->NORMAL
 
-Durability (survives kill -9). Guest RAM is a file-backed MAP_SHARED mmap per memslot under the
-data directory, 64 KiB pages; the GFN states sit beside it in a second mmapped file; ``vm.json``
+Durability (survives kill -9). Guest RAM is a file per memslot under the data directory, 64 KiB
+pages, read and written with pread/pwrite (Slot: never mapped); the GFN states sit beside it in an
+mmapped file; ``vm.json``
 (written atomically) holds the VM's metadata, its secure_guest byte and the journal of an abort in
 progress. Writes are ordered so that a kill between any two of them leaves a state the restarted
 HV can finish from: a GFN is marked secure before its HV page is scrubbed; a page given back is
@@ -122,16 +123,16 @@ def vm_state_of(secure_guest: int) -> VmState:
 
 
 class Slot:
-    """One memslot: its RAM and its GFN-state bytes, each a file-backed shared mapping.
+    """One memslot: its RAM, a file the HV reads and writes with ``pread`` and ``pwrite``
+    (``read``, ``write``, ``write_run``, ``zero``), and its GFN-state bytes, a file-backed shared
+    mapping.
 
-    Pages are read through the RAM's mapping (``page``, ``run``: views, no copy) and written with
-    ``pwrite`` into its file (``write``, ``write_run``), never through the mapping (it is read-only,
-    so a store through it raises instead of going slow): a store through
-    a shared mapping of an ext4 file faults once per 4 KiB it first dirties (measured on these VMs:
-    512 KiB in 3-6 ms, ~120-170 MB/s), where one pwrite of it takes 0.1 ms (5-6 GB/s). Both go
-    through the same page cache, so a write is seen by the mapping at once, and by a restarted HV
-    and the UV's preadv alike. The file's descriptor is kept for those writes (the mapping holds a
-    duplicate of its own)."""
+    The RAM is not mapped. A store through a shared mapping of an ext4 file faults once per 4 KiB
+    it first dirties (measured on these VMs: 512 KiB in 3-6 ms, ~120-170 MB/s, where one pwrite of
+    it takes 0.1 ms, 5-6 GB/s), and every page read through a mapping stays in the HV's RSS (the
+    whole guest, once a page-in stream has read it). The kernel's copies go through the same page
+    cache, so a write is seen by the next read at once, and by a restarted HV and the UV's preadv
+    alike."""
 
     def __init__(self, directory: Path, slot_id: int, base_gfn: int, npages: int, ra_base: int,
                  shared: bool = False):
@@ -141,7 +142,9 @@ class Slot:
         self.gfn_path = directory / f"slot-{slot_id}.gfn"
         self.ram_fd = os.open(self.ram_path, os.O_RDWR)
         try:
-            self.ram = _map(self.ram_fd, self.ram_path, npages * PAGE_SIZE, writable=False)
+            found = os.fstat(self.ram_fd).st_size
+            if found != npages * PAGE_SIZE:  # a short file is a damaged one (HvState.load's business)
+                raise ValueError(f"{self.ram_path}: {found} bytes, expected {npages * PAGE_SIZE}")
             fd = os.open(self.gfn_path, os.O_RDWR)
             try:
                 self.states = _map(fd, self.gfn_path, npages)
@@ -180,9 +183,8 @@ class Slot:
         self.gfn_path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """Unmap the slot and close its file (again is a no-op: a simulated crash closes every
-        slot before the call it interrupted unwinds, closing its own)."""
-        self.ram.close()
+        """Unmap the slot's states and close its RAM file (again is a no-op: a simulated crash
+        closes every slot before the call it interrupted unwinds, closing its own)."""
         self.states.close()
         if self.ram_fd >= 0:
             fd, self.ram_fd = self.ram_fd, -1
@@ -191,7 +193,7 @@ class Slot:
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.base_gfn + self.npages
 
-    def page(self, idx: int) -> memoryview:
+    def page(self, idx: int) -> bytes:
         return self.run(idx, 1)
 
     def state(self, idx: int) -> GfnState:
@@ -206,9 +208,18 @@ class Slot:
     def count(self, state: int) -> int:
         return self.states[:].count(bytes([state]))
 
-    def run(self, idx: int, n: int) -> memoryview:
-        """The RAM of ``n`` pages from ``idx``, back to back."""
-        return memoryview(self.ram)[idx * PAGE_SIZE:(idx + n) * PAGE_SIZE]
+    def run(self, idx: int, n: int) -> bytes:
+        """The RAM of ``n`` pages from ``idx``, back to back (read from the file)."""
+        if idx < 0 or n < 0 or idx + n > self.npages:
+            raise ValueError(f"slot {self.slot_id}: {n} pages at page {idx} run past its {self.npages} pages")
+        want, offset = n * PAGE_SIZE, idx * PAGE_SIZE
+        data = os.pread(self.ram_fd, want, offset)
+        while len(data) < want:  # a regular file's reads are whole but for a signal
+            more = os.pread(self.ram_fd, want - len(data), offset + len(data))
+            if not more:
+                raise OSError(errno.EIO, f"{self.ram_path}: shorter than its {self.npages} pages")
+            data += more
+        return data
 
     def write(self, idx: int, data) -> None:
         """Write ``data`` (whole pages, any buffer) into the RAM from page ``idx`` on."""
@@ -246,14 +257,14 @@ class Slot:
             yield m.start(), m.end() - m.start()
 
 
-def _map(fd: int, path: Path, size: int, writable: bool = True) -> mmap.mmap:
+def _map(fd: int, path: Path, size: int) -> mmap.mmap:
     """A shared mapping of ``fd`` (the file at ``path``), which must be exactly ``size`` bytes
     (never resized: a short file is a damaged one, HvState.load's business, not pages to make up
-    with zeros); read-only unless ``writable``."""
+    with zeros)."""
     found = os.fstat(fd).st_size
     if found != size:
         raise ValueError(f"{path}: {found} bytes, expected {size}")
-    return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    return mmap.mmap(fd, size, mmap.MAP_SHARED)
 
 
 def _reserve(path: Path) -> None:
