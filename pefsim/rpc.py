@@ -76,6 +76,10 @@ CHANNEL_OPTIONS = [
 # busy on a loaded machine (16 guests booting at once on 2 cores) timed out and fail-fast calls
 # got UNAVAILABLE for a call never sent; 2 s leaves a blackholed attempt at most 2 s behind a heal.
 CONNECT_TIMEOUT_MS = 2000
+# The HV's one channel to the UV receives the abort's page-out frames; the HV holds no guest memory
+# in its RSS (its RAM files are never mapped) and has one such channel, so it lets gRPC grow that
+# receive window by BDP probing.
+WIDE_RECEIVE_OPTIONS = (("grpc.http2.bdp_probe", 1),)
 CLIENT_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
@@ -437,20 +441,23 @@ class _StreamStreamRole(_RoleMetadata, grpc.aio.StreamStreamClientInterceptor):
         return await continuation(self._details(client_call_details), request_iterator)
 
 
-def channel(target: str, role: int, identity: str = "", tls=None, server_role: str = "") -> grpc.aio.Channel:
+def channel(target: str, role: int, identity: str = "", tls=None, server_role: str = "",
+            options: tuple = ()) -> grpc.aio.Channel:
     """An aio channel to ``target``. With ``tls`` (pefsim.tls.Tls) it is mTLS, presenting that
     identity's certificate and accepting only a server certificate for ``server_role``; without,
-    every call asserts the caller's role (and identity) in its metadata."""
+    every call asserts the caller's role (and identity) in its metadata. ``options`` replace
+    CLIENT_OPTIONS of the same name ($PEFSIM_GRPC_OPTIONS still has the last word)."""
+    client_options = [(k, v) for k, v in CLIENT_OPTIONS if k not in dict(options)] + list(options)
     if tls is None:
         md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
         if identity:
             md += ((IDENTITY_HEADER, identity),)
-        return grpc.aio.insecure_channel(target, options=with_overrides(CLIENT_OPTIONS), interceptors=[
+        return grpc.aio.insecure_channel(target, options=with_overrides(client_options), interceptors=[
             _UnaryUnaryRole(md), _UnaryStreamRole(md), _StreamStreamRole(md)])
     # mTLS: the traceparent only, on unary calls; a streaming call's interceptor would cost each of
     # its messages (the page streams carry their traceparent themselves: hypervisor/adapters/grpc.py)
     interceptors = [_UnaryUnaryRole(())]
-    options = with_overrides(CLIENT_OPTIONS) + ([("grpc.ssl_target_name_override", server_role)]
+    options = with_overrides(client_options) + ([("grpc.ssl_target_name_override", server_role)]
                                                 if server_role else [])
     return grpc.aio.secure_channel(target, tls.channel_credentials(), options=options, interceptors=interceptors)
 
@@ -598,13 +605,14 @@ class Peer:
     identity: str = ""
     tls: Any = None  # pefsim.tls.Tls: mTLS with this identity's certificate
     server_role: str = ""  # the role the server's certificate must name (with tls)
+    options: tuple = ()  # channel options of this peer's own (rpc.channel)
     _channel: grpc.aio.Channel | None = field(default=None, repr=False)
     _stub: Any = field(default=None, repr=False)
 
     @property
     def stub(self) -> Any:
         if self._stub is None:
-            self._channel = channel(self.target, self.role, self.identity, self.tls, self.server_role)
+            self._channel = channel(self.target, self.role, self.identity, self.tls, self.server_role, self.options)
             self._stub = self.stub_cls(self._channel)
         return self._stub
 

@@ -36,7 +36,8 @@ class GrpcUv:
     """ports.UvPort over a channel to the UV (the HV's certificate; the UV's must name ``uv``)."""
 
     def __init__(self, target: str, tls, on_boot: OnBoot):
-        self.peer = rpc.Peer(target, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub, "hv", tls, "uv")
+        self.peer = rpc.Peer(target, Role.ROLE_HV, ultravisor_pb2_grpc.UltravisorServiceStub, "hv", tls, "uv",
+                             options=rpc.WIDE_RECEIVE_OPTIONS)
         self.on_boot = on_boot
 
     async def ucall(self, name: str, request, *, on_behalf: str, timeout: float):
