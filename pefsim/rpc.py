@@ -119,6 +119,12 @@ def with_overrides(options: list[tuple[str, Any]], raw: str | None = None) -> li
 
 
 
+def merged(options: list[tuple[str, Any]], own: tuple = ()) -> list[tuple[str, Any]]:
+    """``options`` with ``own`` replacing those of the same name (each name once: gRPC would keep
+    one of two at its own choosing)."""
+    return [(k, v) for k, v in options if k not in dict(own)] + list(own)
+
+
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
     """Who is calling: with mTLS, the verified client certificate's identity (``uv``, ``hv``,
     ``operator``, ``guest:<name>``); in insecure mode, what the request metadata asserts."""
@@ -447,7 +453,7 @@ def channel(target: str, role: int, identity: str = "", tls=None, server_role: s
     identity's certificate and accepting only a server certificate for ``server_role``; without,
     every call asserts the caller's role (and identity) in its metadata. ``options`` replace
     CLIENT_OPTIONS of the same name ($PEFSIM_GRPC_OPTIONS still has the last word)."""
-    client_options = [(k, v) for k, v in CLIENT_OPTIONS if k not in dict(options)] + list(options)
+    client_options = merged(CLIENT_OPTIONS, options)
     if tls is None:
         md = ((ROLE_HEADER, Role(role).name.removeprefix("ROLE_").lower()),)
         if identity:

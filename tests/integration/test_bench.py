@@ -221,6 +221,18 @@ def test_grpc_option_overrides():
             with_overrides(base, bad)
 
 
+def test_a_peers_own_channel_options():
+    """A peer's own options replace the shared ones of the same name, each name once: the HV's
+    channel to the UV probes for a wider receive window, every other channel keeps it fixed."""
+    from pefsim.rpc import CLIENT_OPTIONS, WIDE_RECEIVE_OPTIONS, merged
+    from services.hypervisor.adapters.grpc import GrpcUv
+
+    hv_to_uv = merged(CLIENT_OPTIONS, GrpcUv("127.0.0.1:1", None, lambda boot_id: None).peer.options)
+    names = [name for name, _ in hv_to_uv]
+    assert len(names) == len(set(names)) and dict(hv_to_uv)["grpc.http2.bdp_probe"] == 1
+    assert dict(CLIENT_OPTIONS)["grpc.http2.bdp_probe"] == 0 and set(WIDE_RECEIVE_OPTIONS) <= set(hv_to_uv)
+
+
 def test_guest_keeps_no_copy_of_its_memory(tmp_path):
     """A guest process makes each request's pages as it sends them and verifies by making them
     again: its peak RSS stays far under its memory (it held all of it, ~270 MiB here, until the
