@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pefsim import rpc
+from pefsim.abi import PAGE_SIZE
 from pefsim.blob import load_private_key, new_signing_key, save_keypair
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (pefsim/ops/ is two levels down)
@@ -84,6 +85,16 @@ def pid_stopped(pid: int) -> bool:
         return False
 
 
+# A UV makes its whole secure pool resident before it serves (MADV_POPULATE_WRITE). On these VMs
+# memory not touched for a while is slow to touch again: an 8 GiB pool took 25-45 s, 4 GiB 3 s.
+UV_READY_S_PER_GIB = 10.0
+
+
+def uv_ready_timeout(pool_pages: int) -> float:
+    """How long a UV with a pool of ``pool_pages`` may take to start: 30 s and 10 s a GiB."""
+    return 30.0 + UV_READY_S_PER_GIB * pool_pages * PAGE_SIZE / (1 << 30)
+
+
 @dataclass
 class Proc:
     name: str
@@ -94,6 +105,7 @@ class Proc:
     ready: dict = field(default_factory=dict)
     env: dict = field(default_factory=dict)  # on top of this process's environment
     killed: bool = False  # the last exit was a kill -9 someone asked for
+    ready_timeout: float = 30.0  # how long start-up may take (wait_ready's default)
 
     def start(self) -> None:
         self.killed = False
@@ -106,7 +118,8 @@ class Proc:
             self.popen = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, pass_fds=(lifeline,),
                                           cwd=ROOT, env=env, start_new_session=True)
 
-    def wait_ready(self, timeout: float = 30.0) -> dict:
+    def wait_ready(self, timeout: float | None = None) -> dict:
+        timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready_path.exists():
@@ -318,6 +331,7 @@ class LocalStack:
                 "--esm-copy", self.cfg.esm_copy, "--trusted-key", str(self.key_dir / "esm-signing.pub"),
                 "--transfer", self.cfg.transfer, "--hv-memory-dir", str(self.hv_memory_dir),
                 *self._tls_args("uv"), *self.cfg.uv_args])
+            proc.ready_timeout = uv_ready_timeout(self.cfg.pool_pages)
         else:
             proc = self._proc(name, "services.hypervisor", [
                 "--listen", listen, "--uv", peer, "--data-dir", str(self.run_dir / f"{name}-data"),
