@@ -124,7 +124,7 @@ def vm_state_of(secure_guest: int) -> VmState:
 
 class Slot:
     """One memslot: its RAM, a file the HV reads and writes with ``pread`` and ``pwrite``
-    (``read``, ``write``, ``write_run``, ``zero``), and its GFN-state bytes, a file-backed shared
+    (``page``, ``run``, ``write``, ``write_run``, ``zero``), and its GFN-state bytes, a file-backed shared
     mapping.
 
     The RAM is not mapped. A store through a shared mapping of an ext4 file faults once per 4 KiB
