@@ -142,9 +142,7 @@ class Slot:
         self.gfn_path = directory / f"slot-{slot_id}.gfn"
         self.ram_fd = os.open(self.ram_path, os.O_RDWR)
         try:
-            found = os.fstat(self.ram_fd).st_size
-            if found != npages * PAGE_SIZE:  # a short file is a damaged one (HvState.load's business)
-                raise ValueError(f"{self.ram_path}: {found} bytes, expected {npages * PAGE_SIZE}")
+            _check_size(self.ram_fd, self.ram_path, npages * PAGE_SIZE)
             fd = os.open(self.gfn_path, os.O_RDWR)
             try:
                 self.states = _map(fd, self.gfn_path, npages)
@@ -190,6 +188,11 @@ class Slot:
             fd, self.ram_fd = self.ram_fd, -1
             os.close(fd)
 
+    def _check_run(self, idx: int, n: int) -> None:
+        """ValueError unless the ``n`` pages from page ``idx`` lie within the slot."""
+        if idx < 0 or n < 0 or idx + n > self.npages:
+            raise ValueError(f"slot {self.slot_id}: {n} pages at page {idx} run past its {self.npages} pages")
+
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.base_gfn + self.npages
 
@@ -210,8 +213,7 @@ class Slot:
 
     def run(self, idx: int, n: int) -> bytes:
         """The RAM of ``n`` pages from ``idx``, back to back (read from the file)."""
-        if idx < 0 or n < 0 or idx + n > self.npages:
-            raise ValueError(f"slot {self.slot_id}: {n} pages at page {idx} run past its {self.npages} pages")
+        self._check_run(idx, n)
         want, offset = n * PAGE_SIZE, idx * PAGE_SIZE
         data = os.pread(self.ram_fd, want, offset)
         while len(data) < want:  # a regular file's reads are whole but for a signal
@@ -229,8 +231,7 @@ class Slot:
         """Write ``parts`` (buffers of whole pages) back to back into the RAM from page ``idx`` on,
         with one pwritev."""
         offset, want = idx * PAGE_SIZE, sum(memoryview(p).nbytes for p in parts)
-        if idx < 0 or offset + want > self.npages * PAGE_SIZE:
-            raise ValueError(f"slot {self.slot_id}: {want} bytes at page {idx} run past its {self.npages} pages")
+        self._check_run(idx, -(-want // PAGE_SIZE))
         done = os.pwritev(self.ram_fd, parts, offset)
         if done < want:  # a regular file's writes are whole but for a signal or a full disk
             rest = memoryview(b"".join(parts))[done:]
@@ -242,8 +243,7 @@ class Slot:
 
     def zero(self, idx: int, n: int) -> None:
         """Scrub ``n`` pages from ``idx`` (write zeros over them)."""
-        if idx < 0 or n < 0 or idx + n > self.npages:
-            raise ValueError(f"slot {self.slot_id}: {n} pages at page {idx} run past its {self.npages} pages")
+        self._check_run(idx, n)
         for first in range(idx, idx + n, _ZERO_RUN):
             self.write_run(first, [ZERO_PAGE] * min(_ZERO_RUN, idx + n - first))
 
@@ -261,10 +261,16 @@ def _map(fd: int, path: Path, size: int) -> mmap.mmap:
     """A shared mapping of ``fd`` (the file at ``path``), which must be exactly ``size`` bytes
     (never resized: a short file is a damaged one, HvState.load's business, not pages to make up
     with zeros)."""
+    _check_size(fd, path, size)
+    return mmap.mmap(fd, size, mmap.MAP_SHARED)
+
+
+def _check_size(fd: int, path: Path, size: int) -> None:
+    """ValueError unless the file ``fd`` (at ``path``) is exactly ``size`` bytes: a short or long
+    file is a damaged one, HvState.load's business, never pages to make up or to ignore."""
     found = os.fstat(fd).st_size
     if found != size:
         raise ValueError(f"{path}: {found} bytes, expected {size}")
-    return mmap.mmap(fd, size, mmap.MAP_SHARED)
 
 
 def _reserve(path: Path) -> None:
