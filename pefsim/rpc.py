@@ -113,16 +113,14 @@ def with_overrides(options: list[tuple[str, Any]], raw: str | None = None) -> li
     if not isinstance(extra, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool)
                                               for v in extra.values()):
         raise ValueError(f"{GRPC_OPTIONS_ENV}: expected a JSON object of channel argument: int or string")
-    return [(k, v) for k, v in options if k not in extra] + list(extra.items())
-
-
-
+    return merged(options, tuple(extra.items()))
 
 
 def merged(options: list[tuple[str, Any]], own: tuple = ()) -> list[tuple[str, Any]]:
     """``options`` with ``own`` replacing those of the same name (each name once: gRPC would keep
     one of two at its own choosing)."""
-    return [(k, v) for k, v in options if k not in dict(own)] + list(own)
+    names = {k for k, _ in own}
+    return [(k, v) for k, v in options if k not in names] + list(own)
 
 
 def caller_of(context: grpc.aio.ServicerContext) -> Caller:
