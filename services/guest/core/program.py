@@ -55,14 +55,15 @@ async def in_flight(calls: Iterable[Callable[[], Awaitable[None]]], window: int 
     """Await each of ``calls`` (made one at a time, in order) with at most ``window`` running at
     once. The first failure cancels the others and is raised."""
     pending: set[asyncio.Future] = set()
+    calls = iter(calls)
     try:
-        for call in calls:
-            while len(pending) >= window:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()
-            pending.add(asyncio.ensure_future(call()))
-        while pending:
+        while True:
+            for call in calls:  # fill the window (a for that stops when it is full)
+                pending.add(asyncio.ensure_future(call()))
+                if len(pending) >= window:
+                    break
+            if not pending:
+                return
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
