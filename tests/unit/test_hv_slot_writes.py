@@ -132,3 +132,42 @@ def test_a_scrub_zeroes_exactly_its_pages_in_chunks(slot, monkeypatch):
     with pytest.raises(ValueError):
         s.zero(4, 5)  # its first chunk would fit: still nothing is written
     assert bytes(s.page(4)) == page(5)
+
+
+def test_a_store_and_a_load_across_two_slots_make_one_call_a_slot(tmp_path, monkeypatch):
+    """VcpuStore and VcpuLoad touch each run of consecutive pages of one slot with one pwritev or
+    pread (services/hypervisor/core/memory.py, _runs), and a run never crosses into the next slot."""
+    from types import SimpleNamespace
+
+    from pefsim.abi import Role, gpa_of
+    from pefsim.v1 import hypervisor_pb2 as pb
+    from services.hypervisor.core import memory
+
+    st = HvState(tmp_path)
+    vm = st.create_vm("g", "127.0.0.1:1", True)
+    st.add_slot(vm, 0, 0, 8)
+    st.add_slot(vm, 1, 8, 8)
+    hv, guest = SimpleNamespace(state=st), SimpleNamespace(role=Role.ROLE_GUEST)
+    calls = []
+    for name in ("pwritev", "pread"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    data = b"".join(page(n) for n in range(1, 11))  # 10 pages from GFN 3: 5 in slot 0, 5 in slot 1
+    try:
+        got = asyncio.run(memory.vcpu_store(hv, pb.VcpuStoreRequest(lpid=vm.lpid, gpa=gpa_of(3), data=data),
+                                            guest))
+        assert got.errno == 0 and calls == ["pwritev", "pwritev"]
+        calls.clear()
+        got = asyncio.run(memory.vcpu_load(hv, pb.VcpuLoadRequest(lpid=vm.lpid, gpa=gpa_of(3), npages=10),
+                                           guest))
+        assert got.errno == 0 and calls == ["pread", "pread"] and got.data == data
+        assert bytes(vm.slots[0].page(7)) == page(5) and bytes(vm.slots[1].page(0)) == page(6)
+    finally:
+        for s in vm.slots.values():
+            s.close()
+
+
+def test_a_write_of_part_of_a_page_past_the_slot_is_refused(slot):
+    _, s = slot
+    with pytest.raises(ValueError):
+        s.write_run(7, [page(1), b"x"])

@@ -30,12 +30,32 @@ def _pages(vm, gpa: int, npages: int, caller):
     return out
 
 
+def _runs(pages):
+    """(slot, idx, n) of each run of consecutive pages in one slot, in order: one pread or pwritev
+    a run, not one a page."""
+    run = None
+    for slot, idx in pages:
+        if run and run[0] is slot and run[1] + run[2] == idx:
+            run[2] += 1
+            continue
+        if run:
+            yield tuple(run)
+        run = [slot, idx, 1]
+    if run:
+        yield tuple(run)
+
+
+def _read(pages) -> bytes:
+    """The RAM of ``pages`` ((slot, idx) each), back to back."""
+    return b"".join(slot.run(idx, n) for slot, idx, n in _runs(pages))
+
+
 async def vcpu_load(hv, req: pb.VcpuLoadRequest, caller) -> pb.VcpuLoadResponse:
     vm = hv.state.vms[req.lpid]
     pages = _pages(vm, req.gpa, req.npages, caller)
     if pages is None:
         return pb.VcpuLoadResponse(errno=Errno.EFAULT)
-    return pb.VcpuLoadResponse(errno=Errno.OK, data=b"".join(slot.page(i) for slot, i in pages))
+    return pb.VcpuLoadResponse(errno=Errno.OK, data=_read(pages))
 
 
 async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreResponse:
@@ -43,9 +63,10 @@ async def vcpu_store(hv, req: pb.VcpuStoreRequest, caller) -> pb.VcpuStoreRespon
     pages = _pages(vm, req.gpa, len(req.data) >> PAGE_SHIFT, caller)
     if pages is None:
         return pb.VcpuStoreResponse(errno=Errno.EFAULT)
-    data = memoryview(req.data)
-    for n, (slot, idx) in enumerate(pages):
-        slot.write(idx, data[n * PAGE_SIZE:(n + 1) * PAGE_SIZE])
+    data, at = memoryview(req.data), 0
+    for slot, idx, n in _runs(pages):
+        slot.write(idx, data[at:at + n * PAGE_SIZE])
+        at += n * PAGE_SIZE
     return pb.VcpuStoreResponse(errno=Errno.OK)
 
 
@@ -62,7 +83,7 @@ async def host_read_page(hv, req: pb.HostReadPageRequest, caller) -> pb.HostRead
             if slot.state(idx) == GfnState.GFN_SECURE_IN:  # migrate_to_ram: UV_PAGE_OUT first
                 if not await secure_page_out(hv, vm, slot, idx):
                     return pb.HostReadPageResponse(errno=Errno.EFAULT)  # SIGBUS to the host
-        return pb.HostReadPageResponse(errno=Errno.OK, data=b"".join(slot.page(idx) for slot, idx in pages),
+        return pb.HostReadPageResponse(errno=Errno.OK, data=_read(pages),
                                        state=pages[0][0].state(pages[0][1]))
 
 
