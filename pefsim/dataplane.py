@@ -7,7 +7,9 @@ would copy every page into and out of a message; a frame is instead
 
 and the receiver reads the payload through a memoryview of the buffer gRPC hands it, so a page is
 copied once on the way in (into the pool frame or the file it lands in). The sender builds the
-frame with a single join of its pages (the HV reads them from its RAM file).
+frame with a single join of its pages (the HV reads them from its RAM file, so a page sent is
+copied twice: gRPC takes a message only as ``bytes``, not a bytearray or memoryview that a
+``preadv`` could fill behind the header, checked with grpcio 1.85's SendMessageOperation).
 
 Shared memory. When UV and HV run on one host (or share a volume), the HV offers the UV the file
 behind each memslot's RAM (``UvShareHvMemory``). The UV then reads a page at its real address
