@@ -158,7 +158,7 @@ class SecurePool:
         self._dirty.append(frame)
         self.wake_scrubber()
 
-    def release_all(self, frames: list[int]) -> None:
+    def release_all(self, frames) -> None:
         """release() of each of ``frames``."""
         if frames:
             self._dirty.extend(frames)
@@ -231,10 +231,12 @@ class SlotPages:
         rest = self.states[start:end].lstrip(bytes([state]))
         return end - len(rest) if rest else None
 
-    def used_frames(self) -> list[int]:
-        return [f for f in self.frames if f != NO_FRAME]
+    def used_frames(self) -> array:
+        """The frames the slot holds, in an array: 4 bytes a frame, where a list of them is ~36
+        (an int object each), 4.5 MiB at 8 GiB, which UV_SVM_TERMINATE added to the UV's peak RSS."""
+        return array("i", (f for f in self.frames if f != NO_FRAME))
 
-    def retire(self) -> list[int]:
+    def retire(self) -> array:
         """The slot is going away: its frames (to be released), and every record of it held by
         a call still running reads as gone (NoSlot) from now on, so no such call can reach a
         frame that is about to be someone else's."""
