@@ -204,7 +204,8 @@ def test_the_secure_pool_is_resident_from_the_start():
 
 def test_bookkeeping_is_a_few_bytes_per_page():
     """The UV's RSS bound is its pool + 64 MiB whatever the guest's size, so what it keeps per
-    page (pool free lists, GPF records) must stay a few bytes, not an object per page."""
+    page (pool free lists, GPF records) must stay a few bytes, not an object per page; the
+    page-out versions (8 bytes a page) only once a page of the slot is paged out."""
     import tracemalloc
 
     npages = 1 << 14
@@ -218,7 +219,7 @@ def test_bookkeeping_is_a_few_bytes_per_page():
     finally:
         tracemalloc.stop()
     assert svm.count(GpfState.GPF_SECURE) == svm.frames == npages
-    assert used / npages < 16, f"{used / npages:.1f} bytes per page"
+    assert used / npages < 8, f"{used / npages:.1f} bytes per page"  # 5 of records, the rest the free list
 
 
 @pytest.mark.parametrize("end", ["terminate", "remove slot"])

@@ -208,16 +208,26 @@ class NoSlot(LookupError):
 
 class SlotPages:
     """One memslot's GPF records, packed: a state byte, a frame number (NO_FRAME: none) and a
-    page-out version per page, 13 bytes a page instead of a Python object each (a 64 GiB guest
-    has a million pages, and the UV's RSS bound is its pool + 64 MiB)."""
+    page-out version per page, 5 bytes a page (13 once one of its pages was paged out) instead of
+    a Python object each (a 64 GiB guest has a million pages, and the UV's RSS bound is its pool
+    + 64 MiB)."""
 
-    __slots__ = ("base", "npages", "states", "frames", "versions", "gone")
+    __slots__ = ("base", "npages", "states", "frames", "_versions", "gone")
 
     def __init__(self, base: int, npages: int):
         self.base, self.npages, self.gone = base, npages, False
         self.states = bytearray([GpfState.GPF_UNBACKED]) * npages
         self.frames = array("i", [NO_FRAME]) * npages
-        self.versions = array("Q", [0]) * npages  # 64 bits: no page-out count a hostile HV forces wraps
+        self._versions: array | None = None
+
+    @property
+    def versions(self) -> array:
+        """Each page's page-out count (64 bits: no count a hostile HV forces wraps), made at the
+        slot's first page-out or sealed page-in: a guest none of whose pages is ever paged out
+        (every ESM that aborts) does not hold its 8 bytes a page."""
+        if self._versions is None:
+            self._versions = array("Q", [0]) * self.npages
+        return self._versions
 
     def contains(self, gfn: int) -> bool:
         return self.base <= gfn < self.base + self.npages
